@@ -1,0 +1,33 @@
+# `make demo` and `make test` each do their own setup on a fresh machine with nothing but Python.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch where there is no CUDA (on these machines it comes from local disk);
+# with a GPU, whatever CUDA build pip picks for the range in pyproject.toml.
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: setup assets demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install 'torch>=2.4'; \
+	else \
+		$(PY) -m pip install '$(TORCH_CPU)'; \
+	fi
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+assets: setup
+	$(VENV)/bin/planner assets fetch
+
+demo: assets
+	$(VENV)/bin/planner evaluate --model builtin:smollm2-135m --data builtin:shakespeare --json studies/demo-evaluation.json
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info

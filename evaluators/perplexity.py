@@ -1,0 +1,161 @@
+"""Held-out perplexity with a strided sliding window, plus bits-per-byte.
+
+Protocol: each held-out document is scored on its own (windows never span two works). A window of
+`context_length` tokens slides by `stride`; only the tokens not scored by an earlier window count,
+so every scored token sees at least `context_length - stride` tokens of context (except near the start
+of a document). The first token of a document has no context and is never scored.
+With stride == context_length this is plain chunked evaluation.
+
+Bits-per-byte = (bits per scored token) x (tokens per UTF-8 byte of the evaluated text), which
+makes figures comparable across tokenizers.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from evaluators.corpus import CorpusError, Document
+from evaluators.device import model_device, model_dtype
+
+
+@dataclass(frozen=True)
+class PerplexityProtocol:
+    context_length: int = 512
+    stride: int = 256
+    # Spread evenly over the held-out works; None scores every held-out token.
+    max_tokens: int | None = 8192
+
+    def __post_init__(self):
+        if self.context_length < 2:
+            raise ValueError(f"context length must be at least 2 tokens, got {self.context_length}")
+        if not 1 <= self.stride <= self.context_length:
+            raise ValueError(
+                f"stride must be between 1 and the context length ({self.context_length}), got {self.stride}"
+            )
+        if self.max_tokens is not None and self.max_tokens < self.context_length:
+            raise ValueError(
+                f"max eval tokens ({self.max_tokens}) must be at least one window ({self.context_length} tokens)"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PerplexityProtocol":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    protocol: PerplexityProtocol
+    perplexity: float
+    bits_per_byte: float
+    nll_per_token: float  # nats
+    tokens_scored: int
+    tokens_evaluated: int
+    bytes_evaluated: int
+    documents: int
+    device: str
+    dtype: str
+    seconds: float
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["protocol"] = self.protocol.to_dict()
+        return data
+
+
+def tokenize_documents(tokenizer, documents: Sequence[Document], max_tokens: int | None) -> list[tuple[list[int], int]]:
+    """Token ids and UTF-8 byte count of the evaluated text of each document.
+
+    With a token cap, each document contributes an equal share, taken from its start. The kept text
+    is decoded back and re-tokenized, so the ids and the byte count describe exactly the same text.
+    """
+    share = None if max_tokens is None else max(1, max_tokens // len(documents))
+    out = []
+    for doc in documents:
+        text = doc.text if share is None else doc.text[: share * 16]  # >= share tokens for any tokenizer
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if share is not None and len(ids) > share:
+            text = tokenizer.decode(ids[:share])
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"][:share]
+        if len(ids) >= 2:
+            out.append((ids, len(text.encode("utf-8"))))
+    return out
+
+
+def window_spans(num_tokens: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first_scored) for each window over a sequence of num_tokens tokens."""
+    spans = []
+    prev_end = 0
+    for begin in range(0, num_tokens, stride):
+        end = min(begin + context_length, num_tokens)
+        first = max(prev_end, begin + 1)
+        if first < end:
+            spans.append((begin, end, first))
+        prev_end = end
+        if end == num_tokens:
+            break
+    return spans
+
+
+@torch.inference_mode()
+def score_ids(model, ids: list[int], context_length: int, stride: int, device) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) and number of scored tokens for one document."""
+    tokens = torch.tensor(ids, dtype=torch.long, device=device)
+    nll, count = 0.0, 0
+    for begin, end, first in window_spans(len(ids), context_length, stride):
+        logits = model(input_ids=tokens[begin:end].unsqueeze(0)).logits[0]
+        predictions = logits[first - 1 - begin : end - 1 - begin].float()
+        nll += F.cross_entropy(predictions, tokens[first:end], reduction="sum").item()
+        count += end - first
+    return nll, count
+
+
+def measure_perplexity(model, tokenizer, documents: Sequence[Document], protocol: PerplexityProtocol = PerplexityProtocol()) -> PerplexityResult:
+    if not documents:
+        raise CorpusError("the held-out split is empty: nothing to evaluate")
+    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_positions and protocol.context_length > max_positions:
+        raise ValueError(f"context length {protocol.context_length} exceeds the model's {max_positions} positions")
+    start = time.perf_counter()
+    encoded = tokenize_documents(tokenizer, documents, protocol.max_tokens)
+    total_tokens = sum(len(ids) for ids, _ in encoded)
+    if total_tokens < protocol.context_length:
+        raise CorpusError(
+            f"the held-out split has {total_tokens} tokens, fewer than one window of {protocol.context_length}; "
+            "use a larger corpus or a shorter context length"
+        )
+    device = model_device(model)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        nll, scored = 0.0, 0
+        for ids, _ in encoded:
+            doc_nll, doc_count = score_ids(model, ids, protocol.context_length, protocol.stride, device)
+            nll += doc_nll
+            scored += doc_count
+    finally:
+        model.train(was_training)
+    total_bytes = sum(n for _, n in encoded)
+    nll_per_token = nll / scored
+    bits_per_byte = nll_per_token / math.log(2) * total_tokens / total_bytes
+    return PerplexityResult(
+        protocol=protocol,
+        perplexity=math.exp(nll_per_token),
+        bits_per_byte=bits_per_byte,
+        nll_per_token=nll_per_token,
+        tokens_scored=scored,
+        tokens_evaluated=total_tokens,
+        bytes_evaluated=total_bytes,
+        documents=len(encoded),
+        device=str(device),
+        dtype=str(model_dtype(model)).replace("torch.", ""),
+        seconds=time.perf_counter() - start,
+    )
