@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluators.corpus import CorpusError, Document
-from evaluators.device import model_device, model_dtype
+from evaluators.runtime import inference_eval, max_positions, model_device, model_dtype
 
 
 @dataclass(frozen=True)
@@ -121,9 +121,9 @@ def score_ids(model, ids: list[int], context_length: int, stride: int, device) -
 def measure_perplexity(model, tokenizer, documents: Sequence[Document], protocol: PerplexityProtocol = PerplexityProtocol()) -> PerplexityResult:
     if not documents:
         raise CorpusError("the held-out split is empty: nothing to evaluate")
-    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if max_positions and protocol.context_length > max_positions:
-        raise ValueError(f"context length {protocol.context_length} exceeds the model's {max_positions} positions")
+    limit = max_positions(model)
+    if limit and protocol.context_length > limit:
+        raise ValueError(f"context length {protocol.context_length} exceeds the model's {limit} positions")
     start = time.perf_counter()
     encoded = tokenize_documents(tokenizer, documents, protocol.max_tokens)
     total_tokens = sum(len(ids) for ids, _ in encoded)
@@ -133,16 +133,12 @@ def measure_perplexity(model, tokenizer, documents: Sequence[Document], protocol
             "use a larger corpus or a shorter context length"
         )
     device = model_device(model)
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        nll, scored = 0.0, 0
+    nll, scored = 0.0, 0
+    with inference_eval(model):
         for ids, _ in encoded:
             doc_nll, doc_count = score_ids(model, ids, protocol.context_length, protocol.stride, device)
             nll += doc_nll
             scored += doc_count
-    finally:
-        model.train(was_training)
     total_bytes = sum(n for _, n in encoded)
     nll_per_token = nll / scored
     bits_per_byte = nll_per_token / math.log(2) * total_tokens / total_bytes
