@@ -139,10 +139,12 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    hub_logging.set_verbosity_error()  # hub retry chatter; the final failure still reaches the user
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - never a traceback for the user; PLANNER_DEBUG shows it
         if os.environ.get("PLANNER_DEBUG"):
             raise
-        print(f"planner: internal error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-              " (set PLANNER_DEBUG=1 for the traceback)", file=sys.stderr)
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        print(f"planner: internal error: {type(exc).__name__}: {detail} (PLANNER_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
         return 1
 
 

@@ -27,9 +27,7 @@ class ModelSource:
     @classmethod
     def parse(cls, spec: str) -> "ModelSource":
         if spec.startswith(BUILTIN):
-            name = spec[len(BUILTIN):]
-            assets.lookup("model", name)
-            return cls(spec, "builtin", name)
+            return cls(spec, "builtin", assets.lookup("model", spec[len(BUILTIN):]).name)
         path = Path(spec).expanduser()
         if path.exists():
             if not path.is_dir():
@@ -52,9 +50,7 @@ class DataSource:
     @classmethod
     def parse(cls, spec: str) -> "DataSource":
         if spec.startswith(BUILTIN):
-            name = spec[len(BUILTIN):]
-            assets.lookup("corpus", name)
-            return cls(spec, "builtin", name)
+            return cls(spec, "builtin", assets.lookup("corpus", spec[len(BUILTIN):]).name)
         path = Path(spec).expanduser()
         if path.exists():
             return cls(spec, "path", str(path.resolve()))

@@ -146,3 +146,46 @@ def test_devices_and_dtypes():
     if not torch.cuda.is_available():
         with pytest.raises(PlannerError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def _fake_hub_dataset(monkeypatch, splits):
+    import datasets
+
+    calls = []
+
+    def load_dataset(path, name=None):
+        calls.append((path, name))
+        return datasets.DatasetDict({k: datasets.Dataset.from_dict(v) for k, v in splits.items()})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def test_datasets_corpus_uses_its_own_train_and_test_splits(monkeypatch):
+    calls = _fake_hub_dataset(monkeypatch, {
+        "train": {"text": ["first line", "second line"], "id": [1, 2]},
+        "validation": {"text": ["validation line"], "id": [3]},
+        "test": {"text": ["held out", "text"], "id": [4, 5]},
+    })
+    corpus = load_corpus(DataSource.parse("wikitext:wikitext-2-raw-v1"))
+    assert calls == [("wikitext", "wikitext-2-raw-v1")]
+    assert [d.text for d in corpus.train] == ["first line\nsecond line"]
+    assert [d.text for d in corpus.eval] == ["held out\ntext"]
+    assert corpus.split_rule.endswith("train / test")
+
+
+def test_datasets_corpus_finds_a_string_column_and_falls_back_to_validation(monkeypatch):
+    _fake_hub_dataset(monkeypatch, {"train": {"n": [1], "content": ["a"]}, "validation": {"n": [2], "content": ["b"]}})
+    corpus = load_corpus(DataSource.parse("some_corpus"))
+    assert (corpus.train[0].text, corpus.eval[0].text) == ("a", "b")
+
+
+@pytest.mark.parametrize("splits, message", [
+    ({"train": {"text": ["a"]}}, "needs a train split and a test or validation split"),
+    ({"train": {"n": [1]}, "test": {"n": [2]}}, "no text column"),
+    ({"train": {"text": ["a"]}, "test": {"text": ["  "]}}, "empty test split"),
+])
+def test_unusable_datasets_are_refused(monkeypatch, splits, message):
+    _fake_hub_dataset(monkeypatch, splits)
+    with pytest.raises(PlannerError, match=message):
+        load_corpus(DataSource.parse("some_corpus"))
