@@ -131,26 +131,12 @@ def cmd_assets(args) -> int:
 COMMANDS = {"evaluate": cmd_evaluate, "assets": cmd_assets}
 
 
-def _quiet_libraries() -> None:
-    """Keep library chatter (progress bars, advisory warnings) out of the command's output."""
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    from huggingface_hub.utils import logging as hub_logging
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    hub_logging.set_verbosity_error()  # hub retry chatter; the final failure still reaches the user
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        _quiet_libraries()
+        from planner.quiet import quiet_libraries
+
+        quiet_libraries()
         from planner.errors import PlannerError
 
         try:

@@ -1,6 +1,6 @@
 """How long each evaluator takes on the built-in model, so later work can budget trial time.
 
-    .venv/bin/python bench/evaluate_cost.py [--threads N] [--tokens 2048]
+    .venv/bin/python bench/evaluate_cost.py [--threads N] [--tokens 6144]
 
 Prints seconds per 1k scored tokens for two perplexity protocols, the wall time of the default latency
 protocol with its figures, and the time of the memory evaluator. Figures, not assertions: the machines
@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from evaluators.latency import LatencyProtocol, measure_latency  # noqa: E402
 from evaluators.memory import measure_memory  # noqa: E402
 from evaluators.perplexity import PerplexityProtocol, measure_perplexity  # noqa: E402
+from planner.quiet import quiet_libraries  # noqa: E402
 from planner.sources import DataSource, ModelSource, load_corpus, load_model  # noqa: E402
 
 
@@ -29,8 +30,10 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:smollm2-135m")
     parser.add_argument("--data", default="builtin:shakespeare")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--tokens", type=int, default=2048, help="held-out tokens per perplexity run")
+    parser.add_argument("--tokens", type=int, default=6144,
+                        help="held-out tokens per perplexity run, spread over the held-out works")
     args = parser.parse_args()
+    quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
 
