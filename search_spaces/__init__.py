@@ -1,7 +1,8 @@
 """Compression techniques (distillation, pruning, quantization), one module each.
 
-Each technique registers a spec dataclass, a `suggest(trial, space)` and an `apply(model, spec, context)`.
-The registry fills as the techniques land; this package never imports `planner`.
+Each module registers a `Technique` (see `base`); importing this package fills the registry.
+This package never imports `planner`.
 """
+from search_spaces.base import TECHNIQUES, BuildContext, DictSpec, SpecError, Technique, ordered, register
 
-TECHNIQUES: dict[str, object] = {}
+__all__ = ["TECHNIQUES", "BuildContext", "DictSpec", "SpecError", "Technique", "ordered", "register"]

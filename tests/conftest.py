@@ -49,7 +49,8 @@ def make_tiny_llama(vocab_size: int = 128, **overrides):
 def make_tiny_gpt2(vocab_size: int = 128, **overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256, **overrides)
+    config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                        bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, **overrides)
     torch.manual_seed(0)
     return GPT2LMHeadModel(config).eval()
 

@@ -1,0 +1,33 @@
+"""Calibration batches from the training split, shared by GPTQ, Wanda/importance scores and distillation."""
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import torch
+
+
+def calibration_batches(tokenizer, documents: Sequence, num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """A (num_samples, seq_len) LongTensor of token windows drawn from random places in the documents.
+
+    Deterministic for a seed. Only as much text as needed is tokenized: documents are visited in a
+    seeded random order until the stream holds twice the tokens asked for, then windows are drawn from it.
+    """
+    if num_samples < 1 or seq_len < 2:
+        raise ValueError(f"need at least one sample of 2+ tokens, got {num_samples} x {seq_len}")
+    docs = [d for d in documents if d.text.strip()]
+    if not docs:
+        raise ValueError("no calibration text: the training split is empty")
+    rng = random.Random(seed)
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    wanted = 2 * num_samples * seq_len
+    stream: list[int] = []
+    for i in order:
+        stream.extend(tokenizer(docs[i].text, add_special_tokens=False)["input_ids"])
+        if len(stream) >= wanted:
+            break
+    if len(stream) < seq_len + 1:
+        raise ValueError(f"the training split has {len(stream)} tokens, fewer than one {seq_len}-token sample")
+    starts = [rng.randrange(0, len(stream) - seq_len) for _ in range(num_samples)]
+    return torch.tensor([stream[s:s + seq_len] for s in starts], dtype=torch.long)
