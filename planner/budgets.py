@@ -1,0 +1,79 @@
+"""Hard budgets: parsed from the command line ("25ms", "300MB", "0.5x"), resolved against the baseline,
+and turned into Optuna constraint values (<= 0 means the budget is met)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from planner.errors import PlannerError
+
+# What each budget limits, and the metric (stored on every trial) it is checked against.
+METRICS = {
+    "latency": ("decode_ms_p50", "ms"),  # decode time per token, p50
+    "prefill": ("prefill_ms_p50", "ms"),
+    "memory": ("weight_bytes", "bytes"),
+}
+
+TIME_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+NUMBER = r"(?P<value>[-+]?[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)"
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str  # "latency" | "prefill" | "memory"
+    limit: float | None = None  # absolute, in the metric's unit (ms or bytes)
+    relative: float | None = None  # a fraction of the baseline's figure (0.5 for "0.5x")
+    text: str = ""  # as the user wrote it
+
+    @property
+    def metric(self) -> str:
+        return METRICS[self.kind][0]
+
+    def resolve(self, baseline: dict) -> "Budget":
+        """The absolute budget, given the baseline's metrics (needed for relative budgets only)."""
+        if self.limit is not None:
+            return self
+        if self.metric not in baseline:
+            raise PlannerError(f"{self.kind} budget {self.text} is relative, but the baseline has no {self.metric}")
+        return Budget(self.kind, self.relative * baseline[self.metric], self.relative, self.text)
+
+    def violation(self, metrics: dict) -> float:
+        """Optuna's constraint value: relative excess over the limit, <= 0 when the budget is met."""
+        if self.limit is None:
+            raise ValueError(f"{self.kind} budget {self.text} must be resolved against the baseline first")
+        return metrics[self.metric] / self.limit - 1.0
+
+    def describe(self) -> str:
+        unit = METRICS[self.kind][1]
+        if self.limit is None:
+            return f"{self.kind} <= {self.relative:g}x baseline"
+        shown = f"{self.limit / 1e6:.1f} MB" if unit == "bytes" else f"{self.limit:.2f} ms"
+        return f"{self.kind} <= {shown}" + (f" ({self.relative:g}x baseline)" if self.relative is not None else "")
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "limit": self.limit, "relative": self.relative, "text": self.text}
+
+
+def parse_budget(kind: str, text: str) -> Budget:
+    """'25ms', '0.02s', '300MB', '1.5GiB', '0.5x' (relative to the baseline) -> Budget."""
+    if kind not in METRICS:
+        raise PlannerError(f"unknown budget kind '{kind}' (known: {', '.join(METRICS)})")
+    cleaned = str(text).strip().lower().replace(" ", "")
+    match = re.fullmatch(NUMBER + r"(?P<unit>[a-z]*)", cleaned)
+    if not match:
+        raise PlannerError(f"{kind} budget '{text}' is not a number with a unit (e.g. {_example(kind)})")
+    value, unit = float(match["value"]), match["unit"]
+    if value <= 0:
+        raise PlannerError(f"{kind} budget '{text}' must be positive")
+    if unit == "x":
+        return Budget(kind, relative=value, text=str(text))
+    units = SIZE_UNITS if METRICS[kind][1] == "bytes" else TIME_UNITS
+    if unit not in units:
+        raise PlannerError(f"{kind} budget '{text}' has unknown unit '{unit or '(none)'}' "
+                           f"(use {', '.join(units)} or x for a multiple of the baseline)")
+    return Budget(kind, limit=value * units[unit], text=str(text))
+
+
+def _example(kind: str) -> str:
+    return "300MB or 0.5x" if METRICS[kind][1] == "bytes" else "25ms or 0.7x"
