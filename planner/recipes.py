@@ -1,0 +1,126 @@
+"""Recipe files: one candidate, written as versioned YAML, that `planner apply` rebuilds deterministically.
+
+A recipe names its model (source and content hash), the ordered stages with their spec dicts, the budget,
+the measured metrics with their protocols and device, and its provenance. Loading uses `yaml.safe_load`
+(no Python object tags) and names the first bad field in its error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from planner.errors import PlannerError
+
+RECIPE_VERSION = 1
+
+
+class RecipeError(PlannerError):
+    """A recipe file that cannot be used; the message names the file and the first bad field."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    technique: str
+    spec: Any  # the technique's spec dataclass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model_source: str
+    model_hash: str
+    stages: tuple[Stage, ...]
+    budget: tuple[dict, ...] = ()
+    metrics: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    version: int = RECIPE_VERSION
+
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "model": {"source": self.model_source, "content_hash": self.model_hash},
+            "stages": [{"technique": s.technique, "spec": s.spec.to_dict()} for s in self.stages],
+            "budget": [dict(b) for b in self.budget],
+            "metrics": self.metrics,
+            "provenance": self.provenance,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, techniques: dict) -> "Recipe":
+        """Validate a plain dict; `techniques` maps a technique name to its registered Technique."""
+        from search_spaces.base import SpecError
+
+        data = _mapping(data, "recipe")
+        version = _field(data, "version", int, "recipe")
+        if version > RECIPE_VERSION:
+            raise RecipeError(f"version: recipe version {version} is newer than this planner reads "
+                              f"({RECIPE_VERSION}); upgrade planner")
+        if version < 1:
+            raise RecipeError(f"version: must be 1 or more, got {version}")
+        model = _mapping(_field(data, "model", dict, "recipe"), "model")
+        source = _field(model, "source", str, "model")
+        content_hash = _field(model, "content_hash", str, "model")
+        stages = []
+        for i, raw in enumerate(_field(data, "stages", list, "recipe")):
+            where = f"stages[{i}]"
+            raw = _mapping(raw, where)
+            name = _field(raw, "technique", str, where)
+            if name not in techniques:
+                raise RecipeError(f"{where}.technique: unknown technique '{name}' (known: {', '.join(sorted(techniques))})")
+            try:
+                spec = techniques[name].spec_type.from_dict(_field(raw, "spec", dict, where), f"{where}.spec")
+            except SpecError as exc:
+                raise RecipeError(str(exc)) from None
+            stages.append(Stage(name, spec))
+        order = [techniques[s.technique].order for s in stages]
+        if order != sorted(order) or len(set(order)) != len(order):
+            raise RecipeError("stages: techniques must appear once each, in order "
+                              + " -> ".join(t.name for t in sorted(techniques.values(), key=lambda t: t.order)))
+        budget = tuple(_mapping(b, f"budget[{i}]") for i, b in enumerate(data.get("budget") or []))
+        metrics = _mapping(data.get("metrics") or {}, "metrics")
+        provenance = _mapping(data.get("provenance") or {}, "provenance")
+        return cls(source, content_hash, tuple(stages), budget, metrics, provenance, version)
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise RecipeError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _field(data: dict, name: str, kind: type, where: str) -> Any:
+    if name not in data:
+        raise RecipeError(f"{where}.{name}: missing field")
+    value = data[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise RecipeError(f"{where}.{name}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    """Write atomically (temp file, then rename), so a reader never sees half a recipe."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+def load_recipe(path: Path, techniques: dict) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"recipe {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise RecipeError(f"recipe {path} is not valid YAML: {first}") from None
+    try:
+        return Recipe.from_dict(data, techniques)
+    except RecipeError as exc:
+        raise RecipeError(f"recipe {path}: {exc}") from None
