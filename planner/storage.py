@@ -1,0 +1,60 @@
+"""Study storage behind one interface: any Optuna storage URL, SQLite under studies/ by default.
+
+- `sqlite:///studies/NAME.db` (default) and other SQLAlchemy URLs such as `postgresql://user@host/db`
+  (several machines) go to Optuna's RDBStorage, with a heartbeat so a killed worker's trial is marked failed;
+- `journal:PATH` (or a path ending in .log / .journal) is a journal file, safe for several processes on
+  one machine.
+Every Optuna tool (optuna-dashboard included) opens these stores as they are.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+
+from planner.errors import PlannerError
+
+STUDIES_DIR = Path("studies")
+HEARTBEAT_SECONDS = 60
+JOURNAL_PREFIX = "journal:"
+RDB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2", "mysql", "mysql+pymysql")
+
+
+def default_storage_url(study_name: str) -> str:
+    return f"sqlite:///{STUDIES_DIR / study_name}.db"
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage for the URL; problems become one-line PlannerErrors."""
+    if url.startswith(JOURNAL_PREFIX) or url.endswith((".log", ".journal")):
+        path = Path(url.removeprefix(JOURNAL_PREFIX)).expanduser()
+        _require_folder(path.parent, url)
+        backend = optuna.storages.journal.JournalFileBackend(str(path))
+        return optuna.storages.JournalStorage(backend)
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme not in RDB_SCHEMES:
+        raise PlannerError(f"storage '{url}' is not a storage URL (use sqlite:///PATH.db, postgresql://..., "
+                           "or journal:PATH)")
+    if scheme == "sqlite":
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if not path:
+            raise PlannerError(f"storage '{url}' names no database file (use sqlite:///PATH.db)")
+        _require_folder(Path(path).expanduser().parent, url, create=Path(path).parent == STUDIES_DIR)
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=2 * HEARTBEAT_SECONDS,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            engine_kwargs={"pool_pre_ping": True} if scheme != "sqlite" else None,
+        )
+    except Exception as exc:  # noqa: BLE001 - driver/connection errors become one line
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PlannerError(f"cannot open storage {url}: {detail}") from None
+
+
+def _require_folder(folder: Path, url: str, create: bool = False) -> None:
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():
+        raise PlannerError(f"storage {url}: folder {folder} does not exist")
