@@ -121,6 +121,11 @@ class Technique:
     space_type: type
     suggest: Callable[[Any, Any], Any]  # (optuna trial, space) -> spec, or None when the stage is off
     apply: Callable[[Any, Any, BuildContext], Any]  # (model, spec, context) -> model
+    # Cheap, exact estimates, so a candidate can be judged before it is built. A stage that changes
+    # shapes maps the model config to the config of what it builds; a stage that changes how weights
+    # are stored gives the exact stored bytes of a model (which may live on the meta device) under a spec.
+    derive_config: Callable[[Any, Any], Any] | None = None  # (config, spec) -> config
+    weight_bytes: Callable[[Any, Any], int] | None = None  # (model, spec) -> bytes
 
 
 TECHNIQUES: dict[str, Technique] = {}
