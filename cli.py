@@ -61,6 +61,44 @@ def build_parser() -> Parser:
                     help="skip an evaluator (repeatable)")
     ev.add_argument("--json", type=Path, help="also write the figures to this JSON file")
 
+    se = commands.add_parser("search", help="search for the best compressed model that meets a budget")
+    se.add_argument("--study-file", type=Path, help="a .toml or .yaml file of settings; flags override it")
+    se.add_argument("--model", help="builtin:NAME, a local folder or a hub id (default: builtin:smollm2-135m)")
+    se.add_argument("--data", help="builtin:NAME, a text file or folder, or a datasets name (default: builtin:shakespeare)")
+    se.add_argument("--study", help="study name (default: planner)")
+    se.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/<study>.db)")
+    se.add_argument("--sampler", help="tpe (default), nsga2 or random")
+    se.add_argument("--seed", type=int, help="sampler and build seed (default: 0)")
+    se.add_argument("--trials", type=positive_int, help="trials the study should hold in total (default: 20)")
+    se.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    se.add_argument("--latency-budget", help="decode time per token, p50: e.g. 25ms or 0.7x (of the baseline)")
+    se.add_argument("--prefill-budget", help="prefill time of the latency prompt: e.g. 200ms or 0.8x")
+    se.add_argument("--memory-budget", help="stored weight size: e.g. 300MB, 1.5GiB or 0.5x")
+    se.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    se.add_argument("--dtype", help="auto (default), float32, float16, bfloat16")
+    se.add_argument("--trust-remote-code", action="store_true", default=None, help="allow a hub model's own code")
+    se.add_argument("--recipe", help="where to write the recommended recipe (default: studies/<study>-recipe.yaml)")
+    se.add_argument("-q", "--quiet", action="store_true", help="no per-trial lines or progress bar")
+    se.add_argument("-v", "--verbose", action="store_true", help="show build progress (e.g. distillation loss)")
+
+    ex = commands.add_parser("export", help="write the recipe of a trial (default: the recommended one)")
+    ex.add_argument("--study", required=True)
+    ex.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/<study>.db)")
+    ex.add_argument("--trial", type=int, help="trial number (default: the recommended candidate)")
+    ex.add_argument("-o", "--output", type=Path, required=True, help="recipe file to write")
+
+    ap = commands.add_parser("apply", help="rebuild a recipe's candidate, check it, and save a checkpoint")
+    ap.add_argument("recipe", type=Path)
+    ap.add_argument("--out", type=Path, required=True, help="folder for the checkpoint and the recipe")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    ap.add_argument("-v", "--verbose", action="store_true")
+
+    rv = commands.add_parser("review", help="list the studies in a storage, or show one study's front")
+    rv.add_argument("--study", help="the study to show (default: list the studies)")
+    rv.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/<study>.db)")
+    rv.add_argument("--json", action="store_true", help="print JSON for scripts")
+
     assets = commands.add_parser("assets", help="the built-in model and corpus")
     assets_commands = assets.add_subparsers(dest="assets_command", required=True, parser_class=Parser)
     assets_commands.add_parser("fetch", help="fetch and prepare every built-in asset (idempotent)")
@@ -128,7 +166,105 @@ def cmd_assets(args) -> int:
     return 0
 
 
-COMMANDS = {"evaluate": cmd_evaluate, "assets": cmd_assets}
+SEARCH_FLAGS = ("model", "data", "study", "storage", "sampler", "seed", "trials", "timeout", "latency_budget",
+                "prefill_budget", "memory_budget", "device", "dtype", "trust_remote_code", "recipe")
+
+
+def cmd_search(args) -> int:
+    from planner.report import format_outcome
+    from planner.settings import make_settings, read_study_file
+    from planner.study_run import run_search, write_recipe
+
+    file_values = read_study_file(args.study_file) if args.study_file else {}
+    settings = make_settings(file_values, {name: getattr(args, name) for name in SEARCH_FLAGS})
+    settings.budgets()  # a malformed budget fails here, before anything is loaded or stored
+    outcome = run_search(settings, verbose=args.verbose, quiet=args.quiet)
+    print(format_outcome(outcome))
+    if outcome.recommended is None:
+        print("no recipe written: no candidate meets the budget")
+        return 1
+    path = write_recipe(outcome.study, outcome.recommended, settings.recipe_path())
+    print(f"recipe of trial {outcome.recommended.number} written to {path}")
+    return 0
+
+
+def _stored_study(study_name: str, storage: str | None):
+    import optuna
+
+    from planner.errors import PlannerError
+    from planner.storage import default_storage_url, open_storage
+
+    url = storage or default_storage_url(study_name)
+    opened = open_storage(url, must_exist=True)
+    try:
+        return optuna.load_study(study_name=study_name, storage=opened)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(opened)]
+        raise PlannerError(f"no study '{study_name}' in {url} (it holds: {', '.join(names) or 'none'})") from None
+
+
+def _stored_outcome(study):
+    from planner.budgets import Budget
+    from planner.study_run import outcome
+
+    budgets = [Budget(**b) for b in study.user_attrs.get("budgets", [])]
+    return outcome(study, budgets, study.user_attrs.get("baseline", {}))
+
+
+def cmd_export(args) -> int:
+    from planner.errors import PlannerError
+    from planner.study_run import measured, write_recipe
+
+    study = _stored_study(args.study, args.storage)
+    if args.trial is None:
+        trial = _stored_outcome(study).recommended
+        if trial is None:
+            raise PlannerError(f"study '{args.study}' has no candidate that meets its budget; pass --trial N")
+    else:
+        trials = study.get_trials(deepcopy=False)
+        if not 0 <= args.trial < len(trials):
+            raise PlannerError(f"trial {args.trial} is out of range (study '{args.study}' has trials 0-{len(trials) - 1})")
+        trial = trials[args.trial]
+        if not measured(trial):
+            raise PlannerError(f"trial {args.trial} has no measured candidate ({trial.state.name.lower()}"
+                               f"{': ' + trial.user_attrs['rejected'] if 'rejected' in trial.user_attrs else ''})")
+    print(f"recipe of trial {trial.number} written to {write_recipe(study, trial, args.output)}")
+    return 0
+
+
+def cmd_apply(args) -> int:
+    from planner.apply import apply_recipe
+
+    result = apply_recipe(args.recipe, args.out, device=args.device, force=args.force, verbose=args.verbose)
+    print(f"rebuilt: perplexity {result.perplexity:.3f} (recipe {result.recorded_perplexity}), "
+          f"weights {result.weight_bytes} bytes (recipe {result.recorded_weight_bytes})")
+    print(f"checkpoint and recipe written to {result.folder}; load it with "
+          f"AutoModelForCausalLM.from_pretrained('{result.folder}')")
+    return 0
+
+
+def cmd_review(args) -> int:
+    import optuna
+
+    from planner.errors import PlannerError
+    from planner.report import format_outcome, outcome_to_dict
+    from planner.storage import open_storage
+
+    if args.study is None:
+        if args.storage is None:
+            raise PlannerError("review needs --storage URL (to list its studies) or --study NAME")
+        summaries = optuna.get_all_study_summaries(open_storage(args.storage, must_exist=True))
+        rows = [{"study": s.study_name, "trials": s.n_trials} for s in summaries]
+        print(json.dumps(rows, indent=2) if args.json else
+              "\n".join(f"{r['study']:<30} {r['trials']:>5} trials" for r in rows) or "no studies")
+        return 0
+    outcome = _stored_outcome(_stored_study(args.study, args.storage))
+    print(json.dumps(outcome_to_dict(outcome), indent=2) if args.json else format_outcome(outcome))
+    return 0
+
+
+COMMANDS = {"evaluate": cmd_evaluate, "search": cmd_search, "export": cmd_export, "apply": cmd_apply,
+            "review": cmd_review, "assets": cmd_assets}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,9 +7,12 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
+    import optuna
     from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     hub_logging.set_verbosity_error()  # the final failure still reaches the user as one line
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # planner prints its own line per trial
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

@@ -5,6 +5,7 @@ missing paths); loading does the real work and turns library errors into one-lin
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,3 +177,24 @@ def _text_column(split, spec: str) -> str:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+def content_hash(source: ModelSource) -> str:
+    """sha256 over the model's weight files (names and bytes), so a recipe can tell its model apart."""
+    import hashlib
+
+    if source.kind == "builtin":
+        folder = assets.ensure(assets.lookup("model", source.location))
+        digests = assets.read_marker(folder)["weights_sha256"]
+        return "sha256:" + hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+    folder = Path(source.location)
+    if source.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(source.location, local_files_only=True))
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(assets.sha256_file(path).encode())
+    return "sha256:" + digest.hexdigest()

@@ -24,11 +24,13 @@ def default_storage_url(study_name: str) -> str:
     return f"sqlite:///{STUDIES_DIR / study_name}.db"
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for the URL; problems become one-line PlannerErrors."""
+def open_storage(url: str, must_exist: bool = False) -> optuna.storages.BaseStorage:
+    """An Optuna storage for the URL; problems become one-line PlannerErrors. With must_exist, a file
+    storage that is not there is an error instead of a new empty store (for review and export)."""
     if url.startswith(JOURNAL_PREFIX) or url.endswith((".log", ".journal")):
         path = Path(url.removeprefix(JOURNAL_PREFIX)).expanduser()
         _require_folder(path.parent, url)
+        _require_file(path, url, must_exist)
         backend = optuna.storages.journal.JournalFileBackend(str(path))
         return optuna.storages.JournalStorage(backend)
     scheme = url.split("://", 1)[0] if "://" in url else ""
@@ -40,6 +42,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         if not path:
             raise PlannerError(f"storage '{url}' names no database file (use sqlite:///PATH.db)")
         _require_folder(Path(path).expanduser().parent, url, create=Path(path).parent == STUDIES_DIR)
+        _require_file(Path(path).expanduser(), url, must_exist)
     try:
         return optuna.storages.RDBStorage(
             url,
@@ -58,3 +61,8 @@ def _require_folder(folder: Path, url: str, create: bool = False) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     if not folder.is_dir():
         raise PlannerError(f"storage {url}: folder {folder} does not exist")
+
+
+def _require_file(path: Path, url: str, must_exist: bool) -> None:
+    if must_exist and not path.is_file():
+        raise PlannerError(f"storage {url}: {path} does not exist (no study has been stored there)")

@@ -126,6 +126,12 @@ class Technique:
     # are stored gives the exact stored bytes of a model (which may live on the meta device) under a spec.
     derive_config: Callable[[Any, Any], Any] | None = None  # (config, spec) -> config
     weight_bytes: Callable[[Any, Any], int] | None = None  # (model, spec) -> bytes
+    # Hand-picked candidates as trial parameters: the first switches the stage off, the rest are what a
+    # user would try by hand (e.g. 8-bit everywhere). The study starts with them so its front holds them.
+    presets: Callable[[Any], list[dict]] | None = None  # (space) -> [off params, preset params, ...]
+    # Writing a built model as a checkpoint plain transformers loads, where save_pretrained is not enough
+    # (e.g. packed integer weights). The tokenizer is saved beside it by the caller.
+    save: Callable[[Any, Any, Path], None] | None = None  # (model, spec, folder) -> None
 
 
 TECHNIQUES: dict[str, Technique] = {}

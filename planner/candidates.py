@@ -1,0 +1,92 @@
+"""Candidates: an ordered list of stages, built for real from the source model, sized exactly before that.
+
+Sizing composes the techniques' exact estimators: every shape-changing stage maps the config to the
+config of what it builds, an empty model of that config is made on the meta device (no memory, no
+weights), and the stage that decides how weights are stored sizes it. No stage is run.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+
+from evaluators.memory import weight_bytes
+from planner.recipes import Stage
+from search_spaces import TECHNIQUES, BuildContext, ordered
+
+
+@dataclass
+class BuiltCandidate:
+    model: torch.nn.Module
+    stage_seconds: dict[str, float]
+
+
+def suggest_stages(trial, spaces: dict) -> list[Stage]:
+    """One spec per enabled technique, in composition order (the only place the study samples a candidate)."""
+    stages = []
+    for technique in ordered():
+        space = spaces.get(technique.name)
+        if space is None:
+            continue
+        spec = technique.suggest(trial, space)
+        if spec is not None:
+            stages.append(Stage(technique.name, spec))
+    return stages
+
+
+def hand_picked(spaces: dict) -> list[dict]:
+    """Trial parameters of the baseline (every stage off) and of each technique's presets on their own."""
+    off, presets = {}, []
+    for technique in ordered():
+        space = spaces.get(technique.name)
+        if space is None or technique.presets is None:
+            continue
+        stage_off, *stage_presets = technique.presets(space)
+        off.update(stage_off)
+        presets += stage_presets
+    return [off] + [{**off, **preset} for preset in presets]
+
+
+def estimate_weight_bytes(base_model: torch.nn.Module, stages: list[Stage]) -> int:
+    """Exact stored bytes of the candidate, without building it."""
+    config = base_model.config
+    for stage in stages:
+        derive = TECHNIQUES[stage.technique].derive_config
+        if derive is not None:
+            config = derive(config, stage.spec)
+    if config is base_model.config:
+        sized = base_model
+    else:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            sized = AutoModelForCausalLM.from_config(config, dtype=next(base_model.parameters()).dtype)
+    for stage in reversed(stages):
+        size = TECHNIQUES[stage.technique].weight_bytes
+        if size is not None:
+            return size(sized, stage.spec)
+    return weight_bytes(sized).total_bytes
+
+
+def build(base_model: torch.nn.Module, stages: list[Stage], context: BuildContext) -> BuiltCandidate:
+    """Apply the stages in order to a copy of the base model; the base model is never changed."""
+    model = copy.deepcopy(base_model)
+    seconds = {}
+    for stage in stages:
+        started = time.perf_counter()
+        model = TECHNIQUES[stage.technique].apply(model, stage.spec, context)
+        seconds[stage.technique] = time.perf_counter() - started
+    return BuiltCandidate(model.eval(), seconds)
+
+
+def describe(stages: list[Stage]) -> str:
+    """A short label such as 'prune(mlp 0.75) + quant(gptq 4/4)' for tables and logs."""
+    if not stages:
+        return "baseline"
+    parts = []
+    for stage in stages:
+        summary = getattr(stage.spec, "summary", None)
+        parts.append(summary() if callable(summary) else stage.technique)
+    return " + ".join(parts)

@@ -1,0 +1,130 @@
+"""Search settings: from a study file (TOML or YAML), then command-line flags on top.
+
+A study file holds the same names as the flags (`model`, `data`, `trials`, `latency_budget`, ...), an
+`[evaluation]` table for the measurement protocols, and a `[space.<technique>]` table per technique that
+narrows its ranges (or `<technique> = false` under `[space]` to switch the stage off).
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evaluators.latency import LatencyProtocol
+from evaluators.perplexity import PerplexityProtocol
+from planner.budgets import Budget, parse_budget
+from planner.errors import PlannerError
+from planner.samplers import DEFAULT_SAMPLER
+
+# Lighter than `planner evaluate`'s defaults: every trial pays these.
+SEARCH_PERPLEXITY = PerplexityProtocol(context_length=512, stride=512, max_tokens=2048)
+SEARCH_LATENCY = LatencyProtocol(prompt_tokens=64, new_tokens=16, warmup=1, repeats=3)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    model: str = "builtin:smollm2-135m"
+    data: str = "builtin:shakespeare"
+    study: str = "planner"
+    storage: str | None = None  # default: sqlite:///studies/<study>.db
+    sampler: str = DEFAULT_SAMPLER
+    seed: int = 0
+    trials: int = 20
+    timeout: float | None = None  # seconds for this run
+    latency_budget: str | None = None
+    prefill_budget: str | None = None
+    memory_budget: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    recipe: str | None = None  # default: studies/<study>-recipe.yaml
+    space: dict = field(default_factory=dict)  # technique -> dict of ranges, or False (stage off)
+    evaluation: dict = field(default_factory=dict)  # perplexity / latency protocol fields
+
+    def __post_init__(self):
+        if self.trials < 1:
+            raise PlannerError(f"trials must be at least 1, got {self.trials}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise PlannerError(f"timeout must be positive seconds, got {self.timeout}")
+        if not self.study or not all(c.isalnum() or c in "-_." for c in self.study):
+            raise PlannerError(f"study name '{self.study}' may hold only letters, digits, '-', '_' and '.'")
+
+    def budgets(self) -> list[Budget]:
+        given = {"latency": self.latency_budget, "prefill": self.prefill_budget, "memory": self.memory_budget}
+        return [parse_budget(kind, text) for kind, text in given.items() if text is not None]
+
+    def perplexity_protocol(self) -> PerplexityProtocol:
+        return _protocol(PerplexityProtocol, SEARCH_PERPLEXITY, self.evaluation.get("perplexity", {}))
+
+    def latency_protocol(self) -> LatencyProtocol:
+        return _protocol(LatencyProtocol, SEARCH_LATENCY, self.evaluation.get("latency", {}))
+
+    def recipe_path(self) -> Path:
+        return Path(self.recipe or f"studies/{self.study}-recipe.yaml")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _protocol(kind, default, overrides: dict):
+    if not isinstance(overrides, dict):
+        raise PlannerError(f"evaluation settings must be a table, got {type(overrides).__name__}")
+    known = {f.name for f in fields(kind)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise PlannerError(f"unknown {kind.__name__} setting '{unknown[0]}' (known: {', '.join(sorted(known))})")
+    try:
+        return replace(default, **overrides)
+    except (TypeError, ValueError) as exc:
+        raise PlannerError(f"bad {kind.__name__} setting: {exc}") from None
+
+
+def read_study_file(path: Path) -> dict[str, Any]:
+    """Plain settings from a .toml or .yaml study file (safe loaders only)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlannerError(f"study file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlannerError(f"cannot read study file {path}: {exc}") from None
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise PlannerError(f"study file {path} must end in .toml, .yaml or .yml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise PlannerError(f"study file {path} is not valid {path.suffix[1:].upper()}: "
+                           f"{str(exc).strip().splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise PlannerError(f"study file {path} must hold a table of settings")
+    return data
+
+
+def make_settings(file_values: dict[str, Any], flag_values: dict[str, Any]) -> SearchSettings:
+    """Study-file values, overridden by every flag the user actually gave (None = not given)."""
+    known = {f.name: f for f in fields(SearchSettings)}
+    merged = {k.replace("-", "_"): v for k, v in file_values.items()}
+    unknown = sorted(set(merged) - set(known))
+    if unknown:
+        raise PlannerError(f"unknown study setting '{unknown[0]}' (known: {', '.join(known)})")
+    merged.update({k: v for k, v in flag_values.items() if v is not None})
+    for name, value in merged.items():
+        _check_type(name, value, known[name].type)
+    return SearchSettings(**merged)
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    expected = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict}
+    for word, kind in expected.items():
+        if annotation.startswith(word) or annotation.startswith(f"{word} |"):
+            if value is None and "None" in annotation:
+                return
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise PlannerError(f"study setting '{name}' must be {word}, got {type(value).__name__} {value!r}")
+            return
