@@ -132,8 +132,8 @@ def objective(bench: Workbench):
 
 
 def create_or_load(settings: SearchSettings) -> optuna.Study:
+    sampler = make_sampler(settings.sampler, settings.seed, settings.trials)  # a bad name fails before any store
     storage = open_storage(settings.storage or default_storage_url(settings.study))
-    sampler = make_sampler(settings.sampler, settings.seed, settings.trials)
     study = optuna.create_study(storage=storage, study_name=settings.study, sampler=sampler,
                                 directions=["minimize"] * len(OBJECTIVES), load_if_exists=True)
     if study.metric_names is None:
@@ -151,6 +151,9 @@ def resolve_spaces(settings: SearchSettings, model) -> dict:
             continue
         if given is True:
             given = {}
+        if "device" in technique.space_type.__dataclass_fields__ and "device" not in given:
+            # Methods that cannot run where candidates are built are left out of the space up front.
+            given = {**given, "device": next(model.parameters()).device.type}
         try:
             space = technique.space_type.from_dict(given, f"space.{name}")
         except SpecError as exc:

@@ -1,0 +1,155 @@
+"""End to end on a tiny model: search -> recipe -> export -> apply -> review, resume, budgets, bad input."""
+import json
+
+import optuna
+import pytest
+import yaml
+
+import cli
+from planner.storage import open_storage
+
+SPACE = """
+[evaluation.perplexity]
+context_length = 64
+stride = 64
+max_tokens = 256
+
+[evaluation.latency]
+prompt_tokens = 16
+new_tokens = 4
+repeats = 2
+warmup = 1
+
+[space.distillation]
+steps = [4]
+batch_size = [2]
+seq_len = [32]
+importance_samples = 4
+importance_seq_len = 32
+
+[space.pruning]
+calibration_samples = 4
+calibration_seq_len = 32
+
+[space.quantization]
+methods = ["none", "rtn", "dynamic-int8"]
+"""
+
+
+@pytest.fixture
+def study(tmp_path, tiny_model_dir, text_corpus_dir, monkeypatch):
+    monkeypatch.setenv("PLANNER_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "study.toml"
+    path.write_text(f'model = "{tiny_model_dir}"\ndata = "{text_corpus_dir}"\nstudy = "tiny"\n'
+                    f'storage = "sqlite:///{tmp_path}/tiny.db"\nrecipe = "{tmp_path}/recipe.yaml"\n' + SPACE)
+    return path
+
+
+def run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def load(tmp_path):
+    return optuna.load_study(study_name="tiny", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db"))
+
+
+def test_search_export_apply_review(study, tmp_path, text_corpus_dir, capsys):
+    code, out, err = run(["search", "--study-file", study, "--trials", "6", "--memory-budget", "0.8x", "-q"], capsys)
+    assert code == 0, err
+    assert "Pareto front" in out and "recipe of trial" in out
+    stored = load(tmp_path)
+    assert len(stored.trials) == 6
+    recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    recommended = recipe["provenance"]["trial"]
+    trial = stored.trials[recommended]
+    limit = stored.user_attrs["budgets"][0]["limit"]
+    assert trial.user_attrs["metrics"]["weight_bytes"] <= limit  # the recommendation meets the budget
+    assert recipe["stages"] and recipe["metrics"]["perplexity"]["protocol"]["context_length"] == 64
+
+    code, out, err = run(["export", "--study", "tiny", "--storage", f"sqlite:///{tmp_path}/tiny.db",
+                          "--trial", recommended, "-o", tmp_path / "exported.yaml"], capsys)
+    assert code == 0, err
+    assert yaml.safe_load((tmp_path / "exported.yaml").read_text()) == recipe
+
+    code, out, err = run(["apply", tmp_path / "recipe.yaml", "--out", tmp_path / "deploy"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "deploy" / "recipe.yaml").read_text() == (tmp_path / "recipe.yaml").read_text()
+    from transformers import AutoModelForCausalLM
+
+    from transformers import AutoTokenizer
+
+    from evaluators.perplexity import PerplexityProtocol, measure_perplexity
+    from planner.sources import DataSource, load_corpus
+
+    # The deployed folder, loaded by plain transformers, scores what the recipe recorded.
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "deploy")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "deploy")
+    protocol = PerplexityProtocol.from_dict(recipe["metrics"]["perplexity"]["protocol"])
+    corpus = load_corpus(DataSource.parse(str(text_corpus_dir)))
+    deployed = measure_perplexity(reloaded, tokenizer, corpus.eval, protocol).perplexity
+    assert deployed == pytest.approx(recipe["metrics"]["perplexity"]["perplexity"], rel=0.01)
+
+    code, out, err = run(["review", "--study", "tiny", "--storage", f"sqlite:///{tmp_path}/tiny.db", "--json"], capsys)
+    assert code == 0, err
+    reviewed = json.loads(out)
+    assert reviewed["recommended"] == recommended
+    assert [row["trial"] for row in reviewed["front"]][0] == recommended
+
+
+def test_rejected_by_spec_is_cheap_and_search_resumes(study, tmp_path, capsys):
+    code, _, err = run(["search", "--study-file", study, "--trials", "3", "--memory-budget", "0.6x", "-q"], capsys)
+    assert code in (0, 1), err
+    code, _, err = run(["search", "--study-file", study, "--trials", "5", "--memory-budget", "0.6x", "-q"], capsys)
+    stored = load(tmp_path)
+    assert len(stored.trials) == 5  # continued, not restarted
+    rejected = [t for t in stored.trials if "rejected" in t.user_attrs]
+    assert rejected, "the baseline itself is over a 0.6x memory budget"
+    assert all(t.user_attrs["seconds"]["total"] < 1.0 for t in rejected)
+    assert all(t.constraints["memory"] > 0 for t in rejected)
+
+
+def test_infeasible_budget_says_so_and_fails(study, tmp_path, capsys):
+    code, out, err = run(["search", "--study-file", study, "--trials", "2", "--memory-budget", "1KB", "-q"], capsys)
+    assert code == 1
+    assert "No measured candidate meets the budget" in out and "no recipe written" in out
+    assert not (tmp_path / "recipe.yaml").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--memory-budget", "lots"], "not a number with a unit"),
+    (["--latency-budget=-3ms"], "must be positive"),
+    (["--memory-budget", "300 furlongs"], "unknown unit"),
+    (["--sampler", "cmaes"], "unknown sampler 'cmaes'"),
+    (["--storage", "mongodb://x/y"], "is not a storage URL"),
+    (["--study", "bad name!"], "may hold only"),
+])
+def test_bad_search_input_is_one_line_and_leaves_the_study_alone(study, tmp_path, capsys, extra, message):
+    db = tmp_path / "tiny.db"
+    code, out, err = run(["search", "--study-file", study, *extra], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not db.exists()
+
+
+def test_bad_study_files(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("trials = [")
+    assert "is not valid TOML" in run(["search", "--study-file", bad], capsys)[2]
+    bad.write_text("trails = 3")
+    assert "unknown study setting 'trails'" in run(["search", "--study-file", bad], capsys)[2]
+    bad.write_text('trials = "many"')
+    assert "must be int" in run(["search", "--study-file", bad], capsys)[2]
+    assert "does not exist" in run(["search", "--study-file", tmp_path / "nope.toml"], capsys)[2]
+
+
+def test_unknown_space_settings_are_named(study, tmp_path, capsys):
+    study.write_text(study.read_text() + "\n[space.sparsify]\nratio = 1\n")
+    code, _, err = run(["search", "--study-file", study, "--trials", "1"], capsys)
+    assert code == 2 and "space.sparsify: unknown technique" in err
+
+
+def test_review_and_export_of_missing_studies(tmp_path, capsys):
+    code, _, err = run(["review", "--study", "ghost", "--storage", f"sqlite:///{tmp_path}/none.db"], capsys)
+    assert code == 2 and "does not exist" in err
+    assert not (tmp_path / "none.db").exists()
