@@ -23,8 +23,11 @@ $(VENV)/.installed: pyproject.toml
 assets: setup
 	$(VENV)/bin/planner assets fetch
 
+# A budget-driven search on the built-in model (studies/demo.toml), then its recipe applied into a checkpoint.
+# Running it again continues the same study (studies/demo.db) instead of starting over.
 demo: assets
-	$(VENV)/bin/planner evaluate --model builtin:smollm2-135m --data builtin:shakespeare --json studies/demo-evaluation.json
+	$(VENV)/bin/planner search --study-file studies/demo.toml
+	$(VENV)/bin/planner apply studies/demo-recipe.yaml --out studies/demo-deploy --force
 
 test: setup
 	$(PY) -m pytest

@@ -87,7 +87,10 @@ def save(model, recipe: Recipe, tokenizer, out: Path) -> None:
     writer = next(((TECHNIQUES[s.technique].save, s.spec) for s in reversed(recipe.stages)
                    if TECHNIQUES[s.technique].save is not None), None)
     if writer is not None:
-        writer[0](model, writer[1], out)
+        try:
+            writer[0](model, writer[1], out)
+        except ValueError as exc:  # a candidate with no loadable checkpoint format (the technique says why)
+            raise PlannerError(f"cannot save this candidate as a checkpoint: {exc}") from None
     else:
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -4,5 +4,6 @@ Each module registers a `Technique` (see `base`); importing this package fills t
 This package never imports `planner`.
 """
 from search_spaces.base import TECHNIQUES, BuildContext, DictSpec, SpecError, Technique, ordered, register
+from search_spaces import distillation, pruning, quantization  # noqa: E402,F401  (registers the techniques)
 
 __all__ = ["TECHNIQUES", "BuildContext", "DictSpec", "SpecError", "Technique", "ordered", "register"]

@@ -1,0 +1,226 @@
+"""Distillation as a search space: a smaller student derived from the teacher, trained to imitate it.
+
+The student's shape uses the same keep ratios as structured pruning (`depth_keep`, `mlp_keep`,
+`heads_keep`) and starts from the teacher's own weights chosen by importance (`distill_student`); it is
+then trained on the training split with the knowledge-distillation loss (`distill_train`). Trained
+students are cached on disk under `context.cache_dir` (`student_cache`), keyed by teacher, spec, data
+and seed, so sampling the same student again costs a load, not a training run.
+
+Distillation is the costliest stage, so its step budget is a search dimension (few steps: cheap, lower
+fidelity) and every result carries its cost: `apply` returns the student with a `DistillReport` as its
+`distillation_report` attribute (see `report_of`), whose `seconds_per_step` the planner can read.
+`apply` never modifies the teacher it is given.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal
+
+from torch import nn
+
+from evaluators.runtime import model_device, model_dtype
+from search_spaces.base import BuildContext, DictSpec, SpecError, Technique, register
+from search_spaces.calibration import calibration_batches
+from search_spaces.distill_student import derive_student
+from search_spaces.distill_train import TrainSettings, train_student
+from search_spaces.pruning_anatomy import UnsupportedArchitecture
+from search_spaces.pruning_choices import check_choices, check_float, check_int, check_member, choose
+from search_spaces.pruning_shape import RATIO_FIELDS, SizeEstimate, Structure, check_ratio, estimate_size, \
+    fit_choices, ratio_labels, structured_config
+from search_spaces.student_cache import StudentCache, data_identity, student_key, weights_identity
+
+REPORT_ATTRIBUTE = "distillation_report"
+INITS = ("teacher", "random")
+check_positive = check_float(0.0, float("inf"), low_open=True)
+check_alpha = check_float(0.0, 1.0)
+
+# Spec fields searched as lists of choices in DistillSpace (the rest are fixed settings of the space).
+SEARCHED = RATIO_FIELDS + ("init", "steps", "batch_size", "seq_len", "lr", "temperature", "alpha")
+
+
+CHECKS = {
+    **{name: check_ratio for name in RATIO_FIELDS},
+    "init": check_member(INITS), "steps": check_int(1), "batch_size": check_int(1), "seq_len": check_int(2),
+    "lr": check_positive, "temperature": check_positive, "alpha": check_alpha, "grad_clip": check_positive,
+    "importance_samples": check_int(1), "importance_seq_len": check_int(2),
+}
+
+
+@dataclass(frozen=True)
+class DistillSpec(DictSpec):
+    depth_keep: float = 0.8  # student shape, as fractions of the teacher's (see pruning)
+    mlp_keep: float = 1.0
+    heads_keep: float = 1.0
+    init: Literal["teacher", "random"] = "teacher"
+    steps: int = 50
+    batch_size: int = 2
+    seq_len: int = 256
+    lr: float = 1e-4
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the soft (teacher) term; 1 - alpha goes to next-token cross-entropy
+    grad_clip: float = 1.0
+    importance_samples: int = 16  # calibration windows that rank the teacher's layers, heads and neurons
+    importance_seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            CHECKS[f.name](f"DistillSpec.{f.name}", getattr(self, f.name))
+        if self.structure.is_identity and self.init == "teacher":
+            raise SpecError("DistillSpec.depth_keep: the student would be the teacher itself "
+                            "(every keep ratio is 1.0); make it smaller or use init='random'")
+
+    @property
+    def structure(self) -> Structure:
+        return Structure(self.depth_keep, self.mlp_keep, self.heads_keep)
+
+    def summary(self) -> str:
+        """A short label such as 'distill(depth 0.8, 50 steps)' for tables and logs."""
+        init = ", random init" if self.init == "random" else ""
+        return f"distill({', '.join(ratio_labels(self.structure) + [f'{self.steps} steps'])}{init})"
+
+    @property
+    def training(self) -> TrainSettings:
+        return TrainSettings(self.steps, self.batch_size, self.lr, self.temperature, self.alpha, self.grad_clip)
+
+
+@dataclass(frozen=True)
+class DistillSpace(DictSpec):
+    enabled: tuple[bool, ...] = (False, True)
+    depth_keep: tuple[float, ...] = (0.9, 0.8, 0.7)
+    mlp_keep: tuple[float, ...] = (1.0, 0.75)
+    heads_keep: tuple[float, ...] = (1.0,)
+    init: tuple[str, ...] = ("teacher",)
+    # The fidelity / cost dial. Sized for a CPU: a step of 2 x 256 tokens on the built-in model takes a few
+    # seconds on two cores, so 100 steps cost minutes; widen it on a GPU.
+    steps: tuple[int, ...] = (20, 50, 100)
+    batch_size: tuple[int, ...] = (2,)
+    seq_len: tuple[int, ...] = (256,)
+    lr: tuple[float, ...] = (1e-4,)
+    temperature: tuple[float, ...] = (2.0,)
+    alpha: tuple[float, ...] = (0.5,)
+    grad_clip: float = 1.0
+    importance_samples: int = 16
+    importance_seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        check_choices("DistillSpace.enabled", self.enabled, check_member((False, True)))
+        for f in fields(self):
+            if f.name in SEARCHED:
+                check_choices(f"DistillSpace.{f.name}", getattr(self, f.name), CHECKS[f.name])
+            elif f.name != "enabled":
+                CHECKS[f.name](f"DistillSpace.{f.name}", getattr(self, f.name))
+
+    def fitted(self, model: nn.Module) -> "DistillSpace":
+        """This space narrowed to the student shapes `model` can take (see pruning_shape.fit_choices)."""
+        return DistillSpace(**{**self.__dict__, **{n: fit_choices(model, n, getattr(self, n)) for n in RATIO_FIELDS}})
+
+
+def suggest(trial, space: DistillSpace) -> DistillSpec | None:
+    """A distillation spec from `space`, or None when the stage is off or the sampled student is the teacher."""
+    if not choose(trial, "distill.enabled", space.enabled):
+        return None
+    values = {name: choose(trial, f"distill.{name}", getattr(space, name)) for name in SEARCHED}
+    if Structure(**{n: values[n] for n in RATIO_FIELDS}).is_identity and values["init"] == "teacher":
+        return None
+    return DistillSpec(**values, grad_clip=space.grad_clip, importance_samples=space.importance_samples,
+                       importance_seq_len=space.importance_seq_len)
+
+
+@dataclass(frozen=True)
+class DistillReport:
+    cache_key: str | None  # None when no cache_dir was given
+    cache_hit: bool  # True: loaded from the cache, nothing trained by this call
+    steps: int
+    seconds_per_step: float  # of the training run that produced the student (also on a cache hit)
+    train_seconds: float
+    first_loss: float
+    final_loss: float
+    seconds: float  # wall time of this call: derive + train + store, or just the load on a hit
+    structure: dict | None  # what was kept (pruning_surgery.StructureReport.to_dict), None for random init
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def key_material(teacher: nn.Module, spec: DistillSpec, context: BuildContext) -> dict[str, Any]:
+    """What a trained student depends on: teacher, spec (shape and training), training split and seed."""
+    return {
+        "teacher": context.model_id or f"weights:{weights_identity(teacher)}",
+        "teacher_dtype": str(model_dtype(teacher)),
+        "spec": spec.to_dict(),
+        "data": data_identity(context.calibration),
+        "seed": context.seed,
+    }
+
+
+def distill(teacher: nn.Module, spec: DistillSpec, context: BuildContext) -> tuple[nn.Module, DistillReport]:
+    """The trained student for `spec` and its report: from the cache when there, else derived, trained, stored."""
+    started = time.perf_counter()
+    if context.cache_dir is None:
+        student, report = _derive_and_train(teacher, spec, context, None)
+        return student, replace(report, seconds=time.perf_counter() - started)
+    cache = StudentCache(context.cache_dir)
+    material = key_material(teacher, spec, context)
+    key = student_key(material)
+    hit = cache.load(key, type(teacher), model_dtype(teacher), model_device(teacher))
+    if hit is not None:
+        student, stored = hit
+        return student, replace(DistillReport(**stored), cache_key=key, cache_hit=True,
+                                seconds=time.perf_counter() - started)
+    student, report = _derive_and_train(teacher, spec, context, key)
+    try:
+        cache.store(key, student, material, report.to_dict())
+    except OSError as exc:  # a full or read-only disk costs a later retrain, not this trial
+        warnings.warn(f"could not cache the student in {context.cache_dir}: {exc}", RuntimeWarning, stacklevel=2)
+    return student, replace(report, seconds=time.perf_counter() - started)
+
+
+def _derive_and_train(teacher: nn.Module, spec: DistillSpec, context: BuildContext,
+                      key: str | None) -> tuple[nn.Module, DistillReport]:
+    try:
+        student, kept = derive_student(teacher, spec.structure, spec.init, context, spec.importance_samples,
+                                       spec.importance_seq_len)
+    except UnsupportedArchitecture as exc:
+        raise exc.spec_error("DistillSpec") from None
+    batches = calibration_batches(context.tokenizer, context.calibration, spec.steps * spec.batch_size,
+                                  spec.seq_len, context.seed)
+    stats = train_student(student, teacher, batches, spec.training, context.seed, context.progress)
+    report = DistillReport(cache_key=key, cache_hit=False, steps=stats.steps, seconds_per_step=stats.seconds_per_step,
+                           train_seconds=stats.seconds, first_loss=stats.first_loss, final_loss=stats.final_loss,
+                           seconds=stats.seconds, structure=kept.to_dict() if kept else None)
+    return student, report
+
+
+def apply(teacher: nn.Module, spec: DistillSpec, context: BuildContext) -> nn.Module:
+    """The trained student (a new model; the teacher is untouched) with its report as `distillation_report`."""
+    student, report = distill(teacher, spec, context)
+    setattr(student, REPORT_ATTRIBUTE, report)
+    return student
+
+
+def report_of(model: nn.Module) -> DistillReport | None:
+    return getattr(model, REPORT_ATTRIBUTE, None)
+
+
+def student_config(config, spec: DistillSpec):
+    """The student's config, without building it."""
+    try:
+        return structured_config(config, spec.structure)
+    except UnsupportedArchitecture as exc:
+        raise exc.spec_error("DistillSpec") from None
+
+
+def estimate(teacher: nn.Module, spec: DistillSpec) -> SizeEstimate:
+    """Exact parameters and stored weight bytes of the student, without building or training it."""
+    return estimate_size(student_config(teacher.config, spec), teacher)
+
+
+def presets(space: DistillSpace) -> list[dict]:
+    """Trial parameters of the stage switched off (every student costs training, so none is enqueued)."""
+    return [{"distill.enabled": False}] if False in space.enabled else [{}]
+
+
+TECHNIQUE = register(Technique(name="distillation", order=10, spec_type=DistillSpec, space_type=DistillSpace,
+                               suggest=suggest, apply=apply, derive_config=student_config, presets=presets))

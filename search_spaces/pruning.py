@@ -1,0 +1,207 @@
+"""Pruning as a search space: structured cuts that really shrink the model, plus optional weight sparsity.
+
+Structured (the part that makes a model smaller and faster on any hardware), ranked by importance on
+calibration text (`importance`), cut for real (`pruning_surgery`), config updated so the model saves
+and reloads as a plain transformers model:
+- `depth_keep`: fraction of decoder layers kept (dropped by least 1 - cos(block input, output));
+- `mlp_keep`: fraction of MLP neurons kept in every layer (by activation x output-weight norm);
+- `heads_keep`: fraction of key/value groups kept, each with its query heads, so grouped-query attention
+  stays valid. Only where the config states head_dim on its own (Llama-style); not GPT-2.
+Unstructured (`sparsity` per layer group, "attn" / "mlp"), by magnitude or Wanda, optionally in the 2:4
+pattern: zeros stored densely gain nothing on a CPU or in a dense checkpoint (see `pruning_unstructured`),
+so the default space leaves it off; a study file can open it.
+
+`apply` prunes the model it is given in place and returns it (the planner builds each candidate from a
+fresh copy); what was kept is on the returned model as `pruning_report` (see `report_of`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import nn
+
+from search_spaces.base import BuildContext, DictSpec, Technique, register
+from search_spaces.calibration import calibration_batches
+from search_spaces.importance import input_feature_norms, structural_importance
+from search_spaces.pruning_anatomy import UnsupportedArchitecture
+from search_spaces.pruning_choices import check_choices, check_float, check_int, check_member, choose
+from search_spaces.pruning_shape import RATIO_FIELDS, SizeEstimate, Structure, check_ratio, estimate_size, \
+    fit_choices, ratio_labels, structured_config
+from search_spaces.pruning_surgery import StructureReport, check_structure, needed_scores, restructure
+from search_spaces.pruning_unstructured import GROUPS, METHODS, PATTERNS, SEMI_STRUCTURED_SPARSITY, \
+    sparsified_modules, sparsify
+from search_spaces.layers import linear_sites, weight_out_in
+
+REPORT_ATTRIBUTE = "pruning_report"
+check_sparsity = check_float(0.0, 1.0, high_open=True)
+
+
+def _check_sparsity_map(where: str, sparsity: dict, check_value) -> None:
+    for group, value in sparsity.items():
+        check_member(GROUPS)(f"{where}.{group}", group)
+        check_value(f"{where}.{group}", value)
+
+
+@dataclass(frozen=True)
+class PruneSpec(DictSpec):
+    depth_keep: float = 1.0
+    mlp_keep: float = 1.0
+    heads_keep: float = 1.0
+    sparsity: dict[str, float] = field(default_factory=dict)  # layer group ("attn", "mlp") -> fraction zeroed
+    method: Literal["magnitude", "wanda"] = "wanda"
+    pattern: Literal["unstructured", "2:4"] = "unstructured"
+    calibration_samples: int = 32  # windows of training text for importance scores and Wanda norms
+    calibration_seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        for name in RATIO_FIELDS:
+            check_ratio(f"PruneSpec.{name}", getattr(self, name))
+        check_value = check_sparsity if self.pattern != "2:4" else check_member((0.0, SEMI_STRUCTURED_SPARSITY))
+        _check_sparsity_map("PruneSpec.sparsity", self.sparsity, check_value)
+        check_member(METHODS)("PruneSpec.method", self.method)
+        check_member(PATTERNS)("PruneSpec.pattern", self.pattern)
+        check_int(1)("PruneSpec.calibration_samples", self.calibration_samples)
+        check_int(2)("PruneSpec.calibration_seq_len", self.calibration_seq_len)
+
+    @property
+    def structure(self) -> Structure:
+        return Structure(self.depth_keep, self.mlp_keep, self.heads_keep)
+
+    @property
+    def is_sparse(self) -> bool:
+        return any(v > 0 for v in self.sparsity.values())
+
+    @property
+    def is_identity(self) -> bool:
+        return self.structure.is_identity and not self.is_sparse
+
+    def summary(self) -> str:
+        """A short label such as 'prune(depth 0.8, mlp 0.75, wanda mlp 0.5)' for tables and logs."""
+        parts = ratio_labels(self.structure)
+        if self.is_sparse:
+            groups = " ".join(f"{g} {v:g}" for g, v in self.sparsity.items() if v > 0)
+            parts.append(f"{self.method}{' 2:4' if self.pattern == '2:4' else ''} {groups}")
+        return f"prune({', '.join(parts)})"
+
+
+def _default_sparsity() -> dict[str, tuple[float, ...]]:
+    # Off by default: dense zeros cost the same memory and time; a study file may open e.g. (0.0, 0.5).
+    return {"attn": (0.0,), "mlp": (0.0,)}
+
+
+@dataclass(frozen=True)
+class PruneSpace(DictSpec):
+    enabled: tuple[bool, ...] = (False, True)
+    depth_keep: tuple[float, ...] = (1.0, 0.9, 0.8)
+    mlp_keep: tuple[float, ...] = (1.0, 0.875, 0.75, 0.5)
+    heads_keep: tuple[float, ...] = (1.0, 0.67)
+    sparsity: dict[str, tuple[float, ...]] = field(default_factory=_default_sparsity)
+    method: tuple[str, ...] = ("wanda",)
+    pattern: tuple[str, ...] = ("unstructured",)  # add "2:4" to search the semi-structured pattern (GPU only)
+    calibration_samples: int = 32
+    calibration_seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        check_choices("PruneSpace.enabled", self.enabled, check_member((False, True)))
+        for name in RATIO_FIELDS:
+            check_choices(f"PruneSpace.{name}", getattr(self, name), check_ratio)
+        for group, choices in self.sparsity.items():
+            check_member(GROUPS)(f"PruneSpace.sparsity.{group}", group)
+            check_choices(f"PruneSpace.sparsity.{group}", choices, check_sparsity)
+        check_choices("PruneSpace.method", self.method, check_member(METHODS))
+        check_choices("PruneSpace.pattern", self.pattern, check_member(PATTERNS))
+        check_int(1)("PruneSpace.calibration_samples", self.calibration_samples)
+        check_int(2)("PruneSpace.calibration_seq_len", self.calibration_seq_len)
+
+    def fitted(self, model: nn.Module) -> "PruneSpace":
+        """This space narrowed to what `model` can take: one ratio per distinct count, no head cuts where the
+        config cannot express them, no 2:4 where an input width is not a multiple of 4."""
+        ratios = {name: fit_choices(model, name, getattr(self, name)) for name in RATIO_FIELDS}
+        patterns = self.pattern
+        if any(weight_out_in(s.module).shape[1] % 4 for s in linear_sites(model, include_head=False)):
+            patterns = tuple(p for p in patterns if p != "2:4") or ("unstructured",)
+        return PruneSpace(**{**self.__dict__, **ratios, "pattern": patterns})
+
+
+def suggest(trial, space: PruneSpace) -> PruneSpec | None:
+    """A pruning spec from `space`, or None when the stage is off (or every sampled cut is a no-op)."""
+    if not choose(trial, "prune.enabled", space.enabled):
+        return None
+    ratios = {name: choose(trial, f"prune.{name}", getattr(space, name)) for name in RATIO_FIELDS}
+    sparsity, pattern, method = {}, "unstructured", space.method[0]
+    if any(v > 0 for choices in space.sparsity.values() for v in choices):
+        pattern = choose(trial, "prune.pattern", space.pattern)
+        for group, choices in space.sparsity.items():
+            if pattern == "2:4":  # the pattern fixes the fraction: a group is either 2:4 or dense
+                dense_or_half = (0.0, SEMI_STRUCTURED_SPARSITY) if any(v > 0 for v in choices) else (0.0,)
+                sparsity[group] = choose(trial, f"prune.sparsity_2_4.{group}", dense_or_half)
+            else:
+                sparsity[group] = choose(trial, f"prune.sparsity.{group}", choices)
+        if any(v > 0 for v in sparsity.values()):
+            method = choose(trial, "prune.method", space.method)
+    spec = PruneSpec(**ratios, sparsity=sparsity, method=method, pattern=pattern,
+                     calibration_samples=space.calibration_samples, calibration_seq_len=space.calibration_seq_len)
+    return None if spec.is_identity else spec
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    structure: StructureReport
+    sparsity: dict[str, float]  # achieved zeros per layer group
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"structure": self.structure.to_dict(), "sparsity": dict(self.sparsity), "seconds": self.seconds}
+
+
+def apply(model: nn.Module, spec: PruneSpec, context: BuildContext) -> nn.Module:
+    """Prune `model` in place (structured cuts, then sparsity) and return it, with its `pruning_report`."""
+    started = time.perf_counter()
+    try:
+        check_structure(model, spec.structure)
+    except UnsupportedArchitecture as exc:
+        raise exc.spec_error("PruneSpec") from None
+    needs = needed_scores(model, spec.structure)
+    batches = None
+    if any(needs.values()) or (spec.is_sparse and spec.method == "wanda"):
+        batches = calibration_batches(context.tokenizer, context.calibration, spec.calibration_samples,
+                                      spec.calibration_seq_len, context.seed)
+    scores = structural_importance(model, batches, **needs) if any(needs.values()) else None
+    structure = restructure(model, spec.structure, scores)
+    achieved = {}
+    if spec.is_sparse:
+        norms = None
+        if spec.method == "wanda":
+            norms = input_feature_norms(model, sparsified_modules(model, spec.sparsity), batches)
+        achieved = sparsify(model, spec.sparsity, spec.method, spec.pattern, norms)
+    setattr(model, REPORT_ATTRIBUTE, PruneReport(structure, achieved, time.perf_counter() - started))
+    return model
+
+
+def report_of(model: nn.Module) -> PruneReport | None:
+    return getattr(model, REPORT_ATTRIBUTE, None)
+
+
+def pruned_config(config, spec: PruneSpec):
+    """The config of the model `apply` builds (sparsity changes no shape)."""
+    try:
+        return structured_config(config, spec.structure)
+    except UnsupportedArchitecture as exc:
+        raise exc.spec_error("PruneSpec") from None
+
+
+def estimate(model: nn.Module, spec: PruneSpec) -> SizeEstimate:
+    """Exact parameters and stored weight bytes of `apply(model, spec)` without building it. Sparsity counts
+    as dense: zeros are stored like any weight."""
+    return estimate_size(pruned_config(model.config, spec), model)
+
+
+def presets(space: PruneSpace) -> list[dict]:
+    """Trial parameters of the stage switched off (pruning has no one-size preset worth enqueuing)."""
+    return [{"prune.enabled": False}] if False in space.enabled else [{}]
+
+
+TECHNIQUE = register(Technique(name="pruning", order=20, spec_type=PruneSpec, space_type=PruneSpace,
+                               suggest=suggest, apply=apply, derive_config=pruned_config, presets=presets))

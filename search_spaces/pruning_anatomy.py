@@ -1,0 +1,189 @@
+"""Which linear layers of a decoder block carry attention heads and MLP neurons, and which config fields count them.
+
+Found from module types, shapes and the config, not from one model's attribute names: in a block's
+attention group (see `layers.linear_sites`) the output projection is the last linear mapping
+heads x head_dim features back to the hidden size, and every other linear must produce query heads
+(heads x head_dim rows) or key/value heads (kv_heads x head_dim rows). In the MLP group the output
+projection is the one linear that maps back to the hidden size; its input width is the intermediate
+size, and every other MLP linear must produce exactly that many neurons. Anything else (packed q/k/v
+such as GPT-2's `c_attn`, mixtures of experts, cross-attention) is reported as unsupported instead of
+being guessed at.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from search_spaces.base import SpecError
+from search_spaces.layers import linear_sites, text_config, weight_out_in
+
+# Config fields naming the MLP width, with the multiple of the hidden size a None value stands for
+# (GPT-2's n_inner=None means 4 x n_embd).
+INTERMEDIATE_FIELDS = {"intermediate_size": None, "n_inner": 4, "ffn_dim": None}
+
+
+class UnsupportedArchitecture(ValueError):
+    """The model cannot take a structured surgery; the message says what was found, `field` names the keep
+    ratio at fault (depth_keep, mlp_keep, heads_keep) when one is."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def spec_error(self, spec_name: str) -> SpecError:
+        """The same complaint as a SpecError naming the spec field at fault."""
+        return SpecError(f"{spec_name}.{self.field}: {self}" if self.field else f"{spec_name}: {self}")
+
+
+@dataclass(frozen=True)
+class Projection:
+    name: str  # qualified module name, for replacing it
+    module: nn.Module
+
+    @property
+    def out_features(self) -> int:
+        return weight_out_in(self.module).shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return weight_out_in(self.module).shape[1]
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    heads: int  # query heads
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads sharing one key/value head (grouped-query attention)."""
+        return self.heads // self.kv_heads
+
+
+@dataclass(frozen=True)
+class AttentionParts:
+    owner: nn.Module  # the attention module (some cache head counts as attributes)
+    queries: tuple[Projection, ...]  # rows are query heads
+    key_values: tuple[Projection, ...]  # rows are key/value heads
+    output: Projection  # columns are query heads
+
+
+@dataclass(frozen=True)
+class MlpParts:
+    owner: nn.Module
+    inputs: tuple[Projection, ...]  # rows are neurons (up, gate / c_fc)
+    output: Projection  # columns are neurons (down / c_proj)
+
+    @property
+    def width(self) -> int:
+        return self.output.in_features
+
+
+def hidden_size(model: nn.Module) -> int:
+    return text_config(model).hidden_size
+
+
+def head_layout(config) -> HeadLayout:
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return HeadLayout(heads, kv_heads, head_dim)
+
+
+def intermediate_field(config) -> str:
+    for name in INTERMEDIATE_FIELDS:
+        if hasattr(config, name):
+            return name
+    raise UnsupportedArchitecture(f"{type(config).__name__} names no MLP width ({', '.join(INTERMEDIATE_FIELDS)})")
+
+
+def intermediate_size(config) -> int:
+    name = intermediate_field(config)
+    value = getattr(config, name)
+    if value is None:
+        multiple = INTERMEDIATE_FIELDS[name]
+        if multiple is None:
+            raise UnsupportedArchitecture(f"{type(config).__name__}.{name} is not set")
+        return multiple * config.hidden_size
+    return value
+
+
+def _owner(model: nn.Module, projections: list[Projection]) -> nn.Module:
+    """The innermost module holding all the projections (their longest common name prefix)."""
+    parts = [p.name.split(".")[:-1] for p in projections]
+    common = []
+    for pieces in zip(*parts):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    return model.get_submodule(".".join(common))
+
+
+def _layer_sites(model: nn.Module, layer: int, group: str) -> list[Projection]:
+    return [Projection(s.name, s.module) for s in linear_sites(model, include_head=False)
+            if s.layer == layer and s.group == group]
+
+
+def attention_parts(model: nn.Module, layer: int) -> AttentionParts:
+    layout = head_layout(text_config(model))
+    hidden = hidden_size(model)
+    sites = _layer_sites(model, layer, "attn")
+    q_width, kv_width = layout.heads * layout.head_dim, layout.kv_heads * layout.head_dim
+    outputs = [p for p in sites if p.out_features == hidden and p.in_features == q_width]
+    if not outputs:
+        raise UnsupportedArchitecture(f"layer {layer}: no attention output projection ({q_width} -> {hidden})")
+    output = outputs[-1]  # registered last; in plain multi-head attention q is hidden -> hidden as well
+    queries, key_values = [], []
+    for p in sites:
+        if p is output:
+            continue
+        if p.in_features == hidden and p.out_features == q_width:
+            queries.append(p)
+        elif p.in_features == hidden and p.out_features == kv_width:
+            key_values.append(p)
+        else:
+            raise UnsupportedArchitecture(
+                f"layer {layer}: cannot tell which heads {p.name} ({p.in_features} -> {p.out_features}) "
+                f"projects (packed q/k/v or cross-attention?)"
+            )
+    if not queries or (not key_values and layout.kv_heads != layout.heads):
+        raise UnsupportedArchitecture(f"layer {layer}: no separate query and key/value projections")
+    return AttentionParts(_owner(model, sites), tuple(queries), tuple(key_values), output)
+
+
+def mlp_parts(model: nn.Module, layer: int) -> MlpParts:
+    hidden = hidden_size(model)
+    sites = _layer_sites(model, layer, "mlp")
+    outputs = [p for p in sites if p.out_features == hidden]
+    if len(outputs) != 1:
+        raise UnsupportedArchitecture(f"layer {layer}: expected one MLP output projection, found {len(outputs)}")
+    output = outputs[0]
+    inputs = [p for p in sites if p is not output and p.in_features == hidden and p.out_features == output.in_features]
+    if len(inputs) + 1 != len(sites) or not inputs:
+        raise UnsupportedArchitecture(f"layer {layer}: MLP is not a plain input/output projection pair (experts?)")
+    return MlpParts(_owner(model, sites), tuple(inputs), output)
+
+
+def derived_head_width(config) -> str | None:
+    """Why this config cannot describe fewer heads of the same width (None when it can)."""
+    if getattr(config, "head_dim", None) is None:
+        return f"{config.model_type} derives the head width from hidden size / heads, so fewer heads cannot be saved"
+    return None
+
+
+def head_pruning_blocker(model: nn.Module) -> str | None:
+    """Why whole heads cannot be removed from this model (None when they can).
+
+    The config must state head_dim on its own: where it is derived as hidden / heads (GPT-2), a config
+    with fewer heads describes wider heads, not fewer, and the saved model would not reload.
+    """
+    reason = derived_head_width(text_config(model))
+    if reason:
+        return reason
+    try:
+        attention_parts(model, 0)
+    except UnsupportedArchitecture as exc:
+        return str(exc)
+    return None

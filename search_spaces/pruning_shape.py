@@ -1,0 +1,208 @@
+"""Structured shapes: keep ratios -> whole counts -> the smaller model's config and its exact size, unbuilt.
+
+A `Structure` holds keep ratios (model-agnostic, so one search space serves any model). `target_shape`
+turns them into whole counts for one config: layers, whole key/value groups (each with all its query
+heads, so the grouped-query ratio never changes) and MLP neurons. `shaped_config` writes such counts into
+a copy of the config, which is what makes `save_pretrained` / `from_pretrained` round-trip. `estimate_size`
+gives the exact parameter count and stored bytes of a config by building its skeleton on the meta device
+(no memory, tens of milliseconds), so the planner can reject a candidate before building it.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from search_spaces.layers import text_config
+from search_spaces.pruning_anatomy import (
+    UnsupportedArchitecture,
+    derived_head_width,
+    head_layout,
+    head_pruning_blocker,
+    intermediate_field,
+    intermediate_size,
+)
+from search_spaces.pruning_choices import check_float
+
+RATIO_FIELDS = ("depth_keep", "mlp_keep", "heads_keep")
+check_ratio = check_float(0.0, 1.0, low_open=True)  # a keep ratio: a fraction in (0, 1]
+
+
+@dataclass(frozen=True)
+class Structure:
+    depth_keep: float = 1.0  # fraction of decoder layers kept
+    mlp_keep: float = 1.0  # fraction of MLP neurons kept, the same in every layer
+    heads_keep: float = 1.0  # fraction of key/value groups kept, each with its query heads
+
+    def __post_init__(self) -> None:
+        for name in RATIO_FIELDS:
+            check_ratio(name, getattr(self, name))
+
+    @property
+    def is_identity(self) -> bool:
+        return all(getattr(self, name) == 1.0 for name in RATIO_FIELDS)
+
+
+def kept(total: int, ratio: float) -> int:
+    """Whole units kept of `total` at `ratio`: rounded half up, at least one, at most all."""
+    return max(1, min(total, math.floor(total * ratio + 0.5)))
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+
+
+def text_config_of(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def shape_of(config) -> Shape:
+    config = text_config_of(config)
+    layout = head_layout(config)
+    return Shape(config.num_hidden_layers, layout.heads, layout.kv_heads, layout.head_dim, intermediate_size(config))
+
+
+def target_shape(config, structure: Structure) -> Shape:
+    shape = shape_of(config)
+    groups = kept(shape.kv_heads, structure.heads_keep)
+    return replace(
+        shape,
+        layers=kept(shape.layers, structure.depth_keep),
+        heads=groups * (shape.heads // shape.kv_heads),
+        kv_heads=groups,
+        intermediate=kept(shape.intermediate, structure.mlp_keep),
+    )
+
+
+def shaped_config(config, shape: Shape, kept_layers: Sequence[int] | None = None):
+    """A validated copy of `config` describing `shape`; `kept_layers` picks the per-layer entries (layer_types).
+
+    Raises UnsupportedArchitecture (with `.field`, the keep ratio at fault) when the config cannot
+    express the shape or its own validation rejects it (Llama wants the head count to divide hidden).
+    """
+    new = copy.deepcopy(config)
+    target = text_config_of(new)
+    old = shape_of(target)
+    write_shape(target, shape, kept_layers)
+    _validate(target, old, shape)
+    return new
+
+
+def write_shape(config, shape: Shape, kept_layers: Sequence[int] | None = None) -> None:
+    """Write the counts of `shape` into a text config in place (unvalidated: see `shaped_config`)."""
+    old = shape_of(config)
+    if shape.layers != old.layers:
+        _set_layers(config, old.layers, shape.layers, kept_layers)
+    if (shape.heads, shape.kv_heads) != (old.heads, old.kv_heads):
+        reason = derived_head_width(config)
+        if reason:
+            raise UnsupportedArchitecture(reason, "heads_keep")
+        config.num_attention_heads = shape.heads
+        if hasattr(config, "num_key_value_heads"):
+            config.num_key_value_heads = shape.kv_heads
+        config.head_dim = shape.head_dim
+    if shape.intermediate != old.intermediate:
+        setattr(config, intermediate_field(config), shape.intermediate)
+
+
+def _set_layers(config, old_count: int, count: int, kept_layers: Sequence[int] | None) -> None:
+    indices = list(kept_layers) if kept_layers is not None else list(range(count))
+    if len(indices) != count:
+        raise ValueError(f"{len(indices)} kept layers given for a {count}-layer shape")
+    config.num_hidden_layers = count
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, (list, tuple)) and len(types) == old_count:
+        config.layer_types = [types[i] for i in indices]
+
+
+def _validate(config, old: Shape, shape: Shape) -> None:
+    validate = getattr(config, "validate", None)
+    if not callable(validate):
+        return
+    try:
+        validate()
+    except Exception as exc:  # noqa: BLE001 - strict-dataclass validators raise several types
+        changed = [name for name, differs in (("heads_keep", shape.heads != old.heads),
+                                              ("mlp_keep", shape.intermediate != old.intermediate),
+                                              ("depth_keep", shape.layers != old.layers)) if differs]
+        field = changed[0] if changed else None
+        reason = str(exc).strip().splitlines()[-1]
+        raise UnsupportedArchitecture(f"the {config.model_type} config rejects {shape}: {reason}", field) from None
+
+
+def structured_config(config, structure: Structure):
+    return shaped_config(config, target_shape(config, structure))
+
+
+RATIO_LABELS = {"depth_keep": "depth", "mlp_keep": "mlp", "heads_keep": "heads"}
+
+
+def ratio_labels(structure: Structure) -> list[str]:
+    """'depth 0.8', 'mlp 0.75'... for each ratio that cuts something, for short labels."""
+    return [f"{label} {getattr(structure, name):g}" for name, label in RATIO_LABELS.items()
+            if getattr(structure, name) != 1.0]
+
+
+@dataclass(frozen=True)
+class SizeEstimate:
+    parameters: int  # distinct parameters (tied embeddings counted once)
+    weight_bytes: int  # as evaluators.memory.weight_bytes counts them: the state_dict, shared tensors once
+
+    def to_dict(self) -> dict:
+        return {"parameters": self.parameters, "weight_bytes": self.weight_bytes}
+
+
+def estimate_size(config, like: nn.Module) -> SizeEstimate:
+    """Exact size of a model of `like`'s class built from `config`, without allocating it.
+
+    Each tensor's dtype is that of `like`'s tensor of the same name (pruned names are a subset of the
+    unpruned ones), else `like`'s first floating dtype.
+    """
+    dtypes = {name: t.dtype for name, t in like.state_dict().items() if isinstance(t, torch.Tensor)}
+    default = next((p.dtype for p in like.parameters() if p.is_floating_point()), torch.float32)
+    with torch.device("meta"):
+        skeleton = type(like)(copy.deepcopy(config))
+    seen: set[int] = set()
+    total = 0
+    for name, tensor in skeleton.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        dtype = dtypes.get(name, default if tensor.is_floating_point() else tensor.dtype)
+        total += tensor.numel() * dtype.itemsize
+    parameters = sum(p.numel() for p in skeleton.parameters())
+    return SizeEstimate(parameters, total)
+
+
+def fit_choices(model: nn.Module, field: str, choices: Sequence[float]) -> tuple[float, ...]:
+    """The ratios of `choices` this model can take, one per distinct resulting count (first kept).
+
+    Head ratios that remove heads are dropped where the model cannot lose heads (see
+    `pruning_anatomy.head_pruning_blocker`) or its config rejects the count; if nothing is left, (1.0,).
+    """
+    config = text_config(model)
+    blocker = head_pruning_blocker(model) if field == "heads_keep" else None
+    full = shape_of(config)
+    fitted: dict[Shape, float] = {}
+    for ratio in choices:
+        shape = target_shape(config, Structure(**{field: ratio}))
+        if shape in fitted:
+            continue
+        if shape != full:
+            if blocker:
+                continue
+            try:
+                shaped_config(model.config, shape)
+            except UnsupportedArchitecture:
+                continue
+        fitted[shape] = ratio
+    return tuple(fitted.values()) or (1.0,)
