@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from planner.errors import PlannerError
+from planner.errors import PlannerError, read_user_text
 
 RECIPE_VERSION = 1
 
@@ -109,12 +109,7 @@ def save_recipe(recipe: Recipe, path: Path) -> None:
 
 def load_recipe(path: Path, techniques: dict) -> Recipe:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(f"recipe {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"cannot read recipe {path}: {exc}") from None
+    text = read_user_text(path, "recipe", RecipeError)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -16,7 +16,7 @@ import yaml
 from evaluators.latency import LatencyProtocol
 from evaluators.perplexity import PerplexityProtocol
 from planner.budgets import Budget, parse_budget
-from planner.errors import PlannerError
+from planner.errors import PlannerError, read_user_text
 from planner.samplers import DEFAULT_SAMPLER
 
 # Lighter than `planner evaluate`'s defaults: every trial pays these.
@@ -85,12 +85,7 @@ def _protocol(kind, default, overrides: dict):
 def read_study_file(path: Path) -> dict[str, Any]:
     """Plain settings from a .toml or .yaml study file (safe loaders only)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PlannerError(f"study file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PlannerError(f"cannot read study file {path}: {exc}") from None
+    text = read_user_text(path, "study file")
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
