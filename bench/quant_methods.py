@@ -1,6 +1,6 @@
 """The quantization table the planner chooses from: every method and bit-width on the built-in model.
 
-    .venv/bin/python bench/quant_methods.py [--tokens 4096] [--only rtn,gptq] [--threads N]
+    .venv/bin/python bench/quant_methods.py [--tokens 4096] [--only rtn,gptq] [--threads N] [--skip-perplexity]
 
 For each candidate: held-out perplexity (512-token windows), stored weight MB (exact: packed integers,
 scales and zero points included) and CPU decode ms per token (p50 over a short greedy decode through the
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 import time
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="held-out tokens scored per candidate")
     parser.add_argument("--only", default="", help="comma-separated methods to run (rtn, gptq, bnb, dynamic-int8)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--skip-perplexity", action="store_true", help="memory and latency only (a quick rerun)")
     args = parser.parse_args()
     quiet_libraries()
     if args.threads:
@@ -84,7 +86,8 @@ def main() -> None:
             model = apply(model, spec, context)
             assert weight_bytes(model).total_bytes == estimate, name
         built = time.perf_counter() - started
-        ppl = measure_perplexity(model, tokenizer, corpus.eval, ppl_protocol).perplexity
+        ppl = math.nan if args.skip_perplexity else measure_perplexity(model, tokenizer, corpus.eval,
+                                                                        ppl_protocol).perplexity
         decode = measure_latency(model, latency_protocol).decode.p50_ms
         print(f"{name:<28} {ppl:>10.2f} {weight_bytes(model).total_bytes / 1e6:>10.1f} {decode:>14.1f} {built:>8.1f}",
               flush=True)

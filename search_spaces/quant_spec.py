@@ -77,7 +77,7 @@ class LayerOverride(_NestedSpec):
 
 @dataclass(frozen=True)
 class GPTQSettings(_NestedSpec):
-    samples: int = 32  # calibration windows drawn from the training split
+    samples: int = 16  # calibration windows drawn from the training split (16 x 256 tokens: ~4k)
     seq_len: int = 256  # tokens per window
     damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
     block_size: int = 128  # columns updated together (lazy batch updates)
@@ -148,6 +148,22 @@ class QuantSpec(DictSpec):
         """Every bit-width below 16 that the spec uses, groups and overrides alike."""
         values = list(self.bits.values()) + [o.bits for o in self.overrides]
         return [b for b in values if b < FLOAT_BITS]
+
+    def summary(self) -> str:
+        """A short label such as 'quant(gptq 4/4/h16 g128)' (attn/mlp/head bits) for tables and logs."""
+        bits = "/".join(str(self.bits[g]) for g in REQUIRED_GROUPS)
+        if "head" in self.bits:
+            bits += f"/h{self.bits['head']}"
+        parts = [self.method, bits]
+        if self.method == BNB:
+            parts.insert(1, self.bnb_mode)
+        if self.method in PACKED_METHODS and self.integer_bits():
+            parts.append("per-channel" if self.group_size is None else f"g{self.group_size}")
+            if not self.symmetric:
+                parts.append("asym")
+        if self.overrides:
+            parts.append(f"+{len(self.overrides)} overrides")
+        return f"quant({' '.join(parts)})"
 
     @property
     def bnb_mode(self) -> str:

@@ -29,7 +29,8 @@ from search_spaces.quant_weight_only import build_weight_only
 
 __all__ = [
     "BITS", "GROUP_SIZES", "METHODS", "ExportError", "ExportResult", "GPTQSettings", "LayerOverride", "QuantSpace",
-    "QuantSpec", "apply", "available_methods", "estimate_weight_bytes", "export", "export_blocker", "suggest",
+    "QuantSpec", "apply", "available_methods", "estimate_weight_bytes", "export", "export_blocker", "presets",
+    "suggest",
 ]
 
 PARAM = "quantization."
@@ -48,13 +49,18 @@ def apply(model: nn.Module, spec: QuantSpec, context: BuildContext) -> nn.Module
 # ---------------------------------------------------------------------------------------------------
 
 
+def _param(method: str, name: str) -> str:
+    return f"{PARAM}{method}.{name}"
+
+
+def _group_bits_params(space: QuantSpace) -> tuple[str, ...]:
+    """Names of the attn and mlp bits parameters: one each, or one shared when the space is not mixed."""
+    return ("attn_bits", "mlp_bits") if space.mixed else ("bits", "bits")
+
+
 def _weight_only(trial, space: QuantSpace, method: str) -> QuantSpec:
-    prefix = f"{PARAM}{method}."
-    choose = lambda name, choices: trial.suggest_categorical(prefix + name, list(choices))  # noqa: E731
-    if space.mixed:
-        bits = {"attn": choose("attn_bits", space.bits), "mlp": choose("mlp_bits", space.bits)}
-    else:
-        bits = dict.fromkeys(("attn", "mlp"), choose("bits", space.bits))
+    choose = lambda name, choices: trial.suggest_categorical(_param(method, name), list(choices))  # noqa: E731
+    bits = {group: choose(name, space.bits) for group, name in zip(("attn", "mlp"), _group_bits_params(space))}
     if space.head_bits:
         head = choose("head_bits", space.head_bits)
         if head is not None:
@@ -75,12 +81,12 @@ QUANTIZED_GROUPS = {"attn+mlp": ("attn", "mlp"), "attn": ("attn",), "mlp": ("mlp
 
 
 def _groups_at(trial, method: str, bits: int) -> dict[str, int]:
-    chosen = QUANTIZED_GROUPS[trial.suggest_categorical(f"{PARAM}{method}.groups", list(QUANTIZED_GROUPS))]
+    chosen = QUANTIZED_GROUPS[trial.suggest_categorical(_param(method, "groups"), list(QUANTIZED_GROUPS))]
     return {group: bits if group in chosen else FLOAT_BITS for group in ("attn", "mlp")}
 
 
 def _bnb(trial, space: QuantSpace, method: str) -> QuantSpec:
-    mode = trial.suggest_categorical(f"{PARAM}{method}.mode", list(space.bnb_modes))
+    mode = trial.suggest_categorical(_param(method, "mode"), list(space.bnb_modes))
     bits = _groups_at(trial, method, 8 if mode == "int8" else 4)
     return QuantSpec(method=BNB, bits=bits, bnb_4bit_type=QuantSpec().bnb_4bit_type if mode == "int8" else mode)
 
@@ -120,11 +126,9 @@ def presets(space: QuantSpace) -> list[dict]:
     picks = []
     for method, bits in ((RTN, 8), (RTN, 4), (GPTQ, 4)):
         if method in methods and bits in space.bits:
-            prefix = f"{PARAM}{method}."
-            names = ("attn_bits", "mlp_bits") if space.mixed else ("bits",)
-            picks.append({PARAM + "method": method, **{prefix + n: bits for n in names}})
+            picks.append({PARAM + "method": method, **{_param(method, n): bits for n in _group_bits_params(space)}})
     if DYNAMIC_INT8 in methods:
-        picks.append({PARAM + "method": DYNAMIC_INT8})
+        picks.append({PARAM + "method": DYNAMIC_INT8, _param(DYNAMIC_INT8, "groups"): "attn+mlp"})
     return [off, *picks]
 
 

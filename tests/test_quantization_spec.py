@@ -10,7 +10,8 @@ from search_spaces.base import TECHNIQUES, SpecError
 from search_spaces.quant_grid import effective_group_size
 from search_spaces.quant_plan import plan_layers
 from search_spaces.quantization import (
-    METHODS, GPTQSettings, LayerOverride, QuantSpace, QuantSpec, available_methods, suggest,
+    METHODS, GPTQSettings, LayerOverride, QuantSpace, QuantSpec, available_methods, estimate_weight_bytes, presets,
+    suggest,
 )
 from search_spaces.quant_spec import METHOD_BITS, method_runs_on
 
@@ -89,6 +90,18 @@ def test_space_round_trips_and_is_registered():
     assert QuantSpace.from_dict(json.loads(json.dumps(space.to_dict()))) == space
     technique = TECHNIQUES["quantization"]
     assert (technique.order, technique.spec_type, technique.space_type) == (30, QuantSpec, QuantSpace)
+    assert (technique.weight_bytes, technique.presets) == (estimate_weight_bytes, presets)
+
+
+def test_summaries_are_short_and_say_what_matters():
+    assert [spec.summary() for spec in EXAMPLES] == [
+        "quant(rtn 4/4 g128)",
+        "quant(rtn 8/2/h16 per-channel asym +2 overrides)",
+        "quant(gptq 3/3 g64)",
+        "quant(bnb int8 8/16)",
+        "quant(bnb fp4 4/4)",
+        "quant(dynamic-int8 8/8 +1 overrides)",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -141,6 +154,22 @@ def test_suggest_follows_a_narrowed_space_and_can_be_switched_off():
     trial = optuna.create_study().ask()
     assert suggest(trial, QuantSpace(enabled=False)) is None
     assert trial.params == {}
+
+
+def test_presets_switch_the_stage_off_then_give_hand_picked_candidates():
+    space = QuantSpace()
+    study = optuna.create_study()
+    specs = []
+    for params in presets(space):
+        study.enqueue_trial(params)
+        trial = study.ask()
+        specs.append(suggest(trial, space))
+        study.tell(trial, 0.0)
+    assert specs[0] is None
+    assert [(s.method, s.bits["attn"], s.bits["mlp"]) for s in specs[1:]] == [
+        ("rtn", 8, 8), ("rtn", 4, 4), ("gptq", 4, 4), ("dynamic-int8", 8, 8)]
+    narrow = QuantSpace(methods=("gptq",), bits=(3, 4), mixed=False)  # cannot switch off, no rtn
+    assert presets(narrow) == [{}, {"quantization.method": "gptq", "quantization.gptq.bits": 4}]
 
 
 def test_bnb_and_dynamic_suggestions_use_their_own_bit_widths():
