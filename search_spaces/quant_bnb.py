@@ -69,7 +69,7 @@ def build_bnb(model: nn.Module, spec: QuantSpec, context: BuildContext) -> nn.Mo
     quantized = {p.name for p in bnb_quantized_layers(plan.layers, spec, device)}
     # Exact names, escaped: transformers matches skip entries as regexes from the start of the name.
     skip = [re.escape(name) for name, module in model.named_modules() if is_linear(module) and name not in quantized]
-    with tempfile.TemporaryDirectory(prefix="planner-bnb-", dir=context.cache_dir) as folder:
+    with tempfile.TemporaryDirectory(prefix="planner-bnb-") as folder:
         model.save_pretrained(folder)
         built = type(model).from_pretrained(folder, quantization_config=bnb_config(spec, dtype, skip),
                                             device_map={"": str(device)}, dtype=dtype)
