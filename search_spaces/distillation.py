@@ -28,7 +28,7 @@ from search_spaces.distill_train import TrainSettings, train_student
 from search_spaces.pruning_anatomy import UnsupportedArchitecture
 from search_spaces.pruning_choices import check_choices, check_float, check_int, check_member, choose
 from search_spaces.pruning_shape import RATIO_FIELDS, SizeEstimate, Structure, check_ratio, estimate_size, \
-    fit_choices, ratio_labels, structured_config
+    fit_choices, ratio_labels, spec_config
 from search_spaces.student_cache import StudentCache, data_identity, student_key, weights_identity
 
 REPORT_ATTRIBUTE = "distillation_report"
@@ -206,10 +206,7 @@ def report_of(model: nn.Module) -> DistillReport | None:
 
 def student_config(config, spec: DistillSpec):
     """The student's config, without building it."""
-    try:
-        return structured_config(config, spec.structure)
-    except UnsupportedArchitecture as exc:
-        raise exc.spec_error("DistillSpec") from None
+    return spec_config(config, spec.structure, "DistillSpec")
 
 
 def estimate(teacher: nn.Module, spec: DistillSpec) -> SizeEstimate:

@@ -28,7 +28,7 @@ from search_spaces.importance import input_feature_norms, structural_importance
 from search_spaces.pruning_anatomy import UnsupportedArchitecture
 from search_spaces.pruning_choices import check_choices, check_float, check_int, check_member, choose
 from search_spaces.pruning_shape import RATIO_FIELDS, SizeEstimate, Structure, check_ratio, estimate_size, \
-    fit_choices, ratio_labels, structured_config
+    fit_choices, ratio_labels, spec_config
 from search_spaces.pruning_surgery import StructureReport, check_structure, needed_scores, restructure
 from search_spaces.pruning_unstructured import GROUPS, METHODS, PATTERNS, SEMI_STRUCTURED_SPARSITY, \
     sparsified_modules, sparsify
@@ -186,10 +186,7 @@ def report_of(model: nn.Module) -> PruneReport | None:
 
 def pruned_config(config, spec: PruneSpec):
     """The config of the model `apply` builds (sparsity changes no shape)."""
-    try:
-        return structured_config(config, spec.structure)
-    except UnsupportedArchitecture as exc:
-        raise exc.spec_error("PruneSpec") from None
+    return spec_config(config, spec.structure, "PruneSpec")
 
 
 def estimate(model: nn.Module, spec: PruneSpec) -> SizeEstimate:

@@ -206,3 +206,11 @@ def fit_choices(model: nn.Module, field: str, choices: Sequence[float]) -> tuple
                 continue
         fitted[shape] = ratio
     return tuple(fitted.values()) or (1.0,)
+
+
+def spec_config(config, structure: "Structure", spec_name: str):
+    """`structured_config` for a spec: an architecture that cannot take the cut is a SpecError naming it."""
+    try:
+        return structured_config(config, structure)
+    except UnsupportedArchitecture as exc:
+        raise exc.spec_error(spec_name) from None
