@@ -36,6 +36,27 @@ def token_limit(text: str) -> int | None:
     return None if text == "all" else positive_int(text)
 
 
+def add_study_flags(parser: argparse.ArgumentParser) -> None:
+    """The settings of a study, shared by `search` and `create`; each can also come from --study-file."""
+    parser.add_argument("--study-file", type=Path, help="a .toml or .yaml file of settings; flags override it")
+    parser.add_argument("--model", help="builtin:NAME, a local folder or a hub id (default: builtin:smollm2-135m)")
+    parser.add_argument("--data", help="builtin:NAME, a text file or folder, or a datasets name "
+                                       "(default: builtin:shakespeare)")
+    parser.add_argument("--study", help="study name (default: planner)")
+    parser.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/<study>.db)")
+    parser.add_argument("--sampler", help="tpe (default), nsga2 or random")
+    parser.add_argument("--seed", type=int, help="sampler and build seed (default: 0)")
+    parser.add_argument("--trials", type=positive_int, help="trials the study should hold in total (default: 20)")
+    parser.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    parser.add_argument("--latency-budget", help="decode time per token, p50: e.g. 25ms or 0.7x (of the baseline)")
+    parser.add_argument("--prefill-budget", help="prefill time of the latency prompt: e.g. 200ms or 0.8x")
+    parser.add_argument("--memory-budget", help="stored weight size: e.g. 300MB, 1.5GiB or 0.5x")
+    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", help="auto (default), float32, float16, bfloat16")
+    parser.add_argument("--trust-remote-code", action="store_true", default=None, help="allow a hub model's own code")
+    parser.add_argument("--recipe", help="where to write the recommended recipe (default: studies/<study>-recipe.yaml)")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="planner", description="Budget-driven compression planner for causal language models.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -62,24 +83,22 @@ def build_parser() -> Parser:
     ev.add_argument("--json", type=Path, help="also write the figures to this JSON file")
 
     se = commands.add_parser("search", help="search for the best compressed model that meets a budget")
-    se.add_argument("--study-file", type=Path, help="a .toml or .yaml file of settings; flags override it")
-    se.add_argument("--model", help="builtin:NAME, a local folder or a hub id (default: builtin:smollm2-135m)")
-    se.add_argument("--data", help="builtin:NAME, a text file or folder, or a datasets name (default: builtin:shakespeare)")
-    se.add_argument("--study", help="study name (default: planner)")
-    se.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/<study>.db)")
-    se.add_argument("--sampler", help="tpe (default), nsga2 or random")
-    se.add_argument("--seed", type=int, help="sampler and build seed (default: 0)")
-    se.add_argument("--trials", type=positive_int, help="trials the study should hold in total (default: 20)")
-    se.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
-    se.add_argument("--latency-budget", help="decode time per token, p50: e.g. 25ms or 0.7x (of the baseline)")
-    se.add_argument("--prefill-budget", help="prefill time of the latency prompt: e.g. 200ms or 0.8x")
-    se.add_argument("--memory-budget", help="stored weight size: e.g. 300MB, 1.5GiB or 0.5x")
-    se.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    se.add_argument("--dtype", help="auto (default), float32, float16, bfloat16")
-    se.add_argument("--trust-remote-code", action="store_true", default=None, help="allow a hub model's own code")
-    se.add_argument("--recipe", help="where to write the recommended recipe (default: studies/<study>-recipe.yaml)")
+    add_study_flags(se)
     se.add_argument("-q", "--quiet", action="store_true", help="no per-trial lines or progress bar")
     se.add_argument("-v", "--verbose", action="store_true", help="show build progress (e.g. distillation loss)")
+
+    cr = commands.add_parser("create", help="create a study (baseline measured, settings stored) for workers to run")
+    add_study_flags(cr)
+
+    wk = commands.add_parser("worker", help="join a study and run its trials until it holds its trial count")
+    wk.add_argument("--study", required=True)
+    wk.add_argument("--storage", required=True, help="the study's Optuna storage URL (shared by every worker)")
+    wk.add_argument("--trials", type=positive_int, help="override the study's trial count")
+    wk.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    wk.add_argument("--seed", type=int, help="sampler seed of this worker (default: a different one per process)")
+    wk.add_argument("--device", help="where this worker builds and measures (default: the study's)")
+    wk.add_argument("-q", "--quiet", action="store_true", help="no per-trial lines or progress bar")
+    wk.add_argument("-v", "--verbose", action="store_true", help="show build progress (e.g. distillation loss)")
 
     ex = commands.add_parser("export", help="write the recipe of a trial (default: the recommended one)")
     ex.add_argument("--study", required=True)
@@ -98,6 +117,7 @@ def build_parser() -> Parser:
     rv.add_argument("--study", help="the study to show (default: list the studies)")
     rv.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/<study>.db)")
     rv.add_argument("--json", action="store_true", help="print JSON for scripts")
+    rv.add_argument("--html", type=Path, help="also write a report with Pareto plots and parameter importances")
 
     assets = commands.add_parser("assets", help="the built-in model and corpus")
     assets_commands = assets.add_subparsers(dest="assets_command", required=True, parser_class=Parser)
@@ -170,25 +190,73 @@ SEARCH_FLAGS = ("model", "data", "study", "storage", "sampler", "seed", "trials"
                 "prefill_budget", "memory_budget", "device", "dtype", "trust_remote_code", "recipe")
 
 
-def cmd_search(args) -> int:
-    from planner.report import format_outcome
+def _study_settings(args):
     from planner.settings import make_settings, read_study_file
-    from planner.study_run import run_search, write_recipe
 
     file_values = read_study_file(args.study_file) if args.study_file else {}
     settings = make_settings(file_values, {name: getattr(args, name) for name in SEARCH_FLAGS})
     settings.budgets()  # a malformed budget fails here, before anything is loaded or stored
-    outcome = run_search(settings, verbose=args.verbose, quiet=args.quiet)
+    return settings
+
+
+def cmd_search(args) -> int:
+    from planner.study_run import run_search
+
+    settings = _study_settings(args)
+    return _finish(run_search(settings, verbose=args.verbose, quiet=args.quiet), settings.recipe_path())
+
+
+def cmd_create(args) -> int:
+    from planner.study_run import open_study
+
+    settings = _study_settings(args)
+    study, _ = open_study(settings)
+    print(f"study '{study.study_name}' is ready in {settings.storage or default_url(settings.study)}: "
+          f"{len(study.trials)} candidates queued, {settings.trials} trials to run. Start workers with\n"
+          f"  planner worker --study {study.study_name} --storage {settings.storage or default_url(settings.study)}")
+    return 0
+
+
+def default_url(study: str) -> str:
+    from planner.storage import default_storage_url
+
+    return default_storage_url(study)
+
+
+def cmd_worker(args) -> int:
+    import random
+
+    from planner.search import create_or_load
+    from planner.study_run import prepare, run_study, settings_of
+
+    stored = _stored_study(args.study, args.storage)
+    # Workers that share a seed would propose the same candidates at the same moment.
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    overrides = {"trials": args.trials, "timeout": args.timeout, "seed": seed, "device": args.device}
+    settings = settings_of(stored, args.storage, {k: v for k, v in overrides.items() if v is not None})
+    study = create_or_load(settings)  # the same study, with this worker's sampler
+    bench = prepare(settings, study, args.verbose)
+    return _finish(run_study(study, bench, quiet=args.quiet), recipe=None)
+
+
+def _finish(outcome, recipe: Path | None) -> int:
+    """Print the outcome and write the recommended recipe (if a path is given). Exit 1 when none meets the budget."""
+    from planner.report import format_outcome
+    from planner.study_run import write_recipe
+
     print(format_outcome(outcome))
     if outcome.recommended is None:
-        print("no recipe written: no candidate meets the budget")
+        print("no recipe written: no candidate meets the budget" if recipe else "no candidate meets the budget")
         return 1
-    path = write_recipe(outcome.study, outcome.recommended, settings.recipe_path())
+    if not recipe:
+        return 0
+    path = write_recipe(outcome.study, outcome.recommended, recipe)
     print(f"recipe of trial {outcome.recommended.number} written to {path}")
     return 0
 
 
 def _stored_study(study_name: str, storage: str | None):
+    """An existing study (never a new one)."""
     import optuna
 
     from planner.errors import PlannerError
@@ -247,10 +315,12 @@ def cmd_review(args) -> int:
     import optuna
 
     from planner.errors import PlannerError
-    from planner.report import format_outcome, outcome_to_dict
+    from planner.report import format_review, outcome_to_dict
     from planner.storage import open_storage
 
     if args.study is None:
+        if args.html:
+            raise PlannerError("review --html needs --study NAME")
         if args.storage is None:
             raise PlannerError("review needs --storage URL (to list its studies) or --study NAME")
         summaries = optuna.get_all_study_summaries(open_storage(args.storage, must_exist=True))
@@ -259,12 +329,16 @@ def cmd_review(args) -> int:
               "\n".join(f"{r['study']:<30} {r['trials']:>5} trials" for r in rows) or "no studies")
         return 0
     outcome = _stored_outcome(_stored_study(args.study, args.storage))
-    print(json.dumps(outcome_to_dict(outcome), indent=2) if args.json else format_outcome(outcome))
+    print(json.dumps(outcome_to_dict(outcome), indent=2) if args.json else format_review(outcome))
+    if args.html:
+        from planner.html_report import write_html_report
+
+        print(f"report written to {write_html_report(outcome, args.html)}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
-COMMANDS = {"evaluate": cmd_evaluate, "search": cmd_search, "export": cmd_export, "apply": cmd_apply,
-            "review": cmd_review, "assets": cmd_assets}
+COMMANDS = {"evaluate": cmd_evaluate, "search": cmd_search, "create": cmd_create, "worker": cmd_worker,
+            "export": cmd_export, "apply": cmd_apply, "review": cmd_review, "assets": cmd_assets}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return COMMANDS[args.command](args)
         except PlannerError as exc:
+            if exc.exit_code != EXIT_USAGE:
+                print(f"planner: {exc}", file=sys.stderr)
+                return exc.exit_code
             raise UsageError(str(exc)) from None
     except UsageError as exc:
         print(f"planner: error: {exc}", file=sys.stderr)

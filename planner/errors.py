@@ -1,8 +1,22 @@
-"""The one error type the command line turns into a one-line message and exit code 2."""
+"""The project's error types: the command line turns each into a one-line message and its exit code."""
 
 
 class PlannerError(Exception):
     """A problem with the user's input or environment, explained in one line."""
+
+    exit_code = 2
+
+
+class SearchStopped(PlannerError):
+    """The search ran but had to stop (every recent trial failed): not a usage problem."""
+
+    exit_code = 1
+
+
+class Interrupted(PlannerError):
+    """Ctrl-C during a search, after saying what was saved."""
+
+    exit_code = 130
 
 
 def read_user_text(path, what: str, error=PlannerError) -> str:

@@ -14,5 +14,6 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     hub_logging.set_verbosity_error()  # the final failure still reaches the user as one line
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # planner prints its own line per trial
+    # planner prints its own line per trial, failures and their reasons included (no tracebacks)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

@@ -1,7 +1,7 @@
 """Tables and JSON for a study's outcome: the Pareto front, the budget, the recommended candidate."""
 from __future__ import annotations
 
-from planner.study_run import SearchOutcome
+from planner.study_run import SearchOutcome, best_trials, feasible
 
 COLUMNS = (("trial", "{:>5}"), ("perplexity", "{:>10.2f}"), ("bits/byte", "{:>9.3f}"), ("decode ms", "{:>9.1f}"),
            ("prefill ms", "{:>10.1f}"), ("weight MB", "{:>9.1f}"))
@@ -19,6 +19,7 @@ def trial_row(trial) -> dict:
         "stages": trial.user_attrs.get("stages", []),
         "label": trial.user_attrs.get("label", ""),
         "constraints": dict(trial.constraints),
+        "meets_budget": feasible(trial),
     }
 
 
@@ -28,13 +29,32 @@ def _cells(row: dict) -> list[str]:
     return [fmt.format(v) if v is not None else f"{'n/a':>{len(name)}}" for (name, fmt), v in zip(COLUMNS, values)]
 
 
-def table(rows: list[dict], marked: int | None = None) -> str:
-    header = "  " + "  ".join(f"{name:>{len(fmt.format(0))}}" for name, fmt in COLUMNS) + "  stages"
+def table(rows: list[dict], marked: int | None = None, first: tuple[str, list[str]] | None = None) -> str:
+    """Rows of trials; `first` adds a leading column (its name and one cell per row)."""
+    lead_name, lead = first or ("", [""] * len(rows))
+    width = max([len(lead_name), *map(len, lead)])
+    header = "  " + f"{lead_name:<{width}}" + (" " if width else "") + "  ".join(
+        f"{name:>{len(fmt.format(0))}}" for name, fmt in COLUMNS) + "  stages"
     lines = [header]
-    for row in rows:
+    for cell, row in zip(lead, rows):
         mark = "* " if row["trial"] == marked else "  "
-        lines.append(mark + "  ".join(_cells(row)) + "  " + row["label"])
+        lines.append(mark + f"{cell:<{width}}" + (" " if width else "") + "  ".join(_cells(row)) + "  " + row["label"])
     return "\n".join(lines)
+
+
+OBJECTIVE_NAMES = {"perplexity": "perplexity", "decode_ms_p50": "decode ms", "weight_mb": "weight MB"}
+
+
+def best_table(outcome: SearchOutcome) -> str:
+    best = best_per_objective_rows(outcome)
+    if not best:
+        return "no measured trial yet"
+    names = [f"{OBJECTIVE_NAMES[name]}{'' if row['meets_budget'] else ' (over budget)'}" for name, row in best.items()]
+    return table(list(best.values()), first=("best for", names))
+
+
+def best_per_objective_rows(outcome: SearchOutcome) -> dict[str, dict]:
+    return {name: trial_row(t) for name, t in best_trials(outcome.study).items()}
 
 
 def budget_line(outcome: SearchOutcome) -> str:
@@ -61,6 +81,10 @@ def format_outcome(outcome: SearchOutcome) -> str:
     return "\n".join(lines)
 
 
+def format_review(outcome: SearchOutcome) -> str:
+    return format_outcome(outcome) + "\n\nBest trial per objective:\n" + best_table(outcome)
+
+
 def outcome_to_dict(outcome: SearchOutcome) -> dict:
     return {
         "study": outcome.study.study_name,
@@ -70,4 +94,5 @@ def outcome_to_dict(outcome: SearchOutcome) -> dict:
         "front": [trial_row(t) for t in outcome.front],
         "recommended": outcome.recommended.number if outcome.recommended is not None else None,
         "closest": [trial_row(t) for t in outcome.closest],
+        "best_per_objective": best_per_objective_rows(outcome),
     }

@@ -17,6 +17,8 @@ from planner.errors import PlannerError
 STUDIES_DIR = Path("studies")
 HEARTBEAT_SECONDS = 60
 JOURNAL_PREFIX = "journal:"
+# An unreachable database server fails in seconds rather than hanging (psycopg, PyMySQL).
+CONNECT_ARGS = {"connect_timeout": 10}
 RDB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2", "mysql", "mysql+pymysql")
 
 
@@ -43,17 +45,30 @@ def open_storage(url: str, must_exist: bool = False) -> optuna.storages.BaseStor
             raise PlannerError(f"storage '{url}' names no database file (use sqlite:///PATH.db)")
         _require_folder(Path(path).expanduser().parent, url, create=Path(path).parent == STUDIES_DIR)
         _require_file(Path(path).expanduser(), url, must_exist)
+    if scheme == "postgresql":
+        # SQLAlchemy's default PostgreSQL driver is psycopg2; planner installs psycopg (3).
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
     try:
         return optuna.storages.RDBStorage(
             url,
             heartbeat_interval=HEARTBEAT_SECONDS,
             grace_period=2 * HEARTBEAT_SECONDS,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-            engine_kwargs={"pool_pre_ping": True} if scheme != "sqlite" else None,
+            engine_kwargs=None if scheme == "sqlite" else {"pool_pre_ping": True, "connect_args": CONNECT_ARGS},
         )
     except Exception as exc:  # noqa: BLE001 - driver/connection errors become one line
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise PlannerError(f"cannot open storage {url}: {detail}") from None
+        raise PlannerError(f"cannot open storage {_shown(url)}: {detail}") from None
+
+
+def _shown(url: str) -> str:
+    """A database URL as it may be printed: without its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot parse has no password to hide
+        return url
 
 
 def _require_folder(folder: Path, url: str, create: bool = False) -> None:

@@ -10,19 +10,16 @@ from pathlib import Path
 import optuna
 from tqdm import tqdm
 
-from planner import assets
+from planner import assets, workers
 from planner.budgets import Budget
 from planner.candidates import hand_picked
-from planner.errors import PlannerError
+from planner.errors import Interrupted, PlannerError, SearchStopped
 from planner.recipes import Recipe, Stage, save_recipe
 from planner.search import OBJECTIVES, Workbench, create_or_load, measure, objective, resolve_spaces
-from planner.settings import SearchSettings
+from planner.settings import SearchSettings, make_settings
 from planner.sources import (DataSource, ModelSource, content_hash, load_corpus, load_model, resolve_device,
                              resolve_dtype)
 from search_spaces import TECHNIQUES, BuildContext
-
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
-
 
 @dataclass
 class SearchOutcome:
@@ -63,38 +60,63 @@ def _measure_baseline(bench: Workbench, study: optuna.Study, model_hash: str) ->
     study.set_user_attr("model", {"source": bench.settings.model, "content_hash": model_hash})
     study.set_user_attr("baseline", row)
     study.set_user_attr("baseline_measurements", details)
-    study.set_user_attr("settings", {k: v for k, v in bench.settings.to_dict().items() if k != "storage"})
     return row
 
 
 def finished(study: optuna.Study) -> int:
-    return sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    return sum(workers.finished(t) for t in study.get_trials(deepcopy=False))
 
 
 def trial_line(trial: optuna.trial.FrozenTrial, total: int) -> str:
     row = trial.user_attrs.get("metrics", {})
     label = trial.user_attrs.get("label", "?")
     if trial.state == optuna.trial.TrialState.FAIL:
-        return f"trial {trial.number:>3}/{total} FAILED  {label}: {trial.user_attrs.get('failure', 'unknown')}"
+        reason = trial.user_attrs.get("failure") or trial.user_attrs.get("interrupted", "unknown")
+        return f"trial {trial.number:>3}/{total} FAILED  {label}: {reason}"
     feasible = all(v <= 0 for v in trial.constraints.values())
     ppl = f"ppl {row['perplexity']:7.2f}" if "perplexity" in row else "ppl    n/a "
     decode = f"decode {row['decode_ms_p50']:6.1f} ms" if "decode_ms_p50" in row else "decode    n/a  "
     seconds = trial.user_attrs.get("seconds", {}).get("total", 0.0)
-    note = trial.user_attrs.get("rejected") or trial.user_attrs.get("skipped_perplexity") or ""
+    note = (trial.user_attrs.get("rejected") or trial.user_attrs.get("skipped_perplexity")
+            or (f"same candidate as trial {trial.user_attrs['duplicate_of']}" if "duplicate_of" in trial.user_attrs
+                else ""))
     return (f"trial {trial.number:>3}/{total} {'ok  ' if feasible else 'over'} {ppl}  {decode}  "
             f"{row.get('weight_mb', 0):7.1f} MB  {seconds:5.1f} s  {label}" + (f"  ({note})" if note else ""))
 
 
-def run_search(settings: SearchSettings, verbose: bool = False, quiet: bool = False) -> SearchOutcome:
+def open_study(settings: SearchSettings, verbose: bool = False) -> tuple[optuna.Study, Workbench]:
+    """Create or continue the study: baseline measured once, hand-picked candidates queued once, and the
+    settings stored so that `planner worker` processes can join with nothing but the storage URL."""
     study = create_or_load(settings)
     bench = prepare(settings, study, verbose)
     if not study.get_trials(deepcopy=False):
         for params in hand_picked(bench.spaces):
             study.enqueue_trial(params, skip_if_exists=True)
-    remaining = settings.trials - finished(study)
-    if remaining > 0:
+    study.set_user_attr("settings", stored_settings(settings))
+    return study, bench
+
+
+def stored_settings(settings: SearchSettings) -> dict:
+    # The storage URL stays out: it may hold a password, and workers are given it anyway.
+    return {k: v for k, v in settings.to_dict().items() if k != "storage"}
+
+
+def settings_of(study: optuna.Study, storage: str, overrides: dict) -> SearchSettings:
+    """The settings a study was created with, for a worker joining it (its own flags override them)."""
+    stored = study.user_attrs.get("settings")
+    if not stored:
+        raise PlannerError(f"study '{study.study_name}' was not created by planner (no stored settings); "
+                           "create it with `planner create` or `planner search`")
+    return make_settings(stored, {**overrides, "storage": storage})
+
+
+def run_study(study: optuna.Study, bench: Workbench, quiet: bool = False) -> SearchOutcome:
+    """Run trials here until the study holds its count (shared with any other worker), then the outcome."""
+    settings = bench.settings
+    if finished(study) < settings.trials:
         # A bar only on a terminal: in logs it is noise, and the per-trial lines say the same.
-        bar = tqdm(total=remaining, desc="trials", unit="trial", disable=quiet or not sys.stderr.isatty(), leave=False)
+        bar = tqdm(total=settings.trials, initial=finished(study), desc="trials", unit="trial",
+                   disable=quiet or not sys.stderr.isatty(), leave=False)
 
         def report(study_, trial):
             bar.update(1)
@@ -103,13 +125,26 @@ def run_search(settings: SearchSettings, verbose: bool = False, quiet: bool = Fa
 
         started = time.perf_counter()
         try:
-            study.optimize(objective(bench), n_trials=remaining, timeout=settings.timeout, catch=(Exception,),
-                           callbacks=[report], gc_after_trial=True)
-        finally:
+            result = workers.run_trials(study, objective(bench), settings.trials, settings.timeout,
+                                        callbacks=(report,), say=tqdm.write)
+        except KeyboardInterrupt:
             bar.close()
+            raise Interrupted(f"interrupted: {finished(study)} finished trials are saved in study "
+                              f"'{study.study_name}'; the trial in progress will run again when you rerun "
+                              "the same command") from None
+        bar.close()
         if not quiet:
-            tqdm.write(f"planner: {finished(study)} trials in the study ({time.perf_counter() - started:.0f} s this run)")
+            tqdm.write(f"planner: {finished(study)} trials in the study ({time.perf_counter() - started:.0f} s, "
+                       f"{result.ran} trial(s) run by this process)")
+        if result.failed_in_a_row >= workers.MAX_CONSECUTIVE_FAILURES:
+            raise SearchStopped(f"stopped: the last {result.failed_in_a_row} trials all failed "
+                               f"(last: {result.last_failure}); see `planner review` for each trial's reason")
     return outcome(study, bench.budgets, bench.baseline)
+
+
+def run_search(settings: SearchSettings, verbose: bool = False, quiet: bool = False) -> SearchOutcome:
+    study, bench = open_study(settings, verbose)
+    return run_study(study, bench, quiet)
 
 
 def measured(trial: optuna.trial.FrozenTrial) -> bool:
@@ -128,6 +163,12 @@ def outcome(study: optuna.Study, budgets: list[Budget], baseline: dict) -> Searc
     recommended = front[0] if front else None
     closest = [] if recommended else sorted(trials, key=lambda t: sum(max(v, 0) for v in t.constraints.values()))[:3]
     return SearchOutcome(study, budgets, baseline, front, recommended, closest)
+
+
+def best_trials(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
+    """For each objective, the measured trial that minimises it (feasible or not: the user sees both)."""
+    trials = [t for t in study.get_trials(deepcopy=False) if measured(t)]
+    return {name: min(trials, key=lambda t, i=i: t.values[i]) for i, name in enumerate(OBJECTIVES)} if trials else {}
 
 
 def _dominates(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial) -> bool:

@@ -31,17 +31,10 @@ def _quiet_and_seeded():
 def make_tiny_llama(vocab_size: int = 128, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        **overrides,
-    )
+    defaults = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    tie_word_embeddings=True)
+    config = LlamaConfig(**{**defaults, **overrides})  # any default can be overridden
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
 
@@ -97,4 +90,43 @@ def text_corpus_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus")
     for i in range(5):
         (path / f"work_{i}.txt").write_text((f"Work number {i}. " + SAMPLE_TEXT) * 6, encoding="utf-8")
+    return path
+
+
+TINY_STUDY_SPACE = """
+[evaluation.perplexity]
+context_length = 64
+stride = 64
+max_tokens = 256
+
+[evaluation.latency]
+prompt_tokens = 16
+new_tokens = 4
+repeats = 2
+warmup = 1
+
+[space.distillation]
+steps = [4]
+batch_size = [2]
+seq_len = [32]
+importance_samples = 4
+importance_seq_len = 32
+
+[space.pruning]
+calibration_samples = 4
+calibration_seq_len = 32
+
+[space.quantization]
+methods = ["none", "rtn", "dynamic-int8"]
+"""
+
+
+@pytest.fixture
+def tiny_study_file(tmp_path, tiny_model_dir, text_corpus_dir, monkeypatch) -> Path:
+    """A study file for study 'tiny' in tmp_path/tiny.db on the tiny model; recipe at tmp_path/recipe.yaml."""
+    monkeypatch.setenv("PLANNER_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "study.toml"
+    path.write_text(f'model = "{tiny_model_dir}"\ndata = "{text_corpus_dir}"\nstudy = "tiny"\n'
+                    f'storage = "sqlite:///{tmp_path}/tiny.db"\nrecipe = "{tmp_path}/recipe.yaml"\n'
+                    + TINY_STUDY_SPACE)
     return path

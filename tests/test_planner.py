@@ -8,41 +8,9 @@ import yaml
 import cli
 from planner.storage import open_storage
 
-SPACE = """
-[evaluation.perplexity]
-context_length = 64
-stride = 64
-max_tokens = 256
-
-[evaluation.latency]
-prompt_tokens = 16
-new_tokens = 4
-repeats = 2
-warmup = 1
-
-[space.distillation]
-steps = [4]
-batch_size = [2]
-seq_len = [32]
-importance_samples = 4
-importance_seq_len = 32
-
-[space.pruning]
-calibration_samples = 4
-calibration_seq_len = 32
-
-[space.quantization]
-methods = ["none", "rtn", "dynamic-int8"]
-"""
-
-
 @pytest.fixture
-def study(tmp_path, tiny_model_dir, text_corpus_dir, monkeypatch):
-    monkeypatch.setenv("PLANNER_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "study.toml"
-    path.write_text(f'model = "{tiny_model_dir}"\ndata = "{text_corpus_dir}"\nstudy = "tiny"\n'
-                    f'storage = "sqlite:///{tmp_path}/tiny.db"\nrecipe = "{tmp_path}/recipe.yaml"\n' + SPACE)
-    return path
+def study(tiny_study_file):
+    return tiny_study_file
 
 
 def run(argv, capsys):
@@ -96,6 +64,19 @@ def test_search_export_apply_review(study, tmp_path, text_corpus_dir, capsys):
     reviewed = json.loads(out)
     assert reviewed["recommended"] == recommended
     assert [row["trial"] for row in reviewed["front"]][0] == recommended
+    measured = [t for t in stored.trials if "perplexity" in t.user_attrs.get("metrics", {})]
+    best = reviewed["best_per_objective"]
+    assert best["perplexity"]["perplexity"] == min(t.user_attrs["metrics"]["perplexity"] for t in measured)
+    assert best["weight_mb"]["weight_mb"] == min(t.user_attrs["metrics"]["weight_mb"] for t in measured)
+
+    report = tmp_path / "report.html"
+    code, out, err = run(["review", "--study", "tiny", "--storage", f"sqlite:///{tmp_path}/tiny.db",
+                          "--html", report], capsys)
+    assert code == 0, err
+    assert "Best trial per objective" in out and f"report written to {report}" in out
+    page = report.read_text()
+    assert "Pareto front: perplexity against weights (MB)" in page and "Parameter importances" in page
+    assert page.count("Plotly.newPlot") >= 2 and "src=\"https://" not in page  # plotly.js inlined
 
 
 def test_rejected_by_spec_is_cheap_and_search_resumes(study, tmp_path, capsys):

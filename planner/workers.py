@@ -1,0 +1,147 @@
+"""Running a study's trials from one or many processes until the study holds its trial count.
+
+Every process (`planner search`, `planner worker`) runs the same loop over the shared storage:
+- a trial counts toward the study's count when it is complete, running, waiting, or failed by its own
+  candidate (an exception, out of memory, NaN). Trials cut short by a dead process or Ctrl-C do not count
+  and are retried with the same parameters;
+- a process whose trial would exceed the count (two workers asking at once) sees it from the trial
+  numbers, records that trial as pruned (`surplus`) and stops, so the count is exact;
+- a process that finds the count reached while others still run waits for them: if one of them dies,
+  its trial is retried here. A dead process on this host is seen from its pid at once; on another host
+  from Optuna's heartbeat (RDB storages).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import optuna
+import psutil
+
+TrialState = optuna.trial.TrialState
+COUNTED_STATES = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+POLL_SECONDS = 2.0
+# Consecutive failed trials after which a process gives up: a space where everything fails is a setup problem.
+MAX_CONSECUTIVE_FAILURES = 5
+
+
+def counts(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.state in COUNTED_STATES or (trial.state == TrialState.FAIL and "failure" in trial.user_attrs)
+
+
+def finished(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL and "failure" in trial.user_attrs)
+
+
+def owner() -> dict:
+    """Who runs a trial: enough to tell later, from the same host, whether that process is gone."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
+
+
+def _alive(worker: dict) -> bool:
+    try:
+        return abs(psutil.Process(worker["pid"]).create_time() - worker["started"]) < 1.0
+    except (psutil.NoSuchProcess, KeyError, TypeError):
+        return False
+
+
+def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
+    """Queue the parameters of a trial that was cut short, so the next free process runs it again."""
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retry_reason": reason})
+
+
+def reap_dead(study: optuna.Study) -> list[int]:
+    """Fail and retry the running trials whose process on this host has died (e.g. killed with SIGKILL)."""
+    storage, host, reaped = study._storage, socket.gethostname(), []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        if not worker or worker.get("host") != host or _alive(worker):
+            continue
+        reason = f"process {worker.get('pid')} on {host} died during the trial"
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "interrupted", reason)
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue  # another process got there first
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        retry(study, trial, reason)
+        reaped.append(trial.number)
+    # Other hosts' dead processes: Optuna's heartbeat (RDB storages) fails and retries their trials.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return reaped
+
+
+def rank(study: optuna.Study, number: int) -> int:
+    """1-based position of trial `number` among the trials that count, in trial-number order."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.number <= number and counts(t))
+
+
+@dataclass
+class RunResult:
+    ran: int = 0
+    failed_in_a_row: int = 0
+    last_failure: str = ""
+    timed_out: bool = False
+
+
+def run_trials(study: optuna.Study, objective: Callable, target: int, timeout: float | None = None,
+               callbacks: tuple = (), say: Callable[[str], None] = print) -> RunResult:
+    """Run trials here until `target` trials count in the study (across every process) or `timeout` passes."""
+    result, started, waiting_said, current = RunResult(), time.monotonic(), False, {}
+
+    def guarded(trial: optuna.Trial):
+        current["number"] = trial.number
+        trial.set_user_attr("worker", owner())
+        if rank(study, trial.number) > target:
+            trial.set_user_attr("surplus", f"the study already had {target} trials when this one started")
+            raise optuna.TrialPruned()
+        try:
+            return objective(trial)
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", "stopped with Ctrl-C")
+            raise
+
+    def after(study_, trial):
+        if trial.state == TrialState.PRUNED and "surplus" in trial.user_attrs:
+            return
+        result.ran += 1
+        failed = trial.state == TrialState.FAIL
+        result.failed_in_a_row = result.failed_in_a_row + 1 if failed else 0
+        if failed:
+            result.last_failure = trial.user_attrs.get("failure", "unknown")
+        for callback in callbacks:
+            callback(study_, trial)
+
+    while True:
+        reaped = reap_dead(study)
+        if reaped:
+            say(f"planner: trial(s) {', '.join(map(str, reaped))} were cut short by a dead process; retrying")
+        trials = study.get_trials(deepcopy=False)
+        done = sum(finished(t) for t in trials)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        if done >= target:
+            return result
+        if result.failed_in_a_row >= MAX_CONSECUTIVE_FAILURES:
+            return result
+        if timeout is not None and time.monotonic() - started >= timeout:
+            result.timed_out = True
+            return result
+        if done + running >= target:
+            if not waiting_said:
+                say(f"planner: waiting for {running} running trial(s) of other processes")
+                waiting_said = True
+            time.sleep(POLL_SECONDS)
+            continue
+        try:
+            study.optimize(guarded, n_trials=1, catch=(Exception,), callbacks=[after], gc_after_trial=True)
+        except KeyboardInterrupt:
+            cut = study.get_trials(deepcopy=False)[current["number"]] if "number" in current else None
+            if cut is not None and cut.state == TrialState.FAIL and "interrupted" in cut.user_attrs:
+                retry(study, cut, "stopped with Ctrl-C")
+            raise

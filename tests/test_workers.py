@@ -1,0 +1,233 @@
+"""Reliability: exact trial counts across workers, resume after SIGKILL and Ctrl-C, failure isolation."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+import cli
+from planner import workers
+from planner.storage import open_storage
+
+TrialState = optuna.trial.TrialState
+# Trials long enough (a second or more on the tiny model) to be caught in the middle.
+SLOW_LATENCY = "\n[evaluation.latency]\nprompt_tokens = 16\nnew_tokens = 8\nrepeats = 60\nwarmup = 1\n"
+
+
+def slow(study_file):
+    text = study_file.read_text()
+    start = text.index("[evaluation.latency]")
+    end = text.index("[", start + 1)
+    study_file.write_text(text[:start] + text[end:] + SLOW_LATENCY)
+    return study_file
+
+
+def planner(*argv, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cli", *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def load(url: str) -> optuna.Study:
+    return optuna.load_study(study_name="tiny", storage=open_storage(url))
+
+
+def wait_for(condition, seconds: float = 240.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting")
+
+
+def running_after_a_complete(url: str):
+    def check():
+        try:
+            trials = load(url).get_trials(deepcopy=False)
+        except Exception:  # noqa: BLE001 - the study may not exist yet
+            return False
+        return (any(t.state == TrialState.COMPLETE and "perplexity" in t.user_attrs.get("metrics", {})
+                    for t in trials) and any(t.state == TrialState.RUNNING for t in trials))
+    return check
+
+
+def counted(study: optuna.Study) -> int:
+    return sum(workers.finished(t) for t in study.get_trials(deepcopy=False))
+
+
+def snapshot(study: optuna.Study) -> dict:
+    return {t.number: t.values for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE}
+
+
+def test_sigkill_mid_trial_then_rerun_keeps_every_finished_trial(tiny_study_file, tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/tiny.db"
+    search = ["search", "--study-file", slow(tiny_study_file), "--trials", "6", "-q"]
+    process = planner(*search)
+    wait_for(running_after_a_complete(url))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = load(url)
+    kept = snapshot(before)
+    killed = [t.number for t in before.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+    assert kept and len(killed) == 1
+
+    assert cli.main(list(map(str, search))) == 0, capsys.readouterr().err
+    after = load(url)
+    trials = after.get_trials(deepcopy=False)
+    assert {n: v for n, v in snapshot(after).items() if n in kept} == kept  # nothing finished was lost
+    cut = trials[killed[0]]
+    assert cut.state == TrialState.FAIL and "died during the trial" in cut.user_attrs["interrupted"]
+    retried = [t for t in trials if t.user_attrs.get("retry_of") == killed[0]]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    assert retried[0].params == cut.params  # the same candidate ran again
+    assert counted(after) == 6
+
+
+def test_ctrl_c_stops_cleanly_and_says_what_was_saved(tiny_study_file, tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/tiny.db"
+    search = ["search", "--study-file", slow(tiny_study_file), "--trials", "5", "-q"]
+    process = planner(*search)
+    wait_for(running_after_a_complete(url))
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("planner: interrupted: ") and "are saved in study 'tiny'" in err
+    assert "Traceback" not in err
+    stopped = load(url)
+    cut = [t for t in stopped.trials if "interrupted" in t.user_attrs]
+    assert len(cut) == 1 and cut[0].state == TrialState.FAIL
+    assert any(t.state == TrialState.WAITING and t.user_attrs.get("retry_of") == cut[0].number
+               for t in stopped.trials)
+    assert cli.main(list(map(str, search))) == 0, capsys.readouterr().err
+    assert counted(load(url)) == 5
+
+
+def _storages(tmp_path):
+    yield f"sqlite:///{tmp_path}/tiny.db"
+    yield f"journal:{tmp_path}/tiny.journal"
+    if os.environ.get("PLANNER_TEST_POSTGRES"):
+        yield os.environ["PLANNER_TEST_POSTGRES"]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "postgresql"])
+def test_two_workers_share_one_study_exactly(kind, tiny_study_file, tmp_path, capsys):
+    urls = {url.split(":", 1)[0]: url for url in _storages(tmp_path)}
+    if kind not in urls:
+        pytest.skip("set PLANNER_TEST_POSTGRES to a PostgreSQL URL (.ci/run does) to run this")
+    url = urls[kind]
+    if kind == "postgresql":
+        _drop_study(url, "tiny")
+    code = cli.main(["create", "--study-file", str(tiny_study_file), "--storage", url, "--trials", "9"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"planner worker --study tiny --storage {url}" in out
+    assert counted(load(url)) == 0
+    pool = [planner("worker", "--study", "tiny", "--storage", url, "-q") for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in pool]
+    for process, (out, err) in zip(pool, results):
+        assert process.returncode == 0, err
+    study = load(url)
+    trials = study.get_trials(deepcopy=False)
+    assert counted(study) == 9  # exact: none lost, none extra
+    assert len({t.number for t in trials}) == len(trials)
+    assert not [t for t in trials if t.state in (TrialState.RUNNING,)]
+    assert len({t.user_attrs["worker"]["pid"] for t in trials if workers.finished(t)}) == 2  # both worked
+    code = cli.main(["review", "--study", "tiny", "--storage", url, "--json"])
+    assert code == 0
+    import json
+
+    front = json.loads(capsys.readouterr().out)["front"]
+    assert front and all(row["trial"] in {t.number for t in trials if t.state == TrialState.COMPLETE}
+                         for row in front)
+
+
+def _drop_study(url: str, name: str) -> None:
+    storage = open_storage(url)
+    for summary in optuna.get_all_study_summaries(storage):
+        if summary.study_name == name:
+            optuna.delete_study(study_name=name, storage=storage)
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_study_file, tmp_path, capsys, monkeypatch):
+    import torch
+
+    import planner.search as search
+
+    real, calls = search.measure, []
+
+    def flaky(bench, model, stages, trial=None):
+        calls.append(trial.number)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        row, details = real(bench, model, stages, trial)
+        if len(calls) == 2:
+            row["perplexity"] = float("nan")
+        return row, details
+
+    monkeypatch.setattr(search, "measure", flaky)
+    code = cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "6", "-q"])
+    assert code == 0, capsys.readouterr().err
+    study = load(f"sqlite:///{tmp_path}/tiny.db")
+    failed = {t.number: t.user_attrs["failure"] for t in study.trials if t.state == TrialState.FAIL}
+    assert failed == {calls[0]: "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+                      calls[1]: failed[calls[1]]}
+    assert failed[calls[1]].startswith("FloatingPointError: non-finite metrics")
+    assert counted(study) == 6 and sum(t.state == TrialState.COMPLETE for t in study.trials) == 4
+
+
+def test_a_study_where_everything_fails_stops(tiny_study_file, tmp_path, capsys, monkeypatch):
+    import planner.search as search
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(search, "build", broken)
+    code = cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "30", "-q"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.strip() == (f"planner: stopped: the last {workers.MAX_CONSECUTIVE_FAILURES} trials all failed "
+                           "(last: RuntimeError: kernel exploded); see `planner review` for each trial's reason")
+    study = load(f"sqlite:///{tmp_path}/tiny.db")
+    assert len([t for t in study.trials if t.state == TrialState.FAIL]) == workers.MAX_CONSECUTIVE_FAILURES
+
+
+def test_a_dead_process_trial_is_reaped_and_retried():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    study = optuna.create_study(directions=["minimize"])
+    ghost = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    ghost.set_user_attr("worker", {**workers.owner(), "pid": dead.pid})
+    alive = study.ask()
+    alive.set_user_attr("worker", workers.owner())  # this process: left alone
+
+    assert workers.reap_dead(study) == [ghost.number]
+    trials = study.get_trials(deepcopy=False)
+    assert trials[ghost.number].state == TrialState.FAIL
+    assert trials[alive.number].state == TrialState.RUNNING
+    queued = [t for t in trials if t.state == TrialState.WAITING]
+    assert [t.user_attrs["retry_of"] for t in queued] == [ghost.number]
+    assert queued[0].system_attrs["fixed_params"] == trials[ghost.number].params
+    assert not workers.counts(trials[ghost.number]) and workers.counts(trials[alive.number])
+
+
+def test_run_trials_reaches_the_count_exactly_with_queued_and_failed_trials():
+    study = optuna.create_study(directions=["minimize"])
+    for x in (0.1, 0.2, 0.3, 0.4):
+        study.enqueue_trial({"x": x})
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0, 1)
+        if x == 0.2:
+            trial.set_user_attr("failure", "ValueError: bad candidate")
+            raise ValueError("bad candidate")
+        return x
+
+    result = workers.run_trials(study, objective, target=3, say=lambda _: None)
+    assert result.ran == 3 and result.failed_in_a_row == 0
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE,
+                                               TrialState.WAITING]
