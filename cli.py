@@ -88,7 +88,7 @@ def build_parser() -> Parser:
     se.add_argument("-v", "--verbose", action="store_true", help="show build progress (e.g. distillation loss)")
 
     cr = commands.add_parser("create", help="create a study (baseline measured, settings stored) for workers to run")
-    add_study_flags(cr)
+    add_study_flags(cr)  # here --timeout is the study's: no worker starts a trial once it has passed
 
     wk = commands.add_parser("worker", help="join a study and run its trials until it holds its trial count")
     wk.add_argument("--study", required=True)
@@ -211,6 +211,11 @@ def cmd_create(args) -> int:
 
     settings = _study_settings(args)
     study, _ = open_study(settings)
+    if settings.timeout is not None:
+        import time
+
+        # For the study, not one process: no worker starts a trial after this moment.
+        study.set_user_attr("deadline", time.time() + settings.timeout)
     print(f"study '{study.study_name}' is ready in {settings.storage or default_url(settings.study)}: "
           f"{len(study.trials)} candidates queued, {settings.trials} trials to run. Start workers with\n"
           f"  planner worker --study {study.study_name} --storage {settings.storage or default_url(settings.study)}")

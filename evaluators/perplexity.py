@@ -118,13 +118,14 @@ def score_ids(model, ids: list[int], context_length: int, stride: int, device) -
     return nll, count
 
 
-def measure_perplexity(model, tokenizer, documents: Sequence[Document], protocol: PerplexityProtocol = PerplexityProtocol()) -> PerplexityResult:
+def check_protocol(model, tokenizer, documents: Sequence[Document], protocol: PerplexityProtocol):
+    """The tokenized held-out documents, or the reason the protocol cannot run on them (CorpusError or
+    ValueError). Cheap: a search calls it before it measures or stores anything."""
     if not documents:
         raise CorpusError("the held-out split is empty: nothing to evaluate")
     limit = max_positions(model)
     if limit and protocol.context_length > limit:
         raise ValueError(f"context length {protocol.context_length} exceeds the model's {limit} positions")
-    start = time.perf_counter()
     encoded = tokenize_documents(tokenizer, documents, protocol.max_tokens)
     total_tokens = sum(len(ids) for ids, _ in encoded)
     if total_tokens < protocol.context_length:
@@ -132,6 +133,12 @@ def measure_perplexity(model, tokenizer, documents: Sequence[Document], protocol
             f"the held-out split has {total_tokens} tokens, fewer than one window of {protocol.context_length}; "
             "use a larger corpus or a shorter context length"
         )
+    return encoded
+
+
+def measure_perplexity(model, tokenizer, documents: Sequence[Document], protocol: PerplexityProtocol = PerplexityProtocol()) -> PerplexityResult:
+    start = time.perf_counter()
+    encoded = check_protocol(model, tokenizer, documents, protocol)
     device = model_device(model)
     nll, scored = 0.0, 0
     with inference_eval(model):
@@ -139,7 +146,7 @@ def measure_perplexity(model, tokenizer, documents: Sequence[Document], protocol
             doc_nll, doc_count = score_ids(model, ids, protocol.context_length, protocol.stride, device)
             nll += doc_nll
             scored += doc_count
-    total_bytes = sum(n for _, n in encoded)
+    total_tokens, total_bytes = sum(len(ids) for ids, _ in encoded), sum(n for _, n in encoded)
     nll_per_token = nll / scored
     bits_per_byte = nll_per_token / math.log(2) * total_tokens / total_bytes
     return PerplexityResult(

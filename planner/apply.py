@@ -1,6 +1,7 @@
 """`planner apply`: rebuild a recipe's candidate from its model, check it against the recipe, save it."""
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,26 +28,25 @@ class ApplyResult:
     recorded_weight_bytes: int | None
 
 
-def prepare_output(folder: Path, force: bool) -> None:
-    if folder.exists() and any(folder.iterdir()) and not force:
-        raise PlannerError(f"output folder {folder} is not empty (use --force to overwrite)")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PlannerError(f"cannot create output folder {folder}: {exc.strerror}") from None
-    probe = folder / ".planner-write-test"
-    try:
-        probe.write_text("")
-        probe.unlink()
-    except OSError:
-        raise PlannerError(f"output folder {folder} is not writable") from None
+def check_output(folder: Path, force: bool) -> None:
+    """Fail early if the checkpoint could not be written there; create nothing (a failed apply leaves no folder)."""
+    if folder.exists():
+        if not folder.is_dir():
+            raise PlannerError(f"output folder {folder} is a file")
+        if any(folder.iterdir()) and not force:
+            raise PlannerError(f"output folder {folder} is not empty (use --force to overwrite)")
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise PlannerError(f"cannot create output folder {folder}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PlannerError(f"output folder {folder} is not writable ({existing} is read-only)")
 
 
 def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool = False,
                  verbose: bool = False) -> ApplyResult:
     recipe = load_recipe(recipe_path, TECHNIQUES)
     out = Path(out)
-    prepare_output(out, force)
+    check_output(out, force)
     source = ModelSource.parse(recipe.model_source)
     actual_hash = content_hash(source)
     if actual_hash != recipe.model_hash:
@@ -61,9 +61,24 @@ def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool
                            model_id=f"{recipe.model_source}@{recipe.model_hash}", progress=verbose)
     candidate = build(model, list(recipe.stages), context).model
     result = check(recipe, candidate, tokenizer, corpus, out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PlannerError(f"cannot create output folder {out}: {exc.strerror}") from None
     save(candidate, recipe, tokenizer, out)
     shutil.copyfile(recipe_path, out / "recipe.yaml")
+    readable_by_all(out)
     return result
+
+
+def readable_by_all(folder: Path) -> None:
+    """Give every file the umask's usual mode: some writers create weights owner-only (0600), which breaks
+    a deployment that reads them as another user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def check(recipe: Recipe, model, tokenizer, corpus, out: Path) -> ApplyResult:

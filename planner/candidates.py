@@ -7,6 +7,7 @@ weights), and the stage that decides how weights are stored sizes it. No stage i
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -47,6 +48,31 @@ def hand_picked(spaces: dict) -> list[dict]:
         off.update(stage_off)
         presets += stage_presets
     return [off] + [{**off, **preset} for preset in presets]
+
+
+class CornerTrial:
+    """Stands in for an Optuna trial when a candidate is named by its parameters: a named parameter takes
+    its given value, any other its first choice."""
+
+    def __init__(self, params: dict):
+        self.params = params
+
+    def suggest_categorical(self, name: str, choices):
+        return self.params.get(name, list(choices)[0])
+
+
+def smallest_candidate(base_model: torch.nn.Module, spaces: dict) -> tuple[int, list[Stage]]:
+    """The fewest bytes any candidate of the spaces stores, and that candidate: the combinations of each
+    technique's smallest settings, sized from their specs."""
+    corner_lists = [technique.smallest(spaces[technique.name]) for technique in ordered()
+                    if spaces.get(technique.name) is not None and technique.smallest is not None]
+    best = None
+    for combination in itertools.product(*corner_lists):
+        stages = suggest_stages(CornerTrial({k: v for params in combination for k, v in params.items()}), spaces)
+        size = estimate_weight_bytes(base_model, stages)
+        if best is None or size < best[0]:
+            best = (size, stages)
+    return best
 
 
 def estimate_weight_bytes(base_model: torch.nn.Module, stages: list[Stage]) -> int:

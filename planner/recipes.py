@@ -15,6 +15,7 @@ import yaml
 from planner.errors import PlannerError, read_user_text
 
 RECIPE_VERSION = 1
+RECIPE_FIELDS = ("version", "model", "stages", "budget", "metrics", "provenance")
 
 
 class RecipeError(PlannerError):
@@ -53,6 +54,9 @@ class Recipe:
         from search_spaces.base import SpecError
 
         data = _mapping(data, "recipe")
+        unknown = [key for key in data if key not in RECIPE_FIELDS]
+        if unknown:
+            raise RecipeError(f"recipe.{unknown[0]}: unknown field (known: {', '.join(RECIPE_FIELDS)})")
         version = _field(data, "version", int, "recipe")
         if version > RECIPE_VERSION:
             raise RecipeError(f"version: recipe version {version} is newer than this planner reads "
@@ -78,7 +82,10 @@ class Recipe:
         if order != sorted(order) or len(set(order)) != len(order):
             raise RecipeError("stages: techniques must appear once each, in order "
                               + " -> ".join(t.name for t in sorted(techniques.values(), key=lambda t: t.order)))
-        budget = tuple(_mapping(b, f"budget[{i}]") for i, b in enumerate(data.get("budget") or []))
+        budgets = data.get("budget") or []
+        if not isinstance(budgets, list):
+            raise RecipeError(f"recipe.budget: expected list, got {type(budgets).__name__}")
+        budget = tuple(_mapping(b, f"budget[{i}]") for i, b in enumerate(budgets))
         metrics = _mapping(data.get("metrics") or {}, "metrics")
         provenance = _mapping(data.get("provenance") or {}, "provenance")
         return cls(source, content_hash, tuple(stages), budget, metrics, provenance, version)

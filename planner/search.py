@@ -44,6 +44,7 @@ class Workbench:
     spaces: dict
     budgets: list[Budget]
     baseline: dict
+    model_hash: str = ""  # sha256 over the source model's weight files
 
 
 def metrics_row(stages: list[Stage], weight: int, latency=None, perplexity=None) -> dict:

@@ -12,7 +12,9 @@ from tqdm import tqdm
 
 from planner import assets, workers
 from planner.budgets import Budget
-from planner.candidates import hand_picked
+from evaluators.memory import weight_bytes
+from evaluators.perplexity import check_protocol
+from planner.candidates import describe, hand_picked, smallest_candidate
 from planner.errors import Interrupted, PlannerError, SearchStopped
 from planner.recipes import Recipe, Stage, save_recipe
 from planner.search import OBJECTIVES, Workbench, create_or_load, measure, objective, resolve_spaces
@@ -31,7 +33,9 @@ class SearchOutcome:
     closest: list[optuna.trial.FrozenTrial]
 
 
-def prepare(settings: SearchSettings, study: optuna.Study, verbose: bool = False) -> Workbench:
+def prepare(settings: SearchSettings, study: optuna.Study | None = None, verbose: bool = False) -> Workbench:
+    """Load the model, corpus and spaces, check that the memory budget can be met at all, and (with a study)
+    take the study's baseline, measuring it the first time."""
     budgets = settings.budgets()
     model_source, data_source = ModelSource.parse(settings.model), DataSource.parse(settings.data)
     device = resolve_device(settings.device)
@@ -39,19 +43,44 @@ def prepare(settings: SearchSettings, study: optuna.Study, verbose: bool = False
     model, tokenizer = load_model(model_source, device, resolve_dtype(settings.dtype, device),
                                   settings.trust_remote_code)
     model_hash = content_hash(model_source)
-    stored = study.user_attrs.get("model")
-    if stored and stored != {"source": settings.model, "content_hash": model_hash}:
-        raise PlannerError(f"study '{settings.study}' was made for model {stored['source']} "
-                           f"({stored['content_hash'][:19]}...), not {settings.model}")
     spaces = resolve_spaces(settings, model)
     context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, device=device, seed=settings.seed,
                            cache_dir=assets.cache_root() / "students", model_id=f"{settings.model}@{model_hash}",
                            progress=verbose)
-    bench = Workbench(settings, model, tokenizer, corpus, context, spaces, budgets, baseline={})
-    bench.baseline = study.user_attrs.get("baseline") or _measure_baseline(bench, study, model_hash)
-    bench.budgets = [b.resolve(bench.baseline) for b in budgets]
-    study.set_user_attr("budgets", [b.to_dict() for b in bench.budgets])
+    bench = Workbench(settings, model, tokenizer, corpus, context, spaces, budgets, baseline={}, model_hash=model_hash)
+    try:
+        check_protocol(model, tokenizer, corpus.eval, settings.perplexity_protocol())
+    except ValueError as exc:  # CorpusError included
+        raise PlannerError(f"perplexity protocol: {exc}") from None
+    _require_a_fitting_candidate(bench)
+    if study is not None:
+        join(bench, study)
     return bench
+
+
+def join(bench: Workbench, study: optuna.Study) -> None:
+    """Check the study is for this model, then take (or measure) its baseline and resolve the budgets."""
+    model_hash = bench.model_hash
+    stored = study.user_attrs.get("model")
+    if stored and stored != {"source": bench.settings.model, "content_hash": model_hash}:
+        raise PlannerError(f"study '{bench.settings.study}' was made for model {stored['source']} "
+                           f"({stored['content_hash'][:19]}...), not {bench.settings.model}")
+    bench.baseline = study.user_attrs.get("baseline") or _measure_baseline(bench, study, model_hash)
+    bench.budgets = [b.resolve(bench.baseline) for b in bench.budgets]
+    study.set_user_attr("budgets", [b.to_dict() for b in bench.budgets])
+
+
+def _require_a_fitting_candidate(bench: Workbench) -> None:
+    """A memory budget that no candidate of the space can meet is refused before anything runs or is stored."""
+    memory = next((b for b in bench.budgets if b.kind == "memory"), None)
+    if memory is None:
+        return
+    limit = memory.resolve({"weight_bytes": weight_bytes(bench.model).total_bytes}).limit
+    size, stages = smallest_candidate(bench.model, bench.spaces)
+    if size > limit:
+        raise PlannerError(f"no candidate of the search space fits the memory budget of {limit / 1e6:.1f} MB: "
+                           f"the smallest, {describe(stages)}, stores {size / 1e6:.1f} MB "
+                           "(raise the budget or widen the space: fewer bits, smaller keep ratios)")
 
 
 def _measure_baseline(bench: Workbench, study: optuna.Study, model_hash: str) -> dict:
@@ -87,8 +116,9 @@ def trial_line(trial: optuna.trial.FrozenTrial, total: int) -> str:
 def open_study(settings: SearchSettings, verbose: bool = False) -> tuple[optuna.Study, Workbench]:
     """Create or continue the study: baseline measured once, hand-picked candidates queued once, and the
     settings stored so that `planner worker` processes can join with nothing but the storage URL."""
+    bench = prepare(settings, verbose=verbose)  # bad input fails here, before the study is created
     study = create_or_load(settings)
-    bench = prepare(settings, study, verbose)
+    join(bench, study)
     if not study.get_trials(deepcopy=False):
         for params in hand_picked(bench.spaces):
             study.enqueue_trial(params, skip_if_exists=True)
@@ -157,11 +187,14 @@ def feasible(trial: optuna.trial.FrozenTrial) -> bool:
 
 def outcome(study: optuna.Study, budgets: list[Budget], baseline: dict) -> SearchOutcome:
     trials = [t for t in study.get_trials(deepcopy=False) if measured(t)]
-    good = [t for t in trials if feasible(t)]
+    good = [t for t in trials if feasible(t) and "duplicate_of" not in t.user_attrs]  # a twin shows once
     front = [t for t in good if not any(_dominates(o, t) for o in good)]
     front.sort(key=lambda t: t.values[0])
     recommended = front[0] if front else None
-    closest = [] if recommended else sorted(trials, key=lambda t: sum(max(v, 0) for v in t.constraints.values()))[:3]
+    # Closest: from every trial with figures, measured in full or not (a latency miss skips perplexity).
+    sized = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+             if "metrics" in t.user_attrs]
+    closest = [] if recommended else sorted(sized, key=lambda t: sum(max(v, 0) for v in t.constraints.values()))[:3]
     return SearchOutcome(study, budgets, baseline, front, recommended, closest)
 
 

@@ -92,7 +92,9 @@ class RunResult:
 
 def run_trials(study: optuna.Study, objective: Callable, target: int, timeout: float | None = None,
                callbacks: tuple = (), say: Callable[[str], None] = print) -> RunResult:
-    """Run trials here until `target` trials count in the study (across every process) or `timeout` passes."""
+    """Run trials here until `target` trials count in the study (across every process), `timeout` seconds
+    pass in this process, or the study's own deadline (`planner create --timeout`) passes for every worker."""
+    deadline = study.user_attrs.get("deadline")
     result, started, waiting_said, current = RunResult(), time.monotonic(), False, {}
 
     def guarded(trial: optuna.Trial):
@@ -129,7 +131,8 @@ def run_trials(study: optuna.Study, objective: Callable, target: int, timeout: f
             return result
         if result.failed_in_a_row >= MAX_CONSECUTIVE_FAILURES:
             return result
-        if timeout is not None and time.monotonic() - started >= timeout:
+        if ((timeout is not None and time.monotonic() - started >= timeout)
+                or (deadline is not None and time.time() >= deadline)):
             result.timed_out = True
             return result
         if done + running >= target:

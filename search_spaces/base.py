@@ -129,6 +129,10 @@ class Technique:
     # Hand-picked candidates as trial parameters: the first switches the stage off, the rest are what a
     # user would try by hand (e.g. 8-bit everywhere). The study starts with them so its front holds them.
     presets: Callable[[Any], list[dict]] | None = None  # (space) -> [off params, preset params, ...]
+    # Trial parameters of the few candidates of this stage among which its smallest is, whatever the other
+    # stages do: the planner sizes their combinations to tell at once when no candidate fits a memory budget.
+    # Parameters left out take their first choice (they must not change the size).
+    smallest: Callable[[Any], list[dict]] | None = None  # (space) -> [params, ...]
     # Writing a built model as a checkpoint plain transformers loads, where save_pretrained is not enough
     # (e.g. packed integer weights). The tokenizer is saved beside it by the caller.
     save: Callable[[Any, Any, Path], None] | None = None  # (model, spec, folder) -> None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from typing import Any, Literal
 
 from torch import nn
@@ -28,7 +29,7 @@ from search_spaces.distill_train import TrainSettings, train_student
 from search_spaces.pruning_anatomy import UnsupportedArchitecture
 from search_spaces.pruning_choices import check_choices, check_float, check_int, check_member, choose
 from search_spaces.pruning_shape import RATIO_FIELDS, SizeEstimate, Structure, check_ratio, estimate_size, \
-    fit_choices, ratio_labels, spec_config
+    fit_choices, ratio_labels, smallest_shape, spec_config
 from search_spaces.student_cache import StudentCache, data_identity, student_key, weights_identity
 
 REPORT_ATTRIBUTE = "distillation_report"
@@ -220,4 +221,5 @@ def presets(space: DistillSpace) -> list[dict]:
 
 
 TECHNIQUE = register(Technique(name="distillation", order=10, spec_type=DistillSpec, space_type=DistillSpace,
-                               suggest=suggest, apply=apply, derive_config=student_config, presets=presets))
+                               suggest=suggest, apply=apply, derive_config=student_config, presets=presets,
+                               smallest=partial(smallest_shape, "distill")))

@@ -50,3 +50,4 @@ def check_float(low: float, high: float, low_open: bool = False, high_open: bool
             bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
             raise SpecError(f"{where}: expected a number in {bounds}, got {value!r}")
     return check
+

@@ -214,3 +214,11 @@ def spec_config(config, structure: "Structure", spec_name: str):
         return structured_config(config, structure)
     except UnsupportedArchitecture as exc:
         raise exc.spec_error(spec_name) from None
+
+
+def smallest_shape(prefix: str, space) -> list[dict]:
+    """Trial parameters of the smallest structure a pruning or student space holds: the stage on, every
+    keep ratio at its least (sizes only fall with a ratio)."""
+    if True not in space.enabled:
+        return [{}]
+    return [{f"{prefix}.enabled": True, **{f"{prefix}.{name}": min(getattr(space, name)) for name in RATIO_FIELDS}}]

@@ -30,7 +30,7 @@ from search_spaces.quant_weight_only import build_weight_only
 __all__ = [
     "BITS", "GROUP_SIZES", "METHODS", "ExportError", "ExportResult", "GPTQSettings", "LayerOverride", "QuantSpace",
     "QuantSpec", "apply", "available_methods", "estimate_weight_bytes", "export", "export_blocker", "presets",
-    "suggest",
+    "smallest", "suggest",
 ]
 
 PARAM = "quantization."
@@ -132,9 +132,33 @@ def presets(space: QuantSpace) -> list[dict]:
     return [off, *picks]
 
 
+def smallest(space: QuantSpace) -> list[dict]:
+    """Per method, its smallest settings: least bits, symmetric grids (no zero points), 4-bit bnb modes and
+    every quantized group. Head bits and group sizes are all listed: which is smallest depends on the model
+    (a quantized head unties the embedding; a grid's scales depend on the layer widths)."""
+    if not space.enabled:
+        return [{}]
+    corners = []
+    for method in available_methods(space):
+        if method in (RTN, GPTQ):
+            base = {PARAM + "method": method, **{_param(method, n): min(space.bits) for n in _group_bits_params(space)},
+                    _param(method, "symmetric"): True if True in space.symmetric else False}
+            for head in space.head_bits or (None,):
+                for group_size in space.group_sizes:
+                    corners.append({**base, _param(method, "head_bits"): head, _param(method, "group_size"): group_size})
+        elif method == BNB:
+            four_bit = [m for m in space.bnb_modes if m != "int8"] or list(space.bnb_modes)
+            corners.append({PARAM + "method": method, _param(method, "mode"): four_bit[0],
+                            _param(method, "groups"): "attn+mlp"})
+        elif method == DYNAMIC_INT8:
+            corners.append({PARAM + "method": method, _param(method, "groups"): "attn+mlp"})
+    return corners or [{}]
+
+
 def _save(model: nn.Module, spec: QuantSpec, folder) -> None:
     export(model, spec, folder)
 
 
 register(Technique(name="quantization", order=30, spec_type=QuantSpec, space_type=QuantSpace, suggest=suggest,
-                   apply=apply, weight_bytes=estimate_weight_bytes, presets=presets, save=_save))
+                   apply=apply, weight_bytes=estimate_weight_bytes, presets=presets, smallest=smallest,
+                   save=_save))

@@ -1,5 +1,6 @@
 """End to end on a tiny model: search -> recipe -> export -> apply -> review, resume, budgets, bad input."""
 import json
+import os
 
 import optuna
 import pytest
@@ -44,6 +45,9 @@ def test_search_export_apply_review(study, tmp_path, text_corpus_dir, capsys):
     code, out, err = run(["apply", tmp_path / "recipe.yaml", "--out", tmp_path / "deploy"], capsys)
     assert code == 0, err
     assert (tmp_path / "deploy" / "recipe.yaml").read_text() == (tmp_path / "recipe.yaml").read_text()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "deploy").iterdir()} == {0o666 & ~umask}
     from transformers import AutoModelForCausalLM
 
     from transformers import AutoTokenizer
@@ -91,10 +95,35 @@ def test_rejected_by_spec_is_cheap_and_search_resumes(study, tmp_path, capsys):
     assert all(t.constraints["memory"] > 0 for t in rejected)
 
 
-def test_infeasible_budget_says_so_and_fails(study, tmp_path, capsys):
-    code, out, err = run(["search", "--study-file", study, "--trials", "2", "--memory-budget", "1KB", "-q"], capsys)
+def test_a_memory_budget_no_candidate_fits_is_refused_before_the_study_starts(study, tmp_path, capsys):
+    code, out, err = run(["search", "--study-file", study, "--trials", "2", "--memory-budget", "1KB"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "no candidate of the search space fits the memory budget of 0.0 MB: the smallest, " in err
+    assert not (tmp_path / "tiny.db").exists() and not (tmp_path / "recipe.yaml").exists()
+
+
+def test_smallest_candidate_is_the_smallest_the_study_can_draw(study, tmp_path, capsys):
+    """Sizes of many sampled candidates are never below the corner the up-front check computes."""
+    from planner.candidates import estimate_weight_bytes, smallest_candidate, suggest_stages
+    from planner.settings import make_settings, read_study_file
+    from planner.study_run import prepare
+
+    settings = make_settings(read_study_file(study), {"trials": 1})
+    bench = prepare(settings)
+    floor, stages = smallest_candidate(bench.model, bench.spaces)
+    assert floor == estimate_weight_bytes(bench.model, stages) and stages
+    sampler = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(40):
+        trial = sampler.ask()
+        assert estimate_weight_bytes(bench.model, suggest_stages(trial, bench.spaces)) >= floor
+        sampler.tell(trial, 0.0)
+
+
+def test_a_budget_nothing_measured_meets_says_so_and_fails(study, tmp_path, capsys):
+    code, out, err = run(["search", "--study-file", study, "--trials", "2", "--latency-budget", "0.001ms", "-q"],
+                         capsys)
     assert code == 1
-    assert "No measured candidate meets the budget" in out and "no recipe written" in out
+    assert "No measured candidate meets the budget. Closest" in out and "no recipe written" in out
     assert not (tmp_path / "recipe.yaml").exists()
 
 

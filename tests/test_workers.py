@@ -231,3 +231,10 @@ def test_run_trials_reaches_the_count_exactly_with_queued_and_failed_trials():
     assert result.ran == 3 and result.failed_in_a_row == 0
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE,
                                                TrialState.WAITING]
+
+
+def test_a_study_deadline_stops_every_worker():
+    study = optuna.create_study(directions=["minimize"])
+    study.set_user_attr("deadline", time.time() - 1)
+    result = workers.run_trials(study, lambda trial: trial.suggest_float("x", 0, 1), target=5, say=lambda _: None)
+    assert result.timed_out and result.ran == 0 and not study.trials
