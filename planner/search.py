@@ -97,7 +97,10 @@ def objective(bench: Workbench):
             # Optuna marks the trial failed and the study goes on; the reason stays readable on the trial.
             detail = (str(exc).strip().splitlines() or [""])[0][:500]
             trial.set_user_attr("failure", f"{type(exc).__name__}: {detail}")
-            raise
+            # Without its traceback the exception no longer holds the frames (and a half-built model).
+            failure = exc.with_traceback(None)
+        release_memory()
+        raise failure
 
     def run_trial(trial: optuna.Trial) -> tuple[float, float, float]:
         started = time.perf_counter()
@@ -142,6 +145,15 @@ def objective(bench: Workbench):
         return _values(bench, row)
 
     return run
+
+
+def release_memory() -> None:
+    """Return a failed trial's memory before the next trial: Python objects, then CUDA's cached blocks."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _measured_twin(study: optuna.Study, stages: list) -> optuna.trial.FrozenTrial | None:

@@ -161,6 +161,8 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_study_file, tmp_
     real, calls = search.measure, []
 
     def flaky(bench, model, stages, trial=None):
+        if trial is None:  # the baseline
+            return real(bench, model, stages, trial)
         calls.append(trial.number)
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -238,3 +240,23 @@ def test_a_study_deadline_stops_every_worker():
     study.set_user_attr("deadline", time.time() - 1)
     result = workers.run_trials(study, lambda trial: trial.suggest_float("x", 0, 1), target=5, say=lambda _: None)
     assert result.timed_out and result.ran == 0 and not study.trials
+
+
+def test_a_failed_trial_frees_what_it_built(tiny_study_file, tmp_path, capsys, monkeypatch):
+    import weakref
+
+    import torch
+
+    import planner.search as search
+
+    built = []
+
+    def build_then_fail(model, stages, context):
+        half_built = torch.nn.Linear(256, 256)
+        built.append(weakref.ref(half_built))
+        raise torch.OutOfMemoryError("out of memory while building")
+
+    monkeypatch.setattr(search, "build", build_then_fail)
+    code = cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "2", "-q"])
+    assert code == 1 and capsys.readouterr().out.count("FAILED") == 0  # -q: no trial lines
+    assert len(built) == 2 and all(ref() is None for ref in built)  # nothing a failed trial made is kept
