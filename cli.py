@@ -114,7 +114,8 @@ def build_parser() -> Parser:
     ap.add_argument("-v", "--verbose", action="store_true")
 
     rv = commands.add_parser("review", help="list the studies in a storage, or show one study's front")
-    rv.add_argument("--study", help="the study to show (default: list the studies)")
+    rv.add_argument("--study", help="the study to show (default: list the studies, in every studies/*.db "
+                                    "when no --storage is given)")
     rv.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/<study>.db)")
     rv.add_argument("--json", action="store_true", help="print JSON for scripts")
     rv.add_argument("--html", type=Path, help="also write a report with Pareto plots and parameter importances")
@@ -326,12 +327,14 @@ def cmd_review(args) -> int:
     if args.study is None:
         if args.html:
             raise PlannerError("review --html needs --study NAME")
-        if args.storage is None:
-            raise PlannerError("review needs --storage URL (to list its studies) or --study NAME")
-        summaries = optuna.get_all_study_summaries(open_storage(args.storage, must_exist=True))
-        rows = [{"study": s.study_name, "trials": s.n_trials} for s in summaries]
+        from planner.storage import STUDIES_DIR
+
+        # Without --storage: every SQLite database under studies/ (where searches store by default).
+        urls = [args.storage] if args.storage else [f"sqlite:///{p}" for p in sorted(STUDIES_DIR.glob("*.db"))]
+        rows = [{"study": s.study_name, "trials": s.n_trials, "storage": url}
+                for url in urls for s in optuna.get_all_study_summaries(open_storage(url, must_exist=True))]
         print(json.dumps(rows, indent=2) if args.json else
-              "\n".join(f"{r['study']:<30} {r['trials']:>5} trials" for r in rows) or "no studies")
+              "\n".join(f"{r['study']:<30} {r['trials']:>5} trials  {r['storage']}" for r in rows) or "no studies")
         return 0
     outcome = _stored_outcome(_stored_study(args.study, args.storage))
     print(json.dumps(outcome_to_dict(outcome), indent=2) if args.json else format_review(outcome))

@@ -1,6 +1,7 @@
 """End to end on a tiny model: search -> recipe -> export -> apply -> review, resume, budgets, bad input."""
 import json
 import os
+import shutil
 
 import optuna
 import pytest
@@ -24,7 +25,7 @@ def load(tmp_path):
     return optuna.load_study(study_name="tiny", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db"))
 
 
-def test_search_export_apply_review(study, tmp_path, text_corpus_dir, capsys):
+def test_search_export_apply_review(study, tmp_path, text_corpus_dir, capsys, monkeypatch):
     code, out, err = run(["search", "--study-file", study, "--trials", "6", "--memory-budget", "0.8x", "-q"], capsys)
     assert code == 0, err
     assert "Pareto front" in out and "recipe of trial" in out
@@ -72,6 +73,14 @@ def test_search_export_apply_review(study, tmp_path, text_corpus_dir, capsys):
     best = reviewed["best_per_objective"]
     assert best["perplexity"]["perplexity"] == min(t.user_attrs["metrics"]["perplexity"] for t in measured)
     assert best["weight_mb"]["weight_mb"] == min(t.user_attrs["metrics"]["weight_mb"] for t in measured)
+
+    code, out, err = run(["review", "--storage", f"sqlite:///{tmp_path}/tiny.db", "--json"], capsys)
+    assert code == 0 and [(r["study"], r["trials"]) for r in json.loads(out)] == [("tiny", 6)]
+    (tmp_path / "studies").mkdir()
+    shutil.copy(tmp_path / "tiny.db", tmp_path / "studies" / "copy.db")
+    monkeypatch.chdir(tmp_path)  # no --storage: every studies/*.db is listed
+    code, out, err = run(["review"], capsys)
+    assert code == 0 and out.split() == ["tiny", "6", "trials", "sqlite:///studies/copy.db"]
 
     report = tmp_path / "report.html"
     code, out, err = run(["review", "--study", "tiny", "--storage", f"sqlite:///{tmp_path}/tiny.db",
