@@ -253,26 +253,45 @@ def replay_all(seeds: int, trials: int, samplers, extra: dict | None = None) -> 
                              "short_ratio": short_ratio, "short_built": distinct_built(short)[-1],
                              "seconds": time.perf_counter() - started})
             entry["samplers"][label] = runs
-            summarise(label, runs, trials, target_trials)
+            entry.setdefault("summary", {})[label] = summarise(label, runs, trials, target_trials)
         results["settings"][name] = entry
     return results
 
 
-def summarise(label: str, runs: list, trials: int, target_trials: int) -> None:
+def at_evaluations(run: dict, evaluations: int) -> float:
+    """HV ratio after the last trial at which at most `evaluations` candidates had been built (a trial rejected
+    from its spec or answered by its measured twin builds nothing)."""
+    ratio = 0.0
+    for r, built in zip(run["ratios"], run["built"]):
+        if built > evaluations:
+            break
+        ratio = r
+    return ratio
+
+
+def summarise(label: str, runs: list, trials: int, target_trials: int) -> dict:
     marks = [c for c in CHECKPOINTS if c <= trials]
     med = [statistics.median(r["ratios"][c - 1] for r in runs) for c in marks]
     low = [min(r["ratios"][c - 1] for r in runs) for c in marks]
     reach = [first_reaching(r["ratios"], TARGET_RATIO) for r in runs]
     reached = sorted(x for x in reach if x is not None)
     shorts = [r["short_ratio"] for r in runs]
+    by_evals = [at_evaluations(r, target_trials) for r in runs]
     print(f"  {label:<22} " + " ".join(f"{m:6.3f}" for m in med) + "   (median over seeds)")
     print(f"  {'':<22} " + " ".join(f"{m:6.3f}" for m in low) + "   (worst seed)")
-    print(f"  {'':<22} study of {target_trials} trials: HV ratio median {statistics.median(shorts):.3f}, "
-          f"worst {min(shorts):.3f}, >= {TARGET_RATIO} in {sum(s >= TARGET_RATIO for s in shorts)}/{len(shorts)} "
-          f"seeds ({statistics.median(r['short_built'] for r in runs):.0f} candidates built, median); "
-          f"first trial at >= {TARGET_RATIO} in the {trials}-trial run: median "
-          f"{statistics.median(reached) if len(reached) > len(runs) / 2 else 'not reached'}, "
-          f"reached in {len(reached)}/{len(runs)} seeds", flush=True)
+    print(f"  {'':<22} study of {target_trials} trials: HV ratio median {statistics.median(shorts):.3f}, worst "
+          f"{min(shorts):.3f}, >= {TARGET_RATIO} in {sum(s >= TARGET_RATIO for s in shorts)}/{len(shorts)} seeds "
+          f"({statistics.median(r['short_built'] for r in runs):.0f} candidates built, median)")
+    print(f"  {'':<22} {trials}-trial study after {target_trials} candidates built: median "
+          f"{statistics.median(by_evals):.3f}, worst {min(by_evals):.3f}, >= {TARGET_RATIO} in "
+          f"{sum(b >= TARGET_RATIO for b in by_evals)}/{len(by_evals)}; first trial at >= {TARGET_RATIO}: median "
+          f"{statistics.median(reach) if len(reached) > len(runs) / 2 else 'not reached'} "
+          f"(reached in {len(reached)}/{len(runs)} seeds)", flush=True)
+    return {"median": dict(zip(marks, med)), "worst": dict(zip(marks, low)), "short_median": statistics.median(shorts),
+            "short_worst": min(shorts), "short_hits": sum(s >= TARGET_RATIO for s in shorts),
+            "evals_median": statistics.median(by_evals), "evals_worst": min(by_evals),
+            "evals_hits": sum(b >= TARGET_RATIO for b in by_evals), "reached": len(reached),
+            "first_median": statistics.median(reach) if len(reached) > len(runs) / 2 else None}
 
 
 def header(trials: int) -> None:
@@ -287,30 +306,40 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results["settings"])
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.2), sharey=True)
-    for ax, name in zip(axes, names):
+    fig, axes = plt.subplots(2, len(names), figsize=(6 * len(names), 8), sharey=True, squeeze=False)
+    for col, name in enumerate(names):
         entry = results["settings"][name]
-        for label, runs in entry["samplers"].items():
-            n = len(runs[0]["ratios"])
-            xs = list(range(1, n + 1))
-            med = [statistics.median(r["ratios"][i] for r in runs) for i in range(n)]
-            lo = [min(r["ratios"][i] for r in runs) for i in range(n)]
-            hi = [max(r["ratios"][i] for r in runs) for i in range(n)]
-            line, = ax.plot(xs, med, label=f"{label} (median of {len(runs)} seeds)")
-            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
-        ax.axhline(TARGET_RATIO, color="grey", ls="--", lw=0.8)
-        ax.axvline(results["target_trials"], color="grey", ls=":", lw=0.8)
-        ax.set_title(f"{name}: {entry['front_size']}-point exhaustive front, grid of {results['grid_size']}")
-        ax.set_xlabel("trials (presets included)")
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("hypervolume / exhaustive hypervolume")
-    axes[0].legend(loc="lower right", fontsize=8)
-    fig.suptitle("Search quality on the built-in model (band: worst to best seed; dashed: 95%, dotted: 15% of grid)",
-                 fontsize=10)
+        for row, by in enumerate(("trials", "built")):
+            ax = axes[row][col]
+            for label, runs in entry["samplers"].items():
+                if by == "trials":
+                    n = len(runs[0]["ratios"])
+                    series = [r["ratios"] for r in runs]
+                else:
+                    n = min(r["built"][-1] for r in runs)
+                    series = [[at_evaluations(r, e) for e in range(1, n + 1)] for r in runs]
+                xs = list(range(1, n + 1))
+                med = [statistics.median(s[i] for s in series) for i in range(n)]
+                lo = [min(s[i] for s in series) for i in range(n)]
+                hi = [max(s[i] for s in series) for i in range(n)]
+                line, = ax.plot(xs, med, label=f"{label} (median of {len(runs)} seeds)")
+                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
+            ax.axhline(TARGET_RATIO, color="grey", ls="--", lw=0.8)
+            ax.axvline(results["target_trials"], color="grey", ls=":", lw=0.8)
+            ax.set_xlabel("trials (presets included)" if by == "trials" else
+                          "candidates built (rejected-from-spec and duplicate trials excluded)")
+            ax.set_ylim(0, 1.02)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(f"{name}: {entry['front_size']}-point exhaustive front, grid of {results['grid_size']}")
+        axes[0][col].legend(loc="lower right", fontsize=8)
+    for row in range(2):
+        axes[row][0].set_ylabel("hypervolume / exhaustive hypervolume")
+    fig.suptitle("Search quality on the built-in model, replayed on the measured grid (band: worst to best seed; "
+                 "dashed: 95%; dotted: 15% of the grid)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     print(f"\nplot written to {path}")
 
 
@@ -320,7 +349,7 @@ def table_summary() -> None:
     build = [r["seconds"]["build"] + r["seconds"]["perplexity"] for r in rows]
     gptq = [b for r, b in zip(rows, build) if "gptq" in r["label"]]
     print(f"table: {len(rows)} points; build + perplexity per point median {statistics.median(build):.1f} s "
-          f"(gptq {statistics.median(gptq):.1f} s), {sum(build) / 60:.1f} min in all, plus one pruning per shape; "
+          f"(gptq {statistics.median(gptq or [0]):.1f} s), {sum(build) / 60:.1f} min in all, plus one pruning per shape; "
           f"{len(load_latency())} compute graphs timed")
 
 
