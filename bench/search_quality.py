@@ -144,7 +144,8 @@ def measure_graph_latency(rounds: int) -> None:
     print(f"{len(representatives)} compute graphs; torch threads {torch.get_num_threads()}, "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
     models = {}
-    float_stages = {graph: [s for s in stages if getattr(s.spec, "method", "dynamic-int8") == "dynamic-int8"]
+    # The pruning stage as it is; quantization only when it changes the kernels (dynamic-int8).
+    float_stages = {graph: [s for s in stages if s.technique == "pruning" or s.spec.method == "dynamic-int8"]
                     for graph, (_, stages) in representatives.items()}
     for (params, stages, model, _), graph in zip(build_grouped(bench, [(p, float_stages[g])
                                                                          for g, (p, _) in representatives.items()]),
@@ -162,10 +163,11 @@ def measure_graph_latency(rounds: int) -> None:
         decode = sorted(v[0] for v in values)
         row = {"graph": graph, "decode_ms_p50": statistics.median(decode),
                "prefill_ms_p50": statistics.median(v[1] for v in values), "decode_rounds": [v[0] for v in values],
-               "load_averages": [v[2] for v in values], "protocol": protocol.to_dict()}
+               "load_averages": [v[2] for v in values], "protocol": protocol.to_dict(),
+               "layers": models[graph].config.num_hidden_layers, "intermediate": models[graph].config.intermediate_size}
         append_row(row, LATENCY)
         print(f"  {graph:<40} decode p50 {row['decode_ms_p50']:6.1f} ms (rounds {decode[0]:.1f}-{decode[-1]:.1f})  "
-              f"prefill {row['prefill_ms_p50']:6.1f} ms", flush=True)
+              f"prefill {row['prefill_ms_p50']:6.1f} ms  ({row['layers']} layers, MLP {row['intermediate']})", flush=True)
 
 
 def check_equivalence(bench, points) -> None:
@@ -384,8 +386,18 @@ def main() -> None:
 
 
 def prototypes() -> dict:
-    """Sampler or warm-start variants tried against the default (label -> (sampler name, factory, enqueued))."""
-    return {}
+    """Variants of the default search tried against it (label -> (sampler name, sampler factory or None, extra
+    enqueued trial parameters)): prototypes of changes to planner/, run through the same replay."""
+    import optuna
+
+    uniform = [{"prune.enabled": False, "quantization.method": m, f"quantization.{m}.attn_bits": b,
+                f"quantization.{m}.mlp_bits": b} for m, b in (("rtn", 3), ("gptq", 3), ("gptq", 8))]
+
+    def tpe_from_presets(seed, trials):  # TPE models the space as soon as the presets are in
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=5)
+
+    return {"tpe + uniform presets": ("tpe", None, uniform),
+            "tpe, startup 5": ("tpe", tpe_from_presets, None)}
 
 
 if __name__ == "__main__":
