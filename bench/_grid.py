@@ -298,7 +298,7 @@ class Replay:
         return self._estimates[key]
 
     def run(self, sampler: str, seed: int, trials: int, budgets: dict | None = None, sampler_object=None,
-            extra_enqueued: list[dict] | None = None):
+            extra_enqueued: list[dict] | None = None, skip_over_budget: bool = False):
         """One study of `trials` trials; returns (study, bench, outcome). `budgets` maps kind -> text
         (e.g. {"memory": "0.3x"}). `sampler_object` overrides the named sampler (prototypes of changes)."""
         import optuna
@@ -325,7 +325,14 @@ class Replay:
                 setattr(self.search, name, fn)
             with contextlib.redirect_stdout(io.StringIO()):  # "measuring the uncompressed model"
                 join(bench, study)
-            for params in hand_picked(self.spaces) + list(extra_enqueued or []):
+            enqueued = hand_picked(self.spaces) + list(extra_enqueued or [])
+            memory = next((b for b in bench.budgets if b.kind == "memory"), None)
+            if skip_over_budget and memory is not None:  # prototype: presets sized from their spec first
+                from planner.candidates import CornerTrial, suggest_stages
+
+                enqueued = [p for p in enqueued
+                            if self._estimate(self.model, suggest_stages(CornerTrial(p), self.spaces)) <= memory.limit]
+            for params in enqueued:
                 study.enqueue_trial(params, skip_if_exists=True)
             study.optimize(objective(bench), n_trials=trials, catch=(Exception,))
         finally:

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._grid import (LATENCY, RESULTS, TABLE, Normaliser, Replay, append_row, distinct_built,  # noqa: E402
                          found_values, graph_of, grid_points, grid_settings, load_table, nondominated,
                          load_latency, objective_values, stage_key)
+from bench._grid import DEPTH_KEEP, MLP_KEEP  # noqa: E402
 from planner.candidates import describe  # noqa: E402
 
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -236,20 +237,19 @@ def replay_all(seeds: int, trials: int, samplers, extra: dict | None = None) -> 
               f"{'feasible ' if budget else ''}grid points; hypervolume over (log ppl, decode ms, MB) scaled to "
               f"[0,1] on that front, {normaliser.describe()}", flush=True)
         header(trials)
-        variants = [(s, s, None, None) for s in samplers] + [(label, base, make, enq)
-                                                           for label, (base, make, enq) in (extra or {}).items()]
-        for label, sampler, make, enqueued in variants:
+        variants = [(s, s, None, None, False) for s in samplers] + [(label, *v) for label, v in (extra or {}).items()]
+        for label, sampler, make, enqueued, skip in variants:
             runs = []
             for seed in range(seeds):
                 started = time.perf_counter()
                 study, _, out = replay.run(sampler, seed, trials, budget,
                                            sampler_object=make(seed, trials) if make else None,
-                                           extra_enqueued=enqueued)
+                                           extra_enqueued=enqueued, skip_over_budget=skip)
                 ratios = curve(found_values(study, bool(budget)), normaliser, full)
                 # The target check: a study of exactly target_trials trials (samplers size themselves by it).
                 short, _, _ = replay.run(sampler, seed, target_trials, budget,
                                          sampler_object=make(seed, target_trials) if make else None,
-                                         extra_enqueued=enqueued)
+                                         extra_enqueued=enqueued, skip_over_budget=skip)
                 short_ratio = curve(found_values(short, bool(budget)), normaliser, full)[-1]
                 runs.append({"seed": seed, "ratios": ratios, "built": distinct_built(study),
                              "short_ratio": short_ratio, "short_built": distinct_built(short)[-1],
@@ -271,6 +271,12 @@ def at_evaluations(run: dict, evaluations: int) -> float:
     return ratio
 
 
+def first_median(reach: list) -> float | None:
+    """Median first trial at the target over seeds (a seed that never gets there counts as infinitely late)."""
+    med = statistics.median([math.inf if r is None else r for r in reach])
+    return None if math.isinf(med) else med
+
+
 def summarise(label: str, runs: list, trials: int, target_trials: int) -> dict:
     marks = [c for c in CHECKPOINTS if c <= trials]
     med = [statistics.median(r["ratios"][c - 1] for r in runs) for c in marks]
@@ -287,13 +293,13 @@ def summarise(label: str, runs: list, trials: int, target_trials: int) -> dict:
     print(f"  {'':<22} {trials}-trial study after {target_trials} candidates built: median "
           f"{statistics.median(by_evals):.3f}, worst {min(by_evals):.3f}, >= {TARGET_RATIO} in "
           f"{sum(b >= TARGET_RATIO for b in by_evals)}/{len(by_evals)}; first trial at >= {TARGET_RATIO}: median "
-          f"{statistics.median(reach) if len(reached) > len(runs) / 2 else 'not reached'} "
+          f"{first_median(reach) or 'not reached'} "
           f"(reached in {len(reached)}/{len(runs)} seeds)", flush=True)
     return {"median": dict(zip(marks, med)), "worst": dict(zip(marks, low)), "short_median": statistics.median(shorts),
             "short_worst": min(shorts), "short_hits": sum(s >= TARGET_RATIO for s in shorts),
             "evals_median": statistics.median(by_evals), "evals_worst": min(by_evals),
             "evals_hits": sum(b >= TARGET_RATIO for b in by_evals), "reached": len(reached),
-            "first_median": statistics.median(reach) if len(reached) > len(runs) / 2 else None}
+            "first_median": first_median(reach)}
 
 
 def header(trials: int) -> None:
@@ -385,19 +391,22 @@ def main() -> None:
     plot(results, args.plot)
 
 
+def pruned_presets(shapes) -> list[dict]:
+    """The 4-bit GPTQ and dynamic-int8 presets on pruned shapes (depth keep, MLP keep), as trial parameters."""
+    quant = [{"quantization.method": "gptq", "quantization.gptq.attn_bits": 4, "quantization.gptq.mlp_bits": 4},
+             {"quantization.method": "dynamic-int8", "quantization.dynamic-int8.groups": "attn+mlp"}]
+    return [{"prune.enabled": True, "prune.depth_keep": d, "prune.mlp_keep": m, **q} for d, m in shapes for q in quant]
+
+
 def prototypes() -> dict:
-    """Variants of the default search tried against it (label -> (sampler name, sampler factory or None, extra
-    enqueued trial parameters)): prototypes of changes to planner/, run through the same replay."""
-    import optuna
-
-    uniform = [{"prune.enabled": False, "quantization.method": m, f"quantization.{m}.attn_bits": b,
-                f"quantization.{m}.mlp_bits": b} for m, b in (("rtn", 3), ("gptq", 3), ("gptq", 8))]
-
-    def tpe_from_presets(seed, trials):  # TPE models the space as soon as the presets are in
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=5)
-
-    return {"tpe + uniform presets": ("tpe", None, uniform),
-            "tpe, startup 5": ("tpe", tpe_from_presets, None)}
+    """Variants of the default search tried against it: label -> (sampler name, sampler factory or None, extra
+    enqueued trial parameters, skip enqueued candidates over the memory budget). Prototypes of changes to
+    planner/ (presets in candidates.hand_picked / study_run.open_study), run through the same replay."""
+    corners = [(1.0, min(MLP_KEEP)), (min(DEPTH_KEEP), 1.0), (min(DEPTH_KEEP), min(MLP_KEEP))]
+    shapes = [(d, m) for d in DEPTH_KEEP for m in MLP_KEEP if (d, m) != (1.0, 1.0)]
+    return {"tpe + presets on pruning corners": ("tpe", None, pruned_presets(corners), True),
+            "tpe + presets on every pruned shape": ("tpe", None, pruned_presets(shapes), True),
+            "random + presets on every pruned shape": ("random", None, pruned_presets(shapes), True)}
 
 
 if __name__ == "__main__":
