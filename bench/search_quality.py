@@ -1,12 +1,16 @@
 """Search quality: how close each sampler's front gets to the exhaustive front of a real grid, per trial.
 
-    nice -n 10 .venv/bin/python bench/search_quality.py --evaluate     # measure every grid point (resumable)
+    nice -n 10 .venv/bin/python bench/search_quality.py --evaluate     # perplexity + bytes of every point (resumable)
+    nice -n 10 .venv/bin/python bench/search_quality.py --latency      # latency per compute graph (quiet machine)
     .venv/bin/python bench/search_quality.py                            # replay the samplers, tables + PNG
 
 `--evaluate` builds and measures every point of the grid in `_grid.py` (the planner's search space narrowed
 to depth {1, 0.8} x MLP {1, 0.75, 0.5} x quantization {none, rtn/gptq at attn/MLP bits {3,4,8}^2, dynamic-int8
-on attn+mlp/attn/mlp}, head shared at 16 bits, group size 128) once, with demo.toml's evaluation protocol,
-appending one JSON line per point to bench/results/grid.jsonl (an interrupted run continues where it was).
+on attn+mlp/attn/mlp}, head shared at 16 bits, group size 128) once, with demo.toml's perplexity protocol, and
+appends one JSON line per point to bench/results/grid*.jsonl (an interrupted run continues where it was).
+`--latency` times each distinct compute graph (pruned shape x float / dynamic-int8 kernels) round-robin:
+rtn/gptq candidates run the float graph of their shape (they are evaluated in float with the weights their
+checkpoint decodes to), so per-point timings would differ only by the machine's noise.
 Each pruned model is built once and every quantization of it is built from a copy (the same result as the
 planner's build, which applies the stages in the same order to a fresh copy; checked once on one point).
 

@@ -160,7 +160,6 @@ def builtin_part(done: dict, skip_student: bool) -> None:
     print(f"  -> median quantize/prune trial {statistics.median(both):.1f} s over {len(both)} candidates "
           f"(target < 30 s); max {max(both):.1f} s")
 
-    from planner.search import create_or_load  # noqa: F401  (import check only)
     import optuna
 
     from planner.study_run import join
