@@ -298,12 +298,15 @@ class Replay:
         return self._estimates[key]
 
     def run(self, sampler: str, seed: int, trials: int, budgets: dict | None = None, sampler_object=None,
-            extra_enqueued: list[dict] | None = None, skip_over_budget: bool = False):
+            extra_enqueued: list[dict] | None = None, skip_over_budget: bool = False, seeding: str = "planner"):
         """One study of `trials` trials; returns (study, bench, outcome). `budgets` maps kind -> text
-        (e.g. {"memory": "0.3x"}). `sampler_object` overrides the named sampler (prototypes of changes)."""
+        (e.g. {"memory": "0.3x"}). `sampler_object` overrides the named sampler (prototypes of changes).
+        `seeding`: "planner" enqueues what the planner does (`candidates.starting_points`); "hand_picked"
+        the planner's seeds before the search-quality benchmark (hand-picked presets only), plus
+        `extra_enqueued` (optionally sized against the memory budget first)."""
         import optuna
 
-        from planner.candidates import hand_picked
+        from planner.candidates import hand_picked, starting_points
         from planner.samplers import make_sampler
         from planner.search import Workbench, objective
         from planner.study_run import join, outcome
@@ -325,9 +328,12 @@ class Replay:
                 setattr(self.search, name, fn)
             with contextlib.redirect_stdout(io.StringIO()):  # "measuring the uncompressed model"
                 join(bench, study)
-            enqueued = hand_picked(self.spaces) + list(extra_enqueued or [])
             memory = next((b for b in bench.budgets if b.kind == "memory"), None)
-            if skip_over_budget and memory is not None:  # prototype: presets sized from their spec first
+            if seeding == "planner":
+                enqueued = starting_points(self.model, self.spaces, memory and memory.limit, trials)
+            else:
+                enqueued = hand_picked(self.spaces) + list(extra_enqueued or [])
+            if seeding != "planner" and skip_over_budget and memory is not None:  # prototype: presets sized from their spec first
                 from planner.candidates import CornerTrial, suggest_stages
 
                 enqueued = [p for p in enqueued

@@ -241,19 +241,20 @@ def replay_all(seeds: int, trials: int, samplers, extra: dict | None = None) -> 
               f"{'feasible ' if budget else ''}grid points; hypervolume over (log ppl, decode ms, MB) scaled to "
               f"[0,1] on that front, {normaliser.describe()}", flush=True)
         header(trials)
-        variants = [(s, s, None, None, False) for s in samplers] + [(label, *v) for label, v in (extra or {}).items()]
-        for label, sampler, make, enqueued, skip in variants:
+        variants = [(s, s, None, None, False, "planner") for s in samplers] + [
+            (label, *v) for label, v in (extra or {}).items()]
+        for label, sampler, make, enqueued, skip, seeding in variants:
             runs = []
             for seed in range(seeds):
                 started = time.perf_counter()
                 study, _, out = replay.run(sampler, seed, trials, budget,
                                            sampler_object=make(seed, trials) if make else None,
-                                           extra_enqueued=enqueued, skip_over_budget=skip)
+                                           extra_enqueued=enqueued, skip_over_budget=skip, seeding=seeding)
                 ratios = curve(found_values(study, bool(budget)), normaliser, full)
                 # The target check: a study of exactly target_trials trials (samplers size themselves by it).
                 short, _, _ = replay.run(sampler, seed, target_trials, budget,
                                          sampler_object=make(seed, target_trials) if make else None,
-                                         extra_enqueued=enqueued, skip_over_budget=skip)
+                                         extra_enqueued=enqueued, skip_over_budget=skip, seeding=seeding)
                 short_ratio = curve(found_values(short, bool(budget)), normaliser, full)[-1]
                 runs.append({"seed": seed, "ratios": ratios, "built": distinct_built(study),
                              "short_ratio": short_ratio, "short_built": distinct_built(short)[-1],
@@ -404,13 +405,13 @@ def pruned_presets(shapes) -> list[dict]:
 
 def prototypes() -> dict:
     """Variants of the default search tried against it: label -> (sampler name, sampler factory or None, extra
-    enqueued trial parameters, skip enqueued candidates over the memory budget). Prototypes of changes to
-    planner/ (presets in candidates.hand_picked / study_run.open_study), run through the same replay."""
+    enqueued trial parameters, skip enqueued candidates over the memory budget, seeding). The planner's seeding
+    before this benchmark, and a prototype of a smaller warm start, run through the same replay."""
     corners = [(1.0, min(MLP_KEEP)), (min(DEPTH_KEEP), 1.0), (min(DEPTH_KEEP), min(MLP_KEEP))]
     shapes = [(d, m) for d in DEPTH_KEEP for m in MLP_KEEP if (d, m) != (1.0, 1.0)]
-    return {"tpe + presets on pruning corners": ("tpe", None, pruned_presets(corners), True),
-            "tpe + presets on every pruned shape": ("tpe", None, pruned_presets(shapes), True),
-            "random + presets on every pruned shape": ("random", None, pruned_presets(shapes), True)}
+    return {"tpe, hand-picked seeds only (before)": ("tpe", None, None, False, "hand_picked"),
+            "random, hand-picked seeds only (before)": ("random", None, None, False, "hand_picked"),
+            "tpe + presets on pruning corners": ("tpe", None, pruned_presets(corners), True, "hand_picked")}
 
 
 if __name__ == "__main__":

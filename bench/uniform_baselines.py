@@ -21,10 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._grid import DEPTH_KEEP, MLP_KEEP, RESULTS, Replay, grid_points, load_table, stage_key  # noqa: E402
-from bench.search_quality import pruned_presets  # noqa: E402
+from bench._grid import RESULTS, Replay, grid_points, load_table, stage_key  # noqa: E402
 
-shapes = [(d, m) for d in DEPTH_KEEP for m in MLP_KEEP if (d, m) != (1.0, 1.0)]
 
 BUDGETS = {"memory <= 0.4x": ("memory", 0.4), "memory <= 0.25x": ("memory", 0.25), "decode <= 0.7x": ("latency", 0.7)}
 METRIC = {"memory": "weight_bytes", "latency": "decode_ms_p50"}
@@ -47,8 +45,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--trials", default="20,40", help="study lengths to replay (comma-separated)")
     parser.add_argument("--sampler", default="tpe")
-    parser.add_argument("--pruned-presets", action="store_true",
-                        help="prototype: also enqueue the presets on every pruned shape, skipping those over budget")
+    parser.add_argument("--before", action="store_true",
+                        help="seed studies as the planner did before the search-quality benchmark (hand-picked only)")
     args = parser.parse_args()
     table = load_table()
     replay = Replay(table)
@@ -74,9 +72,8 @@ def main() -> None:
         for trials in [int(t) for t in args.trials.split(",")]:
             found = []
             for seed in range(args.seeds):
-                extra = pruned_presets(shapes) if args.pruned_presets else None
-                _, _, out = replay.run(args.sampler, seed, trials, {kind: f"{relative}x"}, extra_enqueued=extra,
-                                       skip_over_budget=args.pruned_presets)
+                _, _, out = replay.run(args.sampler, seed, trials, {kind: f"{relative}x"},
+                                       seeding="hand_picked" if args.before else "planner")
                 rec = out.recommended
                 found.append((rec.user_attrs["metrics"]["perplexity"], rec.user_attrs["label"]) if rec else (None, None))
             ppls = [p for p, _ in found if p is not None]
@@ -97,7 +94,7 @@ def main() -> None:
             labels[label] = labels.get(label, 0) + 1
         print(f"  {entry['budget']:<16} " + ", ".join(f"{k}: {v}" for k, v in sorted(labels.items(), key=lambda x: -x[1])))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "uniform_baselines" + ("_pruned_presets" if args.pruned_presets else "") + ".json"
+    name = "uniform_baselines" + ("_before" if args.before else "") + ".json"
     (RESULTS / name).write_text(json.dumps(results, indent=1))
 
 

@@ -1,9 +1,9 @@
 """The study's samplers, selectable by name; a seed makes a study reproducible.
 
-Default: multi-objective TPE. With the trial counts a CPU budget allows (tens, not thousands), NSGA-II
-spends its whole first generation on random candidates, while TPE starts modelling the space after a
-handful of trials and reads the budget constraints (`trial.set_constraint`) directly. The search-quality
-benchmark is where this choice gets checked.
+Default: multi-objective TPE, reading the budget constraints (`trial.set_constraint`) directly. In the
+search-quality benchmark (docs/benchmarks.md) all three are level at 20 trials, where the study's seeds
+do the work, and TPE is clearly ahead after that under a memory budget (60 trials: 0.967 of the exhaustive
+hypervolume vs 0.947 random and 0.942 NSGA-II, whose first generations are random at these trial counts).
 """
 from __future__ import annotations
 

@@ -74,6 +74,14 @@ def measure(bench: Workbench, model, stages: list[Stage], trial=None) -> tuple[d
     return row, details
 
 
+def measure_baseline(bench: Workbench) -> tuple[dict, dict]:
+    """The uncompressed model's figures. The first model timed in a fresh process decodes slowly (the
+    benchmark's fidelity run found a stored baseline ~45% slow), which would loosen relative latency
+    budgets: one untimed latency pass first."""
+    measure_latency(bench.model, bench.settings.latency_protocol())
+    return measure(bench, bench.model, [])
+
+
 def _values(bench: Workbench, row: dict) -> tuple[float, float, float]:
     unmeasured = UNMEASURED_PERPLEXITY_FACTOR * bench.baseline["perplexity"]
     return (row.get("perplexity", unmeasured), row.get("decode_ms_p50", bench.baseline["decode_ms_p50"]),

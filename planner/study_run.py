@@ -14,10 +14,10 @@ from planner import assets, workers
 from planner.budgets import Budget
 from evaluators.memory import weight_bytes
 from evaluators.perplexity import check_protocol
-from planner.candidates import describe, hand_picked, smallest_candidate
+from planner.candidates import describe, smallest_candidate, starting_points
 from planner.errors import Interrupted, PlannerError, SearchStopped
 from planner.recipes import Recipe, Stage, save_recipe
-from planner.search import OBJECTIVES, Workbench, create_or_load, measure, objective, resolve_spaces
+from planner.search import OBJECTIVES, Workbench, create_or_load, measure_baseline, objective, resolve_spaces
 from planner.settings import SearchSettings, make_settings
 from planner.sources import (DataSource, ModelSource, content_hash, load_corpus, load_model, resolve_device,
                              resolve_dtype)
@@ -85,7 +85,7 @@ def _require_a_fitting_candidate(bench: Workbench) -> None:
 
 def _measure_baseline(bench: Workbench, study: optuna.Study, model_hash: str) -> dict:
     tqdm.write("planner: measuring the uncompressed model (the baseline)")
-    row, details = measure(bench, bench.model, [])
+    row, details = measure_baseline(bench)
     study.set_user_attr("model", {"source": bench.settings.model, "content_hash": model_hash})
     study.set_user_attr("baseline", row)
     study.set_user_attr("baseline_measurements", details)
@@ -120,7 +120,8 @@ def open_study(settings: SearchSettings, verbose: bool = False) -> tuple[optuna.
     study = create_or_load(settings)
     join(bench, study)
     if not study.get_trials(deepcopy=False):
-        for params in hand_picked(bench.spaces):
+        memory = next((b for b in bench.budgets if b.kind == "memory"), None)
+        for params in starting_points(bench.model, bench.spaces, memory and memory.limit, settings.trials):
             study.enqueue_trial(params, skip_if_exists=True)
     study.set_user_attr("settings", stored_settings(settings))
     return study, bench

@@ -133,6 +133,11 @@ class Technique:
     # stages do: the planner sizes their combinations to tell at once when no candidate fits a memory budget.
     # Parameters left out take their first choice (they must not change the size).
     smallest: Callable[[Any], list[dict]] | None = None  # (space) -> [params, ...]
+    # Warm starts across stages: a shape-changing stage names the reduced shapes worth trying (`shapes`),
+    # a storage stage the presets worth trying on each of them (`shape_presets`); the study starts with
+    # their combinations too (the search-quality benchmark found the front's volume sits there).
+    shapes: Callable[[Any], list[dict]] | None = None  # (space) -> [params, ...]
+    shape_presets: Callable[[Any], list[dict]] | None = None  # (space) -> [params, ...]
     # Writing a built model as a checkpoint plain transformers loads, where save_pretrained is not enough
     # (e.g. packed integer weights). The tokenizer is saved beside it by the caller.
     save: Callable[[Any, Any, Path], None] | None = None  # (model, spec, folder) -> None

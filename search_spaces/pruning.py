@@ -29,7 +29,7 @@ from search_spaces.importance import input_feature_norms, structural_importance
 from search_spaces.pruning_anatomy import UnsupportedArchitecture
 from search_spaces.pruning_choices import check_choices, check_float, check_int, check_member, choose
 from search_spaces.pruning_shape import RATIO_FIELDS, SizeEstimate, Structure, check_ratio, estimate_size, \
-    fit_choices, ratio_labels, smallest_shape, spec_config
+    fit_choices, ratio_labels, reduced_shapes, smallest_shape, spec_config
 from search_spaces.pruning_surgery import StructureReport, check_structure, needed_scores, restructure
 from search_spaces.pruning_unstructured import GROUPS, METHODS, PATTERNS, SEMI_STRUCTURED_SPARSITY, \
     sparsified_modules, sparsify
@@ -203,4 +203,4 @@ def presets(space: PruneSpace) -> list[dict]:
 
 TECHNIQUE = register(Technique(name="pruning", order=20, spec_type=PruneSpec, space_type=PruneSpace,
                                suggest=suggest, apply=apply, derive_config=pruned_config, presets=presets,
-                               smallest=partial(smallest_shape, "prune")))
+                               smallest=partial(smallest_shape, "prune"), shapes=partial(reduced_shapes, "prune")))

@@ -10,6 +10,7 @@ gives the exact parameter count and stored bytes of a config by building its ske
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -222,3 +223,23 @@ def smallest_shape(prefix: str, space) -> list[dict]:
     if True not in space.enabled:
         return [{}]
     return [{f"{prefix}.enabled": True, **{f"{prefix}.{name}": min(getattr(space, name)) for name in RATIO_FIELDS}}]
+
+
+MAX_SHAPES = 5  # beyond this many reduced shapes, only the corners are proposed as warm starts
+
+
+def reduced_shapes(prefix: str, space) -> list[dict]:
+    """Trial parameters of the reduced shapes a space holds: every combination of its keep ratios when
+    there are few, else the corners (each ratio alone at its least, then all of them at their least)."""
+    if True not in space.enabled:
+        return []
+    choices = {name: sorted(set(getattr(space, name)), reverse=True) for name in RATIO_FIELDS}
+    combos = [dict(zip(choices, values)) for values in itertools.product(*choices.values())]
+    reduced = [c for c in combos if any(v < 1.0 for v in c.values())]
+    if len(reduced) > MAX_SHAPES:
+        least = {name: values[-1] for name, values in choices.items()}
+        singles = [{**{n: 1.0 for n in choices}, name: least[name]} for name in choices if least[name] < 1.0]
+        reduced = [shape for i, shape in enumerate(singles + [least]) if shape not in (singles + [least])[:i]]
+    on = {f"{prefix}.enabled": True} if len(space.enabled) > 1 else {}
+    return [{**on, **{f"{prefix}.{name}": value for name, value in shape.items() if len(choices[name]) > 1}}
+            for shape in reduced]

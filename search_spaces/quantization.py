@@ -30,7 +30,7 @@ from search_spaces.quant_weight_only import build_weight_only
 __all__ = [
     "BITS", "GROUP_SIZES", "METHODS", "ExportError", "ExportResult", "GPTQSettings", "LayerOverride", "QuantSpace",
     "QuantSpec", "apply", "available_methods", "estimate_weight_bytes", "export", "export_blocker", "presets",
-    "smallest", "suggest",
+    "shape_presets", "smallest", "suggest",
 ]
 
 PARAM = "quantization."
@@ -132,6 +132,16 @@ def presets(space: QuantSpace) -> list[dict]:
     return [off, *picks]
 
 
+def shape_presets(space: QuantSpace) -> list[dict]:
+    """The presets worth trying on every reduced shape too: the most accurate 4-bit method the space holds
+    (GPTQ, else RTN) and dynamic int8 (the fastest on a CPU)."""
+    picks = presets(space)[1:]
+    four_bit = [p for p in picks if p.get(PARAM + "method") in (GPTQ, RTN)
+                and all(v == 4 for k, v in p.items() if k.endswith("bits"))]
+    dynamic = [p for p in picks if p.get(PARAM + "method") == DYNAMIC_INT8]
+    return four_bit[-1:] + dynamic
+
+
 def smallest(space: QuantSpace) -> list[dict]:
     """Per method, its smallest settings: least bits, symmetric grids (no zero points), 4-bit bnb modes and
     every quantized group. Head bits and group sizes are all listed: which is smallest depends on the model
@@ -161,4 +171,4 @@ def _save(model: nn.Module, spec: QuantSpec, folder) -> None:
 
 register(Technique(name="quantization", order=30, spec_type=QuantSpec, space_type=QuantSpace, suggest=suggest,
                    apply=apply, weight_bytes=estimate_weight_bytes, presets=presets, smallest=smallest,
-                   save=_save))
+                   shape_presets=shape_presets, save=_save))

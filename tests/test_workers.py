@@ -84,7 +84,7 @@ def test_sigkill_mid_trial_then_rerun_keeps_every_finished_trial(tiny_study_file
     assert cut.state == TrialState.FAIL and "died during the trial" in cut.user_attrs["interrupted"]
     retried = [t for t in trials if t.user_attrs.get("retry_of") == killed[0]]
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
-    assert retried[0].params == cut.params  # the same candidate ran again
+    assert cut.params.items() <= retried[0].params.items()  # the same candidate (as far as it was drawn) ran again
     assert counted(after) == 6
 
 
