@@ -306,6 +306,7 @@ class Replay:
         `extra_enqueued` (optionally sized against the memory budget first)."""
         import optuna
 
+        from planner.budgets import of_kind
         from planner.candidates import hand_picked, starting_points
         from planner.samplers import make_sampler
         from planner.search import Workbench, objective
@@ -328,7 +329,7 @@ class Replay:
                 setattr(self.search, name, fn)
             with contextlib.redirect_stdout(io.StringIO()):  # "measuring the uncompressed model"
                 join(bench, study)
-            memory = next((b for b in bench.budgets if b.kind == "memory"), None)
+            memory = of_kind(bench.budgets, "memory")
             if seeding == "planner":
                 enqueued = starting_points(self.model, self.spaces, memory and memory.limit, trials)
             else:

@@ -55,6 +55,11 @@ class Budget:
         return {"kind": self.kind, "limit": self.limit, "relative": self.relative, "text": self.text}
 
 
+def of_kind(budgets: list[Budget], kind: str) -> Budget | None:
+    """The budget of that kind among `budgets` (there is at most one of each), or None."""
+    return next((b for b in budgets if b.kind == kind), None)
+
+
 def parse_budget(kind: str, text: str) -> Budget:
     """'25ms', '0.02s', '300MB', '1.5GiB', '0.5x' (relative to the baseline) -> Budget."""
     if kind not in METRICS:

@@ -15,7 +15,7 @@ import optuna
 from evaluators.latency import measure_latency
 from evaluators.memory import weight_bytes
 from evaluators.perplexity import measure_perplexity
-from planner.budgets import Budget
+from planner.budgets import Budget, of_kind
 from planner.candidates import build, describe, estimate_weight_bytes, suggest_stages
 from planner.errors import PlannerError
 from planner.recipes import Stage
@@ -128,7 +128,7 @@ def objective(bench: Workbench):
             return _values(bench, twin.user_attrs["metrics"])
         estimate = estimate_weight_bytes(bench.model, stages)
         trial.set_user_attr("estimated_weight_bytes", estimate)
-        memory = next((b for b in bench.budgets if b.kind == "memory"), None)
+        memory = of_kind(bench.budgets, "memory")
         if memory is not None and estimate > memory.limit:
             row = metrics_row(stages, estimate)
             trial.set_user_attr("rejected", f"weights {estimate / 1e6:.1f} MB from the spec alone; over the budget")

@@ -10,10 +10,10 @@ from pathlib import Path
 import optuna
 from tqdm import tqdm
 
-from planner import assets, workers
-from planner.budgets import Budget
 from evaluators.memory import weight_bytes
 from evaluators.perplexity import check_protocol
+from planner import assets, workers
+from planner.budgets import Budget, of_kind
 from planner.candidates import describe, smallest_candidate, starting_points
 from planner.errors import Interrupted, PlannerError, SearchStopped
 from planner.recipes import Recipe, Stage, save_recipe
@@ -22,6 +22,7 @@ from planner.settings import SearchSettings, make_settings
 from planner.sources import (DataSource, ModelSource, content_hash, load_corpus, load_model, resolve_device,
                              resolve_dtype)
 from search_spaces import TECHNIQUES, BuildContext
+
 
 @dataclass
 class SearchOutcome:
@@ -60,19 +61,18 @@ def prepare(settings: SearchSettings, study: optuna.Study | None = None, verbose
 
 def join(bench: Workbench, study: optuna.Study) -> None:
     """Check the study is for this model, then take (or measure) its baseline and resolve the budgets."""
-    model_hash = bench.model_hash
     stored = study.user_attrs.get("model")
-    if stored and stored != {"source": bench.settings.model, "content_hash": model_hash}:
+    if stored and stored != {"source": bench.settings.model, "content_hash": bench.model_hash}:
         raise PlannerError(f"study '{bench.settings.study}' was made for model {stored['source']} "
                            f"({stored['content_hash'][:19]}...), not {bench.settings.model}")
-    bench.baseline = study.user_attrs.get("baseline") or _measure_baseline(bench, study, model_hash)
+    bench.baseline = study.user_attrs.get("baseline") or _measure_baseline(bench, study)
     bench.budgets = [b.resolve(bench.baseline) for b in bench.budgets]
     study.set_user_attr("budgets", [b.to_dict() for b in bench.budgets])
 
 
 def _require_a_fitting_candidate(bench: Workbench) -> None:
     """A memory budget that no candidate of the space can meet is refused before anything runs or is stored."""
-    memory = next((b for b in bench.budgets if b.kind == "memory"), None)
+    memory = of_kind(bench.budgets, "memory")
     if memory is None:
         return
     limit = memory.resolve({"weight_bytes": weight_bytes(bench.model).total_bytes}).limit
@@ -83,10 +83,10 @@ def _require_a_fitting_candidate(bench: Workbench) -> None:
                            "(raise the budget or widen the space: fewer bits, smaller keep ratios)")
 
 
-def _measure_baseline(bench: Workbench, study: optuna.Study, model_hash: str) -> dict:
+def _measure_baseline(bench: Workbench, study: optuna.Study) -> dict:
     tqdm.write("planner: measuring the uncompressed model (the baseline)")
     row, details = measure_baseline(bench)
-    study.set_user_attr("model", {"source": bench.settings.model, "content_hash": model_hash})
+    study.set_user_attr("model", {"source": bench.settings.model, "content_hash": bench.model_hash})
     study.set_user_attr("baseline", row)
     study.set_user_attr("baseline_measurements", details)
     return row
@@ -120,7 +120,7 @@ def open_study(settings: SearchSettings, verbose: bool = False) -> tuple[optuna.
     study = create_or_load(settings)
     join(bench, study)
     if not study.get_trials(deepcopy=False):
-        memory = next((b for b in bench.budgets if b.kind == "memory"), None)
+        memory = of_kind(bench.budgets, "memory")
         for params in starting_points(bench.model, bench.spaces, memory and memory.limit, settings.trials):
             study.enqueue_trial(params, skip_if_exists=True)
     study.set_user_attr("settings", stored_settings(settings))

@@ -23,18 +23,19 @@ import optuna
 import psutil
 
 TrialState = optuna.trial.TrialState
-COUNTED_STATES = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
 POLL_SECONDS = 2.0
 # Consecutive failed trials after which a process gives up: a space where everything fails is a setup problem.
 MAX_CONSECUTIVE_FAILURES = 5
 
 
-def counts(trial: optuna.trial.FrozenTrial) -> bool:
-    return trial.state in COUNTED_STATES or (trial.state == TrialState.FAIL and "failure" in trial.user_attrs)
-
-
 def finished(trial: optuna.trial.FrozenTrial) -> bool:
+    """Complete, or failed by its own candidate (a trial cut short by its process carries no "failure")."""
     return trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL and "failure" in trial.user_attrs)
+
+
+def counts(trial: optuna.trial.FrozenTrial) -> bool:
+    """Toward the study's trial count: finished, or still to finish (running or queued)."""
+    return finished(trial) or trial.state in (TrialState.RUNNING, TrialState.WAITING)
 
 
 def owner() -> dict:

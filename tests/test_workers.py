@@ -13,6 +13,7 @@ import pytest
 import cli
 from planner import workers
 from planner.storage import open_storage
+from planner.study_run import finished
 
 TrialState = optuna.trial.TrialState
 # Trials long enough (a second or more on the tiny model) to be caught in the middle.
@@ -56,27 +57,29 @@ def running_after_a_complete(url: str):
     return check
 
 
-def counted(study: optuna.Study) -> int:
-    return sum(workers.finished(t) for t in study.get_trials(deepcopy=False))
-
-
 def snapshot(study: optuna.Study) -> dict:
     return {t.number: t.values for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE}
 
 
-def test_sigkill_mid_trial_then_rerun_keeps_every_finished_trial(tiny_study_file, tmp_path, capsys):
+def interrupt_a_search(study_file, tmp_path, trials: int, sig) -> tuple[str, list[str], subprocess.Popen]:
+    """A search in its own process, sent `sig` in the middle of a trial once another has finished."""
     url = f"sqlite:///{tmp_path}/tiny.db"
-    search = ["search", "--study-file", slow(tiny_study_file), "--trials", "6", "-q"]
+    search = ["search", "--study-file", str(slow(study_file)), "--trials", str(trials), "-q"]
     process = planner(*search)
     wait_for(running_after_a_complete(url))
-    process.send_signal(signal.SIGKILL)
+    process.send_signal(sig)
+    return url, search, process
+
+
+def test_sigkill_mid_trial_then_rerun_keeps_every_finished_trial(tiny_study_file, tmp_path, capsys):
+    url, search, process = interrupt_a_search(tiny_study_file, tmp_path, 6, signal.SIGKILL)
     process.wait()
     before = load(url)
     kept = snapshot(before)
     killed = [t.number for t in before.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
     assert kept and len(killed) == 1
 
-    assert cli.main(list(map(str, search))) == 0, capsys.readouterr().err
+    assert cli.main(search) == 0, capsys.readouterr().err
     after = load(url)
     trials = after.get_trials(deepcopy=False)
     assert {n: v for n, v in snapshot(after).items() if n in kept} == kept  # nothing finished was lost
@@ -85,17 +88,15 @@ def test_sigkill_mid_trial_then_rerun_keeps_every_finished_trial(tiny_study_file
     retried = [t for t in trials if t.user_attrs.get("retry_of") == killed[0]]
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
     assert cut.params.items() <= retried[0].params.items()  # the same candidate (as far as it was drawn) ran again
-    assert counted(after) == 6
+    assert finished(after) == 6
 
 
 def test_ctrl_c_stops_cleanly_and_says_what_was_saved(tiny_study_file, tmp_path, capsys):
-    url = f"sqlite:///{tmp_path}/tiny.db"
-    search = ["search", "--study-file", slow(tiny_study_file), "--trials", "5", "-q"]
-    process = planner(*search)
-    wait_for(running_after_a_complete(url))
-    process.send_signal(signal.SIGINT)
+    url, search, process = interrupt_a_search(tiny_study_file, tmp_path, 5, signal.SIGINT)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
+    # A shell reports both as status 130. Rarely (1 run in ~10 here) CPython ends the process by re-raising
+    # SIGINT after main() has returned 130, when a KeyboardInterrupt once escaped a C-level evaluation.
+    assert process.returncode in (130, -signal.SIGINT), (process.returncode, err)
     assert err.strip().splitlines()[-1].startswith("planner: interrupted: ") and "are saved in study 'tiny'" in err
     assert "Traceback" not in err
     stopped = load(url)
@@ -103,8 +104,8 @@ def test_ctrl_c_stops_cleanly_and_says_what_was_saved(tiny_study_file, tmp_path,
     assert len(cut) == 1 and cut[0].state == TrialState.FAIL
     assert any(t.state == TrialState.WAITING and t.user_attrs.get("retry_of") == cut[0].number
                for t in stopped.trials)
-    assert cli.main(list(map(str, search))) == 0, capsys.readouterr().err
-    assert counted(load(url)) == 5
+    assert cli.main(search) == 0, capsys.readouterr().err
+    assert finished(load(url)) == 5
 
 
 def _storages(tmp_path):
@@ -126,14 +127,14 @@ def test_two_workers_share_one_study_exactly(kind, tiny_study_file, tmp_path, ca
     out, err = capsys.readouterr()
     assert code == 0, err
     assert f"planner worker --study tiny --storage {url}" in out
-    assert counted(load(url)) == 0
+    assert finished(load(url)) == 0
     pool = [planner("worker", "--study", "tiny", "--storage", url, "-q") for _ in range(2)]
     results = [p.communicate(timeout=600) for p in pool]
     for process, (out, err) in zip(pool, results):
         assert process.returncode == 0, err
     study = load(url)
     trials = study.get_trials(deepcopy=False)
-    assert counted(study) == 9  # exact: none lost, none extra
+    assert finished(study) == 9  # exact: none lost, none extra
     assert len({t.number for t in trials}) == len(trials)
     assert not [t for t in trials if t.state in (TrialState.RUNNING,)]
     assert len({t.user_attrs["worker"]["pid"] for t in trials if workers.finished(t)}) == 2  # both worked
@@ -179,7 +180,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_study_file, tmp_
     assert failed == {calls[0]: "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
                       calls[1]: failed[calls[1]]}
     assert failed[calls[1]].startswith("FloatingPointError: non-finite metrics")
-    assert counted(study) == 6 and sum(t.state == TrialState.COMPLETE for t in study.trials) == 4
+    assert finished(study) == 6 and sum(t.state == TrialState.COMPLETE for t in study.trials) == 4
 
 
 def test_a_study_where_everything_fails_stops(tiny_study_file, tmp_path, capsys, monkeypatch):
