@@ -63,7 +63,7 @@ def stage_key(stages) -> str:
 
 def grid_params() -> list[dict]:
     """Trial parameters of every grid point (several may name the same candidate; `grid_points` dedupes)."""
-    prune = [{"prune.enabled": False}] + [{"prune.enabled": True, "prune.depth_keep": d, "prune.mlp_keep": m}
+    prune = [{"pruning.enabled": False}] + [{"pruning.enabled": True, "pruning.depth_keep": d, "pruning.mlp_keep": m}
                                           for d, m in itertools.product(DEPTH_KEEP, MLP_KEEP)]
     quant = [{"quantization.method": "none"}]
     for method in ("rtn", "gptq"):

@@ -28,7 +28,7 @@ from planner.quiet import quiet_libraries  # noqa: E402
 from planner.sources import DataSource, ModelSource, load_corpus, load_model  # noqa: E402
 from search_spaces import distillation, pruning  # noqa: E402
 from search_spaces.base import BuildContext  # noqa: E402
-from search_spaces.distill_student import derive_student  # noqa: E402
+from search_spaces.distillation.student import derive_student  # noqa: E402
 
 PRUNING_LADDER = [
     ("mlp 75%", dict(mlp_keep=0.75)),

@@ -400,7 +400,7 @@ def pruned_presets(shapes) -> list[dict]:
     """The 4-bit GPTQ and dynamic-int8 presets on pruned shapes (depth keep, MLP keep), as trial parameters."""
     quant = [{"quantization.method": "gptq", "quantization.gptq.attn_bits": 4, "quantization.gptq.mlp_bits": 4},
              {"quantization.method": "dynamic-int8", "quantization.dynamic-int8.groups": "attn+mlp"}]
-    return [{"prune.enabled": True, "prune.depth_keep": d, "prune.mlp_keep": m, **q} for d, m in shapes for q in quant]
+    return [{"pruning.enabled": True, "pruning.depth_keep": d, "pruning.mlp_keep": m, **q} for d, m in shapes for q in quant]
 
 
 def prototypes() -> dict:

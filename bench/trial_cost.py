@@ -34,37 +34,37 @@ LOG = ROOT / "bench" / "results" / "trial_cost.jsonl"
 
 # Typical candidates of the demo space, as trial parameters (every one quantizes and/or prunes).
 CANDIDATES = {
-    "rtn 4/4": {"prune.enabled": False, "quantization.method": "rtn", "quantization.rtn.attn_bits": 4,
+    "rtn 4/4": {"pruning.enabled": False, "quantization.method": "rtn", "quantization.rtn.attn_bits": 4,
                 "quantization.rtn.mlp_bits": 4, "quantization.rtn.group_size": 128},
-    "prune d.9 m.75 + rtn 4/8": {"prune.enabled": True, "prune.depth_keep": 0.9, "prune.mlp_keep": 0.75,
+    "prune d.9 m.75 + rtn 4/8": {"pruning.enabled": True, "pruning.depth_keep": 0.9, "pruning.mlp_keep": 0.75,
                                  "quantization.method": "rtn", "quantization.rtn.attn_bits": 4,
                                  "quantization.rtn.mlp_bits": 8, "quantization.rtn.group_size": 128},
-    "prune m.875 + gptq 4/4": {"prune.enabled": True, "prune.depth_keep": 1.0, "prune.mlp_keep": 0.875,
+    "prune m.875 + gptq 4/4": {"pruning.enabled": True, "pruning.depth_keep": 1.0, "pruning.mlp_keep": 0.875,
                                "quantization.method": "gptq", "quantization.gptq.attn_bits": 4,
                                "quantization.gptq.mlp_bits": 4, "quantization.gptq.group_size": 128},
-    "prune d.9 + rtn 8/3": {"prune.enabled": True, "prune.depth_keep": 0.9, "prune.mlp_keep": 1.0,
+    "prune d.9 + rtn 8/3": {"pruning.enabled": True, "pruning.depth_keep": 0.9, "pruning.mlp_keep": 1.0,
                             "quantization.method": "rtn", "quantization.rtn.attn_bits": 8,
                             "quantization.rtn.mlp_bits": 3, "quantization.rtn.group_size": 64},
-    "prune d.9 m.875 + gptq 8/4": {"prune.enabled": True, "prune.depth_keep": 0.9, "prune.mlp_keep": 0.875,
+    "prune d.9 m.875 + gptq 8/4": {"pruning.enabled": True, "pruning.depth_keep": 0.9, "pruning.mlp_keep": 0.875,
                                    "quantization.method": "gptq", "quantization.gptq.attn_bits": 8,
                                    "quantization.gptq.mlp_bits": 4, "quantization.gptq.group_size": 64},
-    "dynamic-int8 attn": {"prune.enabled": False, "quantization.method": "dynamic-int8",
+    "dynamic-int8 attn": {"pruning.enabled": False, "quantization.method": "dynamic-int8",
                           "quantization.dynamic-int8.groups": "attn"},
 }
 SCALING_CANDIDATES = ("rtn 4/4", "prune d.9 m.75 + rtn 4/8", "prune m.875 + gptq 4/4")
 # Over 0.3x of the baseline's bytes (the demo budget), so rejected from the spec without being built.
 REJECTED = {
-    "rtn 8/8 (168.7 MB)": {"prune.enabled": False, "quantization.method": "rtn", "quantization.rtn.attn_bits": 8,
+    "rtn 8/8 (168.7 MB)": {"pruning.enabled": False, "quantization.method": "rtn", "quantization.rtn.attn_bits": 8,
                            "quantization.rtn.mlp_bits": 8, "quantization.rtn.group_size": 128},
-    "prune d.9 + dynamic-int8": {"prune.enabled": True, "prune.depth_keep": 0.9, "prune.mlp_keep": 1.0,
+    "prune d.9 + dynamic-int8": {"pruning.enabled": True, "pruning.depth_keep": 0.9, "pruning.mlp_keep": 1.0,
                                  "quantization.method": "dynamic-int8",
                                  "quantization.dynamic-int8.groups": "attn+mlp"},
-    "baseline": {"prune.enabled": False, "quantization.method": "none"},
+    "baseline": {"pruning.enabled": False, "quantization.method": "none"},
 }
 # A deliberately tiny student (its training is not what is timed; its second use, from the cache, is).
 STUDENT_SPACE = {"enabled": [True], "depth_keep": [0.8], "mlp_keep": [1.0], "steps": [4], "batch_size": [1],
                  "seq_len": [128], "importance_samples": 4, "importance_seq_len": 128}
-STUDENT = {"distill.enabled": True, "prune.enabled": False, "quantization.method": "rtn",
+STUDENT = {"distillation.enabled": True, "pruning.enabled": False, "quantization.method": "rtn",
            "quantization.rtn.attn_bits": 4, "quantization.rtn.mlp_bits": 4, "quantization.rtn.group_size": 128}
 # Llama shapes: smaller and larger than the built-in SmolLM2-135M (same vocabulary and tokenizer).
 SIZES = {
@@ -183,9 +183,9 @@ def decompose(done: dict, bench, name: str) -> None:
     def run() -> dict:
         from search_spaces import TECHNIQUES
         from search_spaces.calibration import calibration_batches
-        from search_spaces.importance import structural_importance
+        from search_spaces.structure.importance import structural_importance
         from search_spaces.pruning import PruneSpec
-        from search_spaces.pruning_surgery import needed_scores, restructure
+        from search_spaces.structure.surgery import needed_scores, restructure
         from search_spaces.quantization import QuantSpec
 
         spec = PruneSpec(depth_keep=0.9, mlp_keep=0.75, calibration_samples=16)

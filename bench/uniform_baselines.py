@@ -30,7 +30,7 @@ METRIC = {"memory": "weight_bytes", "latency": "decode_ms_p50"}
 
 def uniform(row: dict) -> bool:
     params = row["params"]
-    if params.get("prune.enabled") and "prune" in row["label"]:
+    if "prune(" in row["label"]:  # the label, not a parameter name: rows stored before the prefix rename
         return False
     method = params["quantization.method"]
     if method in ("rtn", "gptq"):

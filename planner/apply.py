@@ -98,12 +98,11 @@ def check(recipe: Recipe, model, tokenizer, corpus, out: Path) -> ApplyResult:
 
 
 def save(model, recipe: Recipe, tokenizer, out: Path) -> None:
-    """The last stage that needs its own checkpoint format writes it; otherwise plain save_pretrained."""
-    writer = next(((TECHNIQUES[s.technique].save, s.spec) for s in reversed(recipe.stages)
-                   if TECHNIQUES[s.technique].save is not None), None)
-    if writer is not None:
+    """The last stage writes the checkpoint (in its own format where it has one; else plain save_pretrained)."""
+    if recipe.stages:
+        last = recipe.stages[-1]
         try:
-            writer[0](model, writer[1], out)
+            TECHNIQUES[last.technique].save(model, last.spec, out)
         except ValueError as exc:  # a candidate with no loadable checkpoint format (the technique says why)
             raise PlannerError(f"cannot save this candidate as a checkpoint: {exc}") from None
     else:

@@ -37,16 +37,15 @@ def suggest_stages(trial, spaces: dict) -> list[Stage]:
     return stages
 
 
+def _enabled(spaces: dict):
+    """(technique, space) of each enabled technique, in composition order."""
+    return [(t, spaces[t.name]) for t in ordered() if spaces.get(t.name) is not None]
+
+
 def hand_picked(spaces: dict) -> list[dict]:
     """Trial parameters of the baseline (every stage off) and of each technique's presets on their own."""
-    off, presets = {}, []
-    for technique in ordered():
-        space = spaces.get(technique.name)
-        if space is None or technique.presets is None:
-            continue
-        stage_off, *stage_presets = technique.presets(space)
-        off.update(stage_off)
-        presets += stage_presets
+    off = {k: v for t, space in _enabled(spaces) for k, v in t.qualified(t.off(space)).items()}
+    presets = [t.qualified(p) for t, space in _enabled(spaces) for p in t.presets(space)]
     return [off] + [{**off, **preset} for preset in presets]
 
 
@@ -54,13 +53,8 @@ def on_shapes(spaces: dict) -> list[dict]:
     """Trial parameters of the shape presets (e.g. GPTQ 4-bit, dynamic int8) on each reduced shape (e.g.
     pruned depth or MLP width), every other stage off."""
     off = hand_picked(spaces)[0]
-    shapes, presets = [], []
-    for technique in ordered():
-        space = spaces.get(technique.name)
-        if space is None:
-            continue
-        shapes += technique.shapes(space) if technique.shapes else []
-        presets += technique.shape_presets(space) if technique.shape_presets else []
+    shapes = [t.qualified(p) for t, space in _enabled(spaces) for p in t.shapes(space)]
+    presets = [t.qualified(p) for t, space in _enabled(spaces) for p in t.shape_presets(space)]
     return [{**off, **shape, **preset} for shape in shapes for preset in presets]
 
 
@@ -95,8 +89,7 @@ class CornerTrial:
 def smallest_candidate(base_model: torch.nn.Module, spaces: dict) -> tuple[int, list[Stage]]:
     """The fewest bytes any candidate of the spaces stores, and that candidate: the combinations of each
     technique's smallest settings, sized from their specs."""
-    corner_lists = [technique.smallest(spaces[technique.name]) for technique in ordered()
-                    if spaces.get(technique.name) is not None and technique.smallest is not None]
+    corner_lists = [[t.qualified(p) for p in t.smallest(space)] for t, space in _enabled(spaces)]
     best = None
     for combination in itertools.product(*corner_lists):
         stages = suggest_stages(CornerTrial({k: v for params in combination for k, v in params.items()}), spaces)
@@ -107,12 +100,14 @@ def smallest_candidate(base_model: torch.nn.Module, spaces: dict) -> tuple[int, 
 
 
 def estimate_weight_bytes(base_model: torch.nn.Module, stages: list[Stage]) -> int:
-    """Exact stored bytes of the candidate, without building it."""
+    """Exact stored bytes of the candidate, without building it: every stage maps the config to the config of
+    what it builds, and the last stage (storage stages come last in composition order) sizes an empty model
+    of that config on the meta device."""
+    if not stages:
+        return weight_bytes(base_model).total_bytes
     config = base_model.config
     for stage in stages:
-        derive = TECHNIQUES[stage.technique].derive_config
-        if derive is not None:
-            config = derive(config, stage.spec)
+        config = TECHNIQUES[stage.technique].derive_config(config, stage.spec)
     if config is base_model.config:
         sized = base_model
     else:
@@ -120,11 +115,8 @@ def estimate_weight_bytes(base_model: torch.nn.Module, stages: list[Stage]) -> i
 
         with torch.device("meta"):
             sized = AutoModelForCausalLM.from_config(config, dtype=next(base_model.parameters()).dtype)
-    for stage in reversed(stages):
-        size = TECHNIQUES[stage.technique].weight_bytes
-        if size is not None:
-            return size(sized, stage.spec)
-    return weight_bytes(sized).total_bytes
+    last = stages[-1]
+    return TECHNIQUES[last.technique].weight_bytes(sized, last.spec)
 
 
 def build(base_model: torch.nn.Module, stages: list[Stage], context: BuildContext) -> BuiltCandidate:
@@ -142,8 +134,4 @@ def describe(stages: list[Stage]) -> str:
     """A short label such as 'prune(mlp 0.75) + quant(gptq 4/4)' for tables and logs."""
     if not stages:
         return "baseline"
-    parts = []
-    for stage in stages:
-        summary = getattr(stage.spec, "summary", None)
-        parts.append(summary() if callable(summary) else stage.technique)
-    return " + ".join(parts)
+    return " + ".join(TECHNIQUES[stage.technique].describe(stage.spec) for stage in stages)

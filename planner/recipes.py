@@ -51,7 +51,7 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: Any, techniques: dict) -> "Recipe":
         """Validate a plain dict; `techniques` maps a technique name to its registered Technique."""
-        from search_spaces.base import SpecError
+        from search_spaces.specs import SpecError
 
         data = _mapping(data, "recipe")
         unknown = [key for key in data if key not in RECIPE_FIELDS]

@@ -191,15 +191,11 @@ def resolve_spaces(settings: SearchSettings, model) -> dict:
             continue
         if given is True:
             given = {}
-        if "device" in technique.space_type.__dataclass_fields__ and "device" not in given:
-            # Methods that cannot run where candidates are built are left out of the space up front.
-            given = {**given, "device": next(model.parameters()).device.type}
         try:
             space = technique.space_type.from_dict(given, f"space.{name}")
         except SpecError as exc:
             raise PlannerError(str(exc)) from None
-        fitted = getattr(space, "fitted", None)
-        spaces[name] = fitted(model) if callable(fitted) else space
+        spaces[name] = technique.fit_space(space, model)
     unknown = sorted(set(settings.space) - set(TECHNIQUES))
     if unknown:
         raise PlannerError(f"space.{unknown[0]}: unknown technique (known: {', '.join(sorted(TECHNIQUES))})")

@@ -13,10 +13,11 @@ from conftest import SAMPLE_TEXT, make_tiny_gpt2, make_tiny_llama, make_tiny_tok
 import search_spaces.distillation as distillation
 from evaluators.corpus import Document
 from evaluators.memory import weight_bytes
-from search_spaces.base import TECHNIQUES, BuildContext, SpecError
-from search_spaces.distill_train import kd_loss
+from search_spaces.base import TECHNIQUES, BuildContext
+from search_spaces.specs import SpecError
+from search_spaces.distillation.train import kd_loss
 from search_spaces.distillation import DistillSpace, DistillSpec, apply, estimate, key_material, report_of, suggest
-from search_spaces.student_cache import student_key
+from search_spaces.distillation.cache import student_key
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 TOKENIZER = make_tiny_tokenizer()
@@ -217,7 +218,7 @@ def test_suggest_with_real_trials():
         spec = suggest(trial, space)
         if spec is not None:
             assert DistillSpec.from_dict(spec.to_dict()) == spec and not spec.structure.is_identity
-            assert trial.params["distill.steps"] == spec.steps
+            assert trial.params["distillation.steps"] == spec.steps
             specs.append(spec)
         study.tell(trial, 1.0)
     assert 5 < len(specs) < 40
@@ -225,7 +226,7 @@ def test_suggest_with_real_trials():
 
 
 def test_fitted_space_and_registry():
-    fitted = DistillSpace(depth_keep=(0.9, 0.5), heads_keep=(1.0, 0.5)).fitted(teacher(make_tiny_gpt2))
+    fitted = TECHNIQUES["distillation"].fit_space(DistillSpace(depth_keep=(0.9, 0.5), heads_keep=(1.0, 0.5)), teacher(make_tiny_gpt2))
     assert fitted.heads_keep == (1.0,) and fitted.depth_keep == (0.9, 0.5)
     technique = TECHNIQUES["distillation"]
     assert (technique.order, technique.spec_type, technique.space_type) == (10, DistillSpec, DistillSpace)

@@ -7,7 +7,7 @@ import torch
 import search_spaces.distillation as distillation
 from evaluators.perplexity import PerplexityProtocol, measure_perplexity
 from search_spaces.base import BuildContext
-from search_spaces.distill_student import derive_student
+from search_spaces.distillation.student import derive_student
 from search_spaces.distillation import DistillSpec, apply, report_of
 
 pytestmark = pytest.mark.builtin

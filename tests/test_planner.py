@@ -197,7 +197,7 @@ def test_starting_points_cross_presets_with_reduced_shapes_and_skip_what_cannot_
     # The tiny model's fitted space: depth kept (2 layers), MLP keep {1, .875, .75, .5} x heads keep {1, .67}:
     # 7 reduced shapes are too many, so the corners (each ratio alone at its least, then both), each with
     # 4-bit RTN (GPTQ is not in this space) and dynamic int8.
-    shapes = {(p["prune.mlp_keep"], p["prune.heads_keep"]) for p in crossed}
+    shapes = {(p["pruning.mlp_keep"], p["pruning.heads_keep"]) for p in crossed}
     assert shapes == {(0.5, 1.0), (1.0, 0.67), (0.5, 0.67)}, shapes
     assert {p["quantization.method"] for p in crossed} == {"rtn", "dynamic-int8"}
     assert all(p["quantization.rtn.attn_bits"] == 4 for p in crossed if p["quantization.method"] == "rtn")

@@ -10,7 +10,7 @@ from evaluators.memory import weight_bytes
 from evaluators.perplexity import PerplexityProtocol, measure_perplexity
 from search_spaces.base import BuildContext
 from search_spaces.pruning import PruneSpec, apply, estimate
-from search_spaces.pruning_surgery import drop_layers, prune_mlp
+from search_spaces.structure.surgery import drop_layers, prune_mlp
 
 pytestmark = pytest.mark.builtin
 PROTOCOL = PerplexityProtocol(context_length=256, stride=256, max_tokens=2048)  # held-out text only

@@ -7,7 +7,8 @@ import pytest
 from conftest import SAMPLE_TEXT, make_tiny_gpt2, make_tiny_llama, make_tiny_tokenizer
 
 from evaluators.corpus import Document
-from search_spaces.base import TECHNIQUES, BuildContext, SpecError
+from search_spaces.base import TECHNIQUES, BuildContext
+from search_spaces.specs import SpecError
 from search_spaces.pruning import PruneSpace, PruneSpec, apply, estimate, report_of, suggest
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -90,9 +91,9 @@ def test_suggest_off_and_fixed_choices_record_no_parameters():
 
 
 def test_fitted_space_drops_what_the_model_cannot_take():
-    gpt2 = PruneSpace(heads_keep=(1.0, 0.5), depth_keep=(1.0, 0.9, 0.5)).fitted(make_tiny_gpt2())
+    gpt2 = TECHNIQUES["pruning"].fit_space(PruneSpace(heads_keep=(1.0, 0.5), depth_keep=(1.0, 0.9, 0.5)), make_tiny_gpt2())
     assert gpt2.heads_keep == (1.0,) and gpt2.depth_keep == (1.0, 0.5)
-    llama = PruneSpace(heads_keep=(1.0, 0.5)).fitted(make_tiny_llama())
+    llama = TECHNIQUES["pruning"].fit_space(PruneSpace(heads_keep=(1.0, 0.5)), make_tiny_llama())
     assert llama.heads_keep == (1.0, 0.5)
 
 

@@ -6,11 +6,11 @@ import torch
 from conftest import make_tiny_gpt2, make_tiny_llama
 
 from evaluators.memory import weight_bytes
-from search_spaces.importance import structural_importance
+from search_spaces.structure.importance import structural_importance
 from search_spaces.layers import weight_out_in
-from search_spaces.pruning_anatomy import UnsupportedArchitecture, attention_parts, mlp_parts
-from search_spaces.pruning_shape import Structure, estimate_size, fit_choices, kept, structured_config
-from search_spaces.pruning_surgery import drop_layers, needed_scores, prune_heads, prune_mlp, restructure
+from search_spaces.structure.anatomy import UnsupportedArchitecture, attention_parts, mlp_parts
+from search_spaces.structure.shape import Structure, estimate_size, fit_choices, kept, structured_config
+from search_spaces.structure.surgery import drop_layers, needed_scores, prune_heads, prune_mlp, restructure
 
 # Tiny Llama (conftest): vocab 128, hidden 32, intermediate 64, 2 layers, 4 heads / 2 KV heads, head_dim 8,
 # tied embeddings, no biases. Per layer: q 32*32 + k 32*16 + v 32*16 + o 32*32 = 3072; MLP 3 * 32*64 = 6144;

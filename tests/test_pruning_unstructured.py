@@ -9,7 +9,7 @@ from evaluators.memory import weight_bytes
 from search_spaces.base import BuildContext
 from search_spaces.layers import linear_sites, weight_out_in
 from search_spaces.pruning import PruneSpec, apply, estimate
-from search_spaces.pruning_unstructured import keep_mask, sparsify, weight_scores
+from search_spaces.pruning.unstructured import keep_mask, sparsify, weight_scores
 
 
 def context(tokenizer) -> BuildContext:

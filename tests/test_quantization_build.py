@@ -10,10 +10,10 @@ from conftest import SAMPLE_TEXT, make_tiny_gpt2, make_tiny_llama, make_tiny_tok
 from evaluators.corpus import Document
 from evaluators.memory import weight_bytes
 from search_spaces.base import BuildContext
-from search_spaces.gptq import gptq_round
+from search_spaces.quantization.gptq_solver import gptq_round
 from search_spaces.layers import weight_out_in
-from search_spaces.quant_grid import round_to_nearest
-from search_spaces.quant_modules import PACKED, StoredWeights
+from search_spaces.quantization.grid import round_to_nearest
+from search_spaces.quantization.modules import PACKED, StoredWeights
 from search_spaces.quantization import (
     ExportError, LayerOverride, QuantSpec, apply, estimate_weight_bytes, export, export_blocker,
 )

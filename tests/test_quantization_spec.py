@@ -6,14 +6,18 @@ import pytest
 import torch
 
 from conftest import make_tiny_gpt2, make_tiny_llama
-from search_spaces.base import TECHNIQUES, SpecError
-from search_spaces.quant_grid import effective_group_size
-from search_spaces.quant_plan import plan_layers
+from search_spaces.base import TECHNIQUES
+from search_spaces.specs import SpecError
+from search_spaces.quantization.grid import effective_group_size
+from search_spaces.quantization.plan import plan_layers
 from search_spaces.quantization import (
-    METHODS, GPTQSettings, LayerOverride, QuantSpace, QuantSpec, available_methods, estimate_weight_bytes, presets,
+    QUANT_METHODS, GPTQSettings, LayerOverride, QuantSpace, QuantSpec, available_methods, estimate_weight_bytes, presets,
     suggest,
 )
-from search_spaces.quant_spec import METHOD_BITS, method_runs_on
+from search_spaces.quantization.spec import method_runs_on
+
+METHODS = tuple(QUANT_METHODS)
+QUANTIZATION = TECHNIQUES["quantization"]
 
 EXAMPLES = [
     QuantSpec(),
@@ -90,7 +94,9 @@ def test_space_round_trips_and_is_registered():
     assert QuantSpace.from_dict(json.loads(json.dumps(space.to_dict()))) == space
     technique = TECHNIQUES["quantization"]
     assert (technique.order, technique.spec_type, technique.space_type) == (30, QuantSpec, QuantSpace)
-    assert (technique.weight_bytes, technique.presets) == (estimate_weight_bytes, presets)
+    model, spec = make_tiny_llama(), QuantSpec(bits={"attn": 4, "mlp": 8})
+    assert technique.weight_bytes(model, spec) == estimate_weight_bytes(model, spec)
+    assert technique.presets(space) == presets(space)
 
 
 def test_summaries_are_short_and_say_what_matters():
@@ -131,7 +137,7 @@ def test_suggest_draws_only_valid_specs_that_run_on_the_device():
             continue
         assert QuantSpec.from_dict(spec.to_dict()) == spec  # re-validated from its dict
         assert method_runs_on(spec.method, space.device)
-        assert all(b in METHOD_BITS[spec.method] for b in spec.bits.values())
+        assert all(b in QUANT_METHODS[spec.method].bits for b in spec.bits.values())
         if all(b == 16 for b in spec.bits.values()):  # conditional parameters: grid settings only when used
             assert not any(name.endswith("group_size") for name in trial.params)
     heads = {s.bits.get("head") for s in specs if s.method in ("rtn", "gptq")}
@@ -160,8 +166,8 @@ def test_presets_switch_the_stage_off_then_give_hand_picked_candidates():
     space = QuantSpace()
     study = optuna.create_study()
     specs = []
-    for params in presets(space):
-        study.enqueue_trial(params)
+    for params in [QUANTIZATION.off(space), *presets(space)]:
+        study.enqueue_trial(QUANTIZATION.qualified(params))
         trial = study.ask()
         specs.append(suggest(trial, space))
         study.tell(trial, 0.0)
@@ -169,7 +175,9 @@ def test_presets_switch_the_stage_off_then_give_hand_picked_candidates():
     assert [(s.method, s.bits["attn"], s.bits["mlp"]) for s in specs[1:]] == [
         ("rtn", 8, 8), ("rtn", 4, 4), ("gptq", 4, 4), ("dynamic-int8", 8, 8)]
     narrow = QuantSpace(methods=("gptq",), bits=(3, 4), mixed=False)  # cannot switch off, no rtn
-    assert presets(narrow) == [{}, {"quantization.method": "gptq", "quantization.gptq.bits": 4}]
+    assert QUANTIZATION.off(narrow) == {}
+    assert [QUANTIZATION.qualified(p) for p in presets(narrow)] == [
+        {"quantization.method": "gptq", "quantization.gptq.bits": 4}]
 
 
 def test_bnb_and_dynamic_suggestions_use_their_own_bit_widths():

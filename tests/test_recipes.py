@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from planner.recipes import RECIPE_VERSION, Recipe, RecipeError, Stage, load_recipe, save_recipe
-from search_spaces.base import DictSpec, SpecError, Technique
+from search_spaces.base import Technique
+from search_spaces.specs import DictSpec, SpecError
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,17 @@ class QuantSpec(DictSpec):
     bits: int = 8
 
 
-def _technique(name, order, spec_type):
-    return Technique(name, order, spec_type, spec_type, lambda trial, space: None, lambda m, s, c: m)
+def _technique(technique_name, technique_order, spec):
+    class Fake(Technique):
+        name, order, spec_type, space_type = technique_name, technique_order, spec, spec
+
+        def suggest(self, trial, space):
+            return None
+
+        def apply(self, model, spec, context):
+            return model
+
+    return Fake()
 
 
 TECHNIQUES = {"pruning": _technique("pruning", 20, PruneSpec), "quantization": _technique("quantization", 30, QuantSpec)}

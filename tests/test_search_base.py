@@ -6,7 +6,7 @@ import torch
 
 from conftest import SAMPLE_TEXT, make_tiny_gpt2, make_tiny_llama, make_tiny_tokenizer
 from evaluators.corpus import Document
-from search_spaces.base import DictSpec, SpecError
+from search_spaces.specs import DictSpec, SpecError
 from search_spaces.calibration import calibration_batches
 from search_spaces.layers import decoder_layers, head_is_tied, linear_sites, weight_out_in
 

@@ -18,11 +18,11 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-from search_spaces.base import SpecError
+from search_spaces.specs import SpecError
 from search_spaces.layers import head_is_tied, is_transposed, linear_sites, weight_out_in
-from search_spaces.quant_grid import effective_group_size
-from search_spaces.quant_pack import LayerFormat
-from search_spaces.quant_spec import FLOAT_BITS, PACKED_METHODS, QuantSpec
+from search_spaces.quantization.grid import effective_group_size
+from search_spaces.quantization.grid import StorageGrid
+from search_spaces.quantization.spec import FLOAT_BITS, QuantSpec
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class LayerPlan:
     name: str  # qualified module name
     group: str  # "attn" | "mlp" | "head" | "embed"
     layer: int | None  # decoder layer index (None for head and embedding)
-    fmt: LayerFormat
+    fmt: StorageGrid
     out_features: int
     in_features: int
     bias_bytes: int  # the bias is stored as is
@@ -56,7 +56,7 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
 
 
-def _plan(name: str, group: str, layer: int | None, module: nn.Module, fmt: LayerFormat, **extra) -> LayerPlan:
+def _plan(name: str, group: str, layer: int | None, module: nn.Module, fmt: StorageGrid, **extra) -> LayerPlan:
     weight = module.weight if isinstance(module, nn.Embedding) else weight_out_in(module)
     bias = getattr(module, "bias", None)
     return LayerPlan(name, group, layer, fmt, weight.shape[0], weight.shape[1],
@@ -64,12 +64,12 @@ def _plan(name: str, group: str, layer: int | None, module: nn.Module, fmt: Laye
                      is_transposed(module), **extra)
 
 
-def _format(spec: QuantSpec, bits: int, in_features: int) -> LayerFormat:
+def _format(spec: QuantSpec, bits: int, in_features: int) -> StorageGrid:
     if bits >= FLOAT_BITS:
-        return LayerFormat(FLOAT_BITS)
-    if spec.method not in PACKED_METHODS:  # bnb / dynamic-int8 choose their own blocks and scales
-        return LayerFormat(bits)
-    return LayerFormat(bits, effective_group_size(in_features, spec.group_size), spec.symmetric)
+        return StorageGrid(FLOAT_BITS)
+    if not spec.quant_method.grid:  # library methods (bnb, dynamic-int8) choose their own blocks and scales
+        return StorageGrid(bits)
+    return StorageGrid(bits, effective_group_size(in_features, spec.group_size), spec.symmetric)
 
 
 class _Overrides:
@@ -114,11 +114,11 @@ def plan_layers(model: nn.Module, spec: QuantSpec) -> QuantPlan:
         raise SpecError(f"QuantSpec.bits.head: {type(model).__name__} has no separate linear LM head")
     if head_site is None:
         return QuantPlan(tuple(layers))
-    if spec.method not in PACKED_METHODS:
+    if not spec.quant_method.sets_head:
         raise SpecError(f"QuantSpec.overrides: {head_site.name} is the LM head, which {spec.method} leaves alone")
     embedding = model.get_input_embeddings()
     embed_name = _module_name(model, embedding)
-    layers.append(_plan(embed_name, "embed", None, embedding, LayerFormat(FLOAT_BITS)))
+    layers.append(_plan(embed_name, "embed", None, embedding, StorageGrid(FLOAT_BITS)))
     tied = head_is_tied(model)
     head_in = weight_out_in(head_site.module).shape[1]
     shared = embed_name if tied and head_bits >= FLOAT_BITS else None

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from search_spaces.layers import text_config
-from search_spaces.pruning_anatomy import (
+from search_spaces.structure.anatomy import (
     UnsupportedArchitecture,
     derived_head_width,
     head_layout,
@@ -27,7 +27,7 @@ from search_spaces.pruning_anatomy import (
     intermediate_field,
     intermediate_size,
 )
-from search_spaces.pruning_choices import check_float
+from search_spaces.specs import check_float
 
 RATIO_FIELDS = ("depth_keep", "mlp_keep", "heads_keep")
 check_ratio = check_float(0.0, 1.0, low_open=True)  # a keep ratio: a fraction in (0, 1]
@@ -217,18 +217,23 @@ def spec_config(config, structure: "Structure", spec_name: str):
         raise exc.spec_error(spec_name) from None
 
 
-def smallest_shape(prefix: str, space) -> list[dict]:
+def off_params(space) -> dict:
+    """Trial parameters of a pruning or student space's stage switched off (when the space can switch it off)."""
+    return {"enabled": False} if False in space.enabled else {}
+
+
+def smallest_shape(space) -> list[dict]:
     """Trial parameters of the smallest structure a pruning or student space holds: the stage on, every
     keep ratio at its least (sizes only fall with a ratio)."""
     if True not in space.enabled:
         return [{}]
-    return [{f"{prefix}.enabled": True, **{f"{prefix}.{name}": min(getattr(space, name)) for name in RATIO_FIELDS}}]
+    return [{"enabled": True, **{name: min(getattr(space, name)) for name in RATIO_FIELDS}}]
 
 
 MAX_SHAPES = 5  # beyond this many reduced shapes, only the corners are proposed as warm starts
 
 
-def reduced_shapes(prefix: str, space) -> list[dict]:
+def reduced_shapes(space) -> list[dict]:
     """Trial parameters of the reduced shapes a space holds: every combination of its keep ratios when
     there are few, else the corners (each ratio alone at its least, then all of them at their least)."""
     if True not in space.enabled:
@@ -240,6 +245,5 @@ def reduced_shapes(prefix: str, space) -> list[dict]:
         least = {name: values[-1] for name, values in choices.items()}
         singles = [{**{n: 1.0 for n in choices}, name: least[name]} for name in choices if least[name] < 1.0]
         reduced = [shape for i, shape in enumerate(singles + [least]) if shape not in (singles + [least])[:i]]
-    on = {f"{prefix}.enabled": True} if len(space.enabled) > 1 else {}
-    return [{**on, **{f"{prefix}.{name}": value for name, value in shape.items() if len(choices[name]) > 1}}
-            for shape in reduced]
+    on = {"enabled": True} if len(space.enabled) > 1 else {}
+    return [{**on, **{name: value for name, value in shape.items() if len(choices[name]) > 1}} for shape in reduced]

@@ -18,16 +18,18 @@ whose length depends on the weights, so its size could not be known exactly befo
 from __future__ import annotations
 
 import functools
+import importlib.util
 import re
 import tempfile
 
 import torch
 from torch import nn
 
-from search_spaces.base import BuildContext
+from search_spaces.base import BuildContext, Params
 from search_spaces.layers import is_linear
-from search_spaces.quant_plan import LayerPlan, plan_layers
-from search_spaces.quant_spec import QuantSpec
+from search_spaces.quantization.plan import LayerPlan, plan_layers
+from search_spaces.quantization.methods.base import WholeGroupMethod, register_method
+from search_spaces.quantization.spec import QuantSpace, QuantSpec
 
 BLOCK_4BIT = 64  # bitsandbytes' default 4-bit quantization block (transformers does not change it)
 CPU_ROW_TILE = 32  # output rows per tile of the CPU 4-bit kernel
@@ -97,3 +99,43 @@ def bnb_layer_bytes(plan: LayerPlan, spec: QuantSpec, device) -> int:
     """Stored bytes of one layer once bitsandbytes quantized it: measured on a probe layer of that shape."""
     return _layer_bytes(plan.out_features, plan.in_features, plan.bias_bytes > 0, plan.dtype, spec.bnb_mode,
                         str(torch.device(device)))
+
+
+class BitsAndBytes(WholeGroupMethod):
+    name = "bnb"
+    bits = (4, 8, 16)  # 8 is LLM.int8, 4 is nf4 or fp4
+    checkpoint = "bitsandbytes"
+
+    def runs_on(self, device: str) -> bool:
+        return torch.device(device).type in ("cpu", "cuda") and importlib.util.find_spec("bitsandbytes") is not None
+
+    def check(self, spec: QuantSpec) -> None:
+        from search_spaces.specs import SpecError
+
+        quantized = set(spec.integer_bits())
+        if len(quantized) > 1:
+            raise SpecError(f"QuantSpec.bits: bnb quantizes every layer in one mode (8 or 4 bits), got {sorted(quantized)}")
+
+    def suggest(self, trial, space: QuantSpace, choose) -> QuantSpec:
+        mode = choose(trial, self.param("mode"), space.bnb_modes)
+        bits = self.groups_at(trial, choose, 8 if mode == "int8" else 4)
+        return QuantSpec(method=self.name, bits=bits, bnb_4bit_type=QuantSpec().bnb_4bit_type if mode == "int8" else mode)
+
+    def build(self, model: nn.Module, spec: QuantSpec, context: BuildContext) -> nn.Module:
+        return build_bnb(model, spec, context)
+
+    def smallest(self, space: QuantSpace) -> list[Params]:
+        four_bit = [m for m in space.bnb_modes if m != "int8"] or list(space.bnb_modes)
+        return [{self.param("mode"): four_bit[0], **super().smallest(space)[0]}]
+
+    def quantized_layers(self, layers, spec: QuantSpec, device) -> list[LayerPlan]:
+        return bnb_quantized_layers(layers, spec, device)
+
+    def layer_bytes(self, plan: LayerPlan, spec: QuantSpec, device) -> int:
+        return bnb_layer_bytes(plan, spec, device)
+
+    def mode_label(self, spec: QuantSpec) -> list[str]:
+        return [spec.bnb_mode]
+
+
+register_method(BitsAndBytes())

@@ -17,21 +17,21 @@ fresh copy); what was kept is on the returned model as `pruning_report` (see `re
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from torch import nn
 
-from search_spaces.base import BuildContext, DictSpec, Technique, register
+from search_spaces.base import BuildContext, Params, Technique, register
+from search_spaces.specs import DictSpec
 from search_spaces.calibration import calibration_batches
-from search_spaces.importance import input_feature_norms, structural_importance
-from search_spaces.pruning_anatomy import UnsupportedArchitecture
-from search_spaces.pruning_choices import check_choices, check_float, check_int, check_member, choose
-from search_spaces.pruning_shape import RATIO_FIELDS, SizeEstimate, Structure, check_ratio, estimate_size, \
-    fit_choices, ratio_labels, reduced_shapes, smallest_shape, spec_config
-from search_spaces.pruning_surgery import StructureReport, check_structure, needed_scores, restructure
-from search_spaces.pruning_unstructured import GROUPS, METHODS, PATTERNS, SEMI_STRUCTURED_SPARSITY, \
+from search_spaces.structure.importance import input_feature_norms, structural_importance
+from search_spaces.structure.anatomy import UnsupportedArchitecture
+from search_spaces.specs import check_bool, check_choices, check_float, check_int, check_member
+from search_spaces.structure.shape import RATIO_FIELDS, SizeEstimate, Structure, check_ratio, estimate_size, \
+    fit_choices, off_params, ratio_labels, reduced_shapes, smallest_shape, spec_config
+from search_spaces.structure.surgery import StructureReport, check_structure, needed_scores, restructure
+from search_spaces.pruning.unstructured import GROUPS, METHODS, PATTERNS, SEMI_STRUCTURED_SPARSITY, \
     sparsified_modules, sparsify
 from search_spaces.layers import linear_sites, weight_out_in
 
@@ -105,7 +105,7 @@ class PruneSpace(DictSpec):
     calibration_seq_len: int = 256
 
     def __post_init__(self) -> None:
-        check_choices("PruneSpace.enabled", self.enabled, check_member((False, True)))
+        check_choices("PruneSpace.enabled", self.enabled, check_bool)
         for name in RATIO_FIELDS:
             check_choices(f"PruneSpace.{name}", getattr(self, name), check_ratio)
         for group, choices in self.sparsity.items():
@@ -115,36 +115,6 @@ class PruneSpace(DictSpec):
         check_choices("PruneSpace.pattern", self.pattern, check_member(PATTERNS))
         check_int(1)("PruneSpace.calibration_samples", self.calibration_samples)
         check_int(2)("PruneSpace.calibration_seq_len", self.calibration_seq_len)
-
-    def fitted(self, model: nn.Module) -> "PruneSpace":
-        """This space narrowed to what `model` can take: one ratio per distinct count, no head cuts where the
-        config cannot express them, no 2:4 where an input width is not a multiple of 4."""
-        ratios = {name: fit_choices(model, name, getattr(self, name)) for name in RATIO_FIELDS}
-        patterns = self.pattern
-        if any(weight_out_in(s.module).shape[1] % 4 for s in linear_sites(model, include_head=False)):
-            patterns = tuple(p for p in patterns if p != "2:4") or ("unstructured",)
-        return PruneSpace(**{**self.__dict__, **ratios, "pattern": patterns})
-
-
-def suggest(trial, space: PruneSpace) -> PruneSpec | None:
-    """A pruning spec from `space`, or None when the stage is off (or every sampled cut is a no-op)."""
-    if not choose(trial, "prune.enabled", space.enabled):
-        return None
-    ratios = {name: choose(trial, f"prune.{name}", getattr(space, name)) for name in RATIO_FIELDS}
-    sparsity, pattern, method = {}, "unstructured", space.method[0]
-    if any(v > 0 for choices in space.sparsity.values() for v in choices):
-        pattern = choose(trial, "prune.pattern", space.pattern)
-        for group, choices in space.sparsity.items():
-            if pattern == "2:4":  # the pattern fixes the fraction: a group is either 2:4 or dense
-                dense_or_half = (0.0, SEMI_STRUCTURED_SPARSITY) if any(v > 0 for v in choices) else (0.0,)
-                sparsity[group] = choose(trial, f"prune.sparsity_2_4.{group}", dense_or_half)
-            else:
-                sparsity[group] = choose(trial, f"prune.sparsity.{group}", choices)
-        if any(v > 0 for v in sparsity.values()):
-            method = choose(trial, "prune.method", space.method)
-    spec = PruneSpec(**ratios, sparsity=sparsity, method=method, pattern=pattern,
-                     calibration_samples=space.calibration_samples, calibration_seq_len=space.calibration_seq_len)
-    return None if spec.is_identity else spec
 
 
 @dataclass(frozen=True)
@@ -196,11 +166,58 @@ def estimate(model: nn.Module, spec: PruneSpec) -> SizeEstimate:
     return estimate_size(pruned_config(model.config, spec), model)
 
 
-def presets(space: PruneSpace) -> list[dict]:
-    """Trial parameters of the stage switched off (pruning has no one-size preset worth enqueuing)."""
-    return [{"prune.enabled": False}] if False in space.enabled else [{}]
+class Pruning(Technique):
+    name, order, spec_type, space_type = "pruning", 20, PruneSpec, PruneSpace
+
+    def suggest(self, trial, space: PruneSpace) -> PruneSpec | None:
+        """A pruning spec from `space`, or None when the stage is off (or every sampled cut is a no-op)."""
+        if not self.choose(trial, "enabled", space.enabled):
+            return None
+        ratios = {name: self.choose(trial, name, getattr(space, name)) for name in RATIO_FIELDS}
+        sparsity, pattern, method = {}, "unstructured", space.method[0]
+        if any(v > 0 for choices in space.sparsity.values() for v in choices):
+            pattern = self.choose(trial, "pattern", space.pattern)
+            for group, choices in space.sparsity.items():
+                if pattern == "2:4":  # the pattern fixes the fraction: a group is either 2:4 or dense
+                    dense_or_half = (0.0, SEMI_STRUCTURED_SPARSITY) if any(v > 0 for v in choices) else (0.0,)
+                    sparsity[group] = self.choose(trial, f"sparsity_2_4.{group}", dense_or_half)
+                else:
+                    sparsity[group] = self.choose(trial, f"sparsity.{group}", choices)
+            if any(v > 0 for v in sparsity.values()):
+                method = self.choose(trial, "method", space.method)
+        spec = PruneSpec(**ratios, sparsity=sparsity, method=method, pattern=pattern,
+                         calibration_samples=space.calibration_samples,
+                         calibration_seq_len=space.calibration_seq_len)
+        return None if spec.is_identity else spec
+
+    def apply(self, model: nn.Module, spec: PruneSpec, context: BuildContext) -> nn.Module:
+        return apply(model, spec, context)
+
+    def fit_space(self, space: PruneSpace, model: nn.Module) -> PruneSpace:
+        """One ratio per distinct count, no head cuts where the config cannot express them, no 2:4 where an
+        input width is not a multiple of 4."""
+        ratios = {name: fit_choices(model, name, getattr(space, name)) for name in RATIO_FIELDS}
+        patterns = space.pattern
+        if any(weight_out_in(s.module).shape[1] % 4 for s in linear_sites(model, include_head=False)):
+            patterns = tuple(p for p in patterns if p != "2:4") or ("unstructured",)
+        return replace(space, **ratios, pattern=patterns)
+
+    def describe(self, spec: PruneSpec) -> str:
+        return spec.summary()
+
+    def derive_config(self, config, spec: PruneSpec):
+        return pruned_config(config, spec)
+
+    def off(self, space: PruneSpace) -> Params:
+        # Pruning has no one-size preset worth enqueuing; only the stage switched off.
+        return off_params(space)
+
+    def smallest(self, space: PruneSpace) -> list[Params]:
+        return smallest_shape(space)
+
+    def shapes(self, space: PruneSpace) -> list[Params]:
+        return reduced_shapes(space)
 
 
-TECHNIQUE = register(Technique(name="pruning", order=20, spec_type=PruneSpec, space_type=PruneSpace,
-                               suggest=suggest, apply=apply, derive_config=pruned_config, presets=presets,
-                               smallest=partial(smallest_shape, "prune"), shapes=partial(reduced_shapes, "prune")))
+TECHNIQUE = register(Pruning())
+suggest = TECHNIQUE.suggest

@@ -18,8 +18,9 @@ from torch import nn
 
 from search_spaces.base import BuildContext
 from search_spaces.layers import is_transposed, weight_out_in
-from search_spaces.quant_plan import LayerPlan, plan_layers
-from search_spaces.quant_spec import QuantSpec
+from search_spaces.quantization.plan import LayerPlan, plan_layers
+from search_spaces.quantization.methods.base import WholeGroupMethod, register_method
+from search_spaces.quantization.spec import QuantSpace, QuantSpec
 
 
 @contextlib.contextmanager
@@ -75,3 +76,34 @@ def _layer_bytes(out_features: int, in_features: int, bias: bool, dtype: torch.d
 def dynamic_layer_bytes(plan: LayerPlan) -> int:
     """Stored bytes of one planned layer once quantized: measured on a probe layer of the same shape."""
     return _layer_bytes(plan.out_features, plan.in_features, plan.bias_bytes > 0, plan.dtype)
+
+
+class DynamicInt8(WholeGroupMethod):
+    name = "dynamic-int8"
+    bits = (8, 16)
+
+    def runs_on(self, device: str) -> bool:
+        # torch's dynamic quantized linear kernels exist for the CPU only
+        return torch.device(device).type == "cpu" and any(e != "none" for e in torch.backends.quantized.supported_engines)
+
+    def suggest(self, trial, space: QuantSpace, choose) -> QuantSpec:
+        return QuantSpec(method=self.name, bits=self.groups_at(trial, choose, 8))
+
+    def build(self, model: nn.Module, spec: QuantSpec, context: BuildContext) -> nn.Module:
+        return build_dynamic(model, spec, context)
+
+    def presets(self, space: QuantSpace):
+        return self.smallest(space)
+
+    def shape_presets(self, space: QuantSpace):
+        return self.smallest(space)
+
+    def layer_bytes(self, plan: LayerPlan, spec: QuantSpec, device) -> int:
+        return dynamic_layer_bytes(plan)
+
+    def export_blocker(self, model: nn.Module, spec: QuantSpec) -> str | None:
+        return ("dynamic-int8 layers are torch.ao packed modules, which transformers cannot load: save the float "
+                "model and apply the spec again at load time (no calibration, a few seconds)")
+
+
+register_method(DynamicInt8())

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from search_spaces.base import SpecError
+from search_spaces.specs import SpecError
 from search_spaces.layers import linear_sites, text_config, weight_out_in
 
 # Config fields naming the MLP width, with the multiple of the hidden size a None value stands for

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from search_spaces.layers import decoder_layers, weight_out_in
-from search_spaces.quant_grid import QuantizedWeight, decode, grid_params, quantize_codes
-from search_spaces.quant_modules import install_layer, install_quantized
-from search_spaces.quant_plan import LayerPlan
-from search_spaces.quant_spec import GPTQSettings
+from search_spaces.quantization.grid import QuantizedWeight, decode, grid_params, quantize_codes
+from search_spaces.quantization.modules import install_layer, install_quantized
+from search_spaces.quantization.plan import LayerPlan
+from search_spaces.quantization.spec import GPTQSettings
 
 MAX_CHUNK = 8  # calibration windows per forward
 DAMP_RETRIES = 5  # each retry multiplies the damping by 10 when H is not positive definite

@@ -15,16 +15,16 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from search_spaces.importance import Importance
+from search_spaces.structure.importance import Importance
 from search_spaces.layers import Conv1D, decoder_layers, is_transposed, text_config, weight_out_in
-from search_spaces.pruning_anatomy import (
+from search_spaces.structure.anatomy import (
     UnsupportedArchitecture,
     attention_parts,
     head_layout,
     head_pruning_blocker,
     mlp_parts,
 )
-from search_spaces.pruning_shape import Shape, Structure, shape_of, shaped_config, target_shape, write_shape
+from search_spaces.structure.shape import Shape, Structure, shape_of, shaped_config, target_shape, write_shape
 
 # Per-module copies of head counts some attention implementations keep (Llama's reads them from the config).
 HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads")

@@ -12,7 +12,24 @@ from dataclasses import dataclass
 
 import torch
 
+from search_spaces.quantization.methods.base import FLOAT_BITS
+
 MIN_GROUP_SIZE = 32
+
+
+@dataclass(frozen=True)
+class StorageGrid:
+    """The grid one layer's weight is stored on: bits (16 = float), effective group size, symmetric (no zero
+    point) or offset. Scales are stored in the model's float dtype. Rounding algorithms (rtn, gptq) choose
+    codes on it; the layer plan decides it."""
+
+    bits: int
+    group_size: int | None = None  # None: per output channel (ignored at 16 bits)
+    symmetric: bool = True
+
+    @property
+    def is_float(self) -> bool:
+        return self.bits >= FLOAT_BITS
 
 
 def code_range(bits: int) -> tuple[int, int]:

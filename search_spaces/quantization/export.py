@@ -27,10 +27,10 @@ from pathlib import Path
 
 from torch import nn
 
-from search_spaces.quant_modules import PACKED, StoredWeights
-from search_spaces.quant_pack import LayerFormat
-from search_spaces.quant_plan import plan_layers
-from search_spaces.quant_spec import BNB, DYNAMIC_INT8, QuantSpec
+from search_spaces.quantization.modules import PACKED, StoredWeights
+from search_spaces.quantization.grid import StorageGrid
+from search_spaces.quantization.plan import plan_layers
+from search_spaces.quantization.spec import QuantSpec
 
 COMPRESSED_TENSORS = "compressed-tensors/pack-quantized"
 BITSANDBYTES = "bitsandbytes"
@@ -59,15 +59,15 @@ def _compressed_state(model: nn.Module, stored: dict[str, StoredWeights]) -> dic
     return state
 
 
-def _packed_formats(stored: dict[str, StoredWeights]) -> dict[LayerFormat, list[str]]:
-    by_format: dict[LayerFormat, list[str]] = defaultdict(list)
+def _packed_formats(stored: dict[str, StoredWeights]) -> dict[StorageGrid, list[str]]:
+    by_format: dict[StorageGrid, list[str]] = defaultdict(list)
     for name, module in stored.items():
         if module.stored_kind == PACKED:
             by_format[module.stored_format].append(name)
     return by_format
 
 
-def _quantization_config(by_format: dict[LayerFormat, list[str]]):
+def _quantization_config(by_format: dict[StorageGrid, list[str]]):
     """compressed-tensors' config: one scheme per storage format, targeting its layers by exact name."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
@@ -82,22 +82,7 @@ def _quantization_config(by_format: dict[LayerFormat, list[str]]):
 
 def export_blocker(model: nn.Module, spec: QuantSpec) -> str | None:
     """Why the candidate `spec` builds from `model` could not be exported (None if it can), known before building."""
-    if spec.method == DYNAMIC_INT8:
-        return ("dynamic-int8 layers are torch.ao packed modules, which transformers cannot load: save the float "
-                "model and apply the spec again at load time (no calibration, a few seconds)")
-    if spec.method == BNB:
-        return None
-    packed = [p for p in plan_layers(model, spec).layers if p.quantized]
-    conv1d = next((p.name for p in packed if p.transposed), None)
-    if conv1d is not None:
-        return (f"{conv1d} is a GPT-2 style Conv1D layer: compressed-tensors checkpoints can only hold quantized "
-                "nn.Linear layers (keep such layers at 16 bits)")
-    formats = {p.fmt for p in packed}
-    if len(formats) > 1 and any(not f.symmetric for f in formats):
-        found = ", ".join(sorted(f"{f.bits}-bit/{f.group_size or 'channel'}" for f in formats))
-        return (f"asymmetric layers in several formats ({found}): transformers can load an asymmetric "
-                "pack-quantized checkpoint only when all its quantized layers share one format")
-    return None
+    return spec.quant_method.export_blocker(model, spec)
 
 
 def _save_compressed_tensors(model: nn.Module, stored: dict[str, StoredWeights], out: Path) -> None:
@@ -124,16 +109,16 @@ def export(model: nn.Module, spec: QuantSpec, out_dir: str | Path, tokenizer=Non
     if blocker is not None:
         raise ExportError(blocker)
     stored = _stored_modules(model)
-    if spec.method != BNB and not stored:
+    grid = spec.quant_method.grid
+    if grid and not stored:
         raise ExportError("the model holds no rtn/gptq layers: build the candidate with apply() before exporting")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if spec.method == BNB:
-        model.save_pretrained(out)
-        fmt = BITSANDBYTES
-    else:
+    if grid:
         _save_compressed_tensors(model, stored, out)
-        fmt = COMPRESSED_TENSORS
+    else:
+        model.save_pretrained(out)  # bitsandbytes layers serialize themselves
+    fmt = spec.quant_method.checkpoint
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     (out / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")

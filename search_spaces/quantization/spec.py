@@ -12,25 +12,19 @@ Fields a method does not use (e.g. ``group_size`` for bnb) are ignored by that m
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
-from search_spaces.base import DictSpec, SpecError
+from search_spaces.quantization.methods.base import FLOAT_BITS, QUANT_METHODS, QuantMethod
+from search_spaces.specs import (DictSpec, SpecError, check_bool, check_choices, check_float, check_int,
+                                 check_member, is_one_of, shown)
 
-RTN, GPTQ, BNB, DYNAMIC_INT8 = "rtn", "gptq", "bnb", "dynamic-int8"
-METHODS = (RTN, GPTQ, BNB, DYNAMIC_INT8)
 NO_QUANTIZATION = "none"  # a space choice: the trial skips the quantization stage
-PACKED_METHODS = (RTN, GPTQ)  # integer weights packed as compressed-tensors stores them
-FLOAT_BITS = 16
 BITS = (2, 3, 4, 8, FLOAT_BITS)
 GROUP_SIZES = (32, 64, 128, None)  # None: one scale per output channel
 GROUPS = ("attn", "mlp", "head")
 REQUIRED_GROUPS = ("attn", "mlp")
-# Bit-widths each method can build; bnb's 8 is LLM.int8, its 4 is nf4 or fp4.
-METHOD_BITS = {RTN: BITS, GPTQ: BITS, BNB: (4, 8, FLOAT_BITS), DYNAMIC_INT8: (8, FLOAT_BITS)}
 BNB_4BIT_TYPES = ("nf4", "fp4")
 BNB_MODES = ("int8",) + BNB_4BIT_TYPES
 
@@ -39,44 +33,23 @@ def _fail(where: str, message: str):
     raise SpecError(f"{where}: {message}")
 
 
-def _is_one_of(value, allowed) -> bool:
-    """Membership that keeps booleans and integers apart (in Python, True == 1)."""
-    return any(value == a and isinstance(value, bool) == isinstance(a, bool) and (value is None) == (a is None)
-               for a in allowed)
-
-
-def _choices(values) -> str:
-    return ", ".join("null" if v is None else repr(v) for v in values)
-
-
-class _NestedSpec(DictSpec):
-    """A spec used as a field of another: its errors name the full path (QuantSpec.gptq.damp)."""
-
-    @classmethod
-    def from_dict(cls, data, where: str | None = None):
-        try:
-            return super().from_dict(data, where)
-        except SpecError as exc:
-            own = cls.__name__ + "."
-            if where and str(exc).startswith(own):
-                raise SpecError(f"{where}.{str(exc)[len(own):]}") from None
-            raise
+def method_named(name: str) -> QuantMethod:
+    return QUANT_METHODS[name]
 
 
 @dataclass(frozen=True)
-class LayerOverride(_NestedSpec):
+class LayerOverride(DictSpec):
     pattern: str  # fnmatch glob on the qualified module name, e.g. "model.layers.0.*"
     bits: int
 
     def __post_init__(self):
         if not isinstance(self.pattern, str) or not self.pattern.strip():
             _fail("LayerOverride.pattern", "must be a non-empty glob such as 'model.layers.0.*'")
-        if not _is_one_of(self.bits, BITS):
-            _fail("LayerOverride.bits", f"{self.bits!r} is not one of {_choices(BITS)}")
+        check_member(BITS)("LayerOverride.bits", self.bits)
 
 
 @dataclass(frozen=True)
-class GPTQSettings(_NestedSpec):
+class GPTQSettings(DictSpec):
     samples: int = 16  # calibration windows drawn from the training split (16 x 256 tokens: ~4k)
     seq_len: int = 256  # tokens per window
     damp: float = 0.01  # added to the Hessian diagonal, as a fraction of its mean
@@ -85,13 +58,9 @@ class GPTQSettings(_NestedSpec):
 
     def __post_init__(self):
         for name, minimum in (("samples", 1), ("seq_len", 8), ("block_size", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                _fail(f"GPTQSettings.{name}", f"must be an integer >= {minimum}, got {value!r}")
-        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:
-            _fail("GPTQSettings.damp", f"must be a number in (0, 1), got {self.damp!r}")
-        if not isinstance(self.act_order, bool):
-            _fail("GPTQSettings.act_order", f"expected true or false, got {self.act_order!r}")
+            check_int(minimum)(f"GPTQSettings.{name}", getattr(self, name))
+        check_float(0.0, 1.0, low_open=True, high_open=True)("GPTQSettings.damp", self.damp)
+        check_bool("GPTQSettings.act_order", self.act_order)
 
 
 def _default_bits() -> dict[str, int]:
@@ -100,49 +69,47 @@ def _default_bits() -> dict[str, int]:
 
 @dataclass(frozen=True)
 class QuantSpec(DictSpec):
-    method: Literal["rtn", "gptq", "bnb", "dynamic-int8"] = RTN
+    method: str = "rtn"  # a registered quantization method (methods/)
     bits: dict[str, int] = field(default_factory=_default_bits)  # attn, mlp and optionally head
-    group_size: int | None = 128  # rtn/gptq; None = per output channel
-    symmetric: bool = True  # rtn/gptq
-    bnb_4bit_type: Literal["nf4", "fp4"] = "nf4"
+    group_size: int | None = 128  # grid methods (rtn, gptq); None = per output channel
+    symmetric: bool = True  # grid methods
+    bnb_4bit_type: str = "nf4"
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
     overrides: tuple[LayerOverride, ...] = ()
 
     def __post_init__(self):
-        if not _is_one_of(self.method, METHODS):
-            _fail("QuantSpec.method", f"{self.method!r} is not one of {_choices(METHODS)}")
+        check_member(tuple(QUANT_METHODS))("QuantSpec.method", self.method)
         if not isinstance(self.bits, dict):
             _fail("QuantSpec.bits", f"expected a mapping of group to bits, got {type(self.bits).__name__}")
-        allowed = METHOD_BITS[self.method]
         for group in self.bits:
-            if group not in GROUPS:
-                _fail(f"QuantSpec.bits.{group}", f"unknown layer group (known: {', '.join(GROUPS)})")
+            check_member(GROUPS)(f"QuantSpec.bits.{group}", group)
         for group in REQUIRED_GROUPS:
             if group not in self.bits:
                 _fail(f"QuantSpec.bits.{group}", "missing (attn and mlp are required; 16 leaves them in float)")
+        method = self.quant_method
         for group, bits in self.bits.items():
-            if not _is_one_of(bits, allowed):
-                _fail(f"QuantSpec.bits.{group}", f"{bits!r} is not one of {_choices(allowed)} for {self.method}")
-        if "head" in self.bits and self.method not in PACKED_METHODS:
-            _fail("QuantSpec.bits.head", f"{self.method} leaves the LM head and embedding alone; only rtn/gptq set them")
-        if not _is_one_of(self.group_size, GROUP_SIZES):
-            _fail("QuantSpec.group_size", f"{self.group_size!r} is not one of {_choices(GROUP_SIZES)}")
-        if not isinstance(self.symmetric, bool):
-            _fail("QuantSpec.symmetric", f"expected true or false, got {self.symmetric!r}")
-        if not _is_one_of(self.bnb_4bit_type, BNB_4BIT_TYPES):
-            _fail("QuantSpec.bnb_4bit_type", f"{self.bnb_4bit_type!r} is not one of {_choices(BNB_4BIT_TYPES)}")
+            self._check_bits(f"QuantSpec.bits.{group}", bits, method)
+        if "head" in self.bits and not method.sets_head:
+            _fail("QuantSpec.bits.head", f"{self.method} leaves the LM head and embedding alone")
+        check_member(GROUP_SIZES)("QuantSpec.group_size", self.group_size)
+        check_bool("QuantSpec.symmetric", self.symmetric)
+        check_member(BNB_4BIT_TYPES)("QuantSpec.bnb_4bit_type", self.bnb_4bit_type)
         if not isinstance(self.gptq, GPTQSettings):
             _fail("QuantSpec.gptq", f"expected GPTQSettings, got {type(self.gptq).__name__}")
         if not isinstance(self.overrides, tuple) or not all(isinstance(o, LayerOverride) for o in self.overrides):
             _fail("QuantSpec.overrides", "expected a list of {pattern, bits} overrides")
         for index, override in enumerate(self.overrides):
-            if not _is_one_of(override.bits, allowed):
-                _fail(f"QuantSpec.overrides[{index}].bits",
-                      f"{override.bits!r} is not one of {_choices(allowed)} for {self.method}")
-        if self.method == BNB:
-            quantized = set(self.integer_bits())
-            if len(quantized) > 1:
-                _fail("QuantSpec.bits", f"bnb quantizes every layer in one mode (8 or 4 bits), got {sorted(quantized)}")
+            self._check_bits(f"QuantSpec.overrides[{index}].bits", override.bits, method)
+        method.check(self)
+
+    @staticmethod
+    def _check_bits(where: str, bits, method: QuantMethod) -> None:
+        if not is_one_of(bits, method.bits):
+            _fail(where, f"expected one of {shown(method.bits)} for {method.name}, got {bits!r}")
+
+    @property
+    def quant_method(self) -> QuantMethod:
+        return QUANT_METHODS[self.method]
 
     def integer_bits(self) -> list[int]:
         """Every bit-width below 16 that the spec uses, groups and overrides alike."""
@@ -154,10 +121,9 @@ class QuantSpec(DictSpec):
         bits = "/".join(str(self.bits[g]) for g in REQUIRED_GROUPS)
         if "head" in self.bits:
             bits += f"/h{self.bits['head']}"
-        parts = [self.method, bits]
-        if self.method == BNB:
-            parts.insert(1, self.bnb_mode)
-        if self.method in PACKED_METHODS and self.integer_bits():
+        method = self.quant_method
+        parts = [self.method, *method.mode_label(self), bits]
+        if method.grid and self.integer_bits():
             parts.append("per-channel" if self.group_size is None else f"g{self.group_size}")
             if not self.symmetric:
                 parts.append("asym")
@@ -172,7 +138,7 @@ class QuantSpec(DictSpec):
 
 
 def _default_methods() -> tuple[str, ...]:
-    return (NO_QUANTIZATION,) + METHODS
+    return (NO_QUANTIZATION,) + tuple(QUANT_METHODS)
 
 
 @dataclass(frozen=True)
@@ -182,53 +148,34 @@ class QuantSpace(DictSpec):
     enabled: bool = True
     methods: tuple[str, ...] = field(default_factory=_default_methods)  # "none" lets a trial skip the stage
     device: str = "cpu"  # where candidates are built: methods that cannot run there are left out
-    bits: tuple[int, ...] = BITS  # rtn/gptq choices for attn and mlp
+    bits: tuple[int, ...] = BITS  # grid-method choices for attn and mlp
     mixed: bool = True  # attn and mlp bits chosen independently (else one choice for both)
     head_bits: tuple[int | None, ...] = (None, FLOAT_BITS, 8, 4)  # None leaves head and embedding untouched
     group_sizes: tuple[int | None, ...] = GROUP_SIZES
     # Symmetric only by default: an asymmetric candidate exports only when all its quantized layers share
-    # one format (see quant_export); add False to search asymmetric grids too.
+    # one format (see export); add False to search asymmetric grids too.
     symmetric: tuple[bool, ...] = (True,)
     bnb_modes: tuple[str, ...] = BNB_MODES
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
 
     def __post_init__(self):
-        if not isinstance(self.enabled, bool):
-            _fail("QuantSpace.enabled", f"expected true or false, got {self.enabled!r}")
-        self._subset("methods", self.methods, (NO_QUANTIZATION,) + METHODS)
+        check_bool("QuantSpace.enabled", self.enabled)
+        check_choices("QuantSpace.methods", self.methods, check_member((NO_QUANTIZATION,) + tuple(QUANT_METHODS)))
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):
             _fail("QuantSpace.device", f"{self.device!r} is not a torch device (cpu, cuda, cuda:N)")
-        self._subset("bits", self.bits, BITS)
-        self._subset("head_bits", self.head_bits, (None,) + BITS, allow_empty=True)
-        self._subset("group_sizes", self.group_sizes, GROUP_SIZES)
-        self._subset("symmetric", self.symmetric, (True, False))
-        self._subset("bnb_modes", self.bnb_modes, BNB_MODES)
-        if not isinstance(self.mixed, bool):
-            _fail("QuantSpace.mixed", f"expected true or false, got {self.mixed!r}")
-
-    @staticmethod
-    def _subset(name: str, values, allowed, allow_empty: bool = False):
-        if not isinstance(values, tuple) or (not values and not allow_empty):
-            _fail(f"QuantSpace.{name}", f"expected a non-empty list drawn from {_choices(allowed)}")
-        for index, value in enumerate(values):
-            if not _is_one_of(value, allowed):
-                _fail(f"QuantSpace.{name}[{index}]", f"{value!r} is not one of {_choices(allowed)}")
-        if len(set(values)) != len(values):
-            _fail(f"QuantSpace.{name}", f"repeats a value: {list(values)}")
+        check_choices("QuantSpace.bits", self.bits, check_member(BITS))
+        check_choices("QuantSpace.head_bits", self.head_bits, check_member((None,) + BITS), allow_empty=True)
+        check_choices("QuantSpace.group_sizes", self.group_sizes, check_member(GROUP_SIZES))
+        check_choices("QuantSpace.symmetric", self.symmetric, check_bool)
+        check_choices("QuantSpace.bnb_modes", self.bnb_modes, check_member(BNB_MODES))
+        check_bool("QuantSpace.mixed", self.mixed)
 
 
 def method_runs_on(method: str, device: str) -> bool:
     """Whether a method can build and run a candidate on a device (checked before any trial)."""
-    kind = torch.device(device).type
-    if method in PACKED_METHODS:
-        return True
-    if method == BNB:
-        return kind in ("cpu", "cuda") and importlib.util.find_spec("bitsandbytes") is not None
-    if method == DYNAMIC_INT8:  # torch's dynamic quantized linear kernels exist for the CPU only
-        return kind == "cpu" and any(e != "none" for e in torch.backends.quantized.supported_engines)
-    return False
+    return QUANT_METHODS[method].runs_on(device)
 
 
 def available_methods(space: QuantSpace) -> tuple[str, ...]:

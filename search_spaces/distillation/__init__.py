@@ -16,21 +16,21 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
-from functools import partial
 from typing import Any, Literal
 
 from torch import nn
 
 from evaluators.runtime import model_device, model_dtype
-from search_spaces.base import BuildContext, DictSpec, SpecError, Technique, register
+from search_spaces.base import BuildContext, Params, Technique, register
+from search_spaces.specs import DictSpec, SpecError
 from search_spaces.calibration import calibration_batches
-from search_spaces.distill_student import derive_student
-from search_spaces.distill_train import TrainSettings, train_student
-from search_spaces.pruning_anatomy import UnsupportedArchitecture
-from search_spaces.pruning_choices import check_choices, check_float, check_int, check_member, choose
-from search_spaces.pruning_shape import RATIO_FIELDS, SizeEstimate, Structure, check_ratio, estimate_size, \
-    fit_choices, ratio_labels, smallest_shape, spec_config
-from search_spaces.student_cache import StudentCache, data_identity, student_key, weights_identity
+from search_spaces.distillation.student import derive_student
+from search_spaces.distillation.train import TrainSettings, train_student
+from search_spaces.structure.anatomy import UnsupportedArchitecture
+from search_spaces.specs import check_bool, check_choices, check_float, check_int, check_member
+from search_spaces.structure.shape import RATIO_FIELDS, SizeEstimate, Structure, check_ratio, estimate_size, \
+    fit_choices, off_params, ratio_labels, smallest_shape, spec_config
+from search_spaces.distillation.cache import StudentCache, data_identity, student_key, weights_identity
 
 REPORT_ATTRIBUTE = "distillation_report"
 INITS = ("teacher", "random")
@@ -106,27 +106,12 @@ class DistillSpace(DictSpec):
     importance_seq_len: int = 256
 
     def __post_init__(self) -> None:
-        check_choices("DistillSpace.enabled", self.enabled, check_member((False, True)))
+        check_choices("DistillSpace.enabled", self.enabled, check_bool)
         for f in fields(self):
             if f.name in SEARCHED:
                 check_choices(f"DistillSpace.{f.name}", getattr(self, f.name), CHECKS[f.name])
             elif f.name != "enabled":
                 CHECKS[f.name](f"DistillSpace.{f.name}", getattr(self, f.name))
-
-    def fitted(self, model: nn.Module) -> "DistillSpace":
-        """This space narrowed to the student shapes `model` can take (see pruning_shape.fit_choices)."""
-        return DistillSpace(**{**self.__dict__, **{n: fit_choices(model, n, getattr(self, n)) for n in RATIO_FIELDS}})
-
-
-def suggest(trial, space: DistillSpace) -> DistillSpec | None:
-    """A distillation spec from `space`, or None when the stage is off or the sampled student is the teacher."""
-    if not choose(trial, "distill.enabled", space.enabled):
-        return None
-    values = {name: choose(trial, f"distill.{name}", getattr(space, name)) for name in SEARCHED}
-    if Structure(**{n: values[n] for n in RATIO_FIELDS}).is_identity and values["init"] == "teacher":
-        return None
-    return DistillSpec(**values, grad_clip=space.grad_clip, importance_samples=space.importance_samples,
-                       importance_seq_len=space.importance_seq_len)
 
 
 @dataclass(frozen=True)
@@ -215,11 +200,39 @@ def estimate(teacher: nn.Module, spec: DistillSpec) -> SizeEstimate:
     return estimate_size(student_config(teacher.config, spec), teacher)
 
 
-def presets(space: DistillSpace) -> list[dict]:
-    """Trial parameters of the stage switched off (every student costs training, so none is enqueued)."""
-    return [{"distill.enabled": False}] if False in space.enabled else [{}]
+class Distillation(Technique):
+    name, order, spec_type, space_type = "distillation", 10, DistillSpec, DistillSpace
+
+    def suggest(self, trial, space: DistillSpace) -> DistillSpec | None:
+        """A distillation spec from `space`, or None when the stage is off or the sampled student is the teacher."""
+        if not self.choose(trial, "enabled", space.enabled):
+            return None
+        values = {name: self.choose(trial, name, getattr(space, name)) for name in SEARCHED}
+        if Structure(**{n: values[n] for n in RATIO_FIELDS}).is_identity and values["init"] == "teacher":
+            return None
+        return DistillSpec(**values, grad_clip=space.grad_clip, importance_samples=space.importance_samples,
+                           importance_seq_len=space.importance_seq_len)
+
+    def apply(self, teacher: nn.Module, spec: DistillSpec, context: BuildContext) -> nn.Module:
+        return apply(teacher, spec, context)
+
+    def fit_space(self, space: DistillSpace, model: nn.Module) -> DistillSpace:
+        """The student shapes `model` can take (see structure.shape.fit_choices)."""
+        return replace(space, **{n: fit_choices(model, n, getattr(space, n)) for n in RATIO_FIELDS})
+
+    def describe(self, spec: DistillSpec) -> str:
+        return spec.summary()
+
+    def derive_config(self, config, spec: DistillSpec):
+        return student_config(config, spec)
+
+    def off(self, space: DistillSpace) -> Params:
+        # Every student costs training, so none is enqueued by hand; only the stage switched off.
+        return off_params(space)
+
+    def smallest(self, space: DistillSpace) -> list[Params]:
+        return smallest_shape(space)
 
 
-TECHNIQUE = register(Technique(name="distillation", order=10, spec_type=DistillSpec, space_type=DistillSpace,
-                               suggest=suggest, apply=apply, derive_config=student_config, presets=presets,
-                               smallest=partial(smallest_shape, "distill")))
+TECHNIQUE = register(Distillation())
+suggest = TECHNIQUE.suggest

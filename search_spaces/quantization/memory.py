@@ -1,9 +1,9 @@
 """The cheap, exact estimate the planner uses before building: stored weight bytes of a candidate.
 
 It must equal evaluators.memory.weight_bytes of the built candidate (tested for every method). Layers
-the spec changes are sized as they will be stored: rtn/gptq from the same layout the packer checks its
-output against (`quant_pack.stored_layout`); bnb and dynamic-int8 by building one probe layer per
-distinct shape (milliseconds, cached), since their storage is defined by those libraries. Every other
+the spec changes are sized as their method stores them (`QuantMethod.layer_bytes`): grid methods from the
+same layout the packer checks its output against (`pack.stored_layout`); bnb and dynamic-int8 by building one
+probe layer per distinct shape (milliseconds, cached), since their storage is defined by those libraries. Every other
 tensor counts as it is, shared (tied) tensors once.
 """
 from __future__ import annotations
@@ -11,17 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from search_spaces.quant_bnb import bnb_layer_bytes, bnb_quantized_layers
-from search_spaces.quant_dynamic import dynamic_layer_bytes
-from search_spaces.quant_pack import layout_bytes, stored_layout
-from search_spaces.quant_plan import LayerPlan, plan_layers
-from search_spaces.quant_spec import BNB, DYNAMIC_INT8, QuantSpec
-
-
-def _packed_layer_bytes(plan: LayerPlan) -> int:
-    if plan.shared_with is not None:  # a tied head: its weight is stored (and counted) with the embedding
-        return plan.bias_bytes
-    return layout_bytes(stored_layout(plan.out_features, plan.in_features, plan.fmt, plan.dtype)) + plan.bias_bytes
+from search_spaces.quantization.plan import plan_layers
+from search_spaces.quantization.spec import QuantSpec
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
@@ -42,16 +33,8 @@ def estimate_weight_bytes(model: nn.Module, spec: QuantSpec, device: torch.devic
     if device is None:
         first = next(model.parameters()).device
         device = torch.device("cpu") if first.type == "meta" else first
-    plan = plan_layers(model, spec)
-    if spec.method == BNB:
-        layers = bnb_quantized_layers(plan.layers, spec, device)
-        size = lambda p: bnb_layer_bytes(p, spec, device)  # noqa: E731
-    elif spec.method == DYNAMIC_INT8:
-        layers = [p for p in plan.layers if p.quantized]
-        size = dynamic_layer_bytes
-    else:
-        layers = list(plan.layers)
-        size = _packed_layer_bytes
+    method = spec.quant_method
+    layers = method.quantized_layers(plan_layers(model, spec).layers, spec, device)
     changed = {p.name for p in layers}
     seen: set[tuple] = set()
     total = 0
@@ -63,4 +46,4 @@ def estimate_weight_bytes(model: nn.Module, spec: QuantSpec, device: torch.devic
         if identity not in seen:
             seen.add(identity)
             total += tensor.numel() * tensor.element_size()
-    return total + sum(size(p) for p in layers)
+    return total + sum(method.layer_bytes(p, spec, device) for p in layers)

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from search_spaces.layers import is_transposed, text_config, weight_out_in
-from search_spaces.quant_grid import QuantizedWeight, round_to_nearest
-from search_spaces.quant_pack import LayerFormat, float_stored, half_dtype, pack, tensors_bytes
-from search_spaces.quant_plan import LayerPlan
-from search_spaces.quant_spec import FLOAT_BITS
+from search_spaces.quantization.grid import QuantizedWeight, round_to_nearest
+from search_spaces.quantization.grid import StorageGrid
+from search_spaces.quantization.pack import float_stored, half_dtype, pack, tensors_bytes
+from search_spaces.quantization.plan import LayerPlan
+from search_spaces.quantization.spec import FLOAT_BITS
 
 PACKED, FLOAT, SHARED = "packed", "float", "shared"
 BUFFER_PREFIX = "stored_"
@@ -24,7 +25,7 @@ class StoredWeights:
     """Mixin: the layer's checkpoint tensors, and their exact size for evaluators.memory."""
 
     stored_kind: str  # PACKED (integer grid), FLOAT (16-bit float) or SHARED (tied head: weight stored elsewhere)
-    stored_format: LayerFormat
+    stored_format: StorageGrid
     stored_names: tuple[str, ...] = ()
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
@@ -58,7 +59,7 @@ def _stored_class(base: type) -> type:
     return _STORED_CLASSES[base]
 
 
-def _mark(module: nn.Module, kind: str, fmt: LayerFormat, stored: dict[str, torch.Tensor] | None = None) -> None:
+def _mark(module: nn.Module, kind: str, fmt: StorageGrid, stored: dict[str, torch.Tensor] | None = None) -> None:
     if isinstance(module, StoredWeights):
         raise ValueError(f"{type(module).__name__} is already quantized; build candidates from the float model")
     module.__class__ = _stored_class(type(module))
@@ -75,7 +76,7 @@ def install_quantized(module: nn.Module, quantized: QuantizedWeight) -> None:
     stored = pack(quantized)
     weight = quantized.dequantize().to(module.weight.dtype)
     module.weight.data = (weight.t() if is_transposed(module) else weight).contiguous()
-    _mark(module, PACKED, LayerFormat(quantized.bits, quantized.group_size, quantized.symmetric), stored)
+    _mark(module, PACKED, StorageGrid(quantized.bits, quantized.group_size, quantized.symmetric), stored)
 
 
 @torch.no_grad()
@@ -83,13 +84,13 @@ def install_float(module: nn.Module) -> None:
     """Store the layer at 16 bits: its float weight is rounded to what the 16-bit copy holds."""
     weight = module.weight
     weight.data = weight.data.to(half_dtype(weight.dtype)).to(weight.dtype)
-    _mark(module, FLOAT, LayerFormat(FLOAT_BITS))
+    _mark(module, FLOAT, StorageGrid(FLOAT_BITS))
 
 
 def install_layer(module: nn.Module, plan: LayerPlan, quantized: QuantizedWeight | None = None) -> None:
     """Build one planned layer: rounded to nearest unless `quantized` (e.g. from GPTQ) is given."""
     if plan.shared_with is not None:
-        _mark(module, SHARED, LayerFormat(FLOAT_BITS))
+        _mark(module, SHARED, StorageGrid(FLOAT_BITS))
     elif plan.fmt.is_float:
         install_float(module)
     else:

@@ -14,27 +14,13 @@ kept in the model's dtype.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from search_spaces.quant_grid import QuantizedWeight
-from search_spaces.quant_spec import FLOAT_BITS
+from search_spaces.quantization.grid import QuantizedWeight, StorageGrid
+from search_spaces.quantization.methods.base import FLOAT_BITS
 
 Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
-
-
-@dataclass(frozen=True)
-class LayerFormat:
-    """How one layer's weight is stored: bits (16 = float), effective group size, symmetry."""
-
-    bits: int
-    group_size: int | None = None  # None: per output channel (ignored at 16 bits)
-    symmetric: bool = True
-
-    @property
-    def is_float(self) -> bool:
-        return self.bits >= FLOAT_BITS
 
 
 def half_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -42,7 +28,7 @@ def half_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
-def stored_layout(out_features: int, in_features: int, fmt: LayerFormat, dtype: torch.dtype) -> Layout:
+def stored_layout(out_features: int, in_features: int, fmt: StorageGrid, dtype: torch.dtype) -> Layout:
     """Name -> (shape, dtype) of every tensor stored for a layer's weight (its bias excluded)."""
     if fmt.is_float:
         return {"weight": ((out_features, in_features), half_dtype(dtype))}
@@ -88,7 +74,7 @@ def pack(quantized: QuantizedWeight) -> dict[str, torch.Tensor]:
     }
     if quantized.zero is not None:
         tensors["weight_zero_point"] = pack_to_int32(quantized.zero.contiguous(), quantized.bits, packed_dim=0)
-    fmt = LayerFormat(quantized.bits, quantized.group_size, quantized.symmetric)
+    fmt = StorageGrid(quantized.bits, quantized.group_size, quantized.symmetric)
     return _checked(tensors, stored_layout(out_features, in_features, fmt, quantized.scale.dtype))
 
 
@@ -96,4 +82,4 @@ def float_stored(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """The stored tensors of a 16-bit layer: its weight, in the layout its module holds it, in the 16-bit dtype."""
     rows, cols = weight.shape
     tensors = {"weight": weight.detach().to(half_dtype(weight.dtype)).contiguous()}
-    return _checked(tensors, stored_layout(rows, cols, LayerFormat(FLOAT_BITS), weight.dtype))
+    return _checked(tensors, stored_layout(rows, cols, StorageGrid(FLOAT_BITS), weight.dtype))

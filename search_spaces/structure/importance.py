@@ -21,7 +21,7 @@ from torch import nn
 
 from evaluators.runtime import inference_eval, model_device
 from search_spaces.layers import decoder_layers, text_config, weight_out_in
-from search_spaces.pruning_anatomy import attention_parts, head_layout, mlp_parts
+from search_spaces.structure.anatomy import attention_parts, head_layout, mlp_parts
 
 MICRO_BATCH = 4  # calibration windows per forward: bounds activation memory
 

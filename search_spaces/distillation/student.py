@@ -9,9 +9,9 @@ from torch import nn
 
 from evaluators.runtime import model_device, model_dtype
 from search_spaces.calibration import calibration_batches
-from search_spaces.importance import structural_importance
-from search_spaces.pruning_shape import Structure, structured_config
-from search_spaces.pruning_surgery import StructureReport, check_structure, needed_scores, restructure
+from search_spaces.structure.importance import structural_importance
+from search_spaces.structure.shape import Structure, structured_config
+from search_spaces.structure.surgery import StructureReport, check_structure, needed_scores, restructure
 
 
 def derive_student(teacher: nn.Module, structure: Structure, init: str, context, importance_samples: int,

@@ -1,0 +1,104 @@
+"""Methods that round weights onto a storage grid (rtn, gptq): integer codes packed as the checkpoint stores
+them, evaluated in float with exactly the weights the packed checkpoint decodes to.
+
+The grid of each layer (bits, effective group size, symmetric or offset, scale dtype) comes from the layer
+plan (`plan.plan_layers`); a grid method only decides how the codes are chosen (`round_decoder`).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from search_spaces.base import BuildContext, Params
+from search_spaces.quantization.methods.base import FLOAT_BITS, QuantMethod
+from search_spaces.quantization.modules import install_layer, untie_head
+from search_spaces.quantization.pack import layout_bytes, stored_layout
+from search_spaces.quantization.plan import LayerPlan, plan_layers
+from search_spaces.quantization.spec import BITS, GPTQSettings, QuantSpace, QuantSpec
+
+
+def _group_bits_params(space: QuantSpace) -> tuple[str, ...]:
+    """Names of the attn and mlp bits parameters: one each, or one shared when the space is not mixed."""
+    return ("attn_bits", "mlp_bits") if space.mixed else ("bits", "bits")
+
+
+class GridMethod(QuantMethod):
+    bits = BITS
+    grid = True
+    sets_head = True
+    checkpoint = "compressed-tensors/pack-quantized"
+    preset_bits: tuple[int, ...] = ()  # one bit-width everywhere, as a user would try it by hand
+
+    def settings(self, space: QuantSpace) -> GPTQSettings:
+        """The algorithm's own settings for a candidate of `space` (default: none besides the grid)."""
+        return GPTQSettings()
+
+    def round_decoder(self, model: nn.Module, layers: list[LayerPlan], spec: QuantSpec,
+                      context: BuildContext) -> list[LayerPlan]:
+        """Quantize what this algorithm handles itself; returns the layers left for plain rounding."""
+        return layers
+
+    def build(self, model: nn.Module, spec: QuantSpec, context: BuildContext) -> nn.Module:
+        """Quantize `model` in place: the decoder layers by the algorithm, the rest (head, embedding, and
+        anything the algorithm leaves) by rounding to nearest."""
+        plan = plan_layers(model, spec)
+        if plan.untie_head:
+            untie_head(model)
+        modules = dict(model.named_modules())
+        in_blocks = [p for p in plan.layers if p.layer is not None]
+        left = self.round_decoder(model, in_blocks, spec, context)
+        for layer in left + [p for p in plan.layers if p.layer is None]:
+            install_layer(modules[layer.name], layer)
+        return model
+
+    def suggest(self, trial, space: QuantSpace, choose) -> QuantSpec:
+        bits = {group: choose(trial, self.param(name), space.bits)
+                for group, name in zip(("attn", "mlp"), _group_bits_params(space))}
+        if space.head_bits:
+            head = choose(trial, self.param("head_bits"), space.head_bits)
+            if head is not None:
+                bits["head"] = head
+        defaults = QuantSpec()
+        if any(b < FLOAT_BITS for b in bits.values()):  # the grid settings matter only when something is quantized
+            group_size = choose(trial, self.param("group_size"), space.group_sizes)
+            symmetric = choose(trial, self.param("symmetric"), space.symmetric)
+        else:
+            group_size, symmetric = defaults.group_size, defaults.symmetric
+        return QuantSpec(method=self.name, bits=bits, group_size=group_size, symmetric=symmetric,
+                         gptq=self.settings(space))
+
+    def _everywhere(self, space: QuantSpace, bits: int) -> Params:
+        return {self.param(n): bits for n in _group_bits_params(space)}
+
+    def presets(self, space: QuantSpace) -> list[Params]:
+        return [self._everywhere(space, bits) for bits in self.preset_bits if bits in space.bits]
+
+    def shape_presets(self, space: QuantSpace) -> list[Params]:
+        return [self._everywhere(space, 4)] if 4 in space.bits else []
+
+    def smallest(self, space: QuantSpace) -> list[Params]:
+        """Least bits, symmetric grids (no zero points); head bits and group sizes all listed: which is smallest
+        depends on the model (a quantized head unties the embedding; a grid's scales depend on the widths)."""
+        base = {**self._everywhere(space, min(space.bits)), self.param("symmetric"): True in space.symmetric}
+        return [{**base, self.param("head_bits"): head, self.param("group_size"): group_size}
+                for head in space.head_bits or (None,) for group_size in space.group_sizes]
+
+    def layer_bytes(self, plan: LayerPlan, spec: QuantSpec, device) -> int:
+        if plan.shared_with is not None:  # a tied head: its weight is stored (and counted) with the embedding
+            return plan.bias_bytes
+        return layout_bytes(stored_layout(plan.out_features, plan.in_features, plan.fmt, plan.dtype)) + plan.bias_bytes
+
+    def quantized_layers(self, layers, spec, device) -> list[LayerPlan]:
+        return list(layers)  # every planned layer is stored anew (16-bit ones as half floats)
+
+    def export_blocker(self, model: nn.Module, spec: QuantSpec) -> str | None:
+        packed = [p for p in plan_layers(model, spec).layers if p.quantized]
+        conv1d = next((p.name for p in packed if p.transposed), None)
+        if conv1d is not None:
+            return (f"{conv1d} is a GPT-2 style Conv1D layer: compressed-tensors checkpoints can only hold quantized "
+                    "nn.Linear layers (keep such layers at 16 bits)")
+        formats = {p.fmt for p in packed}
+        if len(formats) > 1 and any(not f.symmetric for f in formats):
+            found = ", ".join(sorted(f"{f.bits}-bit/{f.group_size or 'channel'}" for f in formats))
+            return (f"asymmetric layers in several formats ({found}): transformers can load an asymmetric "
+                    "pack-quantized checkpoint only when all its quantized layers share one format")
+        return None
