@@ -51,6 +51,9 @@ def add_study_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-budget", help="decode time per token, p50: e.g. 25ms or 0.7x (of the baseline)")
     parser.add_argument("--prefill-budget", help="prefill time of the latency prompt: e.g. 200ms or 0.8x")
     parser.add_argument("--memory-budget", help="stored weight size: e.g. 300MB, 1.5GiB or 0.5x")
+    parser.add_argument("--objectives", help="what the study minimises, comma-separated, the accuracy first: "
+                                             "perplexity or kl, then decode_ms_p50, weight_mb, ... "
+                                             "(default: perplexity,decode_ms_p50,weight_mb)")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", help="auto (default), float32, float16, bfloat16")
     parser.add_argument("--trust-remote-code", action="store_true", default=None, help="allow a hub model's own code")
@@ -130,7 +133,7 @@ def build_parser() -> Parser:
 def cmd_evaluate(args) -> int:
     from evaluators.latency import LatencyProtocol
     from evaluators.perplexity import PerplexityProtocol
-    from planner.errors import PlannerError
+    from planner.errors import PlannerError, check_writable
     from planner.evaluate import EvaluationSettings, evaluate, format_report
     from planner.sources import DataSource, ModelSource, load_corpus, load_model, resolve_device, resolve_dtype
 
@@ -144,7 +147,8 @@ def cmd_evaluate(args) -> int:
         )
     except ValueError as exc:
         raise PlannerError(str(exc)) from None
-    check_writable(args.json)
+    if args.json:
+        check_writable(args.json, "figures file")
     model_source = ModelSource.parse(args.model)
     data_source = DataSource.parse(args.data)
     device = resolve_device(args.device)
@@ -163,18 +167,6 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def check_writable(path: Path | None) -> None:
-    from planner.errors import PlannerError
-
-    if path is None:
-        return
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise PlannerError(f"cannot write {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise PlannerError(f"cannot write {path}: folder {folder} is not writable")
-
-
 def cmd_assets(args) -> int:
     from planner import assets
 
@@ -187,68 +179,58 @@ def cmd_assets(args) -> int:
     return 0
 
 
-SEARCH_FLAGS = ("model", "data", "study", "storage", "sampler", "seed", "trials", "timeout", "latency_budget",
-                "prefill_budget", "memory_budget", "device", "dtype", "trust_remote_code", "recipe")
+STUDY_FLAGS = ("model", "data", "study", "storage", "sampler", "seed", "trials", "timeout", "latency_budget",
+               "prefill_budget", "memory_budget", "objectives", "device", "dtype", "trust_remote_code", "recipe")
 
 
 def _study_settings(args):
+    from planner.errors import check_writable
     from planner.settings import make_settings, read_study_file
 
     file_values = read_study_file(args.study_file) if args.study_file else {}
-    settings = make_settings(file_values, {name: getattr(args, name) for name in SEARCH_FLAGS})
+    settings = make_settings(file_values, {name: getattr(args, name) for name in STUDY_FLAGS})
     settings.budgets()  # a malformed budget fails here, before anything is loaded or stored
+    if args.command == "search":
+        check_writable(settings.recipe_path(), "recipe")  # before the search, not after it
     return settings
 
 
 def cmd_search(args) -> int:
-    from planner.study_run import run_search
+    from planner.study import run_search
 
     settings = _study_settings(args)
     return _finish(run_search(settings, verbose=args.verbose, quiet=args.quiet), settings.recipe_path())
 
 
 def cmd_create(args) -> int:
-    from planner.study_run import open_study
+    from planner.study import create, storage_url
 
     settings = _study_settings(args)
-    study, _ = open_study(settings)
-    if settings.timeout is not None:
-        import time
-
-        # For the study, not one process: no worker starts a trial after this moment.
-        study.set_user_attr("deadline", time.time() + settings.timeout)
-    print(f"study '{study.study_name}' is ready in {settings.storage or default_url(settings.study)}: "
-          f"{len(study.trials)} candidates queued, {settings.trials} trials to run. Start workers with\n"
-          f"  planner worker --study {study.study_name} --storage {settings.storage or default_url(settings.study)}")
+    study = create(settings)
+    url = storage_url(settings)
+    print(f"study '{study.study_name}' is ready in {url}: {len(study.trials)} candidates queued, "
+          f"{settings.trials} trials to run. Start workers with\n"
+          f"  planner worker --study {study.study_name} --storage {url}")
     return 0
-
-
-def default_url(study: str) -> str:
-    from planner.storage import default_storage_url
-
-    return default_storage_url(study)
 
 
 def cmd_worker(args) -> int:
     import random
 
-    from planner.search import create_or_load
-    from planner.study_run import prepare, run_study, settings_of
+    from planner.study import join_as_worker, run_study
 
-    stored = _stored_study(args.study, args.storage)
     # Workers that share a seed would propose the same candidates at the same moment.
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     overrides = {"trials": args.trials, "timeout": args.timeout, "seed": seed, "device": args.device}
-    settings = settings_of(stored, args.storage, {k: v for k, v in overrides.items() if v is not None})
-    study = create_or_load(settings)  # the same study, with this worker's sampler
-    bench = prepare(settings, study, args.verbose)
+    study, bench = join_as_worker(args.study, args.storage, {k: v for k, v in overrides.items() if v is not None},
+                                  args.verbose)
     return _finish(run_study(study, bench, quiet=args.quiet), recipe=None)
 
 
 def _finish(outcome, recipe: Path | None) -> int:
     """Print the outcome and write the recommended recipe (if a path is given). Exit 1 when none meets the budget."""
+    from planner.recipes import write_recipe
     from planner.report import format_outcome
-    from planner.study_run import write_recipe
 
     print(format_outcome(outcome))
     if outcome.recommended is None:
@@ -261,47 +243,15 @@ def _finish(outcome, recipe: Path | None) -> int:
     return 0
 
 
-def _stored_study(study_name: str, storage: str | None):
-    """An existing study (never a new one)."""
-    import optuna
-
-    from planner.errors import PlannerError
-    from planner.storage import default_storage_url, open_storage
-
-    url = storage or default_storage_url(study_name)
-    opened = open_storage(url, must_exist=True)
-    try:
-        return optuna.load_study(study_name=study_name, storage=opened)
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(opened)]
-        raise PlannerError(f"no study '{study_name}' in {url} (it holds: {', '.join(names) or 'none'})") from None
-
-
-def _stored_outcome(study):
-    from planner.budgets import Budget
-    from planner.study_run import outcome
-
-    budgets = [Budget(**b) for b in study.user_attrs.get("budgets", [])]
-    return outcome(study, budgets, study.user_attrs.get("baseline", {}))
-
-
 def cmd_export(args) -> int:
-    from planner.errors import PlannerError
-    from planner.study_run import measured, write_recipe
+    from planner.errors import check_writable
+    from planner.outcome import trial_to_export
+    from planner.recipes import write_recipe
+    from planner.study import load_stored
 
-    study = _stored_study(args.study, args.storage)
-    if args.trial is None:
-        trial = _stored_outcome(study).recommended
-        if trial is None:
-            raise PlannerError(f"study '{args.study}' has no candidate that meets its budget; pass --trial N")
-    else:
-        trials = study.get_trials(deepcopy=False)
-        if not 0 <= args.trial < len(trials):
-            raise PlannerError(f"trial {args.trial} is out of range (study '{args.study}' has trials 0-{len(trials) - 1})")
-        trial = trials[args.trial]
-        if not measured(trial):
-            raise PlannerError(f"trial {args.trial} has no measured candidate ({trial.state.name.lower()}"
-                               f"{': ' + trial.user_attrs['rejected'] if 'rejected' in trial.user_attrs else ''})")
+    check_writable(args.output, "recipe")
+    study = load_stored(args.study, args.storage)
+    trial = trial_to_export(study, args.trial)
     print(f"recipe of trial {trial.number} written to {write_recipe(study, trial, args.output)}")
     return 0
 
@@ -318,25 +268,24 @@ def cmd_apply(args) -> int:
 
 
 def cmd_review(args) -> int:
-    import optuna
-
-    from planner.errors import PlannerError
+    from planner.errors import PlannerError, check_writable
     from planner.report import format_review, outcome_to_dict
-    from planner.storage import open_storage
 
     if args.study is None:
         if args.html:
             raise PlannerError("review --html needs --study NAME")
-        from planner.storage import STUDIES_DIR
+        from planner.storage import list_studies
 
-        # Without --storage: every SQLite database under studies/ (where searches store by default).
-        urls = [args.storage] if args.storage else [f"sqlite:///{p}" for p in sorted(STUDIES_DIR.glob("*.db"))]
-        rows = [{"study": s.study_name, "trials": s.n_trials, "storage": url}
-                for url in urls for s in optuna.get_all_study_summaries(open_storage(url, must_exist=True))]
+        rows = list_studies(args.storage)
         print(json.dumps(rows, indent=2) if args.json else
               "\n".join(f"{r['study']:<30} {r['trials']:>5} trials  {r['storage']}" for r in rows) or "no studies")
         return 0
-    outcome = _stored_outcome(_stored_study(args.study, args.storage))
+    if args.html:
+        check_writable(args.html, "report")
+    from planner.outcome import stored_outcome
+    from planner.study import load_stored
+
+    outcome = stored_outcome(load_stored(args.study, args.storage))
     print(json.dumps(outcome_to_dict(outcome), indent=2) if args.json else format_review(outcome))
     if args.html:
         from planner.html_report import write_html_report
@@ -373,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - never a traceback for the user; PLANNER_DEBUG shows it
         if os.environ.get("PLANNER_DEBUG"):
             raise
-        detail = (str(exc).strip().splitlines() or [""])[0]
-        print(f"planner: internal error: {type(exc).__name__}: {detail} (PLANNER_DEBUG=1 shows the traceback)",
+        from planner.errors import first_line
+
+        print(f"planner: internal error: {type(exc).__name__}: {first_line(exc)} (PLANNER_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return 1
 

@@ -5,8 +5,8 @@ The grid is the planner's own search space narrowed by a study-file `space` tabl
 point is a candidate `planner search` could sample, named by the same trial parameters and stage specs.
 Each point is built and measured once for real (`search_quality.py --evaluate`) and stored as one JSON line
 keyed by its stage specs. A replay runs the planner's real study code (spaces, enqueued presets, sampler,
-`planner.search.objective` with its duplicate check, spec-only memory rejection, budgets as constraints,
-`planner.study_run.outcome`) with only the build and the three evaluators replaced by table look-ups.
+`planner.trial.objective` with its duplicate check, spec-only memory rejection, budgets as constraints,
+`planner.study.outcome`) with only the build and the three evaluators replaced by table look-ups.
 """
 from __future__ import annotations
 
@@ -49,11 +49,11 @@ DATA = "builtin:shakespeare"
 
 
 def grid_settings(**overrides):
-    from planner.settings import SearchSettings
+    from planner.settings import StudySettings
 
     values = dict(model=MODEL, data=DATA, study="bench-grid", seed=0, space=GRID_SPACE, evaluation=GRID_EVALUATION)
     values.update(overrides)
-    return SearchSettings(**values)
+    return StudySettings(**values)
 
 
 def stage_key(stages) -> str:
@@ -249,12 +249,12 @@ class Replay:
     def __init__(self, table: dict[str, dict]):
         import optuna
 
-        import planner.search as search
-        from planner.search import resolve_spaces
+        import planner.trial as trial_module
+        from planner.study import resolve_spaces
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.table = table
-        self.search = search
+        self.search = trial_module
         self.model = meta_model()
         self.model.bench_key = "[]"
         self.spaces = resolve_spaces(grid_settings(), self.model)
@@ -264,7 +264,7 @@ class Replay:
         if missing:
             raise SystemExit(f"the table misses {len(missing)} of the grid's {len(keys)} points; run --evaluate first")
 
-    # Stand-ins for the build and the evaluators (planner.search looks these names up at call time).
+    # Stand-ins for the build and the evaluators (planner.trial looks these names up at call time).
     def _build(self, base_model, stages, context):
         from planner.candidates import BuiltCandidate
 
@@ -309,8 +309,9 @@ class Replay:
         from planner.budgets import of_kind
         from planner.candidates import hand_picked, starting_points
         from planner.samplers import make_sampler
-        from planner.search import Workbench, objective
-        from planner.study_run import join, outcome
+        from planner.trial import Workbench, objective
+        from planner.study import join
+        from planner.outcome import decide as outcome
         from search_spaces import BuildContext
 
         budgets = budgets or {}
@@ -351,7 +352,7 @@ class Replay:
 def found_values(study, feasible_only: bool) -> list[list[tuple]]:
     """Per trial (in order), the objective values of that trial if it counts toward the front: measured in
     full, and with a budget, feasible. None otherwise."""
-    from planner.study_run import feasible, measured
+    from planner.outcome import feasible, measured
 
     values = []
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):

@@ -93,7 +93,7 @@ def evaluate(worker: str, limit: int | None, shard: str = "0/1") -> None:
     from evaluators.perplexity import measure_perplexity
     from planner.candidates import estimate_weight_bytes
     from planner.quiet import quiet_libraries
-    from planner.study_run import prepare
+    from planner.study import prepare
 
     quiet_libraries()
     bench = prepare(grid_settings())
@@ -139,7 +139,7 @@ def measure_graph_latency(rounds: int) -> None:
 
     from evaluators.latency import measure_latency
     from planner.quiet import quiet_libraries
-    from planner.study_run import prepare
+    from planner.study import prepare
 
     quiet_libraries()
     bench = prepare(grid_settings())

@@ -2,7 +2,7 @@
 
     nice -n 10 .venv/bin/python bench/trial_cost.py [--skip-scaling] [--skip-student]
 
-Every trial runs through the planner's real objective (`planner.search.objective`) in an in-memory study,
+Every trial runs through the planner's real objective (`planner.trial.objective`) in an in-memory study,
 with the demo study file's space and evaluation protocol (`studies/demo.toml`); the stage seconds are what
 the planner stores on each trial (per technique, measure, total), split further with the evaluators' own
 wall times (latency, perplexity). Then, measured separately on one candidate: pruning's calibration
@@ -104,7 +104,7 @@ def settings_for(**overrides):
 def new_study(bench):
     import optuna
 
-    from planner.study_run import join
+    from planner.study import join
 
     study = optuna.create_study(directions=["minimize"] * 3)
     join(bench, study)
@@ -113,7 +113,7 @@ def new_study(bench):
 
 def run_trial(bench, study, params: dict) -> dict:
     """One trial of the planner's objective on the candidate named by `params`; its stored seconds."""
-    from planner.search import objective
+    from planner.trial import objective
 
     study.enqueue_trial(params)
     study.optimize(objective(bench), n_trials=1)
@@ -148,7 +148,7 @@ def case(done: dict, model: str, name: str, fn) -> dict:
 
 
 def builtin_part(done: dict, skip_student: bool) -> None:
-    from planner.study_run import prepare
+    from planner.study import prepare
 
     bench = prepare(settings_for(study="bench-cost"))
     name = "builtin smollm2-135m"
@@ -162,7 +162,7 @@ def builtin_part(done: dict, skip_student: bool) -> None:
 
     import optuna
 
-    from planner.study_run import join
+    from planner.study import join
 
     budget_bench = prepare(settings_for(study="bench-cost", memory_budget="0.3x"))
     rejected_study = optuna.create_study(directions=["minimize"] * 3)
@@ -223,7 +223,7 @@ def decompose(done: dict, bench, name: str) -> None:
 
 def student_part(done: dict, bench, name: str) -> None:
     """A student trained once (tiny on purpose), then the same candidate in a fresh study: the cache hit."""
-    from planner.search import resolve_spaces
+    from planner.study import resolve_spaces
 
     cache = Path(tempfile.mkdtemp(prefix="bench-students-"))
     try:
@@ -245,8 +245,8 @@ def scaling_part(done: dict) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from planner import assets
-    from planner.search import resolve_spaces
-    from planner.study_run import prepare
+    from planner.study import resolve_spaces
+    from planner.study import prepare
 
     base = prepare(settings_for(study="bench-cost"))
     config0 = AutoConfig.from_pretrained(assets.cache_root() / "models" / "smollm2-135m")

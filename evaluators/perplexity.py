@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -106,15 +106,28 @@ def window_spans(num_tokens: int, context_length: int, stride: int) -> list[tupl
 
 
 @torch.inference_mode()
-def score_ids(model, ids: list[int], context_length: int, stride: int, device) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats) and number of scored tokens for one document."""
+def scored_windows(model, ids: list[int], context_length: int, stride: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """For each window over one document: the float32 logits of its scored positions, shape
+    (scored, vocab), and the token ids they predict, shape (scored,). Every evaluator that scores the
+    held-out text (perplexity, KL divergence) reads the model through this one iterator."""
     tokens = torch.tensor(ids, dtype=torch.long, device=device)
-    nll, count = 0.0, 0
     for begin, end, first in window_spans(len(ids), context_length, stride):
         logits = model(input_ids=tokens[begin:end].unsqueeze(0)).logits[0]
-        predictions = logits[first - 1 - begin : end - 1 - begin].float()
-        nll += F.cross_entropy(predictions, tokens[first:end], reduction="sum").item()
-        count += end - first
+        yield logits[first - 1 - begin : end - 1 - begin].float(), tokens[first:end]
+
+
+def window_nll(predictions: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed negative log-likelihood (nats) of one window's targets under its float32 logits."""
+    return F.cross_entropy(predictions, targets, reduction="sum").item()
+
+
+@torch.inference_mode()
+def score_ids(model, ids: list[int], context_length: int, stride: int, device) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) and number of scored tokens for one document."""
+    nll, count = 0.0, 0
+    for predictions, targets in scored_windows(model, ids, context_length, stride, device):
+        nll += window_nll(predictions, targets)
+        count += targets.numel()
     return nll, count
 
 
@@ -146,6 +159,13 @@ def measure_perplexity(model, tokenizer, documents: Sequence[Document], protocol
             doc_nll, doc_count = score_ids(model, ids, protocol.context_length, protocol.stride, device)
             nll += doc_nll
             scored += doc_count
+    return perplexity_result(model, protocol, encoded, nll, scored, device, start)
+
+
+def perplexity_result(model, protocol: PerplexityProtocol, encoded: list[tuple[list[int], int]], nll: float,
+                      scored: int, device, start: float) -> PerplexityResult:
+    """The PerplexityResult of a finished pass: summed NLL (nats) over `scored` tokens of `encoded`
+    (check_protocol's output), timed from the perf_counter value `start`."""
     total_tokens, total_bytes = sum(len(ids) for ids, _ in encoded), sum(n for _, n in encoded)
     nll_per_token = nll / scored
     bits_per_byte = nll_per_token / math.log(2) * total_tokens / total_bytes

@@ -7,14 +7,20 @@ from pathlib import Path
 
 import optuna
 
-from planner.errors import PlannerError
+from planner.errors import PlannerError, check_writable
+from planner.objectives import metric
+from planner.outcome import Outcome, measured
 from planner.report import best_table, format_outcome
-from planner.search import OBJECTIVES
-from planner.study_run import SearchOutcome, measured
 
-AXIS_NAMES = {"perplexity": "perplexity", "decode_ms_p50": "decode ms/token (p50)", "weight_mb": "weights (MB)"}
-# Two-dimensional views read better than one 3-D cloud: perplexity against each cost.
-PARETO_VIEWS = (("perplexity", "weight_mb"), ("perplexity", "decode_ms_p50"))
+
+def axis_name(name: str) -> str:
+    m = metric(name)
+    return f"{m.label} ({m.unit})" if m.unit and m.unit not in m.label else m.label
+
+
+def pareto_views(objectives: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Two-dimensional views read better than one cloud: the accuracy objective against each of the others."""
+    return [(objectives[0], other) for other in objectives[1:]]
 
 
 def measured_study(study: optuna.Study) -> optuna.Study:
@@ -25,20 +31,20 @@ def measured_study(study: optuna.Study) -> optuna.Study:
     return copy
 
 
-def _figures(study: optuna.Study) -> list[tuple[str, object]]:
+def _figures(study: optuna.Study, objectives: tuple[str, ...]) -> list[tuple[str, object]]:
     import optuna.visualization as vis
 
     figures = []
-    for x, y in PARETO_VIEWS:
-        ix, iy = OBJECTIVES.index(x), OBJECTIVES.index(y)
-        figures.append((f"Pareto front: {AXIS_NAMES[x]} against {AXIS_NAMES[y]} (feasible trials in colour)",
-                        vis.plot_pareto_front(study, target_names=[AXIS_NAMES[x], AXIS_NAMES[y]],
+    for x, y in pareto_views(objectives):
+        ix, iy = objectives.index(x), objectives.index(y)
+        figures.append((f"Pareto front: {axis_name(x)} against {axis_name(y)} (feasible trials in colour)",
+                        vis.plot_pareto_front(study, target_names=[axis_name(x), axis_name(y)],
                                               targets=lambda t, ix=ix, iy=iy: (t.values[ix], t.values[iy]))))
-    for index, name in enumerate(OBJECTIVES):
-        title = f"Parameter importances for {AXIS_NAMES[name]}"
+    for index, name in enumerate(objectives):
+        title = f"Parameter importances for {axis_name(name)}"
         try:
             figure = vis.plot_param_importances(study, target=lambda t, i=index: t.values[i],
-                                                target_name=AXIS_NAMES[name])
+                                                target_name=axis_name(name))
         except (ValueError, RuntimeError) as exc:
             # Importances need parameters that every measured trial shares and that vary; say why not.
             figures.append((title, f"not available: {exc}"))
@@ -47,14 +53,13 @@ def _figures(study: optuna.Study) -> list[tuple[str, object]]:
     return figures
 
 
-def write_html_report(outcome: SearchOutcome, path: Path) -> Path:
+def write_html_report(outcome: Outcome, path: Path) -> Path:
     try:
         import plotly  # noqa: F401 - only to fail with a clear message
     except ImportError:
         raise PlannerError("review --html needs plotly: pip install plotly") from None
     path = Path(path)
-    if not path.parent.is_dir():
-        raise PlannerError(f"cannot write {path}: folder {path.parent} does not exist")
+    check_writable(path, "report")
     study = measured_study(outcome.study)
     title = f"planner study {outcome.study.study_name}"
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
@@ -65,7 +70,7 @@ def write_html_report(outcome: SearchOutcome, path: Path) -> Path:
         parts.append("<p>Fewer than two measured trials: nothing to plot yet.</p>")
     else:
         inline_js = True  # plotly.js once, inline: no network when the page is opened
-        for heading, figure in _figures(study):
+        for heading, figure in _figures(study, outcome.objectives):
             parts.append(f"<h2>{html.escape(heading)}</h2>")
             if isinstance(figure, str):
                 parts.append(f"<p>{html.escape(figure)}</p>")

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from planner.errors import PlannerError, read_user_text
+from planner.errors import PlannerError, check_writable, first_line, read_user_text
 
 RECIPE_VERSION = 1
 RECIPE_FIELDS = ("version", "model", "stages", "budget", "metrics", "provenance")
@@ -120,9 +120,50 @@ def load_recipe(path: Path, techniques: dict) -> Recipe:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise RecipeError(f"recipe {path} is not valid YAML: {first}") from None
+        raise RecipeError(f"recipe {path} is not valid YAML: {first_line(exc)}") from None
     try:
         return Recipe.from_dict(data, techniques)
     except RecipeError as exc:
         raise RecipeError(f"recipe {path}: {exc}") from None
+
+
+def recipe_for(study, trial) -> Recipe:
+    """The recipe of a measured trial of an Optuna study, from what the study stored (no model needed)."""
+    import optuna
+    import torch
+    import transformers
+
+    import planner
+    from search_spaces import TECHNIQUES
+
+    model = study.user_attrs.get("model")
+    if not model:
+        raise PlannerError(f"study '{study.study_name}' has no baseline yet (no search has run in it)")
+    stages = tuple(Stage(s["technique"], TECHNIQUES[s["technique"]].spec_type.from_dict(s["spec"]))
+                   for s in trial.user_attrs.get("stages", []))
+    settings = study.user_attrs.get("settings", {})
+    return Recipe(
+        model_source=model["source"],
+        model_hash=model["content_hash"],
+        stages=stages,
+        budget=tuple(study.user_attrs.get("budgets", [])),
+        metrics={"summary": trial.user_attrs.get("metrics", {}), **trial.user_attrs.get("measurements", {})},
+        provenance={
+            "study": study.study_name,
+            "trial": trial.number,
+            "objectives": list(study.metric_names or ()),
+            "seed": settings.get("seed", 0),
+            "data": settings.get("data"),
+            "planner": planner.__version__,
+            "torch": str(torch.__version__),  # a str subclass that YAML's safe dumper refuses
+            "transformers": str(transformers.__version__),
+            "optuna": str(optuna.__version__),
+        },
+    )
+
+
+def write_recipe(study, trial, path: Path) -> Path:
+    path = Path(path)
+    check_writable(path, "recipe")
+    save_recipe(recipe_for(study, trial), path)
+    return path

@@ -1,21 +1,36 @@
-"""Tables and JSON for a study's outcome: the Pareto front, the budget, the recommended candidate."""
+"""What a user reads: one line per finished trial, and the outcome as tables or JSON (the Pareto front, the
+budget, the baseline, the recommended candidate, the best trial per objective). Columns come from the metric
+registry (`planner.objectives`): a study shows the figures its trials measured."""
 from __future__ import annotations
 
-from planner.study_run import SearchOutcome, best_trials, feasible
+import optuna
 
-COLUMNS = (("trial", "{:>5}"), ("perplexity", "{:>10.2f}"), ("bits/byte", "{:>9.3f}"), ("decode ms", "{:>9.1f}"),
-           ("prefill ms", "{:>10.1f}"), ("weight MB", "{:>9.1f}"))
+from planner.objectives import COLUMN_ORDER, metric
+from planner.outcome import Outcome, best_trials, feasible
+
+
+def trial_line(trial: optuna.trial.FrozenTrial, total: int) -> str:
+    row = trial.user_attrs.get("metrics", {})
+    label = trial.user_attrs.get("label", "?")
+    if trial.state == optuna.trial.TrialState.FAIL:
+        reason = trial.user_attrs.get("failure") or trial.user_attrs.get("interrupted", "unknown")
+        return f"trial {trial.number:>3}/{total} FAILED  {label}: {reason}"
+    ppl = f"ppl {row['perplexity']:7.2f}" if "perplexity" in row else "ppl    n/a "
+    kl = f"  kl {row['kl']:.4f} (top-1 {row['top1_agreement']:.3f})" if "kl" in row else ""
+    decode = f"  decode {row['decode_ms_p50']:6.1f} ms" if "decode_ms_p50" in row else ""
+    seconds = trial.user_attrs.get("seconds", {}).get("total", 0.0)
+    note = (trial.user_attrs.get("rejected") or trial.user_attrs.get("skipped_perplexity")
+            or (f"same candidate as trial {trial.user_attrs['duplicate_of']}" if "duplicate_of" in trial.user_attrs
+                else ""))
+    return (f"trial {trial.number:>3}/{total} {'ok  ' if feasible(trial) else 'over'} {ppl}{kl}{decode}  "
+            f"{row.get('weight_mb', 0):7.1f} MB  {seconds:5.1f} s  {label}" + (f"  ({note})" if note else ""))
 
 
 def trial_row(trial) -> dict:
     metrics = trial.user_attrs.get("metrics", {})
     return {
         "trial": trial.number,
-        "perplexity": metrics.get("perplexity"),
-        "bits_per_byte": metrics.get("bits_per_byte"),
-        "decode_ms_p50": metrics.get("decode_ms_p50"),
-        "prefill_ms_p50": metrics.get("prefill_ms_p50"),
-        "weight_mb": metrics.get("weight_mb"),
+        **{name: metrics.get(name) for name in COLUMN_ORDER},
         "stages": trial.user_attrs.get("stages", []),
         "label": trial.user_attrs.get("label", ""),
         "constraints": dict(trial.constraints),
@@ -23,57 +38,65 @@ def trial_row(trial) -> dict:
     }
 
 
-def _cells(row: dict) -> list[str]:
-    values = (row["trial"], row["perplexity"], row["bits_per_byte"], row["decode_ms_p50"], row["prefill_ms_p50"],
-              row["weight_mb"])
-    return [fmt.format(v) if v is not None else f"{'n/a':>{len(name)}}" for (name, fmt), v in zip(COLUMNS, values)]
+def columns(rows: list[dict]) -> list[str]:
+    """The figures any of the rows has, in registry order (a study without kl shows no kl column)."""
+    return [name for name in COLUMN_ORDER if any(row.get(name) is not None for row in rows)]
 
 
 def table(rows: list[dict], marked: int | None = None, first: tuple[str, list[str]] | None = None) -> str:
     """Rows of trials; `first` adds a leading column (its name and one cell per row)."""
+    names = columns(rows)
+    cells = [[str(row["trial"])] + [metric(n).shown(row.get(n)) for n in names] for row in rows]
+    headings = ["trial"] + [metric(n).label for n in names]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headings)]
     lead_name, lead = first or ("", [""] * len(rows))
-    width = max([len(lead_name), *map(len, lead)])
-    header = "  " + f"{lead_name:<{width}}" + (" " if width else "") + "  ".join(
-        f"{name:>{len(fmt.format(0))}}" for name, fmt in COLUMNS) + "  stages"
-    lines = [header]
-    for cell, row in zip(lead, rows):
-        mark = "* " if row["trial"] == marked else "  "
-        lines.append(mark + f"{cell:<{width}}" + (" " if width else "") + "  ".join(_cells(row)) + "  " + row["label"])
+    lead_width = max([len(lead_name), *map(len, lead)])
+    gap = " " if lead_width else ""
+
+    def line(mark: str, lead_cell: str, values: list[str], label: str) -> str:
+        return (mark + f"{lead_cell:<{lead_width}}" + gap + "  ".join(f"{v:>{w}}" for v, w in zip(values, widths))
+                + "  " + label)
+
+    lines = [line("  ", lead_name, headings, "stages")]
+    for lead_cell, row, values in zip(lead, rows, cells):
+        lines.append(line("* " if row["trial"] == marked else "  ", lead_cell, values, row["label"]))
     return "\n".join(lines)
 
 
-OBJECTIVE_NAMES = {"perplexity": "perplexity", "decode_ms_p50": "decode ms", "weight_mb": "weight MB"}
-
-
-def best_table(outcome: SearchOutcome) -> str:
-    best = best_per_objective_rows(outcome)
-    if not best:
-        return "no measured trial yet"
-    names = [f"{OBJECTIVE_NAMES[name]}{'' if row['meets_budget'] else ' (over budget)'}" for name, row in best.items()]
-    return table(list(best.values()), first=("best for", names))
-
-
-def best_per_objective_rows(outcome: SearchOutcome) -> dict[str, dict]:
+def best_per_objective_rows(outcome: Outcome) -> dict[str, dict]:
     return {name: trial_row(t) for name, t in best_trials(outcome.study).items()}
 
 
-def budget_line(outcome: SearchOutcome) -> str:
+def best_table(outcome: Outcome) -> str:
+    best = best_per_objective_rows(outcome)
+    if not best:
+        return "no measured trial yet"
+    names = [f"{metric(name).label}{'' if row['meets_budget'] else ' (over budget)'}" for name, row in best.items()]
+    return table(list(best.values()), first=("best for", names))
+
+
+def budget_line(outcome: Outcome) -> str:
     if not outcome.budgets:
         return "budget: none (every measured candidate is feasible)"
     return "budget: " + ", ".join(b.describe() for b in outcome.budgets)
 
 
-def baseline_line(outcome: SearchOutcome) -> str:
-    b = outcome.baseline
-    return (f"baseline: perplexity {b.get('perplexity', float('nan')):.2f}, decode {b.get('decode_ms_p50', 0):.1f} ms, "
-            f"prefill {b.get('prefill_ms_p50', 0):.1f} ms, weights {b.get('weight_mb', 0):.1f} MB")
+def baseline_line(outcome: Outcome) -> str:
+    shown = [f"{metric(name).label} {metric(name).shown(outcome.baseline[name])}"
+             for name in COLUMN_ORDER if outcome.baseline.get(name) is not None and name != "bits_per_byte"]
+    return "baseline: " + (", ".join(shown) or "not measured yet")
 
 
-def format_outcome(outcome: SearchOutcome) -> str:
-    lines = [f"study {outcome.study.study_name}: {len(outcome.study.trials)} trials", budget_line(outcome),
-             baseline_line(outcome), ""]
+def objectives_line(outcome: Outcome) -> str:
+    return "objectives (minimised): " + ", ".join(metric(name).label for name in outcome.objectives)
+
+
+def format_outcome(outcome: Outcome) -> str:
+    lines = [f"study {outcome.study.study_name}: {len(outcome.study.trials)} trials", objectives_line(outcome),
+             budget_line(outcome), baseline_line(outcome), ""]
+    first = metric(outcome.objectives[0]).label
     if outcome.recommended is not None:
-        lines += ["Pareto front of the candidates that meet the budget (* = recommended: best perplexity):",
+        lines += [f"Pareto front of the candidates that meet the budget (* = recommended: best {first}):",
                   table([trial_row(t) for t in outcome.front], outcome.recommended.number)]
     else:
         lines += ["No measured candidate meets the budget. Closest (least total excess over the budget):",
@@ -81,14 +104,15 @@ def format_outcome(outcome: SearchOutcome) -> str:
     return "\n".join(lines)
 
 
-def format_review(outcome: SearchOutcome) -> str:
+def format_review(outcome: Outcome) -> str:
     return format_outcome(outcome) + "\n\nBest trial per objective:\n" + best_table(outcome)
 
 
-def outcome_to_dict(outcome: SearchOutcome) -> dict:
+def outcome_to_dict(outcome: Outcome) -> dict:
     return {
         "study": outcome.study.study_name,
         "trials": len(outcome.study.trials),
+        "objectives": list(outcome.objectives),
         "budgets": [b.to_dict() for b in outcome.budgets],
         "baseline": outcome.baseline,
         "front": [trial_row(t) for t in outcome.front],

@@ -16,7 +16,8 @@ import yaml
 from evaluators.latency import LatencyProtocol
 from evaluators.perplexity import PerplexityProtocol
 from planner.budgets import Budget, parse_budget
-from planner.errors import PlannerError, read_user_text
+from planner.errors import PlannerError, first_line, read_user_text
+from planner.objectives import parse_objectives
 from planner.samplers import DEFAULT_SAMPLER
 
 # Lighter than `planner evaluate`'s defaults: every trial pays these.
@@ -25,7 +26,7 @@ SEARCH_LATENCY = LatencyProtocol(prompt_tokens=64, new_tokens=16, warmup=1, repe
 
 
 @dataclass(frozen=True)
-class SearchSettings:
+class StudySettings:
     model: str = "builtin:smollm2-135m"
     data: str = "builtin:shakespeare"
     study: str = "planner"
@@ -41,6 +42,7 @@ class SearchSettings:
     dtype: str = "auto"
     trust_remote_code: bool = False
     recipe: str | None = None  # default: studies/<study>-recipe.yaml
+    objectives: str | list | None = None  # names, e.g. "perplexity,kl,weight_mb" (default: planner.objectives.DEFAULT)
     space: dict = field(default_factory=dict)  # technique -> dict of ranges, or False (stage off)
     evaluation: dict = field(default_factory=dict)  # perplexity / latency protocol fields
 
@@ -49,8 +51,12 @@ class SearchSettings:
             raise PlannerError(f"trials must be at least 1, got {self.trials}")
         if self.timeout is not None and self.timeout <= 0:
             raise PlannerError(f"timeout must be positive seconds, got {self.timeout}")
+        parse_objectives(self.objectives)  # an unknown or repeated objective fails before anything loads
         if not self.study or not all(c.isalnum() or c in "-_." for c in self.study):
             raise PlannerError(f"study name '{self.study}' may hold only letters, digits, '-', '_' and '.'")
+
+    def objective_names(self) -> tuple[str, ...]:
+        return parse_objectives(self.objectives)
 
     def budgets(self) -> list[Budget]:
         given = {"latency": self.latency_budget, "prefill": self.prefill_budget, "memory": self.memory_budget}
@@ -95,15 +101,15 @@ def read_study_file(path: Path) -> dict[str, Any]:
             raise PlannerError(f"study file {path} must end in .toml, .yaml or .yml")
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         raise PlannerError(f"study file {path} is not valid {path.suffix[1:].upper()}: "
-                           f"{str(exc).strip().splitlines()[0]}") from None
+                           f"{first_line(exc)}") from None
     if not isinstance(data, dict):
         raise PlannerError(f"study file {path} must hold a table of settings")
     return data
 
 
-def make_settings(file_values: dict[str, Any], flag_values: dict[str, Any]) -> SearchSettings:
+def make_settings(file_values: dict[str, Any], flag_values: dict[str, Any]) -> StudySettings:
     """Study-file values, overridden by every flag the user actually gave (None = not given)."""
-    known = {f.name: f for f in fields(SearchSettings)}
+    known = {f.name: f for f in fields(StudySettings)}
     merged = {k.replace("-", "_"): v for k, v in file_values.items()}
     unknown = sorted(set(merged) - set(known))
     if unknown:
@@ -111,15 +117,17 @@ def make_settings(file_values: dict[str, Any], flag_values: dict[str, Any]) -> S
     merged.update({k: v for k, v in flag_values.items() if v is not None})
     for name, value in merged.items():
         _check_type(name, value, known[name].type)
-    return SearchSettings(**merged)
+    return StudySettings(**merged)
 
 
 def _check_type(name: str, value: Any, annotation: str) -> None:
-    expected = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict}
-    for word, kind in expected.items():
-        if annotation.startswith(word) or annotation.startswith(f"{word} |"):
-            if value is None and "None" in annotation:
-                return
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise PlannerError(f"study setting '{name}' must be {word}, got {type(value).__name__} {value!r}")
-            return
+    """The value against the field's annotation (a string under `from __future__ import annotations`)."""
+    expected = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict, "list": list}
+    words = [w.strip() for w in annotation.split("|")]
+    if value is None and "None" in words:
+        return
+    kinds = [(w, expected[w]) for w in words if w in expected]
+    if kinds and not any(isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+                         for _, kind in kinds):
+        shown = " or ".join(w for w, _ in kinds)
+        raise PlannerError(f"study setting '{name}' must be {shown}, got {type(value).__name__} {value!r}")

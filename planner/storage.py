@@ -12,7 +12,7 @@ from pathlib import Path
 
 import optuna
 
-from planner.errors import PlannerError
+from planner.errors import PlannerError, first_line
 
 STUDIES_DIR = Path("studies")
 HEARTBEAT_SECONDS = 60
@@ -57,8 +57,7 @@ def open_storage(url: str, must_exist: bool = False) -> optuna.storages.BaseStor
             engine_kwargs=None if scheme == "sqlite" else {"pool_pre_ping": True, "connect_args": CONNECT_ARGS},
         )
     except Exception as exc:  # noqa: BLE001 - driver/connection errors become one line
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise PlannerError(f"cannot open storage {_shown(url)}: {detail}") from None
+        raise PlannerError(f"cannot open storage {_shown(url)}: {first_line(exc)}") from None
 
 
 def _shown(url: str) -> str:
@@ -81,3 +80,10 @@ def _require_folder(folder: Path, url: str, create: bool = False) -> None:
 def _require_file(path: Path, url: str, must_exist: bool) -> None:
     if must_exist and not path.is_file():
         raise PlannerError(f"storage {url}: {path} does not exist (no study has been stored there)")
+
+
+def list_studies(url: str | None = None) -> list[dict]:
+    """Name, trial count and storage of every study in `url`, or without one in every studies/*.db."""
+    urls = [url] if url else [f"sqlite:///{p}" for p in sorted(STUDIES_DIR.glob("*.db"))]
+    return [{"study": s.study_name, "trials": s.n_trials, "storage": u}
+            for u in urls for s in optuna.get_all_study_summaries(open_storage(u, must_exist=True))]

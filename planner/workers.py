@@ -28,6 +28,9 @@ POLL_SECONDS = 2.0
 MAX_CONSECUTIVE_FAILURES = 5
 
 
+DEADLINE_ATTR = "deadline"  # a study's own deadline (epoch seconds), set by `planner create --timeout`
+
+
 def finished(trial: optuna.trial.FrozenTrial) -> bool:
     """Complete, or failed by its own candidate (a trial cut short by its process carries no "failure")."""
     return trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL and "failure" in trial.user_attrs)
@@ -95,7 +98,7 @@ def run_trials(study: optuna.Study, objective: Callable, target: int, timeout: f
                callbacks: tuple = (), say: Callable[[str], None] = print) -> RunResult:
     """Run trials here until `target` trials count in the study (across every process), `timeout` seconds
     pass in this process, or the study's own deadline (`planner create --timeout`) passes for every worker."""
-    deadline = study.user_attrs.get("deadline")
+    deadline = study.user_attrs.get(DEADLINE_ATTR)
     result, started, waiting_said, current = RunResult(), time.monotonic(), False, {}
 
     def guarded(trial: optuna.Trial):

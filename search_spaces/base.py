@@ -120,14 +120,22 @@ class Technique(abc.ABC):
         model.save_pretrained(folder)
 
 
-TECHNIQUES: dict[str, Technique] = {}
+class Registry(dict):
+    """Named things of one kind (techniques, quantization methods), each registered once by its `name`."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def add(self, item):
+        if item.name in self:
+            raise ValueError(f"{self.kind} {item.name} is registered twice")
+        self[item.name] = item
+        return item
 
 
-def register(technique: Technique) -> Technique:
-    if technique.name in TECHNIQUES:
-        raise ValueError(f"technique {technique.name} is registered twice")
-    TECHNIQUES[technique.name] = technique
-    return technique
+TECHNIQUES: Registry = Registry("technique")
+register = TECHNIQUES.add
 
 
 def ordered() -> list[Technique]:

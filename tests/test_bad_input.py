@@ -30,7 +30,7 @@ def world(tmp_path_factory, tiny_model_dir, text_corpus_dir):
     # The baseline, queued by hand (no seed is over the budget), gives the study a trial rejected from its spec.
     from planner.candidates import hand_picked
     from planner.settings import make_settings, read_study_file
-    from planner.study_run import prepare
+    from planner.study import prepare
 
     _study(root).enqueue_trial(hand_picked(prepare(make_settings(read_study_file(study_file), {})).spaces)[0])
     assert cli.main(["search", "--study-file", str(study_file), "--trials", "5", "--memory-budget", "0.8x", "-q"]) == 0
@@ -124,6 +124,16 @@ CASES = [
     (["review", "--study", "tiny", "--storage", "sqlite:///{root}/elsewhere.db"], "does not exist"),
     (["review", "--html", "{root}/r.html", "--storage", "{url}"], "review --html needs --study NAME"),
     (["worker", "--study", "tiny"], "the following arguments are required: --storage"),
+    (SEARCH + ["--objectives", "perplexity,speed"], "unknown objective 'speed' (known: perplexity, kl,"),
+    (SEARCH + ["--objectives", "perplexity,weight_mb,weight"], "objective 'weight' is listed twice"),
+    (SEARCH + ["--objectives", "perplexity"], "needs at least two objectives"),
+    (SEARCH + ["--objectives", "weight_mb,perplexity"], "the first objective is the accuracy"),
+    (SEARCH + ["--study", "tiny", "--storage", "{url}", "--objectives", "perplexity,kl,weight_mb"],
+     "study 'tiny' optimises perplexity, decode_ms_p50, weight_mb, not perplexity, kl, weight_mb"),
+    (SEARCH + ["--recipe", "{root}/missing/recipe.yaml"], "cannot write recipe {root}/missing/recipe.yaml: folder"),
+    (["review", "--study", "tiny", "--storage", "{url}", "--html", "{root}/missing/r.html"],
+     "cannot write report {root}/missing/r.html"),
+    (["evaluate", "--json", "{root}"], "it is a folder"),
 ]
 
 

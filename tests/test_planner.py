@@ -91,14 +91,14 @@ def test_search_export_apply_review(study, tmp_path, text_corpus_dir, capsys, mo
     assert code == 0, err
     assert "Best trial per objective" in out and f"report written to {report}" in out
     page = report.read_text()
-    assert "Pareto front: perplexity against weights (MB)" in page and "Parameter importances" in page
+    assert "Pareto front: perplexity against weight MB" in page and "Parameter importances" in page
     assert page.count("Plotly.newPlot") >= 2 and "src=\"https://" not in page  # plotly.js inlined
 
 
 def test_rejected_by_spec_is_cheap_and_search_resumes(study, tmp_path, capsys):
     from planner.candidates import hand_picked
     from planner.settings import make_settings, read_study_file
-    from planner.study_run import prepare
+    from planner.study import prepare
 
     code, _, err = run(["search", "--study-file", study, "--trials", "3", "--memory-budget", "0.6x", "-q"], capsys)
     assert code in (0, 1), err
@@ -126,7 +126,7 @@ def test_smallest_candidate_is_the_smallest_the_study_can_draw(study, tmp_path, 
     """Sizes of many sampled candidates are never below the corner the up-front check computes."""
     from planner.candidates import estimate_weight_bytes, smallest_candidate, suggest_stages
     from planner.settings import make_settings, read_study_file
-    from planner.study_run import prepare
+    from planner.study import prepare
 
     settings = make_settings(read_study_file(study), {"trials": 1})
     bench = prepare(settings)
@@ -189,7 +189,7 @@ def test_starting_points_cross_presets_with_reduced_shapes_and_skip_what_cannot_
     from planner.candidates import CornerTrial, estimate_weight_bytes, hand_picked, on_shapes, starting_points
     from planner.candidates import suggest_stages
     from planner.settings import make_settings, read_study_file
-    from planner.study_run import prepare
+    from planner.study import prepare
 
     settings = make_settings(read_study_file(study), {"trials": 40})
     bench = prepare(settings)
@@ -210,3 +210,57 @@ def test_starting_points_cross_presets_with_reduced_shapes_and_skip_what_cannot_
     assert kept == [p for p in everything if size(p) <= limit] and len(kept) < len(everything)
     assert len(starting_points(bench.model, bench.spaces, None, 8)) == 6  # 3/4 of the trials, presets first
     assert starting_points(bench.model, bench.spaces, None, 8)[:4] == hand_picked(bench.spaces)
+
+
+def test_a_kl_study_runs_end_to_end_and_reopening_it_with_other_objectives_is_refused(study, tmp_path, capsys):
+    import hashlib
+
+    code, out, err = run(["search", "--study-file", study, "--trials", "4", "-q",
+                          "--objectives", "perplexity,kl,weight_mb"], capsys)
+    assert code == 0, err
+    assert "objectives (minimised): perplexity, KL nats, weight MB" in out and "KL nats" in out
+    stored = load(tmp_path)
+    assert stored.metric_names == ["perplexity", "kl", "weight_mb"]
+    baseline = stored.user_attrs["baseline"]
+    assert baseline["kl"] == pytest.approx(0.0, abs=1e-6) and baseline["top1_agreement"] == 1.0
+    assert "decode_ms_p50" not in baseline  # latency is no objective and no budget: not measured
+    measured = [t for t in stored.trials if "perplexity" in t.user_attrs.get("metrics", {})]
+    for t in measured:
+        row = t.user_attrs["metrics"]
+        assert t.values == [row["perplexity"], row["kl"], row["weight_mb"]]
+        assert 0.0 <= row["top1_agreement"] <= 1.0 and row["kl"] >= 0.0
+        assert t.user_attrs["measurements"]["kl"]["protocol"] == t.user_attrs["measurements"]["perplexity"]["protocol"]
+    quantized = [t for t in measured if t.user_attrs["label"] != "baseline"]
+    assert quantized and all(t.user_attrs["metrics"]["kl"] > 0 for t in quantized)
+
+    code, out, err = run(["review", "--study", "tiny", "--storage", f"sqlite:///{tmp_path}/tiny.db", "--json"], capsys)
+    reviewed = json.loads(out)
+    assert reviewed["objectives"] == ["perplexity", "kl", "weight_mb"]
+    assert all(row["kl"] is not None and row["top1_agreement"] is not None for row in reviewed["front"])
+    assert set(reviewed["best_per_objective"]) == {"perplexity", "kl", "weight_mb"}
+    recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    assert "kl" in recipe["metrics"]["summary"] and recipe["metrics"]["kl"]["top1_agreement"] <= 1.0
+    assert recipe["provenance"]["objectives"] == ["perplexity", "kl", "weight_mb"]
+    code, out, err = run(["apply", tmp_path / "recipe.yaml", "--out", tmp_path / "deploy"], capsys)
+    assert code == 0, err
+
+    before = hashlib.sha256((tmp_path / "tiny.db").read_bytes()).hexdigest()
+    code, out, err = run(["search", "--study-file", study, "--trials", "5", "-q",
+                          "--objectives", "perplexity,kl,decode_ms,weight_mb"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("planner: error: study 'tiny' optimises perplexity, kl, weight_mb, not perplexity, kl, "
+                          "decode_ms_p50, weight_mb")
+    assert hashlib.sha256((tmp_path / "tiny.db").read_bytes()).hexdigest() == before
+
+
+def test_an_existing_three_objective_study_reopened_with_four_is_refused_untouched(study, tmp_path, capsys):
+    import hashlib
+
+    code, _, err = run(["search", "--study-file", study, "--trials", "2", "-q"], capsys)
+    assert code in (0, 1), err
+    before = hashlib.sha256((tmp_path / "tiny.db").read_bytes()).hexdigest()
+    for command in (["search"], ["create"]):
+        code, out, err = run(command + ["--study-file", study, "--trials", "3",
+                                        "--objectives", "perplexity,kl,decode_ms_p50,weight_mb"], capsys)
+        assert code == 2 and err.count("\n") == 1 and "optimises perplexity, decode_ms_p50, weight_mb" in err
+    assert hashlib.sha256((tmp_path / "tiny.db").read_bytes()).hexdigest() == before

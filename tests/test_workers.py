@@ -13,7 +13,7 @@ import pytest
 import cli
 from planner import workers
 from planner.storage import open_storage
-from planner.study_run import finished
+from planner.study import finished
 
 TrialState = optuna.trial.TrialState
 # Trials long enough (a second or more on the tiny model) to be caught in the middle.
@@ -157,9 +157,9 @@ def _drop_study(url: str, name: str) -> None:
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_study_file, tmp_path, capsys, monkeypatch):
     import torch
 
-    import planner.search as search
+    import planner.trial as trial_module
 
-    real, calls = search.measure, []
+    real, calls = trial_module.measure, []
 
     def flaky(bench, model, stages, trial=None):
         if trial is None:  # the baseline
@@ -172,7 +172,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_study_file, tmp_
             row["perplexity"] = float("nan")
         return row, details
 
-    monkeypatch.setattr(search, "measure", flaky)
+    monkeypatch.setattr(trial_module, "measure", flaky)
     code = cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "6", "-q"])
     assert code == 0, capsys.readouterr().err
     study = load(f"sqlite:///{tmp_path}/tiny.db")
@@ -184,12 +184,12 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_study_file, tmp_
 
 
 def test_a_study_where_everything_fails_stops(tiny_study_file, tmp_path, capsys, monkeypatch):
-    import planner.search as search
+    import planner.trial as trial_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("kernel exploded")
 
-    monkeypatch.setattr(search, "build", broken)
+    monkeypatch.setattr(trial_module, "build", broken)
     code = cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "30", "-q"])
     err = capsys.readouterr().err
     assert code == 1
@@ -248,7 +248,7 @@ def test_a_failed_trial_frees_what_it_built(tiny_study_file, tmp_path, capsys, m
 
     import torch
 
-    import planner.search as search
+    import planner.trial as trial_module
 
     built = []
 
@@ -257,7 +257,7 @@ def test_a_failed_trial_frees_what_it_built(tiny_study_file, tmp_path, capsys, m
         built.append(weakref.ref(half_built))
         raise torch.OutOfMemoryError("out of memory while building")
 
-    monkeypatch.setattr(search, "build", build_then_fail)
+    monkeypatch.setattr(trial_module, "build", build_then_fail)
     code = cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "2", "-q"])
     assert code == 1 and capsys.readouterr().out.count("FAILED") == 0  # -q: no trial lines
     assert len(built) == 2 and all(ref() is None for ref in built)  # nothing a failed trial made is kept

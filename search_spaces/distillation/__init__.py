@@ -21,15 +21,15 @@ from typing import Any, Literal
 from torch import nn
 
 from evaluators.runtime import model_device, model_dtype
-from search_spaces.base import BuildContext, Params, Technique, register
+from search_spaces.base import BuildContext, register
 from search_spaces.specs import DictSpec, SpecError
 from search_spaces.calibration import calibration_batches
 from search_spaces.distillation.student import derive_student
 from search_spaces.distillation.train import TrainSettings, train_student
 from search_spaces.structure.anatomy import UnsupportedArchitecture
 from search_spaces.specs import check_bool, check_choices, check_float, check_int, check_member
-from search_spaces.structure.shape import RATIO_FIELDS, SizeEstimate, Structure, check_ratio, estimate_size, \
-    fit_choices, off_params, ratio_labels, smallest_shape, spec_config
+from search_spaces.structure.shape import RATIO_FIELDS, Structure, check_ratio, ratio_labels
+from search_spaces.structure.technique import StructuredTechnique
 from search_spaces.distillation.cache import StudentCache, data_identity, student_key, weights_identity
 
 REPORT_ATTRIBUTE = "distillation_report"
@@ -190,17 +190,7 @@ def report_of(model: nn.Module) -> DistillReport | None:
     return getattr(model, REPORT_ATTRIBUTE, None)
 
 
-def student_config(config, spec: DistillSpec):
-    """The student's config, without building it."""
-    return spec_config(config, spec.structure, "DistillSpec")
-
-
-def estimate(teacher: nn.Module, spec: DistillSpec) -> SizeEstimate:
-    """Exact parameters and stored weight bytes of the student, without building or training it."""
-    return estimate_size(student_config(teacher.config, spec), teacher)
-
-
-class Distillation(Technique):
+class Distillation(StructuredTechnique):
     name, order, spec_type, space_type = "distillation", 10, DistillSpec, DistillSpace
 
     def suggest(self, trial, space: DistillSpace) -> DistillSpec | None:
@@ -216,23 +206,8 @@ class Distillation(Technique):
     def apply(self, teacher: nn.Module, spec: DistillSpec, context: BuildContext) -> nn.Module:
         return apply(teacher, spec, context)
 
-    def fit_space(self, space: DistillSpace, model: nn.Module) -> DistillSpace:
-        """The student shapes `model` can take (see structure.shape.fit_choices)."""
-        return replace(space, **{n: fit_choices(model, n, getattr(space, n)) for n in RATIO_FIELDS})
 
-    def describe(self, spec: DistillSpec) -> str:
-        return spec.summary()
-
-    def derive_config(self, config, spec: DistillSpec):
-        return student_config(config, spec)
-
-    def off(self, space: DistillSpace) -> Params:
-        # Every student costs training, so none is enqueued by hand; only the stage switched off.
-        return off_params(space)
-
-    def smallest(self, space: DistillSpace) -> list[Params]:
-        return smallest_shape(space)
-
-
+# Every student costs training, so none is enqueued by hand: the seeds hold only the stage switched off.
 TECHNIQUE = register(Distillation())
-suggest = TECHNIQUE.suggest
+suggest, estimate = TECHNIQUE.suggest, TECHNIQUE.estimate
+student_config = TECHNIQUE.derive_config  # the student's config, without building it

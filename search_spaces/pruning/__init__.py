@@ -22,14 +22,14 @@ from typing import Literal
 
 from torch import nn
 
-from search_spaces.base import BuildContext, Params, Technique, register
+from search_spaces.base import BuildContext, Params, register
 from search_spaces.specs import DictSpec
 from search_spaces.calibration import calibration_batches
 from search_spaces.structure.importance import input_feature_norms, structural_importance
 from search_spaces.structure.anatomy import UnsupportedArchitecture
 from search_spaces.specs import check_bool, check_choices, check_float, check_int, check_member
-from search_spaces.structure.shape import RATIO_FIELDS, SizeEstimate, Structure, check_ratio, estimate_size, \
-    fit_choices, off_params, ratio_labels, reduced_shapes, smallest_shape, spec_config
+from search_spaces.structure.shape import RATIO_FIELDS, Structure, check_ratio, ratio_labels, reduced_shapes
+from search_spaces.structure.technique import StructuredTechnique
 from search_spaces.structure.surgery import StructureReport, check_structure, needed_scores, restructure
 from search_spaces.pruning.unstructured import GROUPS, METHODS, PATTERNS, SEMI_STRUCTURED_SPARSITY, \
     sparsified_modules, sparsify
@@ -155,18 +155,7 @@ def report_of(model: nn.Module) -> PruneReport | None:
     return getattr(model, REPORT_ATTRIBUTE, None)
 
 
-def pruned_config(config, spec: PruneSpec):
-    """The config of the model `apply` builds (sparsity changes no shape)."""
-    return spec_config(config, spec.structure, "PruneSpec")
-
-
-def estimate(model: nn.Module, spec: PruneSpec) -> SizeEstimate:
-    """Exact parameters and stored weight bytes of `apply(model, spec)` without building it. Sparsity counts
-    as dense: zeros are stored like any weight."""
-    return estimate_size(pruned_config(model.config, spec), model)
-
-
-class Pruning(Technique):
+class Pruning(StructuredTechnique):
     name, order, spec_type, space_type = "pruning", 20, PruneSpec, PruneSpace
 
     def suggest(self, trial, space: PruneSpace) -> PruneSpec | None:
@@ -194,30 +183,18 @@ class Pruning(Technique):
         return apply(model, spec, context)
 
     def fit_space(self, space: PruneSpace, model: nn.Module) -> PruneSpace:
-        """One ratio per distinct count, no head cuts where the config cannot express them, no 2:4 where an
-        input width is not a multiple of 4."""
-        ratios = {name: fit_choices(model, name, getattr(space, name)) for name in RATIO_FIELDS}
-        patterns = space.pattern
+        """The fitted ratios, and no 2:4 where an input width is not a multiple of 4. (Pruning has no
+        one-size preset worth enqueuing: its seeds are the stage off and its reduced shapes.)"""
+        space = super().fit_space(space, model)
         if any(weight_out_in(s.module).shape[1] % 4 for s in linear_sites(model, include_head=False)):
-            patterns = tuple(p for p in patterns if p != "2:4") or ("unstructured",)
-        return replace(space, **ratios, pattern=patterns)
-
-    def describe(self, spec: PruneSpec) -> str:
-        return spec.summary()
-
-    def derive_config(self, config, spec: PruneSpec):
-        return pruned_config(config, spec)
-
-    def off(self, space: PruneSpace) -> Params:
-        # Pruning has no one-size preset worth enqueuing; only the stage switched off.
-        return off_params(space)
-
-    def smallest(self, space: PruneSpace) -> list[Params]:
-        return smallest_shape(space)
+            space = replace(space, pattern=tuple(p for p in space.pattern if p != "2:4") or ("unstructured",))
+        return space
 
     def shapes(self, space: PruneSpace) -> list[Params]:
         return reduced_shapes(space)
 
 
 TECHNIQUE = register(Pruning())
-suggest = TECHNIQUE.suggest
+suggest, estimate = TECHNIQUE.suggest, TECHNIQUE.estimate
+# The config of the model `apply` builds (sparsity changes no shape).
+pruned_config = TECHNIQUE.derive_config

@@ -24,7 +24,7 @@ from search_spaces.quantization.methods import QUANT_METHODS
 from search_spaces.quantization.export import ExportError, ExportResult, export, export_blocker
 from search_spaces.quantization.memory import estimate_weight_bytes
 from search_spaces.quantization.spec import (
-    BITS, FLOAT_BITS, GROUP_SIZES, NO_QUANTIZATION, GPTQSettings, LayerOverride, QuantSpace, QuantSpec,
+    BITS, GROUP_SIZES, NO_QUANTIZATION, GPTQSettings, LayerOverride, QuantSpace, QuantSpec,
     available_methods, method_runs_on,
 )
 from search_spaces.specs import SpecError

@@ -29,7 +29,6 @@ from torch import nn
 
 from search_spaces.quantization.modules import PACKED, StoredWeights
 from search_spaces.quantization.grid import StorageGrid
-from search_spaces.quantization.plan import plan_layers
 from search_spaces.quantization.spec import QuantSpec
 
 COMPRESSED_TENSORS = "compressed-tensors/pack-quantized"

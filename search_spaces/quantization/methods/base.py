@@ -15,6 +15,8 @@ from __future__ import annotations
 import abc
 from typing import TYPE_CHECKING, ClassVar
 
+from search_spaces.base import Registry
+
 if TYPE_CHECKING:  # the spec module validates against this registry, so it is imported lazily here
     from search_spaces.base import BuildContext, Params
     from search_spaces.quantization.plan import LayerPlan
@@ -79,14 +81,8 @@ class QuantMethod(abc.ABC):
         return None if self.checkpoint else f"{self.name} has no checkpoint format transformers loads"
 
 
-QUANT_METHODS: dict[str, QuantMethod] = {}
-
-
-def register_method(method: QuantMethod) -> QuantMethod:
-    if method.name in QUANT_METHODS:
-        raise ValueError(f"quantization method {method.name} is registered twice")
-    QUANT_METHODS[method.name] = method
-    return method
+QUANT_METHODS: Registry = Registry("quantization method")
+register_method = QUANT_METHODS.add
 
 
 # Library methods (bnb, dynamic-int8) quantize either layer group or both at their one bit-width: keeping the

@@ -1,0 +1,102 @@
+"""What a study decided, from its stored trials alone: the Pareto front of the measured candidates that meet
+the budget, the recommended one (best first objective: the accuracy), the closest candidates when none meets
+the budget, the best trial per objective, and which trial `export` writes by default."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import optuna
+
+from planner.budgets import Budget
+from planner.errors import PlannerError
+from planner.objectives import DEFAULT
+
+COMPLETE = optuna.trial.TrialState.COMPLETE
+CLOSEST_SHOWN = 3
+
+
+@dataclass
+class Outcome:
+    study: optuna.Study
+    budgets: list[Budget]
+    baseline: dict
+    front: list[optuna.trial.FrozenTrial]
+    recommended: optuna.trial.FrozenTrial | None
+    closest: list[optuna.trial.FrozenTrial]
+    objectives: tuple[str, ...] = DEFAULT
+
+
+def measured(trial: optuna.trial.FrozenTrial) -> bool:
+    """A complete trial whose candidate was built and measured in full (not rejected, not skipped)."""
+    return trial.state == COMPLETE and "perplexity" in trial.user_attrs.get("metrics", {})
+
+
+def feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    return all(v <= 0 for v in trial.constraints.values())
+
+
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """a is no worse than b in every (minimised) objective and better in at least one."""
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def pareto_front(trials: list, values=lambda t: t.values) -> list:
+    """The members of `trials` that no other member dominates, in the given order."""
+    return [t for t in trials if not any(dominates(values(o), values(t)) for o in trials)]
+
+
+def total_excess(trial: optuna.trial.FrozenTrial) -> float:
+    """How far over its budgets a trial is, summed over the budgets (0 when it meets them all)."""
+    return sum(max(v, 0.0) for v in trial.constraints.values())
+
+
+def study_objectives(study: optuna.Study) -> tuple[str, ...]:
+    return tuple(study.metric_names or DEFAULT)
+
+
+def decide(study: optuna.Study, budgets: list[Budget], baseline: dict) -> Outcome:
+    trials = study.get_trials(deepcopy=False)
+    good = [t for t in trials if measured(t) and feasible(t) and "duplicate_of" not in t.user_attrs]  # twins once
+    front = sorted(pareto_front(good), key=lambda t: (t.values[0], t.number))
+    recommended = front[0] if front else None
+    closest = []
+    if recommended is None:
+        # From every trial with figures, measured in full or not (a latency miss skips perplexity).
+        sized = [t for t in trials if t.state == COMPLETE and "metrics" in t.user_attrs]
+        closest = sorted(sized, key=lambda t: (total_excess(t), t.number))[:CLOSEST_SHOWN]
+    return Outcome(study, budgets, baseline, front, recommended, closest, study_objectives(study))
+
+
+def stored_outcome(study: optuna.Study) -> Outcome:
+    """The outcome of a stored study, with the budgets it resolved against its baseline."""
+    budgets = [Budget(**b) for b in study.user_attrs.get("budgets", [])]
+    return decide(study, budgets, study.user_attrs.get("baseline", {}))
+
+
+def best_trials(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
+    """For each objective, the measured trial that minimises it (feasible or not: the user sees both)."""
+    trials = [t for t in study.get_trials(deepcopy=False) if measured(t)]
+    if not trials:
+        return {}
+    return {name: min(trials, key=lambda t, i=i: (t.values[i], t.number))
+            for i, name in enumerate(study_objectives(study))}
+
+
+def trial_to_export(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:
+    """The trial whose recipe `export` writes: the recommended one by default, else a measured trial by number."""
+    if number is None:
+        trial = stored_outcome(study).recommended
+        if trial is None:
+            raise PlannerError(f"study '{study.study_name}' has no candidate that meets its budget; pass --trial N")
+        return trial
+    trials = study.get_trials(deepcopy=False)
+    if not 0 <= number < len(trials):
+        raise PlannerError(f"trial {number} is out of range (study '{study.study_name}' has trials "
+                           f"0-{len(trials) - 1})")
+    trial = trials[number]
+    if not measured(trial):
+        rejected = trial.user_attrs.get("rejected")
+        raise PlannerError(f"trial {number} has no measured candidate ({trial.state.name.lower()}"
+                           f"{': ' + rejected if rejected else ''})")
+    return trial

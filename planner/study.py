@@ -1,0 +1,269 @@
+"""A study's life: open (or create) it in its storage, check it is the same study (model, objectives), measure
+the baseline once, seed it with hand-picked candidates, run trials until its count, and decide its outcome.
+
+`planner search` = open_study + run_study; `planner create` = open_study (+ a deadline); `planner worker` =
+load_stored + settings_of + join + run_study. Every figure a trial stores comes from `planner.trial`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+
+import optuna
+from tqdm import tqdm
+
+from evaluators.kl import ReferenceDistributions
+from evaluators.memory import weight_bytes
+from evaluators.perplexity import check_protocol
+from planner import assets, workers
+from planner.budgets import of_kind
+from planner.candidates import describe, smallest_candidate, starting_points
+from planner.errors import Interrupted, PlannerError, SearchStopped
+from planner.outcome import Outcome, decide
+from planner.report import trial_line
+from planner.samplers import make_sampler
+from planner.settings import StudySettings, make_settings
+from planner.sources import (DataSource, ModelSource, content_hash, load_corpus, load_model, resolve_device,
+                             resolve_dtype)
+from planner.storage import default_storage_url, open_storage
+from planner.trial import Workbench, measure_baseline, objective
+from search_spaces import TECHNIQUES, BuildContext, SpecError
+
+def storage_url(settings: StudySettings) -> str:
+    return settings.storage or default_storage_url(settings.study)
+
+
+def load_stored(study_name: str, storage: str | None) -> optuna.Study:
+    """An existing study (never a new one), or one line naming the studies the storage holds."""
+    url = storage or default_storage_url(study_name)
+    opened = open_storage(url, must_exist=True)
+    try:
+        return optuna.load_study(study_name=study_name, storage=opened)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(opened)]
+        raise PlannerError(f"no study '{study_name}' in {url} (it holds: {', '.join(names) or 'none'})") from None
+
+
+def check_objectives(study: optuna.Study, objectives: tuple[str, ...]) -> None:
+    """A study keeps the objectives it was created with: its stored values would mean something else."""
+    stored = tuple(study.metric_names or ())
+    if stored and stored != tuple(objectives):
+        raise PlannerError(f"study '{study.study_name}' optimises {', '.join(stored)}, not {', '.join(objectives)} "
+                           "(use another --study name, or the study's own objectives)")
+
+
+def _existing(settings: StudySettings) -> optuna.Study | None:
+    """The study if the storage already holds it; read only, so a refused run leaves the database untouched."""
+    try:
+        opened = open_storage(storage_url(settings), must_exist=True)
+    except PlannerError:  # no database file yet: nothing to check, and nothing created here
+        return None
+    if settings.study not in {s.study_name for s in optuna.get_all_study_summaries(opened)}:
+        return None
+    return optuna.load_study(study_name=settings.study, storage=opened)
+
+
+def resolve_spaces(settings: StudySettings, model) -> dict:
+    """Each technique's space: defaults narrowed by the study file, fitted to the model; None when off."""
+    unknown = sorted(set(settings.space) - set(TECHNIQUES))
+    if unknown:
+        raise PlannerError(f"space.{unknown[0]}: unknown technique (known: {', '.join(sorted(TECHNIQUES))})")
+    spaces = {}
+    for name, technique in TECHNIQUES.items():
+        given = settings.space.get(name, {})
+        if given is False:
+            spaces[name] = None
+            continue
+        try:
+            space = technique.space_type.from_dict({} if given is True else given, f"space.{name}")
+        except SpecError as exc:
+            raise PlannerError(str(exc)) from None
+        spaces[name] = technique.fit_space(space, model)
+    return spaces
+
+
+def prepare(settings: StudySettings, study: optuna.Study | None = None, verbose: bool = False) -> Workbench:
+    """Load the model, corpus and spaces, check that the memory budget can be met at all, and (with a study)
+    take the study's baseline, measuring it the first time."""
+    budgets = settings.budgets()
+    objectives = settings.objective_names()
+    model_source, data_source = ModelSource.parse(settings.model), DataSource.parse(settings.data)
+    device = resolve_device(settings.device)
+    corpus = load_corpus(data_source)
+    model, tokenizer = load_model(model_source, device, resolve_dtype(settings.dtype, device),
+                                  settings.trust_remote_code)
+    model_hash = content_hash(model_source)
+    spaces = resolve_spaces(settings, model)
+    context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, device=device, seed=settings.seed,
+                           cache_dir=assets.cache_root() / "students", model_id=f"{settings.model}@{model_hash}",
+                           progress=verbose)
+    bench = Workbench(settings, model, tokenizer, corpus, context, spaces, budgets, baseline={}, model_hash=model_hash,
+                      objectives=objectives)
+    try:
+        check_protocol(model, tokenizer, corpus.eval, settings.perplexity_protocol())
+    except ValueError as exc:  # CorpusError included
+        raise PlannerError(f"perplexity protocol: {exc}") from None
+    _require_a_fitting_candidate(bench)
+    if study is not None:
+        join(bench, study)
+    return bench
+
+
+def reference_distributions(bench: Workbench) -> ReferenceDistributions:
+    """The base model's next-token distributions over the held-out windows, computed once per model, data and
+    protocol and kept in the cache (every trial of every study on them compares against the same file)."""
+    protocol = bench.settings.perplexity_protocol()
+    identity = f"{bench.settings.model}@{bench.model_hash}|{bench.corpus.source}|{bench.context.device}"
+    key = hashlib.sha256(json.dumps([identity, protocol.to_dict()], sort_keys=True).encode()).hexdigest()[:32]
+    path = assets.cache_root() / "kl" / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            return ReferenceDistributions.load(path, protocol, identity)
+        except (OSError, ValueError):
+            pass  # a corrupt or stale file is computed again
+    tqdm.write("planner: computing the uncompressed model's next-token distributions (for kl)")
+    reference = ReferenceDistributions.compute(bench.model, bench.tokenizer, bench.corpus.eval, protocol,
+                                               identity=identity)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    reference.save(path)
+    return reference
+
+
+def join(bench: Workbench, study: optuna.Study) -> None:
+    """Check the study is this one (model, objectives), then take (or measure) its baseline and resolve the
+    budgets against it."""
+    check_objectives(study, bench.objectives)
+    stored = study.user_attrs.get("model")
+    if stored and stored != {"source": bench.settings.model, "content_hash": bench.model_hash}:
+        raise PlannerError(f"study '{bench.settings.study}' was made for model {stored['source']} "
+                           f"({stored['content_hash'][:19]}...), not {bench.settings.model}")
+    if "kl" in bench.evaluators():
+        bench.reference = reference_distributions(bench)
+    bench.baseline = study.user_attrs.get("baseline") or _measure_baseline(bench, study)
+    bench.budgets = [b.resolve(bench.baseline) for b in bench.budgets]
+    study.set_user_attr("budgets", [b.to_dict() for b in bench.budgets])
+
+
+def _require_a_fitting_candidate(bench: Workbench) -> None:
+    """A memory budget that no candidate of the space can meet is refused before anything runs or is stored."""
+    memory = of_kind(bench.budgets, "memory")
+    if memory is None:
+        return
+    limit = memory.resolve({"weight_bytes": weight_bytes(bench.model).total_bytes}).limit
+    size, stages = smallest_candidate(bench.model, bench.spaces)
+    if size > limit:
+        raise PlannerError(f"no candidate of the search space fits the memory budget of {limit / 1e6:.1f} MB: "
+                           f"the smallest, {describe(stages)}, stores {size / 1e6:.1f} MB "
+                           "(raise the budget or widen the space: fewer bits, smaller keep ratios)")
+
+
+def _measure_baseline(bench: Workbench, study: optuna.Study) -> dict:
+    tqdm.write("planner: measuring the uncompressed model (the baseline)")
+    row, details = measure_baseline(bench)
+    study.set_user_attr("model", {"source": bench.settings.model, "content_hash": bench.model_hash})
+    study.set_user_attr("baseline", row)
+    study.set_user_attr("baseline_measurements", details)
+    return row
+
+
+def finished(study: optuna.Study) -> int:
+    return sum(workers.finished(t) for t in study.get_trials(deepcopy=False))
+
+
+def create_or_load(settings: StudySettings) -> optuna.Study:
+    sampler = make_sampler(settings.sampler, settings.seed, settings.trials)  # a bad name fails before any store
+    objectives = settings.objective_names()
+    existing = _existing(settings)
+    if existing is not None:
+        check_objectives(existing, objectives)
+    study = optuna.create_study(storage=open_storage(storage_url(settings)), study_name=settings.study,
+                                sampler=sampler, directions=["minimize"] * len(objectives), load_if_exists=True)
+    if study.metric_names is None:
+        study.set_metric_names(list(objectives))
+    return study
+
+
+def open_study(settings: StudySettings, verbose: bool = False) -> tuple[optuna.Study, Workbench]:
+    """Create or continue the study: baseline measured once, hand-picked candidates queued once, and the
+    settings stored so that `planner worker` processes can join with nothing but the storage URL."""
+    existing = _existing(settings)  # a study reopened with other objectives fails before the model loads
+    if existing is not None:
+        check_objectives(existing, settings.objective_names())
+    bench = prepare(settings, verbose=verbose)  # bad input fails here, before the study is created
+    study = create_or_load(settings)
+    join(bench, study)
+    if not study.get_trials(deepcopy=False):
+        memory = of_kind(bench.budgets, "memory")
+        for params in starting_points(bench.model, bench.spaces, memory and memory.limit, settings.trials):
+            study.enqueue_trial(params, skip_if_exists=True)
+    study.set_user_attr("settings", stored_settings(settings))
+    return study, bench
+
+
+def create(settings: StudySettings) -> optuna.Study:
+    """`planner create`: the study, ready for workers; its --timeout becomes the study's own deadline."""
+    study, _ = open_study(settings)
+    if settings.timeout is not None:
+        # For the study, not one process: no worker starts a trial after this moment.
+        study.set_user_attr(workers.DEADLINE_ATTR, time.time() + settings.timeout)
+    return study
+
+
+def stored_settings(settings: StudySettings) -> dict:
+    # The storage URL stays out: it may hold a password, and workers are given it anyway.
+    return {k: v for k, v in settings.to_dict().items() if k != "storage"}
+
+
+def settings_of(study: optuna.Study, storage: str, overrides: dict) -> StudySettings:
+    """The settings a study was created with, for a worker joining it (its own flags override them)."""
+    stored = study.user_attrs.get("settings")
+    if not stored:
+        raise PlannerError(f"study '{study.study_name}' was not created by planner (no stored settings); "
+                           "create it with `planner create` or `planner search`")
+    return make_settings(stored, {**overrides, "storage": storage})
+
+
+def join_as_worker(study_name: str, storage: str, overrides: dict, verbose: bool = False) -> tuple[optuna.Study, Workbench]:
+    """`planner worker`: the stored study with this worker's own sampler, and its workbench."""
+    settings = settings_of(load_stored(study_name, storage), storage, overrides)
+    study = create_or_load(settings)
+    return study, prepare(settings, study, verbose)
+
+
+def run_study(study: optuna.Study, bench: Workbench, quiet: bool = False) -> Outcome:
+    """Run trials here until the study holds its count (shared with any other worker), then the outcome."""
+    settings = bench.settings
+    if finished(study) < settings.trials:
+        # A bar only on a terminal: in logs it is noise, and the per-trial lines say the same.
+        bar = tqdm(total=settings.trials, initial=finished(study), desc="trials", unit="trial",
+                   disable=quiet or not sys.stderr.isatty(), leave=False)
+
+        def report(study_, trial):
+            bar.update(1)
+            if not quiet:
+                tqdm.write(trial_line(trial, settings.trials))
+
+        started = time.perf_counter()
+        try:
+            result = workers.run_trials(study, objective(bench), settings.trials, settings.timeout,
+                                        callbacks=(report,), say=tqdm.write)
+        except KeyboardInterrupt:
+            bar.close()
+            raise Interrupted(f"interrupted: {finished(study)} finished trials are saved in study "
+                              f"'{study.study_name}'; the trial in progress will run again when you rerun "
+                              "the same command") from None
+        bar.close()
+        if not quiet:
+            tqdm.write(f"planner: {finished(study)} trials in the study ({time.perf_counter() - started:.0f} s, "
+                       f"{result.ran} trial(s) run by this process)")
+        if result.failed_in_a_row >= workers.MAX_CONSECUTIVE_FAILURES:
+            raise SearchStopped(f"stopped: the last {result.failed_in_a_row} trials all failed "
+                               f"(last: {result.last_failure}); see `planner review` for each trial's reason")
+    return decide(study, bench.budgets, bench.baseline)
+
+
+def run_search(settings: StudySettings, verbose: bool = False, quiet: bool = False) -> Outcome:
+    study, bench = open_study(settings, verbose)
+    return run_study(study, bench, quiet)

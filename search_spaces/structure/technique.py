@@ -1,0 +1,35 @@
+"""What pruning and distillation share as techniques: candidates that change the model's shape by keep ratios
+(depth, MLP width, KV groups), sized exactly from the derived config, fitted to what the model can take."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from torch import nn
+
+from search_spaces.base import Params, Technique
+from search_spaces.structure.shape import (RATIO_FIELDS, SizeEstimate, estimate_size, fit_choices, off_params,
+                                           smallest_shape, spec_config)
+
+
+class StructuredTechnique(Technique):
+    """Spaces hold `enabled` and the keep-ratio choices; specs have `structure` and `summary()`."""
+
+    def fit_space(self, space, model: nn.Module):
+        """One ratio per distinct count, and no cut the model's config cannot express (structure.shape)."""
+        return replace(space, **{n: fit_choices(model, n, getattr(space, n)) for n in RATIO_FIELDS})
+
+    def describe(self, spec) -> str:
+        return spec.summary()
+
+    def derive_config(self, config, spec):
+        return spec_config(config, spec.structure, self.spec_type.__name__)
+
+    def estimate(self, model: nn.Module, spec) -> SizeEstimate:
+        """Exact parameters and stored weight bytes of what `apply` builds, without building it."""
+        return estimate_size(self.derive_config(model.config, spec), model)
+
+    def off(self, space) -> Params:
+        return off_params(space)
+
+    def smallest(self, space) -> list[Params]:
+        return smallest_shape(space)
