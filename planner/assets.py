@@ -9,7 +9,6 @@ processes fetching at once never leave a half-built asset behind.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from planner.errors import PlannerError
+from search_spaces.distillation.cache import sha256_file  # one file-hash helper for every cache
 
 MARKER = "planner-asset.json"
 
@@ -50,14 +50,6 @@ class BuiltinAsset:
 
 def cache_root() -> Path:
     return Path(os.environ.get("PLANNER_CACHE") or Path.home() / ".cache" / "planner").expanduser()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def say(message: str) -> None:

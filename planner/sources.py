@@ -12,7 +12,7 @@ from pathlib import Path
 
 from evaluators.corpus import Corpus, CorpusError, Document, load_split_folders, read_documents, split_documents
 from planner import assets
-from planner.errors import PlannerError
+from planner.errors import PlannerError, first_line
 
 BUILTIN = "builtin:"
 # owner/name as the Hugging Face hub spells repository ids.
@@ -107,7 +107,7 @@ def load_model(source: ModelSource, device=None, dtype=None, trust_remote_code: 
     try:
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - hub/IO/parse errors all become one line
-        raise PlannerError(f"cannot load the model config of {source.spec}: {_first_line(exc)}") from None
+        raise PlannerError(f"cannot load the model config of {source.spec}: {first_line(exc)}") from None
     if not is_causal_lm(config, trust_remote_code):
         raise PlannerError(
             f"{source.spec} is a '{config.model_type}' model, not a causal language model (decoder with an LM head)"
@@ -118,7 +118,7 @@ def load_model(source: ModelSource, device=None, dtype=None, trust_remote_code: 
             location, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
         )
     except Exception as exc:  # noqa: BLE001
-        raise PlannerError(f"cannot load model {source.spec}: {_first_line(exc)}") from None
+        raise PlannerError(f"cannot load model {source.spec}: {first_line(exc)}") from None
     return model.to(device).eval(), tokenizer
 
 
@@ -153,7 +153,7 @@ def _load_datasets_corpus(source: DataSource) -> Corpus:
 
         loaded = datasets.load_dataset(source.location, source.config)
     except Exception as exc:  # noqa: BLE001
-        raise PlannerError(f"cannot load dataset {source.spec}: {_first_line(exc)}") from None
+        raise PlannerError(f"cannot load dataset {source.spec}: {first_line(exc)}") from None
     held_out = next((s for s in ("test", "validation") if s in loaded), None)
     if "train" not in loaded or held_out is None:
         raise PlannerError(f"dataset {source.spec} needs a train split and a test or validation split; it has {list(loaded)}")
@@ -172,11 +172,6 @@ def _text_column(split, spec: str) -> str:
         if getattr(feature, "dtype", None) == "string":
             return name
     raise PlannerError(f"dataset {spec} has no text column (columns: {split.column_names})")
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def content_hash(source: ModelSource) -> str:
