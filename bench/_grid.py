@@ -120,7 +120,7 @@ def load_latency(path: Path = TABLE) -> dict[str, dict]:
 def graph_of(stages) -> str:
     """The compute graph a candidate runs: its pruned shape and, for dynamic-int8, which groups use int8
     kernels. rtn/gptq candidates are evaluated in float with the weights their checkpoint decodes to
-    (search_spaces/quant_modules.py), so they run exactly the float graph of their shape."""
+    (search_spaces/quantization/modules.py), so they run exactly the float graph of their shape."""
     prune = [s.spec for s in stages if s.technique == "pruning"]
     shape = (f"depth {prune[0].depth_keep:g}, mlp {prune[0].mlp_keep:g}" if prune else "depth 1, mlp 1")
     quant = [s.spec for s in stages if s.technique == "quantization"]

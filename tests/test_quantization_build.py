@@ -125,7 +125,7 @@ def test_bnb_quantizes_what_its_cpu_kernel_can_run():
     names = {n for n, m in narrow.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert names == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
     before = _logits(wide, IDS)
-    wide.state_dict()  # measuring memory must not change the candidate (see quant_bnb's notes)
+    wide.state_dict()  # measuring memory must not change the candidate (see quantization/methods/bnb.py)
     assert torch.equal(_logits(wide, IDS), before)
 
 

@@ -1,9 +1,9 @@
 """Distillation as a search space: a smaller student derived from the teacher, trained to imitate it.
 
 The student's shape uses the same keep ratios as structured pruning (`depth_keep`, `mlp_keep`,
-`heads_keep`) and starts from the teacher's own weights chosen by importance (`distill_student`); it is
-then trained on the training split with the knowledge-distillation loss (`distill_train`). Trained
-students are cached on disk under `context.cache_dir` (`student_cache`), keyed by teacher, spec, data
+`heads_keep`) and starts from the teacher's own weights chosen by importance (`student`); it is
+then trained on the training split with the knowledge-distillation loss (`train`). Trained
+students are cached on disk under `context.cache_dir` (`cache`), keyed by teacher, spec, data
 and seed, so sampling the same student again costs a load, not a training run.
 
 Distillation is the costliest stage, so its step budget is a search dimension (few steps: cheap, lower
@@ -124,7 +124,7 @@ class DistillReport:
     first_loss: float
     final_loss: float
     seconds: float  # wall time of this call: derive + train + store, or just the load on a hit
-    structure: dict | None  # what was kept (pruning_surgery.StructureReport.to_dict), None for random init
+    structure: dict | None  # what was kept (structure.surgery.StructureReport.to_dict), None for random init
 
     def to_dict(self) -> dict:
         return asdict(self)

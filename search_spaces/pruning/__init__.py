@@ -1,14 +1,14 @@
 """Pruning as a search space: structured cuts that really shrink the model, plus optional weight sparsity.
 
 Structured (the part that makes a model smaller and faster on any hardware), ranked by importance on
-calibration text (`importance`), cut for real (`pruning_surgery`), config updated so the model saves
+calibration text (`structure.importance`), cut for real (`structure.surgery`), config updated so the model saves
 and reloads as a plain transformers model:
 - `depth_keep`: fraction of decoder layers kept (dropped by least 1 - cos(block input, output));
 - `mlp_keep`: fraction of MLP neurons kept in every layer (by activation x output-weight norm);
 - `heads_keep`: fraction of key/value groups kept, each with its query heads, so grouped-query attention
   stays valid. Only where the config states head_dim on its own (Llama-style); not GPT-2.
 Unstructured (`sparsity` per layer group, "attn" / "mlp"), by magnitude or Wanda, optionally in the 2:4
-pattern: zeros stored densely gain nothing on a CPU or in a dense checkpoint (see `pruning_unstructured`),
+pattern: zeros stored densely gain nothing on a CPU or in a dense checkpoint (see `unstructured`),
 so the default space leaves it off; a study file can open it.
 
 `apply` prunes the model it is given in place and returns it (the planner builds each candidate from a

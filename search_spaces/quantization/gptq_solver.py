@@ -3,7 +3,7 @@ Transformers") on plain torch, decoder layer by decoder layer.
 
 For each decoder block, the inputs its linear layers see on calibration text (from the training
 split) give each layer a Hessian H = 2 X^T X / n; the layer's columns are then rounded one at a time
-onto the same grid as rtn (`quant_grid`), each rounding error being spread over the columns not yet
+onto the same grid as rtn (`grid`), each rounding error being spread over the columns not yet
 rounded through the inverse Hessian's Cholesky factor (lazy block updates). By default columns go in
 order of decreasing H diagonal ("act order") with group scales fixed up front, which keeps the stored
 groups in column order (no g_idx: compressed-tensors dropped it). The block's outputs are then

@@ -188,7 +188,7 @@ def fit_choices(model: nn.Module, field: str, choices: Sequence[float]) -> tuple
     """The ratios of `choices` this model can take, one per distinct resulting count (first kept).
 
     Head ratios that remove heads are dropped where the model cannot lose heads (see
-    `pruning_anatomy.head_pruning_blocker`) or its config rejects the count; if nothing is left, (1.0,).
+    `anatomy.head_pruning_blocker`) or its config rejects the count; if nothing is left, (1.0,).
     """
     config = text_config(model)
     blocker = head_pruning_blocker(model) if field == "heads_keep" else None

@@ -4,7 +4,7 @@ Weights are int8 with one scale per output channel; activations are quantized on
 On the machines here this is the one backend measured to speed up a CPU forward. torch.ao.quantization
 is deprecated in torch 2.13 (and warns on every call); `torch_ao_quiet` keeps those warnings to this
 module. GPT-2's Conv1D layers are turned into equivalent nn.Linear layers first (torch only converts
-nn.Linear). There is no transformers-loadable format for these layers (see quant_export).
+nn.Linear). There is no transformers-loadable format for these layers (see quantization/export.py).
 """
 from __future__ import annotations
 
