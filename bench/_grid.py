@@ -156,8 +156,10 @@ def meta_model():
 
 
 def nondominated(points: list[tuple]) -> list[tuple]:
-    pts = sorted(set(points))
-    return [p for p in pts if not any(all(a <= b for a, b in zip(q, p)) and q != p for q in pts)]
+    """The distinct points no other dominates, sorted (the planner's own front rule, on plain tuples)."""
+    from planner.outcome import pareto_front
+
+    return pareto_front(sorted(set(points)), values=lambda p: p)
 
 
 def hv2d(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
