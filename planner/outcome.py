@@ -62,8 +62,10 @@ def decide(study: optuna.Study, budgets: list[Budget], baseline: dict) -> Outcom
     recommended = front[0] if front else None
     closest = []
     if recommended is None:
-        # From every trial with figures, measured in full or not (a latency miss skips perplexity).
-        sized = [t for t in trials if t.state == COMPLETE and "metrics" in t.user_attrs]
+        # From every trial with figures, measured in full or not (a latency miss skips perplexity); a twin is
+        # the same candidate as an earlier trial, shown once here too.
+        sized = [t for t in trials if t.state == COMPLETE and "metrics" in t.user_attrs
+                 and "duplicate_of" not in t.user_attrs]
         closest = sorted(sized, key=lambda t: (total_excess(t), t.number))[:CLOSEST_SHOWN]
     return Outcome(study, budgets, baseline, front, recommended, closest, study_objectives(study))
 

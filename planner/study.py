@@ -18,7 +18,7 @@ from evaluators.kl import ReferenceDistributions
 from evaluators.memory import weight_bytes
 from evaluators.perplexity import check_protocol
 from planner import assets, workers
-from planner.budgets import of_kind
+from planner.budgets import Budget, of_kind
 from planner.candidates import describe, smallest_candidate, starting_points
 from planner.errors import Interrupted, PlannerError, SearchStopped
 from planner.outcome import Outcome, decide
@@ -52,6 +52,20 @@ def check_objectives(study: optuna.Study, objectives: tuple[str, ...]) -> None:
     if stored and stored != tuple(objectives):
         raise PlannerError(f"study '{study.study_name}' optimises {', '.join(stored)}, not {', '.join(objectives)} "
                            "(use another --study name, or the study's own objectives)")
+
+
+def check_budgets(study: optuna.Study, budgets: list[Budget], baseline: dict) -> None:
+    """A study keeps the budgets it was created with: its trials' constraints were judged against them, so a
+    new budget would mix two verdicts on one front."""
+    stored = study.user_attrs.get("budgets")
+    if stored is None or not baseline:
+        return
+    wanted = [b.resolve(baseline) for b in budgets]
+    if [b.to_dict() for b in wanted] != stored:
+        had = ", ".join(Budget(**b).describe() for b in stored) or "no budget"
+        asked = ", ".join(b.describe() for b in wanted) or "no budget"
+        raise PlannerError(f"study '{study.study_name}' was made with {had}, not {asked} "
+                           "(use another --study name, or the study's own budget)")
 
 
 def _existing(settings: StudySettings) -> optuna.Study | None:
@@ -139,6 +153,7 @@ def join(bench: Workbench, study: optuna.Study) -> None:
     if stored and stored != {"source": bench.settings.model, "content_hash": bench.model_hash}:
         raise PlannerError(f"study '{bench.settings.study}' was made for model {stored['source']} "
                            f"({stored['content_hash'][:19]}...), not {bench.settings.model}")
+    check_budgets(study, bench.budgets, study.user_attrs.get("baseline", {}))
     if "kl" in bench.evaluators():
         bench.reference = reference_distributions(bench)
     bench.baseline = study.user_attrs.get("baseline") or _measure_baseline(bench, study)

@@ -130,6 +130,8 @@ CASES = [
     (SEARCH + ["--objectives", "weight_mb,perplexity"], "the first objective is the accuracy"),
     (SEARCH + ["--study", "tiny", "--storage", "{url}", "--objectives", "perplexity,kl,weight_mb"],
      "study 'tiny' optimises perplexity, decode_ms_p50, weight_mb, not perplexity, kl, weight_mb"),
+    (SEARCH + ["--memory-budget", "0.7x"], "study 'tiny' was made with memory <= "),
+    (SEARCH + ["--memory-budget", "0.8x", "--latency-budget", "1s"], "(0.8x baseline), not latency <= 1000.00 ms, memory"),
     (SEARCH + ["--recipe", "{root}/missing/recipe.yaml"], "cannot write recipe {root}/missing/recipe.yaml: folder"),
     (["review", "--study", "tiny", "--storage", "{url}", "--html", "{root}/missing/r.html"],
      "cannot write report {root}/missing/r.html"),
