@@ -478,6 +478,31 @@ def test_check_objectives(stored, asked, refused):
         check_objectives(study, asked)
 
 
+@pytest.mark.parametrize("stored, asked, baseline, refused", [
+    ([], [], {"weight_bytes": 1000}, False),
+    ([("memory", "0.5x")], [("memory", "0.5x")], {"weight_bytes": 1000}, False),
+    ([("memory", "0.5x")], [("memory", "500B")], {"weight_bytes": 1000}, True),  # same limit, another budget
+    ([("memory", "0.5x")], [("memory", "0.6x")], {"weight_bytes": 1000}, True),
+    ([("memory", "0.5x")], [], {"weight_bytes": 1000}, True),
+    ([], [("latency", "20ms")], {"weight_bytes": 1000}, True),
+    (None, [("latency", "20ms")], {"weight_bytes": 1000}, False),  # a new study takes any budget
+    ([("memory", "0.5x")], [("memory", "0.6x")], {}, False),  # no baseline yet: nothing was judged
+])
+def test_check_budgets(stored, asked, baseline, refused):
+    from planner.study import check_budgets
+
+    study = optuna.create_study(study_name="s")
+    if stored is not None:
+        study.set_user_attr("budgets", [parse_budget(k, t).resolve(baseline or {"weight_bytes": 1000}).to_dict()
+                                        for k, t in stored])
+    asked_budgets = [parse_budget(k, t) for k, t in asked]
+    if refused:
+        with pytest.raises(PlannerError, match=r"^study 's' was made with .*, not .* \(use another --study name"):
+            check_budgets(study, asked_budgets, baseline)
+    else:
+        check_budgets(study, asked_budgets, baseline)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Trial-time rules: latency skip, constraints, spec-only rejection, twins
 # ---------------------------------------------------------------------------------------------------
