@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	else \
 		$(PY) -m pip install '$(TORCH_CPU)'; \
 	fi
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[dev,dashboard]'
 	touch $@
 
 assets: setup

@@ -31,6 +31,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got '{text}'") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {value}")
+    return value
+
+
 def token_limit(text: str) -> int | None:
     """A positive token count, or 'all'."""
     return None if text == "all" else positive_int(text)
@@ -122,6 +132,11 @@ def build_parser() -> Parser:
     rv.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/<study>.db)")
     rv.add_argument("--json", action="store_true", help="print JSON for scripts")
     rv.add_argument("--html", type=Path, help="also write a report with Pareto plots and parameter importances")
+    rv.add_argument("--dashboard", action="store_true", help="serve the study in optuna-dashboard until Ctrl-C")
+    rv.add_argument("--host", default="127.0.0.1", help="--dashboard: address to listen on (default: loopback)")
+    rv.add_argument("--port", type=port_number, default=8080, help="--dashboard: port (default: %(default)s; "
+                                                                   "0 takes a free one)")
+    rv.add_argument("-v", "--verbose", action="store_true", help="--dashboard: log every HTTP request")
 
     assets = commands.add_parser("assets", help="the built-in model and corpus")
     assets_commands = assets.add_subparsers(dest="assets_command", required=True, parser_class=Parser)
@@ -272,8 +287,8 @@ def cmd_review(args) -> int:
     from planner.report import format_review, outcome_to_dict
 
     if args.study is None:
-        if args.html:
-            raise PlannerError("review --html needs --study NAME")
+        if args.html or args.dashboard:
+            raise PlannerError(f"review {'--html' if args.html else '--dashboard'} needs --study NAME")
         from planner.storage import list_studies
 
         rows = list_studies(args.storage)
@@ -282,6 +297,12 @@ def cmd_review(args) -> int:
         return 0
     if args.html:
         check_writable(args.html, "report")
+    if args.dashboard:
+        from planner.dashboard import serve
+        from planner.storage import default_storage_url
+
+        serve(args.storage or default_storage_url(args.study), args.study, args.host, args.port, args.verbose)
+        return 0
     from planner.outcome import stored_outcome
     from planner.study import load_stored
 

@@ -79,9 +79,7 @@ class KLResult:
     seconds: float
 
     def to_dict(self) -> dict:
-        data = asdict(self)
-        data["protocol"] = self.protocol.to_dict()
-        return data
+        return asdict(self)  # the protocol nests as a plain dict
 
 
 def _scored_targets(encoded: list[tuple[list[int], int]], protocol: PerplexityProtocol) -> torch.Tensor:

@@ -31,6 +31,10 @@ class PerplexityProtocol:
     max_tokens: int | None = 8192
 
     def __post_init__(self):
+        for name in ("context_length", "stride") + (("max_tokens",) if self.max_tokens is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a whole number of tokens, got {value!r}")
         if self.context_length < 2:
             raise ValueError(f"context length must be at least 2 tokens, got {self.context_length}")
         if not 1 <= self.stride <= self.context_length:

@@ -2,6 +2,7 @@
 and turned into Optuna constraint values (<= 0 means the budget is met)."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -69,6 +70,8 @@ def parse_budget(kind: str, text: str) -> Budget:
     if not match:
         raise PlannerError(f"{kind} budget '{text}' is not a number with a unit (e.g. {_example(kind)})")
     value, unit = float(match["value"]), match["unit"]
+    if not math.isfinite(value):
+        raise PlannerError(f"{kind} budget '{text}' must be a finite number")
     if value <= 0:
         raise PlannerError(f"{kind} budget '{text}' must be positive")
     if unit == "x":

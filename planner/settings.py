@@ -6,6 +6,7 @@ narrows its ranges (or `<technique> = false` under `[space]` to switch the stage
 """
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -49,8 +50,10 @@ class StudySettings:
     def __post_init__(self):
         if self.trials < 1:
             raise PlannerError(f"trials must be at least 1, got {self.trials}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise PlannerError(f"timeout must be positive seconds, got {self.timeout}")
+        if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise PlannerError(f"timeout must be a finite positive number of seconds, got {self.timeout}")
+        if not 0 <= self.seed < 2**32:  # what every sampler's random generator accepts
+            raise PlannerError(f"seed must be from 0 to {2**32 - 1}, got {self.seed}")
         parse_objectives(self.objectives)  # an unknown or repeated objective fails before anything loads
         if not self.study or not all(c.isalnum() or c in "-_." for c in self.study):
             raise PlannerError(f"study name '{self.study}' may hold only letters, digits, '-', '_' and '.'")

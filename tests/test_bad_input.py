@@ -55,6 +55,8 @@ def world(tmp_path_factory, tiny_model_dir, text_corpus_dir):
     (root / "binary.txt").write_bytes(b"\x00\x01\x02\x03" * 100)
     (root / "short.txt").write_text("To be.\nOr not.\n")
     (root / "bad.toml").write_text("trials = [")
+    (root / "fractional-window.toml").write_text(study_file.read_text().replace(
+        "context_length = 64\n", "context_length = 64.5\n", 1))
     (root / "a-file").write_text("not a folder")
     from transformers import BertConfig
 
@@ -100,7 +102,7 @@ CASES = [
     (SEARCH + ["--data", "{root}/binary.txt"], "looks binary"),
     (SEARCH + ["--memory-budget", "1KB"], "no candidate of the search space fits the memory budget"),
     (SEARCH[:3] + ["--trials", "-3"], "expected a positive number, got -3"),
-    (SEARCH + ["--timeout", "-5"], "timeout must be positive"),
+    (SEARCH + ["--timeout", "-5"], "timeout must be a finite positive number of seconds, got -5"),
     (SEARCH + ["--study", "bad name!"], "may hold only letters"),
     (["search", "--study-file", "{root}/bad.toml"], "is not valid TOML"),
     (["search", "--study-file", "{root}/python-tag-study.yaml"], "is not valid YAML"),
@@ -136,6 +138,13 @@ CASES = [
     (["review", "--study", "tiny", "--storage", "{url}", "--html", "{root}/missing/r.html"],
      "cannot write report {root}/missing/r.html"),
     (["evaluate", "--json", "{root}"], "it is a folder"),
+    (SEARCH + ["--memory-budget", "1e400MB"], "memory budget '1e400MB' must be a finite number"),
+    (SEARCH + ["--timeout", "nan"], "timeout must be a finite positive number of seconds, got nan"),
+    (SEARCH + ["--timeout", "inf"], "timeout must be a finite positive number of seconds, got inf"),
+    (SEARCH + ["--seed", "-1"], "seed must be from 0 to 4294967295, got -1"),
+    (["search", "--study-file", "{root}/fractional-window.toml"], "context_length must be a whole number of tokens"),
+    (["review", "--study", "tiny", "--storage", "{url}", "--dashboard", "--port", "-1"],
+     "expected a port number from 0 to 65535, got -1"),
 ]
 
 
