@@ -94,11 +94,12 @@ def build_parser() -> Parser:
     ev.add_argument("--skip", action="append", default=[], choices=["perplexity", "latency", "memory"],
                     help="skip an evaluator (repeatable)")
     ev.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    ev.add_argument("-v", "--verbose", action="store_true", help="show the libraries' own warnings and bars")
 
     se = commands.add_parser("search", help="search for the best compressed model that meets a budget")
     add_study_flags(se)
     se.add_argument("-q", "--quiet", action="store_true", help="no per-trial lines or progress bar")
-    se.add_argument("-v", "--verbose", action="store_true", help="show build progress (e.g. distillation loss)")
+    se.add_argument("-v", "--verbose", action="store_true", help="show build progress (e.g. distillation loss) and the libraries' own warnings and bars")
 
     cr = commands.add_parser("create", help="create a study (baseline measured, settings stored) for workers to run")
     add_study_flags(cr)  # here --timeout is the study's: no worker starts a trial once it has passed
@@ -111,7 +112,7 @@ def build_parser() -> Parser:
     wk.add_argument("--seed", type=int, help="sampler seed of this worker (default: a different one per process)")
     wk.add_argument("--device", help="where this worker builds and measures (default: the study's)")
     wk.add_argument("-q", "--quiet", action="store_true", help="no per-trial lines or progress bar")
-    wk.add_argument("-v", "--verbose", action="store_true", help="show build progress (e.g. distillation loss)")
+    wk.add_argument("-v", "--verbose", action="store_true", help="show build progress (e.g. distillation loss) and the libraries' own warnings and bars")
 
     ex = commands.add_parser("export", help="write the recipe of a trial (default: the recommended one)")
     ex.add_argument("--study", required=True)
@@ -124,7 +125,7 @@ def build_parser() -> Parser:
     ap.add_argument("--out", type=Path, required=True, help="folder for the checkpoint and the recipe")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--force", action="store_true", help="write into a non-empty folder")
-    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show build progress and the libraries' own output")
 
     rv = commands.add_parser("review", help="list the studies in a storage, or show one study's front")
     rv.add_argument("--study", help="the study to show (default: list the studies, in every studies/*.db "
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         from planner.quiet import quiet_libraries
 
-        quiet_libraries()
+        quiet_libraries(verbose=getattr(args, "verbose", False))
         from planner.errors import PlannerError
 
         try:
