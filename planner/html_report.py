@@ -1,5 +1,8 @@
-"""`planner review --html`: one self-contained page with the study's tables, Pareto plots and parameter
-importances, drawn with Optuna's plotly visualisations (plotly.js is inlined: the page works offline)."""
+"""`planner review --html`: one self-contained page (plotly.js inlined once: it works offline) that answers
+"what do I give up for what?": the accuracy objective against each cost, with the baseline, the budget, the
+Pareto front and the recommended candidate marked and every point labelled with its stages; a table of the
+recommended candidate against the baseline and the best uniform recipe; the seconds each trial spent per
+stage; and parameter importances where they say something."""
 from __future__ import annotations
 
 import html
@@ -8,9 +11,13 @@ from pathlib import Path
 import optuna
 
 from planner.errors import PlannerError, check_writable
-from planner.objectives import metric
-from planner.outcome import Outcome, measured
+from planner.objectives import OBJECTIVES, metric
+from planner.outcome import Outcome, feasible, measured, pareto_front
 from planner.report import best_table, format_outcome
+
+IMPORTANCE_FLOOR = 0.01  # importances below this say nothing: left out of the plot
+COLOURS = {"feasible": "#1f77b4", "infeasible": "#b0b0b0", "front": "#1f77b4", "recommended": "#d62728",
+           "baseline": "#2ca02c", "budget": "rgba(214, 39, 40, 0.08)"}
 
 
 def axis_name(name: str) -> str:
@@ -19,38 +26,175 @@ def axis_name(name: str) -> str:
 
 
 def pareto_views(objectives: tuple[str, ...]) -> list[tuple[str, str]]:
-    """Two-dimensional views read better than one cloud: the accuracy objective against each of the others."""
-    return [(objectives[0], other) for other in objectives[1:]]
+    """Two-dimensional views read better than one cloud: each cost (x) against the accuracy objective (y)."""
+    return [(other, objectives[0]) for other in objectives[1:]]
 
 
-def measured_study(study: optuna.Study) -> optuna.Study:
-    """An in-memory copy holding only the measured trials. Rejected and skipped candidates carry a stand-in
-    perplexity (a multiple of the baseline's) that would squash every plot's axis."""
-    copy = optuna.create_study(directions=study.directions)
-    copy.add_trials([t for t in study.get_trials(deepcopy=True) if measured(t)])
-    return copy
+def _shown_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Measured trials, each candidate once (a twin repeats its original's figures)."""
+    return [t for t in study.get_trials(deepcopy=False) if measured(t) and "duplicate_of" not in t.user_attrs]
 
 
-def _figures(study: optuna.Study, objectives: tuple[str, ...]) -> list[tuple[str, object]]:
-    import optuna.visualization as vis
+def _hover(trial, names: tuple[str, ...]) -> str:
+    row = trial.user_attrs["metrics"]
+    figures = "<br>".join(f"{metric(n).label}: {metric(n).shown(row.get(n))}" for n in names if row.get(n) is not None)
+    verdict = "meets the budget" if feasible(trial) else "over the budget"
+    return f"trial {trial.number}: {html.escape(trial.user_attrs.get('label', ''))}<br>{figures}<br>{verdict}"
 
-    figures = []
-    for x, y in pareto_views(objectives):
-        ix, iy = objectives.index(x), objectives.index(y)
-        figures.append((f"Pareto front: {axis_name(x)} against {axis_name(y)} (feasible trials in colour)",
-                        vis.plot_pareto_front(study, target_names=[axis_name(x), axis_name(y)],
-                                              targets=lambda t, ix=ix, iy=iy: (t.values[ix], t.values[iy]))))
-    for index, name in enumerate(objectives):
-        title = f"Parameter importances for {axis_name(name)}"
-        try:
-            figure = vis.plot_param_importances(study, target=lambda t, i=index: t.values[i],
-                                                target_name=axis_name(name))
-        except (ValueError, RuntimeError) as exc:
-            # Importances need parameters that every measured trial shares and that vary; say why not.
-            figures.append((title, f"not available: {exc}"))
+
+def budget_limit(outcome: Outcome, name: str) -> float | None:
+    """The budget on objective `name`, in that objective's unit (None when there is none)."""
+    objective = OBJECTIVES.get(name)
+    budget = next((b for b in outcome.budgets if objective is not None and b.kind == objective.budget), None)
+    if budget is None or budget.limit is None:
+        return None
+    return budget.limit * objective.budget_scale
+
+
+def trade_off_figure(outcome: Outcome, x: str, y: str):
+    import plotly.graph_objects as go
+
+    names = outcome.objectives
+    trials = _shown_trials(outcome.study)
+    value = lambda t, n: t.user_attrs["metrics"][n]  # noqa: E731
+    figure = go.Figure()
+    for label, group, symbol in (("meets the budget", [t for t in trials if feasible(t)], "circle"),
+                                 ("over the budget", [t for t in trials if not feasible(t)], "circle-open")):
+        if group:
+            colour = COLOURS["feasible" if symbol == "circle" else "infeasible"]
+            figure.add_trace(go.Scatter(
+                x=[value(t, x) for t in group], y=[value(t, y) for t in group], mode="markers", name=label,
+                marker={"symbol": symbol, "size": 9, "color": colour}, hovertemplate="%{text}<extra></extra>",
+                text=[_hover(t, names) for t in group]))
+    # The front of this view: feasible candidates no other beats on both of its axes (the study's front is
+    # over every objective, and its projection is not a front).
+    feasible_here = [t for t in trials if feasible(t) and x in t.user_attrs["metrics"]]
+    front = sorted(pareto_front(feasible_here, values=lambda t: (value(t, x), value(t, y))),
+                   key=lambda t: (value(t, x), value(t, y)))
+    if front:
+        figure.add_trace(go.Scatter(x=[value(t, x) for t in front], y=[value(t, y) for t in front], mode="lines",
+                                    name="trade-off front (meets the budget)", hoverinfo="skip",
+                                    line={"color": COLOURS["front"], "dash": "dot", "shape": "hv"}))
+    baseline = outcome.baseline
+    if baseline.get(x) is not None and baseline.get(y) is not None:
+        figure.add_trace(go.Scatter(
+            x=[baseline[x]], y=[baseline[y]], mode="markers+text", name="baseline (uncompressed)",
+            text=["baseline"], textposition="top center", marker={"symbol": "diamond", "size": 13,
+                                                                    "color": COLOURS["baseline"]},
+            hovertemplate=f"baseline<br>{metric(x).label}: %{{x}}<br>{metric(y).label}: %{{y}}<extra></extra>"))
+    if outcome.recommended is not None and x in outcome.recommended.user_attrs["metrics"]:
+        chosen = outcome.recommended
+        figure.add_trace(go.Scatter(
+            x=[value(chosen, x)], y=[value(chosen, y)], mode="markers+text", name="recommended",
+            text=[f"recommended: trial {chosen.number}"], textposition="bottom right",
+            marker={"symbol": "star", "size": 20, "color": COLOURS["recommended"],
+                    "line": {"width": 1, "color": "black"}},
+            hovertemplate="%{customdata}<extra></extra>", customdata=[_hover(chosen, names)]))
+    for axis, name in (("x", x), ("y", y)):
+        limit = budget_limit(outcome, name)
+        if limit is None:
             continue
-        figures.append((title, figure))
-    return figures
+        # The budget as a dashed line, the region past it shaded: what lies there is not recommendable.
+        region = {"fillcolor": COLOURS["budget"], "line": {"width": 0}, "layer": "below"}
+        if axis == "x":
+            figure.add_vline(x=limit, line_dash="dash", line_color=COLOURS["recommended"],
+                             annotation_text=f"budget {metric(name).shown(limit)}")
+            far = max([limit, baseline.get(x) or 0.0] + [value(t, x) for t in trials])
+            figure.add_vrect(x0=limit, x1=far * 1.05, **region)
+        else:
+            figure.add_hline(y=limit, line_dash="dash", line_color=COLOURS["recommended"],
+                             annotation_text=f"budget {metric(name).shown(limit)}")
+            far = max([limit, baseline.get(y) or 0.0] + [value(t, y) for t in trials])
+            figure.add_hrect(y0=limit, y1=far * 1.05, **region)
+    figure.update_layout(xaxis_title=axis_name(x), yaxis_title=f"{axis_name(y)} (lower is better)",
+                         legend={"orientation": "h", "y": -0.2}, margin={"t": 30}, height=520)
+    if y == "perplexity" and trials and max(value(t, y) for t in trials) > 10 * min(value(t, y) for t in trials):
+        figure.update_yaxes(type="log")  # a few broken candidates would squash the useful range
+    return figure
+
+
+def is_uniform(trial) -> bool:
+    """One quantization stage at one bit-width everywhere, as a user would pick by hand."""
+    stages = trial.user_attrs.get("stages", [])
+    if len(stages) != 1 or stages[0]["technique"] != "quantization":
+        return False
+    spec = stages[0]["spec"]
+    return len({spec["bits"]["attn"], spec["bits"]["mlp"]}) == 1 and not spec.get("overrides")
+
+
+def comparison_rows(outcome: Outcome) -> list[tuple[str, dict]]:
+    """(name, metrics row) of the baseline, the recommended candidate and the best uniform recipe."""
+    rows = [("baseline (uncompressed)", outcome.baseline)]
+    if outcome.recommended is not None:
+        rows.append((f"recommended: trial {outcome.recommended.number}", outcome.recommended.user_attrs["metrics"]))
+    uniform = [t for t in _shown_trials(outcome.study) if feasible(t) and is_uniform(t)]
+    if uniform:
+        best = min(uniform, key=lambda t: (t.values[0], t.number))
+        rows.append((f"best uniform recipe: trial {best.number}", best.user_attrs["metrics"]))
+    return rows
+
+
+def comparison_table(outcome: Outcome) -> str:
+    names = [n for n in ("perplexity", "kl", "top1_agreement", "decode_ms_p50", "prefill_ms_p50", "weight_mb")
+             if outcome.baseline.get(n) is not None or n in outcome.objectives]
+    head = "".join(f"<th>{html.escape(metric(n).label)}</th>" for n in names)
+    body = []
+    for label, row in comparison_rows(outcome):
+        cells = []
+        for n in names:
+            value, base = row.get(n), outcome.baseline.get(n)
+            ratio = f" <small>({value / base:.2f}x)</small>" if value is not None and base else ""
+            cells.append(f"<td>{metric(n).shown(value)}{ratio}</td>")
+        stages = html.escape(row.get("stages", "")) if row is not outcome.baseline else "baseline"
+        body.append(f"<tr><th>{html.escape(label)}</th>{''.join(cells)}<td>{stages}</td></tr>")
+    return (f"<table class='compare'><tr><th></th>{head}<th>stages</th></tr>{''.join(body)}</table>"
+            "<p><small>Ratios are to the baseline's figure.</small></p>")
+
+
+def timeline_figure(study: optuna.Study):
+    """Seconds each trial spent per stage (build stages, measuring; rejected and twin trials in one piece)."""
+    import plotly.graph_objects as go
+
+    trials = [t for t in study.get_trials(deepcopy=False) if "seconds" in t.user_attrs]
+    if not trials:
+        return None
+    parts: dict[str, list[float]] = {}
+    for index, trial in enumerate(trials):
+        seconds = dict(trial.user_attrs["seconds"])
+        total = seconds.pop("total", 0.0)
+        if not seconds:
+            seconds = {"judged without building" if "duplicate_of" not in trial.user_attrs else "twin reused": total}
+        for stage, value in seconds.items():
+            parts.setdefault(stage, [0.0] * len(trials))[index] = value
+    labels = [f"trial {t.number}" for t in trials]
+    figure = go.Figure([go.Bar(y=labels, x=values, name=stage, orientation="h",
+                               hovertemplate=f"{stage}: %{{x:.1f}} s<extra>%{{y}}</extra>")
+                        for stage, values in parts.items()])
+    figure.update_layout(barmode="stack", xaxis_title="seconds", height=max(300, 22 * len(trials) + 120),
+                         yaxis={"autorange": "reversed"}, margin={"t": 30}, legend={"orientation": "h", "y": -0.1})
+    return figure
+
+
+def importance_figure(study: optuna.Study, index: int, name: str):
+    """Parameter importances for one objective, only those >= IMPORTANCE_FLOOR; or a sentence saying why none."""
+    import plotly.graph_objects as go
+
+    trials = [t for t in study.get_trials(deepcopy=False) if measured(t)]
+    copy = optuna.create_study(directions=study.directions)
+    copy.add_trials(trials)
+    try:
+        importances = optuna.importance.get_param_importances(copy, target=lambda t: t.values[index])
+    except (ValueError, RuntimeError) as exc:
+        return f"not available: {exc}"
+    shown = {param: value for param, value in importances.items() if value >= IMPORTANCE_FLOOR}
+    if not shown:
+        return f"no parameter explains {IMPORTANCE_FLOOR:.0%} or more of the {metric(name).label} of the measured trials"
+    params = list(reversed(shown))
+    figure = go.Figure(go.Bar(x=[shown[p] for p in params], y=params, orientation="h",
+                              hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
+    figure.update_layout(xaxis_title="importance (fANOVA share of the variance)", height=120 + 28 * len(params),
+                         margin={"t": 30})
+    return figure
 
 
 def write_html_report(outcome: Outcome, path: Path) -> Path:
@@ -60,24 +204,40 @@ def write_html_report(outcome: Outcome, path: Path) -> Path:
         raise PlannerError("review --html needs plotly: pip install plotly") from None
     path = Path(path)
     check_writable(path, "report")
-    study = measured_study(outcome.study)
     title = f"planner study {outcome.study.study_name}"
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;margin:2em}pre{background:#f4f4f4;padding:1em}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>", f"<pre>{html.escape(format_outcome(outcome))}</pre>",
-             f"<h2>Best trial per objective</h2><pre>{html.escape(best_table(outcome))}</pre>"]
-    if len(study.trials) < 2:
-        parts.append("<p>Fewer than two measured trials: nothing to plot yet.</p>")
+             "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}pre{background:#f4f4f4;padding:1em;"
+             "overflow-x:auto}table.compare{border-collapse:collapse}table.compare td,table.compare th"
+             "{border:1px solid #ccc;padding:.3em .6em;text-align:right}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>"]
+    figures: list[tuple[str, object]] = []
+    if len(_shown_trials(outcome.study)) < 1:
+        parts.append("<p>No measured trial yet: nothing to plot.</p>")
     else:
-        inline_js = True  # plotly.js once, inline: no network when the page is opened
-        for heading, figure in _figures(study, outcome.objectives):
-            parts.append(f"<h2>{html.escape(heading)}</h2>")
-            if isinstance(figure, str):
-                parts.append(f"<p>{html.escape(figure)}</p>")
-                continue
-            parts.append(figure.to_html(full_html=False, include_plotlyjs=inline_js))
-            inline_js = False
-    parts.append("</body></html>")
+        for x, y in pareto_views(outcome.objectives):
+            figures.append((f"What {metric(y).label} costs in {metric(x).label}", trade_off_figure(outcome, x, y)))
+    parts.append("<h2>Recommended against the baseline and the best uniform recipe</h2>" + comparison_table(outcome))
+    inline_js = True  # plotly.js once, inline: no network when the page is opened
+
+    def add(heading: str, figure) -> None:
+        nonlocal inline_js
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        if isinstance(figure, str):
+            parts.append(f"<p>{html.escape(figure)}</p>")
+            return
+        parts.append(figure.to_html(full_html=False, include_plotlyjs=inline_js, config={"responsive": True}))
+        inline_js = False
+
+    for heading, figure in figures:
+        add(heading, figure)
+    timeline = timeline_figure(outcome.study)
+    if timeline is not None:
+        add("Seconds per trial and stage", timeline)
+    if len([t for t in outcome.study.get_trials(deepcopy=False) if measured(t)]) >= 2:
+        for index, name in enumerate(outcome.objectives):
+            add(f"What moves {metric(name).label}: parameter importances", importance_figure(outcome.study, index, name))
+    parts += [f"<h2>Outcome</h2><pre>{html.escape(format_outcome(outcome))}</pre>",
+              f"<h2>Best trial per objective</h2><pre>{html.escape(best_table(outcome))}</pre>", "</body></html>"]
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text("\n".join(parts), encoding="utf-8")
     temporary.replace(path)

@@ -32,6 +32,7 @@ class Objective(Metric):
     # skipped as hopeless): bad enough that the sampler learns the region is bad, without a fake measurement.
     unmeasured: Callable[[dict], float] = lambda baseline: float("inf")
     budget: str | None = None  # the budget kind that limits this figure (planner.budgets), if any
+    budget_scale: float = 1.0  # this figure's unit per unit of that budget's limit (weight MB per byte)
 
 
 # Reported beside the objectives, never optimised.
@@ -52,7 +53,7 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("decode_ms_p50", "decode ms", "ms", "{:.1f}", "latency",
               unmeasured=lambda baseline: baseline["decode_ms_p50"], budget="latency"),
     Objective("weight_mb", "weight MB", "MB", "{:.1f}", "memory",
-              unmeasured=lambda baseline: baseline["weight_mb"], budget="memory"),
+              unmeasured=lambda baseline: baseline["weight_mb"], budget="memory", budget_scale=1e-6),
 )}
 ALIASES = {"decode_ms": "decode_ms_p50", "latency": "decode_ms_p50", "memory": "weight_mb", "weight": "weight_mb"}
 DEFAULT = ("perplexity", "decode_ms_p50", "weight_mb")
