@@ -91,7 +91,7 @@ def test_search_export_apply_review(study, tmp_path, text_corpus_dir, capsys, mo
     assert code == 0, err
     assert "Best trial per objective" in out and f"report written to {report}" in out
     page = report.read_text()
-    assert "Pareto front: perplexity against weight MB" in page and "Parameter importances" in page
+    assert "What perplexity costs in weight MB" in page and "parameter importances" in page
     assert page.count("Plotly.newPlot") >= 2 and "src=\"https://" not in page  # plotly.js inlined
 
 
