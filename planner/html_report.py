@@ -26,8 +26,13 @@ def axis_name(name: str) -> str:
 
 
 def pareto_views(objectives: tuple[str, ...]) -> list[tuple[str, str]]:
-    """Two-dimensional views read better than one cloud: each cost (x) against the accuracy objective (y)."""
-    return [(other, objectives[0]) for other in objectives[1:]]
+    """Two-dimensional views read better than one cloud: each cost (x: decode ms, weight MB, ...) against each
+    accuracy objective (y: perplexity, kl), the study's first accuracy objective first."""
+    accuracy = [n for n in objectives if OBJECTIVES[n].evaluator in ("perplexity", "kl")]
+    costs = [n for n in objectives if n not in accuracy]
+    if not costs:  # accuracy against accuracy (e.g. perplexity and kl only)
+        return [(accuracy[1], accuracy[0])] if len(accuracy) > 1 else []
+    return [(cost, y) for y in accuracy for cost in costs]
 
 
 def _shown_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

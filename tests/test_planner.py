@@ -238,6 +238,11 @@ def test_a_kl_study_runs_end_to_end_and_reopening_it_with_other_objectives_is_re
     assert reviewed["objectives"] == ["perplexity", "kl", "weight_mb"]
     assert all(row["kl"] is not None and row["top1_agreement"] is not None for row in reviewed["front"])
     assert set(reviewed["best_per_objective"]) == {"perplexity", "kl", "weight_mb"}
+    code, out, err = run(["review", "--study", "tiny", "--storage", f"sqlite:///{tmp_path}/tiny.db", "--html",
+                          tmp_path / "kl.html"], capsys)
+    page = (tmp_path / "kl.html").read_text()
+    assert code == 0 and "What KL nats costs in weight MB" in page and "What perplexity costs in weight MB" in page
+    assert "top-1 agree" in page  # the comparison table shows the agreement beside the KL
     recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
     assert "kl" in recipe["metrics"]["summary"] and recipe["metrics"]["kl"]["top1_agreement"] <= 1.0
     assert recipe["provenance"]["objectives"] == ["perplexity", "kl", "weight_mb"]
