@@ -200,14 +200,14 @@ STUDY_FLAGS = ("model", "data", "study", "storage", "sampler", "seed", "trials",
 
 
 def _study_settings(args):
-    from planner.errors import check_writable
     from planner.settings import make_settings, read_study_file
+    from planner.study import check_recipe_path
 
     file_values = read_study_file(args.study_file) if args.study_file else {}
     settings = make_settings(file_values, {name: getattr(args, name) for name in STUDY_FLAGS})
     settings.budgets()  # a malformed budget fails here, before anything is loaded or stored
     if args.command == "search":
-        check_writable(settings.recipe_path(), "recipe")  # before the search, not after it
+        check_recipe_path(settings)
     return settings
 
 

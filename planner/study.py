@@ -20,7 +20,7 @@ from evaluators.perplexity import check_protocol
 from planner import assets, workers
 from planner.budgets import Budget, of_kind
 from planner.candidates import describe, smallest_candidate, starting_points
-from planner.errors import Interrupted, PlannerError, SearchStopped
+from planner.errors import Interrupted, PlannerError, SearchStopped, check_writable
 from planner.outcome import Outcome, decide
 from planner.report import trial_line
 from planner.samplers import make_sampler
@@ -33,6 +33,15 @@ from search_spaces import TECHNIQUES, BuildContext, SpecError
 
 def storage_url(settings: StudySettings) -> str:
     return settings.storage or default_storage_url(settings.study)
+
+
+def check_recipe_path(settings: StudySettings) -> None:
+    """The recipe a search will write must be writable before the search runs, not after it. The default
+    (studies/<study>-recipe.yaml) lives where default study databases do: that folder is created as for them."""
+    path = settings.recipe_path()
+    if settings.recipe is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(path, "recipe")
 
 
 def load_stored(study_name: str, storage: str | None) -> optuna.Study:
