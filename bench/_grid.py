@@ -290,7 +290,7 @@ class Replay:
         return SimpleNamespace(perplexity=row["perplexity"], bits_per_byte=row["bits_per_byte"],
                                to_dict=lambda: {"perplexity": row["perplexity"]})
 
-    def _estimate(self, base_model, stages):
+    def _estimate(self, base_model, stages, shaped=None):
         # The planner's exact spec-only sizing (on the meta skeleton), memoised: it is pure.
         from planner.candidates import estimate_weight_bytes
 

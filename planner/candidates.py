@@ -99,24 +99,41 @@ def smallest_candidate(base_model: torch.nn.Module, spaces: dict) -> tuple[int, 
     return best
 
 
-def estimate_weight_bytes(base_model: torch.nn.Module, stages: list[Stage]) -> int:
-    """Exact stored bytes of the candidate, without building it: every stage maps the config to the config of
-    what it builds, and the last stage (storage stages come last in composition order) sizes an empty model
-    of that config on the meta device."""
-    if not stages:
-        return weight_bytes(base_model).total_bytes
+def shaped_model(base_model: torch.nn.Module, stages: list[Stage]) -> torch.nn.Module:
+    """A model of the candidate's shapes without building it: every stage maps the config to the config of
+    what it builds, and an empty model of that config is made on the meta device (the base model itself when
+    no stage changes a shape)."""
     config = base_model.config
     for stage in stages:
         config = TECHNIQUES[stage.technique].derive_config(config, stage.spec)
     if config is base_model.config:
-        sized = base_model
-    else:
-        from transformers import AutoModelForCausalLM
+        return base_model
+    from transformers import AutoModelForCausalLM
 
-        with torch.device("meta"):
-            sized = AutoModelForCausalLM.from_config(config, dtype=next(base_model.parameters()).dtype)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=next(base_model.parameters()).dtype)
+
+
+def estimate_weight_bytes(base_model: torch.nn.Module, stages: list[Stage], shaped=None) -> int:
+    """Exact stored bytes of the candidate, without building it: the last stage (storage stages come last in
+    composition order) sizes the candidate's shapes (`shaped_model`)."""
+    if not stages:
+        return weight_bytes(base_model).total_bytes
     last = stages[-1]
-    return TECHNIQUES[last.technique].weight_bytes(sized, last.spec)
+    return TECHNIQUES[last.technique].weight_bytes(shaped if shaped is not None else shaped_model(base_model, stages),
+                                                   last.spec)
+
+
+def storage_notes(base_model: torch.nn.Module, stages: list[Stage], shaped=None) -> dict:
+    """What the stages store differently from what their specs say, on this model's shapes (e.g. layers whose
+    width a requested group size does not divide, with the grid they use instead); empty when nothing."""
+    if not stages:
+        return {}
+    shaped = shaped if shaped is not None else shaped_model(base_model, stages)
+    notes = {}
+    for stage in stages:
+        notes.update(TECHNIQUES[stage.technique].storage_notes(shaped, stage.spec))
+    return notes
 
 
 def build(base_model: torch.nn.Module, stages: list[Stage], context: BuildContext) -> BuiltCandidate:
@@ -130,8 +147,9 @@ def build(base_model: torch.nn.Module, stages: list[Stage], context: BuildContex
     return BuiltCandidate(model.eval(), seconds)
 
 
-def describe(stages: list[Stage]) -> str:
-    """A short label such as 'prune(mlp 0.75) + quant(gptq 4/4)' for tables and logs."""
+def describe(stages: list[Stage], notes: dict | None = None) -> str:
+    """A short label such as 'prune(mlp 0.75) + quant(gptq 4/4 g128*)' for tables and logs; with the stages'
+    storage notes, what the label would hide is marked (see `Technique.describe`)."""
     if not stages:
         return "baseline"
-    return " + ".join(TECHNIQUES[stage.technique].describe(stage.spec) for stage in stages)
+    return " + ".join(TECHNIQUES[stage.technique].describe(stage.spec, notes or {}) for stage in stages)

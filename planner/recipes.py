@@ -147,7 +147,8 @@ def recipe_for(study, trial) -> Recipe:
         model_hash=model["content_hash"],
         stages=stages,
         budget=tuple(study.user_attrs.get("budgets", [])),
-        metrics={"summary": trial.user_attrs.get("metrics", {}), **trial.user_attrs.get("measurements", {})},
+        metrics={"summary": trial.user_attrs.get("metrics", {}), **trial.user_attrs.get("measurements", {}),
+                 **({"storage_notes": trial.user_attrs["storage_notes"]} if "storage_notes" in trial.user_attrs else {})},
         provenance={
             "study": study.study_name,
             "trial": trial.number,

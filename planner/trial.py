@@ -16,7 +16,7 @@ from evaluators.memory import weight_bytes
 from evaluators.perplexity import measure_perplexity
 from planner import objectives as objective_registry
 from planner.budgets import Budget, of_kind
-from planner.candidates import build, describe, estimate_weight_bytes, suggest_stages
+from planner.candidates import build, describe, estimate_weight_bytes, shaped_model, storage_notes, suggest_stages
 from planner.errors import first_line
 from planner.recipes import Stage
 from planner.settings import StudySettings
@@ -51,8 +51,8 @@ class Workbench:
         return needed
 
 
-def metrics_row(stages: list[Stage], weight: int, latency=None, perplexity=None, kl=None) -> dict:
-    row = {"weight_bytes": weight, "weight_mb": weight / 1e6, "stages": describe(stages)}
+def metrics_row(label: str, weight: int, latency=None, perplexity=None, kl=None) -> dict:
+    row = {"weight_bytes": weight, "weight_mb": weight / 1e6, "stages": label}
     if latency is not None:
         row.update(decode_ms_p50=latency.decode.p50_ms, prefill_ms_p50=latency.prefill.p50_ms)
     if perplexity is not None:
@@ -68,9 +68,10 @@ def hopeless_latency(budgets: list[Budget], row: dict) -> Budget | None:
                  and b.metric in row and row[b.metric] > LATENCY_SKIP_FACTOR * b.limit), None)
 
 
-def measure(bench: Workbench, model, stages: list[Stage], trial=None) -> tuple[dict, dict]:
+def measure(bench: Workbench, model, stages: list[Stage], trial=None, label: str | None = None) -> tuple[dict, dict]:
     """(metrics row, full evaluator dicts) for a built model: memory, latency, then perplexity (and KL, in the
     same pass) unless the latency already rules the candidate out."""
+    label = label or describe(stages)
     needed = bench.evaluators()
     weight = weight_bytes(model)
     details = {"memory": weight.to_dict()}
@@ -78,7 +79,7 @@ def measure(bench: Workbench, model, stages: list[Stage], trial=None) -> tuple[d
     if "latency" in needed:
         latency = measure_latency(model, bench.settings.latency_protocol())
         details["latency"] = latency.to_dict()
-    row = metrics_row(stages, weight.total_bytes, latency)
+    row = metrics_row(label, weight.total_bytes, latency)
     hopeless = hopeless_latency(bench.budgets, row)
     if hopeless is not None and trial is not None:
         trial.set_user_attr("skipped_perplexity", f"{hopeless.kind} {row[hopeless.metric]:.2f} ms is over "
@@ -92,7 +93,7 @@ def measure(bench: Workbench, model, stages: list[Stage], trial=None) -> tuple[d
     else:
         perplexity = measure_perplexity(model, bench.tokenizer, bench.corpus.eval, protocol)
     details["perplexity"] = perplexity.to_dict()
-    return metrics_row(stages, weight.total_bytes, latency, perplexity, kl), details
+    return metrics_row(label, weight.total_bytes, latency, perplexity, kl), details
 
 
 def measure_baseline(bench: Workbench) -> tuple[dict, dict]:
@@ -151,7 +152,12 @@ def objective(bench: Workbench):
         stages = suggest_stages(trial, bench.spaces)
         stored_stages = json.loads(json.dumps([{"technique": s.technique, "spec": s.spec.to_dict()} for s in stages]))
         trial.set_user_attr("stages", stored_stages)
-        trial.set_user_attr("label", describe(stages))
+        shaped = shaped_model(bench.model, stages)
+        notes = storage_notes(bench.model, stages, shaped)
+        label = describe(stages, notes)
+        trial.set_user_attr("label", label)
+        if notes:  # e.g. the layers a requested group size does not fit, and what they use instead
+            trial.set_user_attr("storage_notes", notes)
         twin = measured_twin(trial.study, stored_stages)
         if twin is not None:
             for key in TWIN_ATTRS:
@@ -159,15 +165,15 @@ def objective(bench: Workbench):
                     trial.set_user_attr(key, twin.user_attrs[key])
             trial.set_user_attr("duplicate_of", twin.number)
             return finish(trial, started, twin.user_attrs["metrics"])
-        estimate = estimate_weight_bytes(bench.model, stages)
+        estimate = estimate_weight_bytes(bench.model, stages, shaped)
         trial.set_user_attr("estimated_weight_bytes", estimate)
         if over_memory_budget(bench.budgets, estimate):
             trial.set_user_attr("rejected", f"weights {estimate / 1e6:.1f} MB from the spec alone; over the budget")
-            return finish(trial, started, metrics_row(stages, estimate))
+            return finish(trial, started, metrics_row(label, estimate))
         built = build(bench.model, stages, bench.context)
         try:
             measure_started = time.perf_counter()
-            row, details = measure(bench, built.model, stages, trial)
+            row, details = measure(bench, built.model, stages, trial, label)
             seconds = {**built.stage_seconds, "measure": time.perf_counter() - measure_started}
         finally:
             del built

@@ -76,9 +76,15 @@ class Technique(abc.ABC):
         out up front, never found as a crash inside a trial."""
         return space
 
-    def describe(self, spec) -> str:
-        """A short label for tables and logs, such as 'prune(mlp 0.75)'."""
+    def describe(self, spec, notes: dict | None = None) -> str:
+        """A short label for tables and logs, such as 'prune(mlp 0.75)'; `notes` are the candidate's
+        `storage_notes`, for a label that must not hide them."""
         return self.name
+
+    def storage_notes(self, model, spec) -> dict:
+        """Where the candidate built from `model` (which may live on the meta device) stores something other than
+        its spec says, keyed so the label, the trial and the recipe can state it. Default: nothing."""
+        return {}
 
     def derive_config(self, config, spec):
         """The model config of what `apply` builds from a model of `config` (shape-changing stages)."""

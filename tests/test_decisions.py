@@ -618,6 +618,7 @@ CANDIDATES = {
     "nan-decode": dict(weight=150_000_000, decode=float("nan"), prefill=30.0, perplexity=22.0, kl=0.5),
     "huge": dict(weight=100_000_000_000, decode=8.0, prefill=30.0, perplexity=22.0, kl=0.5),
     "broken": dict(weight=150_000_000, decode=8.0, prefill=30.0, perplexity=22.0, kl=0.5),
+    "noted": dict(weight=150_000_000, decode=8.0, prefill=30.0, perplexity=22.0, kl=0.5),
 }
 # What the study's evaluators are given: its protocols (not the defaults), its tokenizer and held-out text.
 SETTINGS = StudySettings(evaluation={"perplexity": {"context_length": 64, "stride": 32, "max_tokens": 256},
@@ -632,6 +633,7 @@ class Lab:
         self.calls = {"build": [], "latency": [], "perplexity": [], "kl": [], "estimate": []}
         self.args = set()  # (what, the arguments it was given besides the model and stages)
         fakes = {"suggest_stages": self.suggest_stages, "describe": self.describe, "build": self.build,
+                 "shaped_model": lambda base_model, stages: base_model, "storage_notes": self.notes,
                  "estimate_weight_bytes": self.estimate, "weight_bytes": self.weight_bytes,
                  "measure_latency": self.latency, "measure_perplexity": self.perplexity,
                  "measure_perplexity_and_kl": self.perplexity_and_kl, "release_memory": lambda: None}
@@ -643,8 +645,12 @@ class Lab:
         return [Stage("fake", FakeSpec(trial.suggest_categorical("candidate", list(CANDIDATES))))]
 
     @staticmethod
-    def describe(stages):
-        return " + ".join(f"fake({s.spec.name})" for s in stages) or "baseline"
+    def describe(stages, notes=None):
+        return " + ".join(f"fake({s.spec.name}{'*' if notes else ''})" for s in stages) or "baseline"
+
+    @staticmethod
+    def notes(base_model, stages, shaped=None):
+        return {"fallbacks": {"layer": 32}} if stages and stages[0].spec.name == "noted" else {}
 
     def build(self, base_model, stages, context):
         from planner.candidates import BuiltCandidate
@@ -655,7 +661,7 @@ class Lab:
             raise RuntimeError("x" * 600 + "\nsecond line")
         return BuiltCandidate(SimpleNamespace(name=stages[0].spec.name), {"fake": 0.25})
 
-    def estimate(self, base_model, stages):
+    def estimate(self, base_model, stages, shaped=None):
         self.calls["estimate"].append(stages[0].spec.name)
         self.args.add(("estimate", base_model.name))
         return CANDIDATES[stages[0].spec.name]["weight"]
@@ -724,6 +730,14 @@ def test_a_measured_trial_stores_its_figures(lab):
     assert set(attrs["seconds"]) == {"fake", "measure", "total"} and attrs["seconds"]["fake"] == 0.25
     assert 0 <= attrs["seconds"]["measure"] <= attrs["seconds"]["total"] < 60
     assert not {"rejected", "skipped_perplexity", "duplicate_of", "failure"} & set(attrs)
+
+
+def test_a_storage_note_is_stated_on_the_label_the_trial_and_its_metrics(lab):
+    study = lab.run(lab.bench(), "noted", "a")
+    noted, plain = study.trials
+    assert noted.user_attrs["label"] == "fake(noted*)" and noted.user_attrs["metrics"]["stages"] == "fake(noted*)"
+    assert noted.user_attrs["storage_notes"] == {"fallbacks": {"layer": 32}}
+    assert plain.user_attrs["label"] == "fake(a)" and "storage_notes" not in plain.user_attrs
 
 
 def test_a_twin_is_not_measured_again(lab):

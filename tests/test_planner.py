@@ -40,6 +40,11 @@ def test_search_export_apply_review(study, tmp_path, text_corpus_dir, capsys, mo
     limit = stored.user_attrs["budgets"][0]["limit"]
     assert trial.user_attrs["metrics"]["weight_bytes"] <= limit  # the recommendation meets the budget
     assert recipe["stages"] and recipe["metrics"]["perplexity"]["protocol"]["context_length"] == 64
+    # A group size some layers cannot use is stated: marked in the label, listed per layer on the trial and
+    # in the recipe (the tiny model's 32-wide layers cannot take groups of 64 or 128).
+    for t in stored.trials:
+        assert ("*" in t.user_attrs.get("label", "")) == ("storage_notes" in t.user_attrs), t.user_attrs.get("label")
+    assert ("storage_notes" in recipe["metrics"]) == ("storage_notes" in trial.user_attrs)
 
     code, out, err = run(["export", "--study", "tiny", "--storage", f"sqlite:///{tmp_path}/tiny.db",
                           "--trial", recommended, "-o", tmp_path / "exported.yaml"], capsys)

@@ -239,3 +239,27 @@ def test_plans_read_shapes_only_so_meta_models_work():
     plan = plan_layers(model, QuantSpec(bits={"attn": 4, "mlp": 8}, group_size=32))
     c_fc = plan.by_name()["transformer.h.0.mlp.c_fc"]
     assert (c_fc.out_features, c_fc.in_features, c_fc.transposed, c_fc.fmt.group_size) == (128, 32, True, 32)
+
+
+@pytest.mark.parametrize("group_size, fallbacks, label", [
+    # hidden 32, MLP 64: a group of 64 fits only down_proj (input 64); every other layer halves to 32.
+    (64, {"q_proj": 32, "k_proj": 32, "v_proj": 32, "o_proj": 32, "gate_proj": 32, "up_proj": 32},
+     "quant(rtn 4/4 g64*)"),
+    (32, {}, "quant(rtn 4/4 g32)"),
+    (None, {}, "quant(rtn 4/4 per-channel)"),
+    # 128 fits nothing: halved to 64 where the input is 64 wide, to 32 elsewhere.
+    (128, {"q_proj": 32, "k_proj": 32, "v_proj": 32, "o_proj": 32, "gate_proj": 32, "up_proj": 32,
+           "down_proj": 64}, "quant(rtn 4/4 g128*)"),
+])
+def test_a_group_size_some_layers_cannot_use_is_stated_not_hidden(group_size, fallbacks, label):
+    model = make_tiny_llama()
+    spec = QuantSpec(bits={"attn": 4, "mlp": 4}, group_size=group_size)
+    notes = QUANTIZATION.storage_notes(model, spec)
+    used = notes.get("group_size_fallbacks", {})
+    assert {name.rsplit(".", 1)[1]: size for name, size in used.items()} == fallbacks
+    assert len(used) == (2 * len(fallbacks))  # both decoder layers, named one by one
+    assert QUANTIZATION.describe(spec, notes) == label
+    # What the notes say is what the plan (and so the packed checkpoint) really uses.
+    plan = {p.name: p.fmt.group_size for p in plan_layers(model, spec).layers if p.quantized}
+    assert all(plan[name] == size for name, size in used.items())
+    assert QUANTIZATION.storage_notes(model, QuantSpec(method="dynamic-int8", bits={"attn": 8, "mlp": 8})) == {}

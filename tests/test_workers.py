@@ -161,13 +161,13 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_study_file, tmp_
 
     real, calls = trial_module.measure, []
 
-    def flaky(bench, model, stages, trial=None):
+    def flaky(bench, model, stages, trial=None, label=None):
         if trial is None:  # the baseline
-            return real(bench, model, stages, trial)
+            return real(bench, model, stages, trial, label)
         calls.append(trial.number)
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        row, details = real(bench, model, stages, trial)
+        row, details = real(bench, model, stages, trial, label)
         if len(calls) == 2:
             row["perplexity"] = float("nan")
         return row, details

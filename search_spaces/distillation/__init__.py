@@ -186,17 +186,12 @@ def apply(teacher: nn.Module, spec: DistillSpec, context: BuildContext) -> nn.Mo
     return student
 
 
-def report_of(model: nn.Module) -> DistillReport | None:
-    return getattr(model, REPORT_ATTRIBUTE, None)
-
-
 class Distillation(StructuredTechnique):
     name, order, spec_type, space_type = "distillation", 10, DistillSpec, DistillSpace
+    report_attribute = REPORT_ATTRIBUTE
 
-    def suggest(self, trial, space: DistillSpace) -> DistillSpec | None:
-        """A distillation spec from `space`, or None when the stage is off or the sampled student is the teacher."""
-        if not self.choose(trial, "enabled", space.enabled):
-            return None
+    def suggest_when_on(self, trial, space: DistillSpace) -> DistillSpec | None:
+        """A distillation spec from `space`, or None when the sampled student is the teacher."""
         values = {name: self.choose(trial, name, getattr(space, name)) for name in SEARCHED}
         if Structure(**{n: values[n] for n in RATIO_FIELDS}).is_identity and values["init"] == "teacher":
             return None
@@ -209,5 +204,5 @@ class Distillation(StructuredTechnique):
 
 # Every student costs training, so none is enqueued by hand: the seeds hold only the stage switched off.
 TECHNIQUE = register(Distillation())
-suggest, estimate = TECHNIQUE.suggest, TECHNIQUE.estimate
+suggest, estimate, report_of = TECHNIQUE.suggest, TECHNIQUE.estimate, TECHNIQUE.report_of
 student_config = TECHNIQUE.derive_config  # the student's config, without building it

@@ -151,17 +151,12 @@ def apply(model: nn.Module, spec: PruneSpec, context: BuildContext) -> nn.Module
     return model
 
 
-def report_of(model: nn.Module) -> PruneReport | None:
-    return getattr(model, REPORT_ATTRIBUTE, None)
-
-
 class Pruning(StructuredTechnique):
     name, order, spec_type, space_type = "pruning", 20, PruneSpec, PruneSpace
+    report_attribute = REPORT_ATTRIBUTE
 
-    def suggest(self, trial, space: PruneSpace) -> PruneSpec | None:
-        """A pruning spec from `space`, or None when the stage is off (or every sampled cut is a no-op)."""
-        if not self.choose(trial, "enabled", space.enabled):
-            return None
+    def suggest_when_on(self, trial, space: PruneSpace) -> PruneSpec | None:
+        """A pruning spec from `space`, or None when every sampled cut is a no-op."""
         ratios = {name: self.choose(trial, name, getattr(space, name)) for name in RATIO_FIELDS}
         sparsity, pattern, method = {}, "unstructured", space.method[0]
         if any(v > 0 for choices in space.sparsity.values() for v in choices):
@@ -195,6 +190,6 @@ class Pruning(StructuredTechnique):
 
 
 TECHNIQUE = register(Pruning())
-suggest, estimate = TECHNIQUE.suggest, TECHNIQUE.estimate
+suggest, estimate, report_of = TECHNIQUE.suggest, TECHNIQUE.estimate, TECHNIQUE.report_of
 # The config of the model `apply` builds (sparsity changes no shape).
 pruned_config = TECHNIQUE.derive_config

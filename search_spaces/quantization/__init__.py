@@ -23,6 +23,7 @@ from search_spaces.base import BuildContext, Params, Technique, register
 from search_spaces.quantization.methods import QUANT_METHODS
 from search_spaces.quantization.export import ExportError, ExportResult, export, export_blocker
 from search_spaces.quantization.memory import estimate_weight_bytes
+from search_spaces.quantization.plan import plan_layers
 from search_spaces.quantization.spec import (
     BITS, GROUP_SIZES, NO_QUANTIZATION, GPTQSettings, LayerOverride, QuantSpace, QuantSpec,
     available_methods, method_runs_on,
@@ -34,6 +35,10 @@ __all__ = [
     "QuantSpace", "QuantSpec", "apply", "available_methods", "estimate_weight_bytes", "export", "export_blocker",
     "presets", "shape_presets", "smallest", "suggest",
 ]
+
+
+# Storage note: {layer name: the group size it uses instead of the requested one}.
+GROUP_SIZE_FALLBACKS = "group_size_fallbacks"
 
 
 def apply(model: nn.Module, spec: QuantSpec, context: BuildContext) -> nn.Module:
@@ -75,8 +80,17 @@ class Quantization(Technique):
         """Methods that cannot run where candidates are built are left out up front (`available_methods`)."""
         return replace(space, device=next(model.parameters()).device.type)
 
-    def describe(self, spec: QuantSpec) -> str:
-        return spec.summary()
+    def describe(self, spec: QuantSpec, notes: dict | None = None) -> str:
+        return spec.summary(grid_fallback=bool((notes or {}).get(GROUP_SIZE_FALLBACKS)))
+
+    def storage_notes(self, model: nn.Module, spec: QuantSpec) -> dict:
+        """Quantized layers whose input width the requested group size does not divide, with the group size they
+        really use (grid.effective_group_size: halved down to 32, else per channel; None = per channel)."""
+        if not spec.quant_method.grid or spec.group_size is None:
+            return {}
+        fallbacks = {p.name: p.fmt.group_size for p in plan_layers(model, spec).layers
+                     if p.quantized and p.fmt.group_size != spec.group_size}
+        return {GROUP_SIZE_FALLBACKS: fallbacks} if fallbacks else {}
 
     def weight_bytes(self, model: nn.Module, spec: QuantSpec) -> int:
         return estimate_weight_bytes(model, spec)

@@ -116,15 +116,16 @@ class QuantSpec(DictSpec):
         values = list(self.bits.values()) + [o.bits for o in self.overrides]
         return [b for b in values if b < FLOAT_BITS]
 
-    def summary(self) -> str:
-        """A short label such as 'quant(gptq 4/4/h16 g128)' (attn/mlp/head bits) for tables and logs."""
+    def summary(self, grid_fallback: bool = False) -> str:
+        """A short label such as 'quant(gptq 4/4/h16 g128)' (attn/mlp/head bits) for tables and logs;
+        `grid_fallback` marks a group size some layers cannot use ('g128*': those use a smaller one)."""
         bits = "/".join(str(self.bits[g]) for g in REQUIRED_GROUPS)
         if "head" in self.bits:
             bits += f"/h{self.bits['head']}"
         method = self.quant_method
         parts = [self.method, *method.mode_label(self), bits]
         if method.grid and self.integer_bits():
-            parts.append("per-channel" if self.group_size is None else f"g{self.group_size}")
+            parts.append("per-channel" if self.group_size is None else f"g{self.group_size}{'*' if grid_fallback else ''}")
             if not self.symmetric:
                 parts.append("asym")
         if self.overrides:

@@ -12,13 +12,30 @@ from search_spaces.structure.shape import (RATIO_FIELDS, SizeEstimate, estimate_
 
 
 class StructuredTechnique(Technique):
-    """Spaces hold `enabled` and the keep-ratio choices; specs have `structure` and `summary()`."""
+    """Spaces hold `enabled` and the keep-ratio choices; specs have `structure` and `summary()`; `apply` leaves
+    what it did on the built model as the attribute named `report_attribute`."""
+
+    report_attribute: str
+
+    def suggest(self, trial, space):
+        """None when the trial leaves the stage off, else `suggest_when_on`."""
+        if not self.choose(trial, "enabled", space.enabled):
+            return None
+        return self.suggest_when_on(trial, space)
+
+    def suggest_when_on(self, trial, space):
+        """A spec from the space's choices, or None when the sampled cut changes nothing."""
+        raise NotImplementedError
+
+    def report_of(self, model: nn.Module):
+        """What `apply` did to this model (kept, trained, cached), or None for a model it did not build."""
+        return getattr(model, self.report_attribute, None)
 
     def fit_space(self, space, model: nn.Module):
         """One ratio per distinct count, and no cut the model's config cannot express (structure.shape)."""
         return replace(space, **{n: fit_choices(model, n, getattr(space, n)) for n in RATIO_FIELDS})
 
-    def describe(self, spec) -> str:
+    def describe(self, spec, notes: dict | None = None) -> str:
         return spec.summary()
 
     def derive_config(self, config, spec):
