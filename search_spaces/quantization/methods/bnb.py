@@ -28,6 +28,7 @@ from torch import nn
 from search_spaces.base import BuildContext, Params
 from search_spaces.layers import is_linear
 from search_spaces.quantization.plan import LayerPlan, plan_layers
+from search_spaces.quantization.export import BITSANDBYTES
 from search_spaces.quantization.methods.base import WholeGroupMethod, register_method
 from search_spaces.quantization.spec import QuantSpace, QuantSpec
 
@@ -104,7 +105,7 @@ def bnb_layer_bytes(plan: LayerPlan, spec: QuantSpec, device) -> int:
 class BitsAndBytes(WholeGroupMethod):
     name = "bnb"
     bits = (4, 8, 16)  # 8 is LLM.int8, 4 is nf4 or fp4
-    checkpoint = "bitsandbytes"
+    checkpoint = BITSANDBYTES
 
     def runs_on(self, device: str) -> bool:
         return torch.device(device).type in ("cpu", "cuda") and importlib.util.find_spec("bitsandbytes") is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from search_spaces.base import BuildContext, Params
+from search_spaces.quantization.export import COMPRESSED_TENSORS
 from search_spaces.quantization.methods.base import FLOAT_BITS, QuantMethod
 from search_spaces.quantization.modules import install_layer, untie_head
 from search_spaces.quantization.pack import layout_bytes, stored_layout
@@ -25,7 +26,7 @@ class GridMethod(QuantMethod):
     bits = BITS
     grid = True
     sets_head = True
-    checkpoint = "compressed-tensors/pack-quantized"
+    checkpoint = COMPRESSED_TENSORS
     preset_bits: tuple[int, ...] = ()  # one bit-width everywhere, as a user would try it by hand
 
     def settings(self, space: QuantSpace) -> GPTQSettings:
