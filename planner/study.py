@@ -198,10 +198,7 @@ def finished(study: optuna.Study) -> int:
 
 def create_or_load(settings: StudySettings) -> optuna.Study:
     sampler = make_sampler(settings.sampler, settings.seed, settings.trials)  # a bad name fails before any store
-    objectives = settings.objective_names()
-    existing = _existing(settings)
-    if existing is not None:
-        check_objectives(existing, objectives)
+    objectives = settings.objective_names()  # an existing study's are checked by open_study and join
     study = optuna.create_study(storage=open_storage(storage_url(settings)), study_name=settings.study,
                                 sampler=sampler, directions=["minimize"] * len(objectives), load_if_exists=True)
     if study.metric_names is None:
