@@ -12,7 +12,7 @@ from evaluators.memory import weight_bytes
 from search_spaces.base import BuildContext
 from search_spaces.quantization.gptq_solver import gptq_round
 from search_spaces.layers import weight_out_in
-from search_spaces.quantization.grid import round_to_nearest
+from search_spaces.quantization.grid import GGUF_GRID, StorageGrid, round_to_nearest
 from search_spaces.quantization.modules import PACKED, StoredWeights
 from search_spaces.quantization import (
     ExportError, LayerOverride, QuantSpec, apply, estimate_weight_bytes, export, export_blocker,
@@ -179,12 +179,15 @@ def test_gptq_rounding_beats_round_to_nearest_on_correlated_inputs():
     def output_error(quantized):
         return ((inputs @ (weight - quantized.dequantize()).T) ** 2).mean().item()
 
-    for group_size in (32, None):
-        rtn = output_error(round_to_nearest(weight, 3, group_size, True, torch.float32))
+    grids = [StorageGrid(3, 32), StorageGrid(3, None),  # compressed-tensors
+             StorageGrid(4, 32, True, GGUF_GRID), StorageGrid(4, 32, False, GGUF_GRID)]  # GGUF Q4_0, Q4_1
+    for fmt in grids:
+        rtn = output_error(round_to_nearest(weight, fmt, torch.float32))
+        low, high = (0, 15) if fmt.scheme == GGUF_GRID and not fmt.symmetric else (-2 ** (fmt.bits - 1), 2 ** (fmt.bits - 1) - 1)
         for act_order in (True, False):
-            gptq = gptq_round(weight, hessian, 3, group_size, True, torch.float32, act_order=act_order)
-            assert output_error(gptq) < 0.7 * rtn
-            assert gptq.codes.dtype == torch.int8 and gptq.codes.min() >= -4 and gptq.codes.max() <= 3
+            gptq = gptq_round(weight, hessian, fmt, torch.float32, act_order=act_order)
+            assert output_error(gptq) < 0.8 * rtn, (fmt, act_order)
+            assert gptq.codes.dtype == torch.int8 and gptq.codes.min() >= low and gptq.codes.max() <= high
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

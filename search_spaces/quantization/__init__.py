@@ -23,6 +23,7 @@ from search_spaces.base import BuildContext, Params, Technique, register
 from search_spaces.quantization.methods import QUANT_METHODS
 from search_spaces.quantization.export import ExportError, ExportResult, export, export_blocker
 from search_spaces.quantization.memory import estimate_weight_bytes
+from search_spaces.quantization.grid import GGUF_GRID
 from search_spaces.quantization.plan import plan_layers
 from search_spaces.quantization.spec import (
     BITS, GROUP_SIZES, NO_QUANTIZATION, GPTQSettings, LayerOverride, QuantSpace, QuantSpec,
@@ -85,11 +86,15 @@ class Quantization(Technique):
 
     def storage_notes(self, model: nn.Module, spec: QuantSpec) -> dict:
         """Quantized layers whose input width the requested group size does not divide, with the group size they
-        really use (grid.effective_group_size: halved down to 32, else per channel; None = per channel)."""
+        really use (grid.effective_group_size: halved down to 32, else per channel; None = per channel), or on
+        GGUF grids "F16" (a width that is not a whole number of blocks)."""
         if not spec.quant_method.grid or spec.group_size is None:
             return {}
-        fallbacks = {p.name: p.fmt.group_size for p in plan_layers(model, spec).layers
-                     if p.quantized and p.fmt.group_size != spec.group_size}
+        layers = plan_layers(model, spec).layers
+        if spec.grid == GGUF_GRID:  # a width GGUF's blocks do not divide: that layer is stored in F16
+            fallbacks = {p.name: "F16" for p in layers if p.width_fallback}
+        else:
+            fallbacks = {p.name: p.fmt.group_size for p in layers if p.quantized and p.fmt.group_size != spec.group_size}
         return {GROUP_SIZE_FALLBACKS: fallbacks} if fallbacks else {}
 
     def weight_bytes(self, model: nn.Module, spec: QuantSpec) -> int:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from search_spaces.layers import decoder_layers, weight_out_in
-from search_spaces.quantization.grid import QuantizedWeight, decode, grid_params, quantize_codes
+from search_spaces.quantization.grid import QuantizedWeight, StorageGrid, decode, grid_params, quantize_codes
 from search_spaces.quantization.modules import install_layer, install_quantized
 from search_spaces.quantization.plan import LayerPlan
 from search_spaces.quantization.spec import GPTQSettings
@@ -58,19 +58,19 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _group_params(work_t: torch.Tensor, size: int, bits: int, symmetric: bool, scale_dtype: torch.dtype):
-    """Scales (groups, out) and zero points of W^T's groups of `size` rows, from their current values."""
-    params = [grid_params(work_t[g:g + size].t(), bits, symmetric, scale_dtype) for g in range(0, work_t.shape[0], size)]
+def _group_params(work_t: torch.Tensor, size: int, fmt: StorageGrid, scale_dtype: torch.dtype):
+    """Scales (groups, out) and offsets of W^T's groups of `size` rows, from their current values."""
+    params = [grid_params(work_t[g:g + size].t(), fmt, scale_dtype) for g in range(0, work_t.shape[0], size)]
     scales = torch.stack([p[0] for p in params])
-    return scales, None if symmetric else torch.stack([p[1] for p in params])
+    return scales, None if fmt.symmetric else torch.stack([p[1] for p in params])
 
 
 @torch.no_grad()
 @_one_thread()
-def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-               scale_dtype: torch.dtype, damp: float = 0.01, block_size: int = 128,
-               act_order: bool = True) -> QuantizedWeight:
-    """GPTQ of a (out, in) weight given its (in, in) input Hessian; group_size must divide `in`.
+def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, fmt: StorageGrid, scale_dtype: torch.dtype,
+               damp: float = 0.01, block_size: int = 128, act_order: bool = True) -> QuantizedWeight:
+    """GPTQ of a (out, in) weight given its (in, in) input Hessian onto the grid `fmt`, whose group size must
+    divide `in`.
 
     With `act_order`, columns are rounded in order of decreasing Hessian diagonal (most used inputs
     first) and group scales are fixed from the original weights ("static groups"), so the stored
@@ -80,6 +80,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_siz
     work = weight.detach().float().t().contiguous()  # W^T: the column being rounded is a contiguous row
     hessian = hessian.float().clone()
     width, out = work.shape
+    group_size, symmetric = fmt.group_size, fmt.symmetric
     size = width if group_size is None else group_size
     if width % size:
         raise ValueError(f"group size {size} does not divide the input width {width}")
@@ -89,10 +90,11 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_siz
 
     static = act_order or group_size is None  # per channel: one scale per row, from the whole row
     if static:
-        scales, zeros = _group_params(work, size, bits, symmetric, scale_dtype)
+        scales, zeros = _group_params(work, size, fmt, scale_dtype)
     else:
-        scales = torch.empty(width // size, out, dtype=scale_dtype, device=work.device)
-        zeros = None if symmetric else torch.empty(width // size, out, dtype=torch.int8, device=work.device)
+        probe = grid_params(work[:size].t(), fmt, scale_dtype)  # the dtypes this grid stores its scales and offsets in
+        scales = torch.empty(width // size, out, dtype=probe[0].dtype, device=work.device)
+        zeros = None if symmetric else torch.empty(width // size, out, dtype=probe[1].dtype, device=work.device)
     order = torch.argsort(hessian.diagonal(), descending=True, stable=True) if act_order \
         else torch.arange(width, device=work.device)
     work, hessian = work[order], hessian[order][:, order]
@@ -111,25 +113,25 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_siz
         for i in range(end - start):
             column, group = start + i, group_of[start + i]
             if not static and column % size == 0:
-                scales[group], zero = grid_params(chunk[i:i + size].t(), bits, symmetric, scale_dtype)
+                scales[group], zero = grid_params(chunk[i:i + size].t(), fmt, scale_dtype)
                 if zeros is not None:
                     zeros[group] = zero
             scale, zero = scales[group], None if zeros is None else zeros[group]
-            codes[column] = quantize_codes(chunk[i], scale, zero, bits)
-            error = (chunk[i] - decode(codes[column], scale, zero)) / pivots[i]
+            codes[column] = quantize_codes(chunk[i], scale, zero, fmt)
+            error = (chunk[i] - decode(codes[column], scale, zero, fmt)) / pivots[i]
             chunk[i:].addr_(factor_block[i, i:], error, alpha=-1)
             errors[i] = error
         work[end:].addmm_(factor[start:end, end:].t(), errors, alpha=-1)
     in_column_order = torch.empty_like(codes)
     in_column_order[order] = codes
     return QuantizedWeight(in_column_order.t().contiguous(), scales.t().contiguous(),
-                           None if zeros is None else zeros.t().contiguous(), bits, group_size)
+                           None if zeros is None else zeros.t().contiguous(), fmt)
 
 
 def _split_rows(quantized: QuantizedWeight, rows: list[int]) -> list[QuantizedWeight]:
     pieces = zip(quantized.codes.split(rows), quantized.scale.split(rows),
                  quantized.zero.split(rows) if quantized.zero is not None else [None] * len(rows))
-    return [QuantizedWeight(c, s, z, quantized.bits, quantized.group_size) for c, s, z in pieces]
+    return [QuantizedWeight(c, s, z, quantized.fmt) for c, s, z in pieces]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -288,7 +290,6 @@ def _quantize_jointly(joint: list[LayerPlan], modules: dict[str, nn.Module], hes
                       settings: GPTQSettings) -> None:
     weights = [weight_out_in(modules[p.name]) for p in joint]
     fmt = joint[0].fmt
-    quantized = gptq_round(torch.cat(weights), hessian, fmt.bits, fmt.group_size, fmt.symmetric,
-                           weights[0].dtype, settings.damp, settings.block_size, settings.act_order)
+    quantized = gptq_round(torch.cat(weights), hessian, fmt, weights[0].dtype, settings.damp, settings.block_size, settings.act_order)
     for plan, piece in zip(joint, _split_rows(quantized, [w.shape[0] for w in weights])):
         install_quantized(modules[plan.name], piece)

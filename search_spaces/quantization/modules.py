@@ -76,7 +76,7 @@ def install_quantized(module: nn.Module, quantized: QuantizedWeight) -> None:
     stored = pack(quantized)
     weight = quantized.dequantize().to(module.weight.dtype)
     module.weight.data = (weight.t() if is_transposed(module) else weight).contiguous()
-    _mark(module, PACKED, StorageGrid(quantized.bits, quantized.group_size, quantized.symmetric), stored)
+    _mark(module, PACKED, quantized.fmt, stored)
 
 
 @torch.no_grad()
@@ -95,8 +95,7 @@ def install_layer(module: nn.Module, plan: LayerPlan, quantized: QuantizedWeight
         install_float(module)
     else:
         if quantized is None:
-            quantized = round_to_nearest(weight_out_in(module), plan.fmt.bits, plan.fmt.group_size,
-                                         plan.fmt.symmetric, module.weight.dtype)
+            quantized = round_to_nearest(weight_out_in(module), plan.fmt, module.weight.dtype)
         install_quantized(module, quantized)
 
 

@@ -20,8 +20,7 @@ from torch import nn
 
 from search_spaces.specs import SpecError
 from search_spaces.layers import head_is_tied, is_transposed, linear_sites, weight_out_in
-from search_spaces.quantization.grid import effective_group_size
-from search_spaces.quantization.grid import StorageGrid
+from search_spaces.quantization.grid import GGUF_BLOCK, GGUF_GRID, StorageGrid, effective_group_size
 from search_spaces.quantization.spec import FLOAT_BITS, QuantSpec
 
 
@@ -37,6 +36,7 @@ class LayerPlan:
     dtype: torch.dtype  # the weight's float dtype
     transposed: bool = False  # GPT-2 Conv1D: weight held as (in, out)
     shared_with: str | None = None  # tied head: its weight is the one stored by this (embedding) module
+    width_fallback: bool = False  # asked for an integer grid, stored in float: the grid's blocks do not fit its width
 
     @property
     def quantized(self) -> bool:
@@ -69,6 +69,12 @@ def _format(spec: QuantSpec, bits: int, in_features: int) -> StorageGrid:
         return StorageGrid(FLOAT_BITS)
     if not spec.quant_method.grid:  # library methods (bnb, dynamic-int8) choose their own blocks and scales
         return StorageGrid(bits)
+    if spec.grid == GGUF_GRID:
+        # A width GGUF's blocks do not divide is stored in F16, as llama.cpp's own quantizer falls back;
+        # the storage notes say which layers.
+        if in_features % GGUF_BLOCK:
+            return StorageGrid(FLOAT_BITS)
+        return StorageGrid(bits, GGUF_BLOCK, spec.symmetric, GGUF_GRID)
     return StorageGrid(bits, effective_group_size(in_features, spec.group_size), spec.symmetric)
 
 
@@ -108,7 +114,9 @@ def plan_layers(model: nn.Module, spec: QuantSpec) -> QuantPlan:
             head_site, head_bits = site, bits
             continue
         in_features = weight_out_in(site.module).shape[1]
-        layers.append(_plan(site.name, site.group, site.layer, site.module, _format(spec, bits, in_features)))
+        fmt = _format(spec, bits, in_features)
+        layers.append(_plan(site.name, site.group, site.layer, site.module, fmt,
+                            width_fallback=bits < FLOAT_BITS and fmt.is_float))
     overrides.check_all_matched(model)
     if "head" in spec.bits and head_site is None:
         raise SpecError(f"QuantSpec.bits.head: {type(model).__name__} has no separate linear LM head")
@@ -122,6 +130,7 @@ def plan_layers(model: nn.Module, spec: QuantSpec) -> QuantPlan:
     tied = head_is_tied(model)
     head_in = weight_out_in(head_site.module).shape[1]
     shared = embed_name if tied and head_bits >= FLOAT_BITS else None
-    layers.append(_plan(head_site.name, "head", None, head_site.module, _format(spec, head_bits, head_in),
-                        shared_with=shared))
+    head_fmt = _format(spec, head_bits, head_in)
+    layers.append(_plan(head_site.name, "head", None, head_site.module, head_fmt, shared_with=shared,
+                        width_fallback=head_bits < FLOAT_BITS and head_fmt.is_float))
     return QuantPlan(tuple(layers), untie_head=tied and shared is None)

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from search_spaces.quantization.grid import COMPRESSED_TENSORS_GRID, GGUF_BITS, GGUF_BLOCK, GGUF_GRID, SCHEMES
 from search_spaces.quantization.methods.base import FLOAT_BITS, QUANT_METHODS, QuantMethod
 from search_spaces.specs import (DictSpec, SpecError, check_bool, check_choices, check_float, check_int,
                                  check_member, is_one_of, shown)
 
 NO_QUANTIZATION = "none"  # a space choice: the trial skips the quantization stage
-BITS = (2, 3, 4, 8, FLOAT_BITS)
+BITS = (2, 3, 4, 5, 8, FLOAT_BITS)
+GRID_BITS = {COMPRESSED_TENSORS_GRID: (2, 3, 4, 8, FLOAT_BITS), GGUF_GRID: GGUF_BITS + (FLOAT_BITS,)}
 GROUP_SIZES = (32, 64, 128, None)  # None: one scale per output channel
 GROUPS = ("attn", "mlp", "head")
 REQUIRED_GROUPS = ("attn", "mlp")
@@ -76,6 +78,9 @@ class QuantSpec(DictSpec):
     bnb_4bit_type: str = "nf4"
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
     overrides: tuple[LayerOverride, ...] = ()
+    # The storage scheme the grid methods round onto: compressed-tensors (transformers, vLLM) or gguf
+    # (llama.cpp: fixed blocks of 32, fp16 scales); the deployment target chooses it.
+    grid: str = COMPRESSED_TENSORS_GRID
 
     def __post_init__(self):
         check_member(tuple(QUANT_METHODS))("QuantSpec.method", self.method)
@@ -86,6 +91,7 @@ class QuantSpec(DictSpec):
         for group in REQUIRED_GROUPS:
             if group not in self.bits:
                 _fail(f"QuantSpec.bits.{group}", "missing (attn and mlp are required; 16 leaves them in float)")
+        check_member(SCHEMES)("QuantSpec.grid", self.grid)
         method = self.quant_method
         for group, bits in self.bits.items():
             self._check_bits(f"QuantSpec.bits.{group}", bits, method)
@@ -100,12 +106,21 @@ class QuantSpec(DictSpec):
             _fail("QuantSpec.overrides", "expected a list of {pattern, bits} overrides")
         for index, override in enumerate(self.overrides):
             self._check_bits(f"QuantSpec.overrides[{index}].bits", override.bits, method)
+        if self.grid == GGUF_GRID:
+            self._check_gguf(method)
         method.check(self)
 
-    @staticmethod
-    def _check_bits(where: str, bits, method: QuantMethod) -> None:
-        if not is_one_of(bits, method.bits):
-            _fail(where, f"expected one of {shown(method.bits)} for {method.name}, got {bits!r}")
+    def _check_gguf(self, method: QuantMethod) -> None:
+        if not method.grid:
+            _fail("QuantSpec.grid", f"{self.method} does not round onto a grid; gguf is for rtn and gptq")
+        if self.integer_bits() and self.group_size != GGUF_BLOCK:
+            _fail("QuantSpec.group_size", f"GGUF blocks hold {GGUF_BLOCK} weights, got {self.group_size!r}")
+
+    def _check_bits(self, where: str, bits, method: QuantMethod) -> None:
+        allowed = tuple(b for b in method.bits if not method.grid or b in GRID_BITS.get(self.grid, ()))
+        if not is_one_of(bits, allowed):
+            grid = f" on {self.grid} grids" if method.grid else ""
+            _fail(where, f"expected one of {shown(allowed)} for {method.name}{grid}, got {bits!r}")
 
     @property
     def quant_method(self) -> QuantMethod:
@@ -123,11 +138,28 @@ class QuantSpec(DictSpec):
         if "head" in self.bits:
             bits += f"/h{self.bits['head']}"
         method = self.quant_method
+        if self.grid == GGUF_GRID:
+            return self._gguf_summary(grid_fallback)
         parts = [self.method, *method.mode_label(self), bits]
         if method.grid and self.integer_bits():
             parts.append("per-channel" if self.group_size is None else f"g{self.group_size}{'*' if grid_fallback else ''}")
             if not self.symmetric:
                 parts.append("asym")
+        if self.overrides:
+            parts.append(f"+{len(self.overrides)} overrides")
+        return f"quant({' '.join(parts)})"
+
+    def gguf_type(self, bits: int) -> str:
+        from search_spaces.quantization.grid import StorageGrid
+
+        return StorageGrid(bits, GGUF_BLOCK, self.symmetric, GGUF_GRID).gguf_type
+
+    def _gguf_summary(self, grid_fallback: bool) -> str:
+        """'quant(gptq Q4_0/Q8_0/hF16)': the GGUF type of attn/mlp/head; '*' when some layers use another."""
+        types = "/".join(self.gguf_type(self.bits[g]) for g in REQUIRED_GROUPS)
+        if "head" in self.bits:
+            types += f"/h{self.gguf_type(self.bits['head'])}"
+        parts = [self.method, types + ("*" if grid_fallback else "")]
         if self.overrides:
             parts.append(f"+{len(self.overrides)} overrides")
         return f"quant({' '.join(parts)})"
@@ -149,7 +181,7 @@ class QuantSpace(DictSpec):
     enabled: bool = True
     methods: tuple[str, ...] = field(default_factory=_default_methods)  # "none" lets a trial skip the stage
     device: str = "cpu"  # where candidates are built: methods that cannot run there are left out
-    bits: tuple[int, ...] = BITS  # grid-method choices for attn and mlp
+    bits: tuple[int, ...] = GRID_BITS[COMPRESSED_TENSORS_GRID]  # grid-method choices for attn and mlp
     mixed: bool = True  # attn and mlp bits chosen independently (else one choice for both)
     head_bits: tuple[int | None, ...] = (None, FLOAT_BITS, 8, 4)  # None leaves head and embedding untouched
     group_sizes: tuple[int | None, ...] = GROUP_SIZES
@@ -158,16 +190,19 @@ class QuantSpace(DictSpec):
     symmetric: tuple[bool, ...] = (True,)
     bnb_modes: tuple[str, ...] = BNB_MODES
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
+    grid: str = COMPRESSED_TENSORS_GRID  # the storage scheme; set by the deployment target, not searched
 
     def __post_init__(self):
         check_bool("QuantSpace.enabled", self.enabled)
+        check_member(SCHEMES)("QuantSpace.grid", self.grid)
         check_choices("QuantSpace.methods", self.methods, check_member((NO_QUANTIZATION,) + tuple(QUANT_METHODS)))
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):
             _fail("QuantSpace.device", f"{self.device!r} is not a torch device (cpu, cuda, cuda:N)")
-        check_choices("QuantSpace.bits", self.bits, check_member(BITS))
-        check_choices("QuantSpace.head_bits", self.head_bits, check_member((None,) + BITS), allow_empty=True)
+        bits = GRID_BITS.get(self.grid, BITS)
+        check_choices("QuantSpace.bits", self.bits, check_member(bits))
+        check_choices("QuantSpace.head_bits", self.head_bits, check_member((None,) + bits), allow_empty=True)
         check_choices("QuantSpace.group_sizes", self.group_sizes, check_member(GROUP_SIZES))
         check_choices("QuantSpace.symmetric", self.symmetric, check_bool)
         check_choices("QuantSpace.bnb_modes", self.bnb_modes, check_member(BNB_MODES))

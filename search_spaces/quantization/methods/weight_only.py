@@ -65,7 +65,7 @@ class GridMethod(QuantMethod):
         else:
             group_size, symmetric = defaults.group_size, defaults.symmetric
         return QuantSpec(method=self.name, bits=bits, group_size=group_size, symmetric=symmetric,
-                         gptq=self.settings(space))
+                         gptq=self.settings(space), grid=space.grid)
 
     def _everywhere(self, space: QuantSpace, bits: int) -> Params:
         return {self.param(n): bits for n in _group_bits_params(space)}
