@@ -61,7 +61,7 @@ from evaluators.perplexity import (
     window_nll,
     window_spans,
 )
-from evaluators.runtime import inference_eval, model_device
+from evaluators.runtime import inference_eval, model_device, model_dtype
 
 DEFAULT_TOP_K = 512
 FORMAT = "planner-kl-reference/1"
@@ -296,24 +296,37 @@ def _check_reference(reference: ReferenceDistributions, protocol: PerplexityProt
 def _run(model, tokenizer, documents, protocol, reference, with_perplexity: bool):
     start = time.perf_counter()
     encoded = check_protocol(model, tokenizer, documents, protocol)
-    _check_reference(reference, protocol, encoded)
     device = model_device(model)
-    kl = _KLAccumulator(reference, device)
-    nll, scored = 0.0, 0
     with inference_eval(model):
-        for ids, _ in encoded:
-            doc_nll, doc_count = 0.0, 0  # the same sums, in the same order, as score_ids
-            for logits, targets in scored_windows(model, ids, protocol.context_length, protocol.stride, device):
-                if with_perplexity:
-                    doc_nll += window_nll(logits, targets)
-                    doc_count += targets.numel()
+        def windows(ids):
+            return scored_windows(model, ids, protocol.context_length, protocol.stride, device)
+
+        perplexity, kl = score_windows(windows, encoded, protocol, reference, str(device),
+                                       str(model_dtype(model)).replace("torch.", ""), start)
+    return (perplexity, kl) if with_perplexity else kl
+
+
+def score_windows(windows, encoded, protocol: PerplexityProtocol, reference: ReferenceDistributions | None,
+                  device: str, dtype: str, start: float) -> tuple[PerplexityResult, KLResult | None]:
+    """Perplexity (and KL against `reference`, when given) of any runtime: `windows(ids)` yields, for each
+    window over one document (`check_protocol`'s output), the float32 logits of its scored positions and the
+    ids they predict, as `perplexity.scored_windows` does for a torch model. Sums run in the same order as
+    `score_ids`, so a torch model scores the same through here as through `measure_perplexity`."""
+    if reference is not None:
+        _check_reference(reference, protocol, encoded)
+    kl = _KLAccumulator(reference, device) if reference is not None else None
+    nll, scored = 0.0, 0
+    for ids, _ in encoded:
+        doc_nll, doc_count = 0.0, 0
+        for logits, targets in windows(ids):
+            doc_nll += window_nll(logits, targets)
+            doc_count += targets.numel()
+            if kl is not None:
                 kl.add(logits, targets)
-            nll += doc_nll
-            scored += doc_count
-    kl_result = kl.result(protocol, start)
-    if not with_perplexity:
-        return kl_result
-    return perplexity_result(model, protocol, encoded, nll, scored, device, start), kl_result
+        nll += doc_nll
+        scored += doc_count
+    kl_result = kl.result(protocol, start) if kl is not None else None
+    return perplexity_result(protocol, encoded, nll, scored, device, dtype, start), kl_result
 
 
 def measure_kl(model, tokenizer, documents: Sequence[Document], protocol: PerplexityProtocol,

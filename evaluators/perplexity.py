@@ -163,11 +163,12 @@ def measure_perplexity(model, tokenizer, documents: Sequence[Document], protocol
             doc_nll, doc_count = score_ids(model, ids, protocol.context_length, protocol.stride, device)
             nll += doc_nll
             scored += doc_count
-    return perplexity_result(model, protocol, encoded, nll, scored, device, start)
+    return perplexity_result(protocol, encoded, nll, scored, str(device), str(model_dtype(model)).replace("torch.", ""),
+                             start)
 
 
-def perplexity_result(model, protocol: PerplexityProtocol, encoded: list[tuple[list[int], int]], nll: float,
-                      scored: int, device, start: float) -> PerplexityResult:
+def perplexity_result(protocol: PerplexityProtocol, encoded: list[tuple[list[int], int]], nll: float,
+                      scored: int, device: str, dtype: str, start: float) -> PerplexityResult:
     """The PerplexityResult of a finished pass: summed NLL (nats) over `scored` tokens of `encoded`
     (check_protocol's output), timed from the perf_counter value `start`."""
     total_tokens, total_bytes = sum(len(ids) for ids, _ in encoded), sum(n for _, n in encoded)
@@ -182,7 +183,7 @@ def perplexity_result(model, protocol: PerplexityProtocol, encoded: list[tuple[l
         tokens_evaluated=total_tokens,
         bytes_evaluated=total_bytes,
         documents=len(encoded),
-        device=str(device),
-        dtype=str(model_dtype(model)).replace("torch.", ""),
+        device=device,
+        dtype=dtype,
         seconds=time.perf_counter() - start,
     )
