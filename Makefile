@@ -10,13 +10,15 @@ TORCH_CPU ?= torch==2.13.0
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml scripts/install-llama-cpp
 	$(PYTHON) -m venv $(VENV)
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
 		$(PY) -m pip install 'torch>=2.4'; \
 	else \
 		$(PY) -m pip install '$(TORCH_CPU)'; \
 	fi
+	# llama.cpp's runtime, built for this CPU (about 10 minutes the first time; then a cached wheel).
+	sh scripts/install-llama-cpp $(PY)
 	$(PY) -m pip install -e '.[dev,dashboard]'
 	touch $@
 

@@ -64,6 +64,8 @@ def add_study_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--objectives", help="what the study minimises, comma-separated, the accuracy first: "
                                              "perplexity or kl, then decode_ms_p50, weight_mb, ... "
                                              "(default: perplexity,decode_ms_p50,weight_mb)")
+    parser.add_argument("--target", help="where candidates ship and are measured: auto (default: llama.cpp on a CPU "
+                                         "for the models it serves, else transformers), llama.cpp, transformers, vllm")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", help="auto (default), float32, float16, bfloat16")
     parser.add_argument("--trust-remote-code", action="store_true", default=None, help="allow a hub model's own code")
@@ -124,6 +126,7 @@ def build_parser() -> Parser:
     ap.add_argument("recipe", type=Path)
     ap.add_argument("--out", type=Path, required=True, help="folder for the checkpoint and the recipe")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--target", help="the recipe's own target (default); another one is refused")
     ap.add_argument("--force", action="store_true", help="write into a non-empty folder")
     ap.add_argument("-v", "--verbose", action="store_true", help="show build progress and the libraries' own output")
 
@@ -196,7 +199,7 @@ def cmd_assets(args) -> int:
 
 
 STUDY_FLAGS = ("model", "data", "study", "storage", "sampler", "seed", "trials", "timeout", "latency_budget",
-               "prefill_budget", "memory_budget", "objectives", "device", "dtype", "trust_remote_code", "recipe")
+               "prefill_budget", "memory_budget", "objectives", "target", "device", "dtype", "trust_remote_code", "recipe")
 
 
 def _study_settings(args):
@@ -275,12 +278,25 @@ def cmd_export(args) -> int:
 def cmd_apply(args) -> int:
     from planner.apply import apply_recipe
 
-    result = apply_recipe(args.recipe, args.out, device=args.device, force=args.force, verbose=args.verbose)
-    print(f"rebuilt: perplexity {result.perplexity:.3f} (recipe {result.recorded_perplexity}), "
-          f"weights {result.weight_bytes} bytes (recipe {result.recorded_weight_bytes})")
-    print(f"checkpoint and recipe written to {result.folder}; load it with "
-          f"AutoModelForCausalLM.from_pretrained('{result.folder}')")
+    result = apply_recipe(args.recipe, args.out, device=args.device, force=args.force, verbose=args.verbose,
+                          target=args.target)
+    print(f"shipped {result.artifact} for {result.target}, loaded fresh and re-measured: perplexity "
+          f"{result.perplexity:.3f} (recipe {_shown(result.recorded_perplexity)}), weights {result.weight_bytes} bytes "
+          f"(recipe {result.recorded_weight_bytes})")
+    if result.decode_ratio is not None:
+        print(f"decode {result.decode_ms:.2f} ms/token, {result.decode_ratio:.3f}x the uncompressed model in the same "
+              f"run (recipe {_shown(result.recorded_decode_ratio)}x)" + (f"; {result.budget_note}" if result.budget_note else ""))
+    if result.artifact.suffix == ".gguf":
+        print(f"artifact and recipe in {result.folder}; serve it with llama.cpp, e.g. "
+              f"llama_cpp.Llama('{result.artifact}')")
+    else:
+        print(f"checkpoint and recipe written to {result.folder}; load it with "
+              f"AutoModelForCausalLM.from_pretrained('{result.folder}')")
     return 0
+
+
+def _shown(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def cmd_review(args) -> int:

@@ -1,4 +1,5 @@
-"""`planner apply`: rebuild a recipe's candidate from its model, check it against the recipe, save it."""
+"""`planner apply`: rebuild a recipe's candidate, ship it as its target's artifact (a GGUF file, a checkpoint
+folder), then load that artifact fresh in the target's runtime and re-measure it against the recipe."""
 from __future__ import annotations
 
 import os
@@ -6,26 +7,35 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from evaluators.memory import weight_bytes
-from evaluators.perplexity import PerplexityProtocol, measure_perplexity
 from planner import assets
 from planner.candidates import build
 from planner.errors import PlannerError
 from planner.recipes import Recipe, load_recipe
+from planner.settings import StudySettings
 from planner.sources import DataSource, ModelSource, content_hash, load_corpus, load_model, resolve_device
 from search_spaces import TECHNIQUES, BuildContext
 
-# Rebuilding is deterministic (fixed seeds), but kernels may sum in another order on another machine.
+# Rebuilding is deterministic (fixed seeds), but kernels may sum in another order on another machine, and
+# a runtime reads its artifact with its own kernels.
 PERPLEXITY_TOLERANCE = 0.01  # relative
+# The same-run decode ratio to the reference varies with the machine's load: a re-timed ratio this much
+# (relative) above the recorded one fails; below it is simply faster.
+DECODE_RATIO_TOLERANCE = 0.25
 
 
 @dataclass
 class ApplyResult:
     folder: Path
+    artifact: Path
+    target: str
     perplexity: float
     recorded_perplexity: float | None
     weight_bytes: int
     recorded_weight_bytes: int | None
+    decode_ratio: float | None = None
+    recorded_decode_ratio: float | None = None
+    decode_ms: float | None = None
+    budget_note: str = ""
 
 
 def check_output(folder: Path, force: bool) -> None:
@@ -42,17 +52,36 @@ def check_output(folder: Path, force: bool) -> None:
         raise PlannerError(f"output folder {folder} is not writable ({existing} is read-only)")
 
 
+def recipe_target(recipe: Recipe, asked: str | None, recipe_path: Path):
+    """The recipe's target; a different one asked for is refused (its figures were measured elsewhere)."""
+    from targets import TARGETS
+
+    name = recipe.provenance.get("target", "transformers")
+    if name not in TARGETS:
+        raise PlannerError(f"recipe {recipe_path} is for an unknown target '{name}'")
+    if asked not in (None, "auto") and asked != name:
+        raise PlannerError(f"recipe {recipe_path} was measured for target {name}, not {asked} "
+                           f"(run a search with --target {asked} for a recipe of that target)")
+    return TARGETS[name]
+
+
 def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool = False,
-                 verbose: bool = False) -> ApplyResult:
+                 verbose: bool = False, target: str | None = None) -> ApplyResult:
+    from planner.trial import Workbench
+
     recipe = load_recipe(recipe_path, TECHNIQUES)
     out = Path(out)
     check_output(out, force)
+    chosen = recipe_target(recipe, target, recipe_path)
     source = ModelSource.parse(recipe.model_source)
     actual_hash = content_hash(source)
     if actual_hash != recipe.model_hash:
         raise PlannerError(f"recipe {recipe_path} was made for other weights of {recipe.model_source} "
                            f"(content hash {recipe.model_hash[:19]}..., this model has {actual_hash[:19]}...)")
     torch_device = resolve_device(device)
+    reason = chosen.unavailable(torch_device.type)
+    if reason:
+        raise PlannerError(f"target {chosen.name} cannot be used here: {reason}")
     model, tokenizer = load_model(source, torch_device)
     data = recipe.provenance.get("data") or "builtin:shakespeare"
     corpus = load_corpus(DataSource.parse(data))
@@ -60,15 +89,23 @@ def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool
                            seed=int(recipe.provenance.get("seed", 0)), cache_dir=assets.cache_root() / "students",
                            model_id=f"{recipe.model_source}@{recipe.model_hash}", progress=verbose)
     candidate = build(model, list(recipe.stages), context).model
-    result = check(recipe, candidate, tokenizer, corpus, out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PlannerError(f"cannot create output folder {out}: {exc.strerror}") from None
-    save(candidate, recipe, tokenizer, out)
+    try:
+        artifact = chosen.ship(candidate, tokenizer, list(recipe.stages), out)
+    except ValueError as exc:  # a candidate with no loadable artifact (the technique or target says why)
+        raise PlannerError(f"cannot save this candidate for {chosen.name}: {exc}") from None
+    del candidate
     shutil.copyfile(recipe_path, out / "recipe.yaml")
     readable_by_all(out)
-    return result
+    objectives = tuple(recipe.provenance.get("objectives") or ("perplexity", "decode_ms_p50", "weight_mb"))
+    settings = StudySettings(model=recipe.model_source, data=data, evaluation=recipe.provenance.get("evaluation") or {},
+                             objectives=list(objectives), target=chosen.name)
+    bench = Workbench(settings, model, tokenizer, corpus, context, {}, [], {}, objectives=objectives, target=chosen)
+    row, _ = chosen.measure_shipped(bench, artifact)
+    return check(recipe, row, out, artifact, chosen.name)
 
 
 def readable_by_all(folder: Path) -> None:
@@ -81,30 +118,32 @@ def readable_by_all(folder: Path) -> None:
             path.chmod(0o666 & ~umask)
 
 
-def check(recipe: Recipe, model, tokenizer, corpus, out: Path) -> ApplyResult:
-    """Re-measure; fail loudly when the rebuilt candidate is not the one the recipe describes."""
-    recorded = recipe.metrics.get("perplexity") or {}
-    protocol = PerplexityProtocol.from_dict(recorded.get("protocol", {}))
-    perplexity = measure_perplexity(model, tokenizer, corpus.eval, protocol).perplexity
-    size = weight_bytes(model).total_bytes
-    recorded_ppl = recorded.get("perplexity")
-    recorded_size = (recipe.metrics.get("memory") or {}).get("total_bytes")
+def check(recipe: Recipe, row: dict, out: Path, artifact: Path, target: str) -> ApplyResult:
+    """Fail loudly when the shipped artifact is not the candidate the recipe describes."""
+    recorded = recipe.metrics.get("summary") or {}
+    perplexity, size = row["perplexity"], row["weight_bytes"]
+    recorded_ppl = recorded.get("perplexity") or (recipe.metrics.get("perplexity") or {}).get("perplexity")
+    recorded_size = recorded.get("weight_bytes")
     if recorded_size is not None and size != recorded_size:
-        raise PlannerError(f"rebuilt weights are {size} bytes, the recipe recorded {recorded_size}")
+        raise PlannerError(f"the shipped {artifact.name} holds {size} bytes of weights, the recipe recorded {recorded_size}")
     if recorded_ppl is not None and abs(perplexity - recorded_ppl) > PERPLEXITY_TOLERANCE * recorded_ppl:
-        raise PlannerError(f"rebuilt perplexity {perplexity:.3f} differs from the recipe's {recorded_ppl:.3f} "
-                           f"by more than {PERPLEXITY_TOLERANCE:.0%}")
-    return ApplyResult(out, perplexity, recorded_ppl, size, recorded_size)
+        raise PlannerError(f"the shipped {artifact.name} scores perplexity {perplexity:.3f}, the recipe "
+                           f"{recorded_ppl:.3f}: more than {PERPLEXITY_TOLERANCE:.0%} apart")
+    ratio, recorded_ratio = row.get("decode_ratio"), recorded.get("decode_ratio")
+    if ratio is not None and recorded_ratio is not None and ratio > recorded_ratio * (1 + DECODE_RATIO_TOLERANCE):
+        raise PlannerError(f"the shipped {artifact.name} decodes at {ratio:.3f}x the reference, the recipe recorded "
+                           f"{recorded_ratio:.3f}x: more than {DECODE_RATIO_TOLERANCE:.0%} slower")
+    return ApplyResult(out, artifact, target, perplexity, recorded_ppl, size, recorded_size, ratio, recorded_ratio,
+                       row.get("decode_ms_p50"), _budget_note(recipe, row))
 
 
-def save(model, recipe: Recipe, tokenizer, out: Path) -> None:
-    """The last stage writes the checkpoint (in its own format where it has one; else plain save_pretrained)."""
-    if recipe.stages:
-        last = recipe.stages[-1]
-        try:
-            TECHNIQUES[last.technique].save(model, last.spec, out)
-        except ValueError as exc:  # a candidate with no loadable checkpoint format (the technique says why)
-            raise PlannerError(f"cannot save this candidate as a checkpoint: {exc}") from None
-    else:
-        model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+def _budget_note(recipe: Recipe, row: dict) -> str:
+    from planner.budgets import Budget
+
+    notes = []
+    for stored in recipe.budget:
+        budget = Budget(**stored)
+        if budget.metric in row or (budget.ratio_metric and budget.ratio_metric in row):
+            verdict = "within" if budget.violation(row) <= 0 else "OVER"
+            notes.append(f"{verdict} {budget.describe()}")
+    return "; ".join(notes)

@@ -15,6 +15,9 @@ METRICS = {
     "memory": ("weight_bytes", "bytes"),
 }
 
+# Same-run ratios to the target's reference, where it times candidates A/B (targets/llamacpp).
+RATIOS = {"latency": "decode_ratio", "prefill": "prefill_ratio"}
+
 TIME_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 NUMBER = r"(?P<value>[-+]?[0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)"
@@ -31,6 +34,16 @@ class Budget:
     def metric(self) -> str:
         return METRICS[self.kind][0]
 
+    @property
+    def ratio_metric(self) -> str | None:
+        """The row's same-run ratio to the reference for this kind (latencies timed A/B), if there is one."""
+        return RATIOS.get(self.kind)
+
+    def uses_ratio(self, metrics: dict) -> bool:
+        """A relative budget is judged on the A/B ratio where the target measured one (noise of a shared
+        machine cancels in it), else on the absolute figure against the resolved limit."""
+        return self.relative is not None and self.ratio_metric in metrics
+
     def resolve(self, baseline: dict) -> "Budget":
         """The absolute budget, given the baseline's metrics (needed for relative budgets only)."""
         if self.limit is not None:
@@ -43,6 +56,8 @@ class Budget:
         """Optuna's constraint value: relative excess over the limit, <= 0 when the budget is met."""
         if self.limit is None:
             raise ValueError(f"{self.kind} budget {self.text} must be resolved against the baseline first")
+        if self.uses_ratio(metrics):
+            return metrics[self.ratio_metric] / self.relative - 1.0
         return metrics[self.metric] / self.limit - 1.0
 
     def describe(self) -> str:

@@ -155,6 +155,9 @@ def recipe_for(study, trial) -> Recipe:
             "objectives": list(study.metric_names or ()),
             "seed": settings.get("seed", 0),
             "data": settings.get("data"),
+            # Where the figures were measured and the artifact ships (`planner apply` re-measures it there).
+            "target": study.user_attrs.get("target", "transformers"),
+            "evaluation": settings.get("evaluation") or {},
             "planner": planner.__version__,
             "torch": str(torch.__version__),  # a str subclass that YAML's safe dumper refuses
             "transformers": str(transformers.__version__),

@@ -44,6 +44,7 @@ class StudySettings:
     trust_remote_code: bool = False
     recipe: str | None = None  # default: studies/<study>-recipe.yaml
     objectives: str | list | None = None  # names, e.g. "perplexity,kl,weight_mb" (default: planner.objectives.DEFAULT)
+    target: str = "auto"  # where candidates ship: llama.cpp, transformers, vllm, or auto (targets/)
     space: dict = field(default_factory=dict)  # technique -> dict of ranges, or False (stage off)
     evaluation: dict = field(default_factory=dict)  # perplexity / latency protocol fields
 
@@ -55,6 +56,10 @@ class StudySettings:
         if not 0 <= self.seed < 2**32:  # what every sampler's random generator accepts
             raise PlannerError(f"seed must be from 0 to {2**32 - 1}, got {self.seed}")
         parse_objectives(self.objectives)  # an unknown or repeated objective fails before anything loads
+        from targets import AUTO, TARGETS
+
+        if self.target != AUTO and self.target not in TARGETS:
+            raise PlannerError(f"unknown target '{self.target}' (known: {AUTO}, {', '.join(TARGETS)})")
         if not self.study or not all(c.isalnum() or c in "-_." for c in self.study):
             raise PlannerError(f"study name '{self.study}' may hold only letters, digits, '-', '_' and '.'")
 

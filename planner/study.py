@@ -30,6 +30,8 @@ from planner.sources import (DataSource, ModelSource, content_hash, load_corpus,
 from planner.storage import default_storage_url, open_storage
 from planner.trial import Workbench, measure_baseline, objective
 from search_spaces import TECHNIQUES, BuildContext, SpecError
+from targets import TargetError
+from targets import choose as choose_target
 
 def storage_url(settings: StudySettings) -> str:
     return settings.storage or default_storage_url(settings.study)
@@ -61,6 +63,14 @@ def check_objectives(study: optuna.Study, objectives: tuple[str, ...]) -> None:
     if stored and stored != tuple(objectives):
         raise PlannerError(f"study '{study.study_name}' optimises {', '.join(stored)}, not {', '.join(objectives)} "
                            "(use another --study name, or the study's own objectives)")
+
+
+def check_target(study: optuna.Study, target: str) -> None:
+    """A study keeps the target it was created with: its figures were measured in that runtime."""
+    stored = study.user_attrs.get("target")
+    if stored is not None and stored != target:
+        raise PlannerError(f"study '{study.study_name}' measures candidates for target {stored}, not {target} "
+                           "(use another --study name, or --target " + stored + ")")
 
 
 def check_budgets(study: optuna.Study, budgets: list[Budget], baseline: dict) -> None:
@@ -118,12 +128,16 @@ def prepare(settings: StudySettings, study: optuna.Study | None = None, verbose:
     model, tokenizer = load_model(model_source, device, resolve_dtype(settings.dtype, device),
                                   settings.trust_remote_code)
     model_hash = content_hash(model_source)
-    spaces = resolve_spaces(settings, model)
+    try:
+        target = choose_target(settings.target, device.type, model, tokenizer)
+    except TargetError as exc:
+        raise PlannerError(str(exc)) from None
+    spaces = target.fit_spaces(resolve_spaces(settings, model), model)
     context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, device=device, seed=settings.seed,
                            cache_dir=assets.cache_root() / "students", model_id=f"{settings.model}@{model_hash}",
                            progress=verbose)
     bench = Workbench(settings, model, tokenizer, corpus, context, spaces, budgets, baseline={}, model_hash=model_hash,
-                      objectives=objectives)
+                      objectives=objectives, target=target)
     try:
         check_protocol(model, tokenizer, corpus.eval, settings.perplexity_protocol())
     except ValueError as exc:  # CorpusError included
@@ -158,6 +172,7 @@ def join(bench: Workbench, study: optuna.Study) -> None:
     """Check the study is this one (model, objectives), then take (or measure) its baseline and resolve the
     budgets against it."""
     check_objectives(study, bench.objectives)
+    check_target(study, bench.target.name)
     stored = study.user_attrs.get("model")
     if stored and stored != {"source": bench.settings.model, "content_hash": bench.model_hash}:
         raise PlannerError(f"study '{bench.settings.study}' was made for model {stored['source']} "
@@ -168,6 +183,7 @@ def join(bench: Workbench, study: optuna.Study) -> None:
     bench.baseline = study.user_attrs.get("baseline") or _measure_baseline(bench, study)
     bench.budgets = [b.resolve(bench.baseline) for b in bench.budgets]
     study.set_user_attr("budgets", [b.to_dict() for b in bench.budgets])
+    study.set_user_attr("target", bench.target.name)
 
 
 def _require_a_fitting_candidate(bench: Workbench) -> None:

@@ -10,10 +10,8 @@ from dataclasses import dataclass, field
 
 import optuna
 
-from evaluators.kl import ReferenceDistributions, measure_perplexity_and_kl
+from evaluators.kl import ReferenceDistributions
 from evaluators.latency import measure_latency
-from evaluators.memory import weight_bytes
-from evaluators.perplexity import measure_perplexity
 from planner import objectives as objective_registry
 from planner.budgets import Budget, of_kind
 from planner.candidates import build, describe, estimate_weight_bytes, shaped_model, storage_notes, suggest_stages
@@ -21,9 +19,9 @@ from planner.errors import first_line
 from planner.recipes import Stage
 from planner.settings import StudySettings
 from search_spaces import BuildContext
+from targets import TRANSFORMERS, Target
+from targets.figures import LATENCY_SKIP_FACTOR, hopeless_latency, metrics_row  # noqa: F401 (the trial's figures)
 
-# A candidate this far over a latency budget is not worth its perplexity run.
-LATENCY_SKIP_FACTOR = 1.5
 # What a trial that reuses a measured twin copies from it.
 TWIN_ATTRS = ("metrics", "measurements", "estimated_weight_bytes", "rejected", "skipped_perplexity")
 
@@ -43,6 +41,7 @@ class Workbench:
     model_hash: str = ""  # sha256 over the source model's weight files
     reference: ReferenceDistributions | None = None  # the base model's next-token distributions (kl)
     objectives: tuple[str, ...] = field(default=objective_registry.DEFAULT)
+    target: Target = TRANSFORMERS  # where candidates ship and are measured (targets/)
 
     def evaluators(self) -> set[str]:
         needed = objective_registry.evaluators_for(self.objectives)
@@ -51,56 +50,17 @@ class Workbench:
         return needed
 
 
-def metrics_row(label: str, weight: int, latency=None, perplexity=None, kl=None) -> dict:
-    row = {"weight_bytes": weight, "weight_mb": weight / 1e6, "stages": label}
-    if latency is not None:
-        row.update(decode_ms_p50=latency.decode.p50_ms, prefill_ms_p50=latency.prefill.p50_ms)
-    if perplexity is not None:
-        row.update(perplexity=perplexity.perplexity, bits_per_byte=perplexity.bits_per_byte)
-    if kl is not None:
-        row.update(kl=kl.kl_mean, top1_agreement=kl.top1_agreement)
-    return row
-
-
-def hopeless_latency(budgets: list[Budget], row: dict) -> Budget | None:
-    """The first latency or prefill budget the measured figure is more than LATENCY_SKIP_FACTOR times over."""
-    return next((b for b in budgets if b.kind in ("latency", "prefill") and b.limit is not None
-                 and b.metric in row and row[b.metric] > LATENCY_SKIP_FACTOR * b.limit), None)
-
-
 def measure(bench: Workbench, model, stages: list[Stage], trial=None, label: str | None = None) -> tuple[dict, dict]:
-    """(metrics row, full evaluator dicts) for a built model: memory, latency, then perplexity (and KL, in the
-    same pass) unless the latency already rules the candidate out."""
-    label = label or describe(stages)
-    needed = bench.evaluators()
-    weight = weight_bytes(model)
-    details = {"memory": weight.to_dict()}
-    latency = None
-    if "latency" in needed:
-        latency = measure_latency(model, bench.settings.latency_protocol())
-        details["latency"] = latency.to_dict()
-    row = metrics_row(label, weight.total_bytes, latency)
-    hopeless = hopeless_latency(bench.budgets, row)
-    if hopeless is not None and trial is not None:
-        trial.set_user_attr("skipped_perplexity", f"{hopeless.kind} {row[hopeless.metric]:.2f} ms is over "
-                                                  f"{LATENCY_SKIP_FACTOR}x the budget")
-        return row, details
-    protocol = bench.settings.perplexity_protocol()
-    kl = None
-    if "kl" in needed:
-        perplexity, kl = measure_perplexity_and_kl(model, bench.tokenizer, bench.corpus.eval, protocol, bench.reference)
-        details["kl"] = kl.to_dict()
-    else:
-        perplexity = measure_perplexity(model, bench.tokenizer, bench.corpus.eval, protocol)
-    details["perplexity"] = perplexity.to_dict()
-    return metrics_row(label, weight.total_bytes, latency, perplexity, kl), details
+    """(metrics row, full evaluator dicts) of a built model as the study's target serves it (targets/)."""
+    return bench.target.measure(bench, model, label or describe(stages), trial)
 
 
 def measure_baseline(bench: Workbench) -> tuple[dict, dict]:
     """The uncompressed model's figures. The first model timed in a fresh process decodes slowly (the
     benchmark's fidelity run found a stored baseline ~45% slow), which would loosen relative latency
     budgets: one untimed latency pass first."""
-    if "latency" in bench.evaluators():
+    bench.target.open(bench)
+    if "latency" in bench.evaluators() and bench.target is TRANSFORMERS:
         measure_latency(bench.model, bench.settings.latency_protocol())
     return measure(bench, bench.model, [])
 

@@ -1,0 +1,28 @@
+"""Deployment targets: where a candidate ships, as what artifact, measured in which runtime (see base)."""
+from __future__ import annotations
+
+from targets.base import AUTO, TARGETS, Target, register_target
+from targets.llamacpp.target import LLAMA_CPP
+from targets.transformers_target import TRANSFORMERS
+from targets.vllm_target import VLLM
+
+__all__ = ["AUTO", "TARGETS", "Target", "register_target", "choose", "LLAMA_CPP", "TRANSFORMERS", "VLLM"]
+
+
+class TargetError(ValueError):
+    """The target asked for cannot serve here or this model; the message says why in one line."""
+
+
+def choose(name: str, device: str, model, tokenizer) -> Target:
+    """The target named (or, for "auto", llama.cpp on a CPU for a model it serves, else transformers)."""
+    if name == AUTO:
+        if device == "cpu" and LLAMA_CPP.unavailable(device) is None and LLAMA_CPP.unsupported(model, tokenizer) is None:
+            return LLAMA_CPP
+        return TRANSFORMERS
+    if name not in TARGETS:
+        raise TargetError(f"unknown target '{name}' (known: {AUTO}, {', '.join(TARGETS)})")
+    target = TARGETS[name]
+    reason = target.unavailable(device) or target.unsupported(model, tokenizer)
+    if reason:
+        raise TargetError(f"target {name} cannot be used here: {reason}")
+    return target

@@ -58,3 +58,21 @@ def test_bad_budgets_name_the_problem(kind, text, message):
 def test_budget_round_trips_through_a_dict():
     budget = parse_budget("memory", "300MB")
     assert Budget(**budget.to_dict()) == budget
+
+
+@pytest.mark.parametrize("text, row, violation", [
+    # relative: judged on the same-run A/B ratio where the row has one, whatever the absolute figure says
+    ("0.5x", {"decode_ms_p50": 4.0, "decode_ratio": 0.6}, 0.2),
+    ("0.5x", {"decode_ms_p50": 40.0, "decode_ratio": 0.25}, -0.5),
+    ("0.5x", {"decode_ms_p50": 4.0}, -0.2),  # no ratio measured: the absolute limit (0.5 x 10 ms)
+    ("4ms", {"decode_ms_p50": 5.0, "decode_ratio": 0.1}, 0.25),  # absolute budgets ignore ratios
+])
+def test_relative_latency_budgets_compare_same_run_ratios(text, row, violation):
+    budget = parse_budget("latency", text).resolve({"decode_ms_p50": 10.0})
+    assert budget.violation(row) == pytest.approx(violation)
+    assert budget.uses_ratio(row) is (text.endswith("x") and "decode_ratio" in row)
+
+
+def test_relative_prefill_budgets_use_the_prefill_ratio():
+    budget = parse_budget("prefill", "0.8x").resolve({"prefill_ms_p50": 100.0})
+    assert budget.violation({"prefill_ms_p50": 50.0, "prefill_ratio": 1.2, "decode_ratio": 0.1}) == pytest.approx(0.5)

@@ -18,6 +18,7 @@ import optuna
 import pytest
 
 import planner.trial as trial_module
+import targets.transformers_target as transformers_target
 from planner.budgets import Budget, of_kind, parse_budget
 from planner.errors import PlannerError
 from planner.objectives import (DEFAULT, METRICS, OBJECTIVES, UNMEASURED_KL, UNMEASURED_PERPLEXITY_FACTOR,
@@ -529,6 +530,17 @@ def test_hopeless_latency(budgets, row, skipped_by):
     assert LATENCY_SKIP_FACTOR == 1.5
 
 
+@pytest.mark.parametrize("row, skipped", [
+    ({"decode_ms_p50": 1.0, "decode_ratio": 0.75}, False),  # exactly 1.5x the 0.5x budget
+    ({"decode_ms_p50": 1.0, "decode_ratio": 0.7501}, True),  # the ratio decides, not the fast absolute figure
+    ({"decode_ms_p50": 100.0, "decode_ratio": 0.2}, False),
+    ({"decode_ms_p50": 15.1}, True),  # no ratio: 1.5 x the resolved 10 ms
+])
+def test_hopeless_latency_on_same_run_ratios(row, skipped):
+    budget = parse_budget("latency", "0.5x").resolve({"decode_ms_p50": 20.0})
+    assert (hopeless_latency([budget], row) is not None) is skipped
+
+
 class RecordingTrial:
     """What `constrain` and `measure` use of an Optuna trial."""
 
@@ -636,9 +648,13 @@ class Lab:
                  "shaped_model": lambda base_model, stages: base_model, "storage_notes": self.notes,
                  "estimate_weight_bytes": self.estimate, "weight_bytes": self.weight_bytes,
                  "measure_latency": self.latency, "measure_perplexity": self.perplexity,
-                 "measure_perplexity_and_kl": self.perplexity_and_kl, "release_memory": lambda: None}
-        for name, fake in fakes.items():
-            monkeypatch.setattr(trial_module, name, fake)
+                 "measure_perplexity_and_kl": self.perplexity_and_kl, "release_memory": lambda: None,
+                 "decompressed_bytes": lambda model: 0}
+        # The trial's own steps, and the transformers target's measurement (the bench's default target).
+        for module in (trial_module, transformers_target):
+            for name, fake in fakes.items():
+                if hasattr(module, name):
+                    monkeypatch.setattr(module, name, fake)
 
     def suggest_stages(self, trial, spaces):
         self.args.add(("suggest", id(spaces)))

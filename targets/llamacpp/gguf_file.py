@@ -27,6 +27,9 @@ from targets.llamacpp.vocab import GGUFVocab, vocab_of
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # transformers model_type -> GGUF
 PERMUTED = {"llama"}  # GGUF archs whose q/k rows are stored for interleaved rotary pairs
+# GGUF archs whose attention may be narrower than the hidden size (head_dim x heads != hidden: pruned heads);
+# llama.cpp's qwen2 graph checks its q projection is hidden x hidden.
+FREE_HEAD_SPLIT = {"llama"}
 
 BLOCK_TENSORS = {  # transformers module (relative to the decoder block) -> GGUF tensor (relative to blk.N)
     "input_layernorm": "attn_norm",
@@ -56,7 +59,11 @@ def gguf_architecture(config) -> str:
     rope = _rope(config)
     if rope.get("rope_type", "default") != "default":
         raise UnsupportedForGGUF(f"the GGUF writer does not write {rope['rope_type']!r} rotary scaling")
-    return ARCHITECTURES[model_type]
+    arch = ARCHITECTURES[model_type]
+    if arch not in FREE_HEAD_SPLIT and _head_dim(config) * config.num_attention_heads != config.hidden_size:
+        raise UnsupportedForGGUF(f"llama.cpp's {arch} graph needs attention heads that span the hidden size "
+                                 f"({config.num_attention_heads} x {_head_dim(config)} != {config.hidden_size})")
+    return arch
 
 
 def _rope(config) -> dict:

@@ -1,0 +1,89 @@
+"""The transformers target: what plain `from_pretrained` gives, on the CPU or the GPU.
+
+Figures are those of the candidate as transformers holds it: float / bf16 weights, dynamic int8 and
+bitsandbytes layers as built; rtn and GPTQ candidates are compressed-tensors checkpoints, which
+transformers decompresses to float on load, so their latency is the float graph's, their resident
+``weight_bytes`` count the decompressed float weights, and the packed size is their ``disk_bytes``
+(`measurements["memory"]["decompressed_on_load"]` says so).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from evaluators.kl import measure_perplexity_and_kl
+from evaluators.latency import measure_latency
+from evaluators.memory import weight_bytes
+from evaluators.perplexity import measure_perplexity
+from search_spaces.quantization.modules import PACKED, StoredWeights
+from targets.base import Target, register_target
+from targets.figures import metrics_row, skip_if_hopeless
+
+
+def decompressed_bytes(model: nn.Module) -> int:
+    """Bytes transformers holds for the packed (compressed-tensors) layers once it has decompressed them:
+    each as its float weight (and bias) in the model's dtype; 0 for a model without packed layers."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, StoredWeights) and module.stored_kind == PACKED:
+            total += module.weight.numel() * module.weight.element_size() - module.stored_weight_bytes()
+            bias = getattr(module, "bias", None)
+            total += 0 if bias is None else bias.numel() * bias.element_size()
+    return total
+
+
+def measure_torch(bench, model, label: str, trial=None) -> tuple[dict, dict]:
+    """(metrics row, evaluator dicts) of a torch model: memory, latency, then perplexity (and KL, in the same
+    pass) unless the latency already rules the candidate out."""
+    needed = bench.evaluators()
+    weight = weight_bytes(model)
+    extra = decompressed_bytes(model)
+    details = {"memory": {**weight.to_dict(), "disk_bytes": weight.total_bytes,
+                          "resident_bytes": weight.total_bytes + extra, "decompressed_on_load": extra > 0}}
+    resident = weight.total_bytes + extra
+    latency = None
+    if "latency" in needed:
+        latency = measure_latency(model, bench.settings.latency_protocol())
+        details["latency"] = latency.to_dict()
+    row = metrics_row(label, resident, latency, disk_bytes=weight.total_bytes)
+    if skip_if_hopeless(bench, row, trial):
+        return row, details
+    protocol = bench.settings.perplexity_protocol()
+    kl = None
+    if "kl" in needed:
+        perplexity, kl = measure_perplexity_and_kl(model, bench.tokenizer, bench.corpus.eval, protocol, bench.reference)
+        details["kl"] = kl.to_dict()
+    else:
+        perplexity = measure_perplexity(model, bench.tokenizer, bench.corpus.eval, protocol)
+    details["perplexity"] = perplexity.to_dict()
+    return metrics_row(label, resident, latency, perplexity, kl, disk_bytes=weight.total_bytes), details
+
+
+class TransformersTarget(Target):
+    name = "transformers"
+    runtime = "transformers (PyTorch)"
+    artifact = "a checkpoint folder for from_pretrained (compressed-tensors for rtn/gptq)"
+
+    def measure(self, bench, model, label: str, trial=None) -> tuple[dict, dict]:
+        return measure_torch(bench, model, label, trial)
+
+    def ship(self, model, tokenizer, stages: list, out: Path) -> Path:
+        from search_spaces import TECHNIQUES
+
+        if stages:
+            last = stages[-1]
+            TECHNIQUES[last.technique].save(model, last.spec, out)  # ValueError: no loadable format
+        else:
+            model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        return out
+
+    def measure_shipped(self, bench, artifact: Path) -> tuple[dict, dict]:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(artifact).to(bench.context.device).eval()
+        return measure_torch(bench, model, "shipped")
+
+
+TRANSFORMERS = register_target(TransformersTarget())
