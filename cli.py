@@ -281,7 +281,7 @@ def cmd_apply(args) -> int:
     result = apply_recipe(args.recipe, args.out, device=args.device, force=args.force, verbose=args.verbose,
                           target=args.target)
     print(f"shipped {result.artifact} for {result.target}, loaded fresh and re-measured: perplexity "
-          f"{result.perplexity:.3f} (recipe {_shown(result.recorded_perplexity)}), weights {result.weight_bytes} bytes "
+          f"{result.perplexity:.3f} (recipe {_shown(result.recorded_perplexity)}), {result.weight_bytes} bytes stored "
           f"(recipe {result.recorded_weight_bytes})")
     if result.decode_ratio is not None:
         print(f"decode {result.decode_ms:.2f} ms/token, {result.decode_ratio:.3f}x the uncompressed model in the same "

@@ -100,7 +100,10 @@ def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool
     del candidate
     shutil.copyfile(recipe_path, out / "recipe.yaml")
     readable_by_all(out)
-    objectives = tuple(recipe.provenance.get("objectives") or ("perplexity", "decode_ms_p50", "weight_mb"))
+    # What apply checks: perplexity, bytes, and decode time when the study measured it (kl needs the study's
+    # reference distributions; perplexity from the same logits already says the weights are the ones scored).
+    recorded = tuple(recipe.provenance.get("objectives") or ("perplexity", "decode_ms_p50", "weight_mb"))
+    objectives = ("perplexity",) + tuple(o for o in recorded if o not in ("perplexity", "kl"))
     settings = StudySettings(model=recipe.model_source, data=data, evaluation=recipe.provenance.get("evaluation") or {},
                              objectives=list(objectives), target=chosen.name)
     bench = Workbench(settings, model, tokenizer, corpus, context, {}, [], {}, objectives=objectives, target=chosen)
@@ -121,11 +124,14 @@ def readable_by_all(folder: Path) -> None:
 def check(recipe: Recipe, row: dict, out: Path, artifact: Path, target: str) -> ApplyResult:
     """Fail loudly when the shipped artifact is not the candidate the recipe describes."""
     recorded = recipe.metrics.get("summary") or {}
-    perplexity, size = row["perplexity"], row["weight_bytes"]
+    # Bytes as stored: the artifact's own figure, exact in every target (what a runtime holds once loaded may
+    # differ from what it holds before its first forward, e.g. compressed-tensors decompressing on the fly).
+    size_key = "disk_bytes" if "disk_bytes" in recorded else "weight_bytes"
+    perplexity, size = row["perplexity"], row[size_key]
     recorded_ppl = recorded.get("perplexity") or (recipe.metrics.get("perplexity") or {}).get("perplexity")
-    recorded_size = recorded.get("weight_bytes")
+    recorded_size = recorded.get(size_key)
     if recorded_size is not None and size != recorded_size:
-        raise PlannerError(f"the shipped {artifact.name} holds {size} bytes of weights, the recipe recorded {recorded_size}")
+        raise PlannerError(f"the shipped {artifact.name} stores {size} bytes, the recipe recorded {recorded_size}")
     if recorded_ppl is not None and abs(perplexity - recorded_ppl) > PERPLEXITY_TOLERANCE * recorded_ppl:
         raise PlannerError(f"the shipped {artifact.name} scores perplexity {perplexity:.3f}, the recipe "
                            f"{recorded_ppl:.3f}: more than {PERPLEXITY_TOLERANCE:.0%} apart")

@@ -39,6 +39,8 @@ class Objective(Metric):
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("bits_per_byte", "bits/byte", "bits", "{:.3f}", "perplexity"),
     Metric("prefill_ms_p50", "prefill ms", "ms", "{:.1f}", "latency"),
+    # Same-run A/B ratio of decode time to the target's reference (the uncompressed model in its runtime).
+    Metric("decode_ratio", "decode x", "ratio", "{:.2f}", "latency"),
     Metric("top1_agreement", "top-1 agree", "fraction", "{:.3f}", "kl"),
     Metric("weight_bytes", "weight bytes", "bytes", "{:d}", "memory"),
 )}

@@ -16,17 +16,18 @@ from evaluators.kl import measure_perplexity_and_kl
 from evaluators.latency import measure_latency
 from evaluators.memory import weight_bytes
 from evaluators.perplexity import measure_perplexity
-from search_spaces.quantization.modules import PACKED, StoredWeights
+from search_spaces.quantization.modules import FLOAT, PACKED, StoredWeights
 from targets.base import Target, register_target
 from targets.figures import metrics_row, skip_if_hopeless
 
 
 def decompressed_bytes(model: nn.Module) -> int:
-    """Bytes transformers holds for the packed (compressed-tensors) layers once it has decompressed them:
-    each as its float weight (and bias) in the model's dtype; 0 for a model without packed layers."""
+    """Bytes transformers holds beyond the checkpoint's for rtn/gptq layers once it has loaded them: packed
+    layers are decompressed, and 16-bit copies cast back, to the model's float dtype (the dtype its config
+    names); 0 for a model without such layers."""
     total = 0
     for module in model.modules():
-        if isinstance(module, StoredWeights) and module.stored_kind == PACKED:
+        if isinstance(module, StoredWeights) and module.stored_kind in (PACKED, FLOAT):
             total += module.weight.numel() * module.weight.element_size() - module.stored_weight_bytes()
             bias = getattr(module, "bias", None)
             total += 0 if bias is None else bias.numel() * bias.element_size()
@@ -83,7 +84,24 @@ class TransformersTarget(Target):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(artifact).to(bench.context.device).eval()
-        return measure_torch(bench, model, "shipped")
+        row, details = measure_torch(bench, model, "shipped")
+        # As stored: the checkpoint files' tensors (loading casts 16-bit copies to the config's dtype).
+        row["disk_bytes"] = checkpoint_tensor_bytes(artifact)
+        return row, details
+
+
+def checkpoint_tensor_bytes(folder: Path) -> int:
+    """Bytes of every tensor in a checkpoint folder's safetensors files, read from their headers."""
+    import json
+    import struct
+
+    total = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        total += sum(end - begin for name, entry in header.items() if name != "__metadata__"
+                     for begin, end in [entry["data_offsets"]])
+    return total
 
 
 TRANSFORMERS = register_target(TransformersTarget())

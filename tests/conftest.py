@@ -93,7 +93,11 @@ def text_corpus_dir(tmp_path_factory) -> Path:
     return path
 
 
+# The tiny studies exercise the planner on transformers' own figures (test_llamacpp_study.py runs the tiny
+# model on llama.cpp, which `auto` would choose for it).
 TINY_STUDY_SPACE = """
+target = "transformers"
+
 [evaluation.perplexity]
 context_length = 64
 stride = 64

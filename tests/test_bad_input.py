@@ -62,6 +62,11 @@ def world(tmp_path_factory, tiny_model_dir, text_corpus_dir):
 
     BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                intermediate_size=64).save_pretrained(root / "bert")
+    from conftest import make_tiny_gpt2, make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    make_tiny_gpt2(vocab_size=len(tokenizer)).save_pretrained(root / "gpt2")
+    tokenizer.save_pretrained(root / "gpt2")
     rejected = [t for t in _trials(root) if "rejected" in t.user_attrs]
     yield {"root": root, "study_file": study_file, "db": root / "tiny.db", "url": f"sqlite:///{root}/tiny.db",
            "recipe": root / "recipe.yaml", "model": str(tiny_model_dir), "data": str(text_corpus_dir),
@@ -145,7 +150,15 @@ CASES = [
     (["search", "--study-file", "{root}/fractional-window.toml"], "context_length must be a whole number of tokens"),
     (["review", "--study", "tiny", "--storage", "{url}", "--dashboard", "--port", "-1"],
      "expected a port number from 0 to 65535, got -1"),
-]
+    (SEARCH + ["--target", "onnx"], "unknown target 'onnx' (known: auto, llama.cpp, transformers, vllm)"),
+    (SEARCH + ["--target", "llama.cpp"], "study 'tiny' measures candidates for target transformers, not llama.cpp"),
+    (SEARCH + ["--target", "llama.cpp", "--model", "{root}/gpt2", "--study", "gpt2"],
+     "target llama.cpp cannot be used here: the llama.cpp target serves llama, mistral, qwen2 models, not 'gpt2'"),
+    (["apply", "{recipe}", "--out", "{root}/out", "--target", "llama.cpp"],
+     "was measured for target transformers, not llama.cpp (run a search with --target llama.cpp"),
+] + ([] if __import__("torch").cuda.is_available() else [
+    (SEARCH + ["--target", "vllm", "--study", "gpu"], "target vllm cannot be used here: vLLM needs a CUDA GPU"),
+])
 
 
 @pytest.mark.parametrize("argv, message", CASES, ids=[" ".join(a[:1] + a[-2:]) for a, _ in CASES])

@@ -730,6 +730,9 @@ def lab(monkeypatch):
     return Lab(monkeypatch)
 
 
+MEMORY_A = {"total_bytes": 200_000_000, "disk_bytes": 200_000_000, "resident_bytes": 200_000_000, "decompressed_on_load": False}
+
+
 def test_a_measured_trial_stores_its_figures(lab):
     study = lab.run(lab.bench(["latency:20ms", "memory:0.5x"]), "a")
     trial = study.trials[0]
@@ -740,8 +743,8 @@ def test_a_measured_trial_stores_its_figures(lab):
     assert attrs["stages"] == STAGES_A and attrs["label"] == "fake(a)" and attrs["estimated_weight_bytes"] == 200e6
     assert attrs["metrics"] == {"weight_bytes": 200_000_000, "weight_mb": 200.0, "stages": "fake(a)",
                                 "decode_ms_p50": 8.0, "prefill_ms_p50": 30.0, "perplexity": 22.0,
-                                "bits_per_byte": 2.2}
-    assert attrs["measurements"] == {"memory": {"total_bytes": 200_000_000}, "latency": {"decode_p50_ms": 8.0},
+                                "bits_per_byte": 2.2, "disk_bytes": 200_000_000}
+    assert attrs["measurements"] == {"memory": MEMORY_A, "latency": {"decode_p50_ms": 8.0},
                                      "perplexity": {"perplexity": 22.0}}
     assert set(attrs["seconds"]) == {"fake", "measure", "total"} and attrs["seconds"]["fake"] == 0.25
     assert 0 <= attrs["seconds"]["measure"] <= attrs["seconds"]["total"] < 60
@@ -870,7 +873,7 @@ def test_measure_runs_what_is_needed(lab, budgets, objectives, latency, kl):
     assert lab.calls["kl"] == ([("a", "reference")] if kl else [])
     assert ("kl" in row) is kl and ("kl" in details) is kl and ("top1_agreement" in row) is kl
     assert row["perplexity"] == 22.0 and lab.calls["perplexity"] == ["a"]
-    assert details["memory"] == {"total_bytes": 200_000_000} and details["perplexity"] == {"perplexity": 22.0}
+    assert details["memory"] == MEMORY_A and details["perplexity"] == {"perplexity": 22.0}
     assert bench.evaluators() == {"memory", "perplexity"} | ({"latency"} if latency else set()) | (
         {"kl"} if kl else set())
 
@@ -939,3 +942,14 @@ def test_the_study_wiring_reaches_the_build_and_the_evaluators(lab, objectives):
 def test_kl_details(lab):
     _, details = measure(lab.bench(objectives=("kl", "weight_mb")), SimpleNamespace(name="a"), [])
     assert details["kl"] == {"kl_mean": 0.5}
+
+
+def test_transformers_counts_decompressed_weights_as_resident_and_the_packed_ones_as_disk(lab, monkeypatch):
+    """compressed-tensors layers are decompressed to float by from_pretrained: the memory objective and budget
+    see what transformers holds, the packed size is the disk figure."""
+    monkeypatch.setattr(transformers_target, "decompressed_bytes", lambda model: 350_000_000)
+    study = lab.run(lab.bench(["memory:0.5x"]), "b")
+    trial = study.trials[0]
+    assert trial.user_attrs["metrics"]["weight_bytes"] == 500_000_000 and trial.user_attrs["metrics"]["disk_bytes"] == 150_000_000
+    assert trial.user_attrs["measurements"]["memory"]["decompressed_on_load"] is True
+    assert trial.values[2] == pytest.approx(500.0) and trial.constraints == pytest.approx({"memory": 1.0})

@@ -1,0 +1,50 @@
+"""A study on the llama.cpp target, end to end on the tiny model: auto chooses llama.cpp, the space holds only
+what GGUF serves, every figure comes from llama.cpp (A/B ratios against the uncompressed GGUF), the recipe
+names its target, and apply ships model.gguf, loads it fresh and re-measures it."""
+from __future__ import annotations
+
+import optuna
+import pytest
+import yaml
+
+import cli
+from planner.storage import open_storage
+
+pytest.importorskip("llama_cpp")
+
+
+def test_a_latency_budgeted_llama_cpp_study_ships_a_gguf(tiny_study_file, tmp_path, capsys):
+    text = tiny_study_file.read_text().replace('target = "transformers"', 'target = "auto"')
+    tiny_study_file.write_text(text.replace('methods = ["none", "rtn", "dynamic-int8"]',
+                                            'methods = ["none", "rtn", "gptq", "dynamic-int8", "bnb"]'))
+    code = cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "5", "--latency-budget", "5x", "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    study = optuna.load_study(study_name="tiny", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db"))
+    assert study.user_attrs["target"] == "llama.cpp"
+    measured = [t for t in study.trials if "measurements" in t.user_attrs]
+    assert measured
+    for trial in measured:
+        details, metrics = trial.user_attrs["measurements"], trial.user_attrs["metrics"]
+        assert details["runtime"]["target"] == "llama.cpp" and details["memory"]["method"] == "gguf_tensor_bytes"
+        assert metrics["decode_ratio"] > 0 and metrics["decode_ms_p50"] > 0 and metrics["disk_bytes"] > metrics["weight_bytes"]
+        assert details["latency"]["reference_decode"]["n"] == 2 * 4  # repeats x new tokens, timed beside it
+        assert metrics["perplexity"] > 1 and details["perplexity"]["dtype"] == "gguf"
+        # only GGUF's grids: no bitsandbytes, no dynamic int8, blocks of 32
+        for stage in trial.user_attrs["stages"]:
+            if stage["technique"] == "quantization":
+                assert stage["spec"]["method"] in ("rtn", "gptq") and stage["spec"]["grid"] == "gguf"
+    recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    assert recipe["provenance"]["target"] == "llama.cpp"
+
+    code = cli.main(["apply", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "deploy")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert (tmp_path / "deploy" / "model.gguf").is_file() and (tmp_path / "deploy" / "recipe.yaml").is_file()
+    assert "shipped" in out and "model.gguf for llama.cpp, loaded fresh and re-measured" in out
+    assert "the uncompressed model in the same run" in out
+
+    # the study keeps its target: reopening it for transformers is refused before anything is written
+    code = cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "6", "--latency-budget", "5x",
+                     "--target", "transformers", "-q"])
+    assert code == 2 and "measures candidates for target llama.cpp, not transformers" in capsys.readouterr().err
