@@ -98,8 +98,9 @@ def _existing(settings: StudySettings) -> optuna.Study | None:
     return optuna.load_study(study_name=settings.study, storage=opened)
 
 
-def resolve_spaces(settings: StudySettings, model) -> dict:
-    """Each technique's space: defaults narrowed by the study file, fitted to the model; None when off."""
+def resolve_spaces(settings: StudySettings, model, defaults: dict | None = None) -> dict:
+    """Each technique's space: defaults (the technique's, then the target's `space_defaults`) narrowed by the
+    study file, fitted to the model; None when off."""
     unknown = sorted(set(settings.space) - set(TECHNIQUES))
     if unknown:
         raise PlannerError(f"space.{unknown[0]}: unknown technique (known: {', '.join(sorted(TECHNIQUES))})")
@@ -109,8 +110,9 @@ def resolve_spaces(settings: StudySettings, model) -> dict:
         if given is False:
             spaces[name] = None
             continue
+        given = {**(defaults or {}).get(name, {}), **({} if given is True else given)}
         try:
-            space = technique.space_type.from_dict({} if given is True else given, f"space.{name}")
+            space = technique.space_type.from_dict(given, f"space.{name}")
         except SpecError as exc:
             raise PlannerError(str(exc)) from None
         spaces[name] = technique.fit_space(space, model)
@@ -132,7 +134,7 @@ def prepare(settings: StudySettings, study: optuna.Study | None = None, verbose:
         target = choose_target(settings.target, device.type, model, tokenizer)
     except TargetError as exc:
         raise PlannerError(str(exc)) from None
-    spaces = target.fit_spaces(resolve_spaces(settings, model), model)
+    spaces = target.fit_spaces(resolve_spaces(settings, model, target.space_defaults()), model)
     context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, device=device, seed=settings.seed,
                            cache_dir=assets.cache_root() / "students", model_id=f"{settings.model}@{model_hash}",
                            progress=verbose)

@@ -34,6 +34,11 @@ class Target(abc.ABC):
         """Why the target cannot serve this model (architecture, tokenizer...) (None: it can)."""
         return None
 
+    def space_defaults(self) -> dict:
+        """Per technique, the space fields this target sets before a study file narrows them (e.g. its storage
+        grid and the bit-widths it stores), so the file is validated against what the target can store."""
+        return {}
+
     def fit_spaces(self, spaces: dict, model) -> dict:
         """The search spaces (technique name -> space or None) reduced to what the target deploys."""
         return spaces

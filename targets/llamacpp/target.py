@@ -23,7 +23,7 @@ import torch
 from evaluators.kl import score_windows
 from evaluators.perplexity import check_protocol
 from search_spaces.quantization.grid import GGUF_BITS, GGUF_BLOCK, GGUF_GRID
-from search_spaces.quantization.spec import FLOAT_BITS, NO_QUANTIZATION
+from search_spaces.quantization.spec import FLOAT_BITS, GRID_BITS, NO_QUANTIZATION
 from targets.base import Target, register_target
 from targets.figures import metrics_row, skip_if_hopeless
 from targets.llamacpp.gguf_file import FREE_HEAD_SPLIT, UnsupportedForGGUF, gguf_architecture, vocab_of, write_gguf
@@ -83,6 +83,10 @@ class LlamaCppTarget(Target):
         except UnsupportedForGGUF as exc:
             return str(exc)
         return None
+
+    def space_defaults(self) -> dict:
+        return {"quantization": {"grid": GGUF_GRID, "group_sizes": [GGUF_BLOCK],
+                                 "bits": list(GRID_BITS[GGUF_GRID])}}
 
     def fit_spaces(self, spaces: dict, model) -> dict:
         if gguf_architecture(model.config) not in FREE_HEAD_SPLIT:  # pruned or student heads: no such GGUF
