@@ -91,9 +91,14 @@ def objectives_line(outcome: Outcome) -> str:
     return "objectives (minimised): " + ", ".join(metric(name).label for name in outcome.objectives)
 
 
+def target_of(outcome: Outcome) -> str:
+    """The deployment target the study's figures were measured in (studies before targets: transformers)."""
+    return outcome.study.user_attrs.get("target", "transformers")
+
+
 def format_outcome(outcome: Outcome) -> str:
-    lines = [f"study {outcome.study.study_name}: {len(outcome.study.trials)} trials", objectives_line(outcome),
-             budget_line(outcome), baseline_line(outcome), ""]
+    lines = [f"study {outcome.study.study_name}: {len(outcome.study.trials)} trials, measured in {target_of(outcome)}",
+             objectives_line(outcome), budget_line(outcome), baseline_line(outcome), ""]
     first = metric(outcome.objectives[0]).label
     if outcome.recommended is not None:
         lines += [f"Pareto front of the candidates that meet the budget (* = recommended: best {first}):",
@@ -112,6 +117,7 @@ def outcome_to_dict(outcome: Outcome) -> dict:
     return {
         "study": outcome.study.study_name,
         "trials": len(outcome.study.trials),
+        "target": target_of(outcome),
         "objectives": list(outcome.objectives),
         "budgets": [b.to_dict() for b in outcome.budgets],
         "baseline": outcome.baseline,

@@ -3,6 +3,8 @@ what GGUF serves, every figure comes from llama.cpp (A/B ratios against the unco
 names its target, and apply ships model.gguf, loads it fresh and re-measures it."""
 from __future__ import annotations
 
+import json
+
 import optuna
 import pytest
 import yaml
@@ -43,6 +45,12 @@ def test_a_latency_budgeted_llama_cpp_study_ships_a_gguf(tiny_study_file, tmp_pa
     assert (tmp_path / "deploy" / "model.gguf").is_file() and (tmp_path / "deploy" / "recipe.yaml").is_file()
     assert "shipped" in out and "model.gguf for llama.cpp, loaded fresh and re-measured" in out
     assert "the uncompressed model in the same run" in out
+
+    code = cli.main(["review", "--study", "tiny", "--storage", f"sqlite:///{tmp_path}/tiny.db"])
+    out = capsys.readouterr().out
+    assert code == 0 and "study tiny: 5 trials, measured in llama.cpp" in out and "decode x" in out
+    code = cli.main(["review", "--study", "tiny", "--storage", f"sqlite:///{tmp_path}/tiny.db", "--json"])
+    assert json.loads(capsys.readouterr().out)["target"] == "llama.cpp"
 
     # the study keeps its target: reopening it for transformers is refused before anything is written
     code = cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "6", "--latency-budget", "5x",

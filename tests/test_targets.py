@@ -191,3 +191,22 @@ def test_qwen2_heads_narrower_than_the_width_are_left_out_of_the_space():
     assert LLAMA_CPP.fit_spaces({"pruning": pruning}, make_tiny_llama())["pruning"].heads_keep == (1.0, 0.5)
     with pytest.raises(UnsupportedForGGUF, match="qwen2 graph needs attention heads that span the hidden size"):
         write_gguf(qwen2(head_dim=8), make_tiny_tokenizer(), "/nonexistent/never-written.gguf")
+
+
+def test_the_vllm_target_ships_a_compressed_tensors_checkpoint(tmp_path):
+    """vLLM's half that runs without a GPU: the checkpoint it would serve (pack-quantized, with its config)."""
+    import json
+
+    from planner.recipes import Stage
+    from targets import VLLM
+
+    tokenizer = make_tiny_tokenizer()
+    model = make_tiny_llama(vocab_size=len(tokenizer))
+    spec = QuantSpec(method="gptq", bits={"attn": 4, "mlp": 4}, group_size=32)
+    model = apply(model, QuantSpec(method="rtn", bits={"attn": 4, "mlp": 4}, group_size=32), _context(tokenizer))
+    assert VLLM.fit_spaces({"quantization": QuantSpace()}, model)["quantization"].methods == ("none", "rtn", "gptq")
+    folder = VLLM.ship(model, tokenizer, [Stage("quantization", spec)], tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    assert (folder / "tokenizer.json").is_file() and list(folder.glob("*.safetensors"))
