@@ -13,7 +13,7 @@ import optuna
 from planner.errors import PlannerError, check_writable
 from planner.objectives import OBJECTIVES, metric
 from planner.outcome import Outcome, feasible, measured, pareto_front
-from planner.report import best_table, format_outcome
+from planner.report import best_table, format_outcome, target_of
 
 IMPORTANCE_FLOOR = 0.01  # importances below this say nothing: left out of the plot
 COLOURS = {"feasible": "#1f77b4", "infeasible": "#b0b0b0", "front": "#1f77b4", "recommended": "#d62728",
@@ -214,7 +214,8 @@ def write_html_report(outcome: Outcome, path: Path) -> Path:
              "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}pre{background:#f4f4f4;padding:1em;"
              "overflow-x:auto}table.compare{border-collapse:collapse}table.compare td,table.compare th"
              "{border:1px solid #ccc;padding:.3em .6em;text-align:right}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>"]
+             f"<h1>{html.escape(title)}</h1>",
+             f"<p>Every figure measured in {html.escape(target_of(outcome))} (the study's deployment target).</p>"]
     figures: list[tuple[str, object]] = []
     if len(_shown_trials(outcome.study)) < 1:
         parts.append("<p>No measured trial yet: nothing to plot.</p>")
