@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType, GGUFReader, quants  # noqa: E402
 
 from targets import LLAMA_CPP, TRANSFORMERS, TargetError, choose  # noqa: E402
 from targets.llamacpp.gguf_file import UnsupportedForGGUF, gguf_tensors, write_gguf  # noqa: E402
-from targets.llamacpp.runtime import loaded, tokenize  # noqa: E402
+from targets.llamacpp.runtime import loaded  # noqa: E402
 
 GGUF_TYPES = [(8, True, "Q8_0"), (4, True, "Q4_0"), (4, False, "Q4_1"), (5, True, "Q5_0"), (5, False, "Q5_1")]
 
