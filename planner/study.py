@@ -115,8 +115,22 @@ def resolve_spaces(settings: StudySettings, model, defaults: dict | None = None)
             space = technique.space_type.from_dict(given, f"space.{name}")
         except SpecError as exc:
             raise PlannerError(str(exc)) from None
-        spaces[name] = technique.fit_space(space, model)
+        spaces[name] = fitted = technique.fit_space(space, model)
+        for line in left_out(name, space, fitted, technique.fit_reasons(space, model)):
+            tqdm.write(line)
     return spaces
+
+
+def left_out(name: str, space, fitted, reasons: dict[str, str]) -> list[str]:
+    """One line per space field whose choices fitting dropped for this model, saying why where it is known."""
+    lines = []
+    for field, why in reasons.items():
+        given, kept = getattr(space, field, None), getattr(fitted, field, None)
+        if isinstance(given, tuple) and isinstance(kept, tuple):
+            dropped = [c for c in given if c not in kept]
+            if dropped:
+                lines.append(f"planner: space.{name}.{field}: {', '.join(map(str, dropped))} left out: {why}")
+    return lines
 
 
 def prepare(settings: StudySettings, study: optuna.Study | None = None, verbose: bool = False) -> Workbench:

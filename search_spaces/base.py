@@ -76,6 +76,11 @@ class Technique(abc.ABC):
         out up front, never found as a crash inside a trial."""
         return space
 
+    def fit_reasons(self, space, model) -> dict[str, str]:
+        """Why `fit_space` leaves options of a space field out on this model: field -> one line (the planner
+        prints it beside the choices that were dropped)."""
+        return {}
+
     def describe(self, spec, notes: dict | None = None) -> str:
         """A short label for tables and logs, such as 'prune(mlp 0.75)'; `notes` are the candidate's
         `storage_notes`, for a label that must not hide them."""

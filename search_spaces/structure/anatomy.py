@@ -173,6 +173,19 @@ def derived_head_width(config) -> str | None:
     return None
 
 
+def mlp_pruning_blocker(model: nn.Module) -> str | None:
+    """Why MLP neurons cannot be removed from this model (None when they can): every decoder layer's MLP must
+    be plain input projections feeding one output projection (a fused gate/up projection is not, yet)."""
+    from search_spaces.layers import decoder_layers
+
+    for layer in range(len(decoder_layers(model)[1])):
+        try:
+            mlp_parts(model, layer)
+        except UnsupportedArchitecture as exc:
+            return str(exc)
+    return None
+
+
 def head_pruning_blocker(model: nn.Module) -> str | None:
     """Why whole heads cannot be removed from this model (None when they can).
 
@@ -182,8 +195,11 @@ def head_pruning_blocker(model: nn.Module) -> str | None:
     reason = derived_head_width(text_config(model))
     if reason:
         return reason
-    try:
-        attention_parts(model, 0)
-    except UnsupportedArchitecture as exc:
-        return str(exc)
+    from search_spaces.layers import decoder_layers
+
+    for layer in range(len(decoder_layers(model)[1])):
+        try:
+            attention_parts(model, layer)
+        except UnsupportedArchitecture as exc:
+            return str(exc)
     return None

@@ -25,6 +25,7 @@ from search_spaces.structure.anatomy import (
     head_layout,
     head_pruning_blocker,
     intermediate_field,
+    mlp_pruning_blocker,
     intermediate_size,
 )
 from search_spaces.specs import check_float
@@ -184,6 +185,16 @@ def estimate_size(config, like: nn.Module) -> SizeEstimate:
     return SizeEstimate(parameters, total)
 
 
+def cut_blocker(model: nn.Module, field: str) -> str | None:
+    """Why this model cannot take any cut of `field` (None when it can): heads and MLP neurons need
+    projections the surgery can slice; depth can always be cut."""
+    if field == "heads_keep":
+        return head_pruning_blocker(model)
+    if field == "mlp_keep":
+        return mlp_pruning_blocker(model)
+    return None
+
+
 def fit_choices(model: nn.Module, field: str, choices: Sequence[float]) -> tuple[float, ...]:
     """The ratios of `choices` this model can take, one per distinct resulting count (first kept).
 
@@ -191,7 +202,7 @@ def fit_choices(model: nn.Module, field: str, choices: Sequence[float]) -> tuple
     `anatomy.head_pruning_blocker`) or its config rejects the count; if nothing is left, (1.0,).
     """
     config = text_config(model)
-    blocker = head_pruning_blocker(model) if field == "heads_keep" else None
+    blocker = cut_blocker(model, field)
     full = shape_of(config)
     fitted: dict[Shape, float] = {}
     for ratio in choices:

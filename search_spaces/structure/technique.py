@@ -7,8 +7,8 @@ from dataclasses import replace
 from torch import nn
 
 from search_spaces.base import Params, Technique
-from search_spaces.structure.shape import (RATIO_FIELDS, SizeEstimate, estimate_size, fit_choices, off_params,
-                                           smallest_shape, spec_config)
+from search_spaces.structure.shape import (RATIO_FIELDS, SizeEstimate, cut_blocker, estimate_size, fit_choices,
+                                           off_params, smallest_shape, spec_config)
 
 
 class StructuredTechnique(Technique):
@@ -34,6 +34,9 @@ class StructuredTechnique(Technique):
     def fit_space(self, space, model: nn.Module):
         """One ratio per distinct count, and no cut the model's config cannot express (structure.shape)."""
         return replace(space, **{n: fit_choices(model, n, getattr(space, n)) for n in RATIO_FIELDS})
+
+    def fit_reasons(self, space, model: nn.Module) -> dict[str, str]:
+        return {n: reason for n in RATIO_FIELDS if (reason := cut_blocker(model, n))}
 
     def describe(self, spec, notes: dict | None = None) -> str:
         return spec.summary()

@@ -1,0 +1,73 @@
+"""Decoders with fused projections (Phi-3: one q/k/v projection and one gate/up projection; GLM-4: fused
+gate/up): the cuts the surgery cannot make are left out of the space up front, with one line saying why, so a
+study with every technique on has no failed trial, and its pruned candidates save and reload."""
+from __future__ import annotations
+
+import optuna
+import pytest
+
+import cli
+from planner.storage import open_storage
+from tests.conftest import make_tiny_tokenizer
+
+SPACE = """
+target = "transformers"
+[evaluation.perplexity]
+context_length = 64
+stride = 64
+max_tokens = 256
+[evaluation.latency]
+prompt_tokens = 8
+new_tokens = 2
+repeats = 1
+warmup = 0
+[space.distillation]
+depth_keep = [1.0, 0.5]
+mlp_keep = [1.0, 0.5]
+heads_keep = [1.0, 0.5]
+steps = [2]
+batch_size = [2]
+seq_len = [32]
+importance_samples = 2
+importance_seq_len = 32
+[space.pruning]
+depth_keep = [1.0, 0.5]
+mlp_keep = [1.0, 0.5]
+heads_keep = [1.0, 0.5]
+calibration_samples = 2
+calibration_seq_len = 32
+[space.quantization]
+methods = ["none", "rtn"]
+"""
+
+
+@pytest.mark.parametrize("arch, left_out", [
+    ("phi3", ["space.pruning.mlp_keep: 0.5 left out: layer 0: MLP is not a plain input/output projection pair",
+              "space.pruning.heads_keep: 0.5 left out: phi3 derives the head width from hidden size / heads",
+              "space.distillation.mlp_keep: 0.5 left out"]),
+    ("glm4", ["space.pruning.mlp_keep: 0.5 left out: layer 0: MLP is not a plain input/output projection pair"]),
+])
+def test_fused_projections_leave_impossible_cuts_out_and_no_trial_fails(arch, left_out, tmp_path, text_corpus_dir,
+                                                                       monkeypatch, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    monkeypatch.setenv("PLANNER_CACHE", str(tmp_path / "cache"))
+    tokenizer = make_tiny_tokenizer()
+    config = AutoConfig.for_model(arch, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    model_dir = tmp_path / arch
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    study_file = tmp_path / "study.toml"
+    study_file.write_text(f'model = "{model_dir}"\ndata = "{text_corpus_dir}"\nstudy = "fused"\n'
+                          f'storage = "sqlite:///{tmp_path}/fused.db"\nrecipe = "{tmp_path}/recipe.yaml"\n' + SPACE)
+    code = cli.main(["search", "--study-file", str(study_file), "--trials", "8"])
+    out, err = capsys.readouterr()
+    assert code in (0, 1), err
+    study = optuna.load_study(study_name="fused", storage=open_storage(f"sqlite:///{tmp_path}/fused.db"))
+    assert [t.user_attrs.get("failure") for t in study.trials if t.state != optuna.trial.TrialState.COMPLETE] == []
+    for line in left_out:
+        assert line in out, out
+    pruned = [t for t in study.trials if any(s["technique"] == "pruning" for s in t.user_attrs["stages"])]
+    assert pruned  # depth still cuts on every decoder
