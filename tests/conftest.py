@@ -95,7 +95,7 @@ def text_corpus_dir(tmp_path_factory) -> Path:
 
 # The tiny studies exercise the planner on transformers' own figures (test_llamacpp_study.py runs the tiny
 # model on llama.cpp, which `auto` would choose for it).
-TINY_STUDY_SPACE = """
+TINY_EVALUATION = """
 target = "transformers"
 
 [evaluation.perplexity]
@@ -108,7 +108,8 @@ prompt_tokens = 16
 new_tokens = 4
 repeats = 2
 warmup = 1
-
+"""
+TINY_STUDY_SPACE = TINY_EVALUATION + """
 [space.distillation]
 steps = [4]
 batch_size = [2]

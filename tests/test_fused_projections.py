@@ -8,19 +8,9 @@ import pytest
 
 import cli
 from planner.storage import open_storage
-from tests.conftest import make_tiny_tokenizer
+from tests.conftest import TINY_EVALUATION, make_tiny_tokenizer
 
-SPACE = """
-target = "transformers"
-[evaluation.perplexity]
-context_length = 64
-stride = 64
-max_tokens = 256
-[evaluation.latency]
-prompt_tokens = 8
-new_tokens = 2
-repeats = 1
-warmup = 0
+SPACE = TINY_EVALUATION + """
 [space.distillation]
 depth_keep = [1.0, 0.5]
 mlp_keep = [1.0, 0.5]

@@ -176,11 +176,16 @@ def derived_head_width(config) -> str | None:
 def mlp_pruning_blocker(model: nn.Module) -> str | None:
     """Why MLP neurons cannot be removed from this model (None when they can): every decoder layer's MLP must
     be plain input projections feeding one output projection (a fused gate/up projection is not, yet)."""
+    return _first_refusal(model, mlp_parts)
+
+
+def _first_refusal(model: nn.Module, parts) -> str | None:
+    """The first decoder layer's reason `parts(model, layer)` cannot find what a cut slices (None: none)."""
     from search_spaces.layers import decoder_layers
 
     for layer in range(len(decoder_layers(model)[1])):
         try:
-            mlp_parts(model, layer)
+            parts(model, layer)
         except UnsupportedArchitecture as exc:
             return str(exc)
     return None
@@ -192,14 +197,4 @@ def head_pruning_blocker(model: nn.Module) -> str | None:
     The config must state head_dim on its own: where it is derived as hidden / heads (GPT-2), a config
     with fewer heads describes wider heads, not fewer, and the saved model would not reload.
     """
-    reason = derived_head_width(text_config(model))
-    if reason:
-        return reason
-    from search_spaces.layers import decoder_layers
-
-    for layer in range(len(decoder_layers(model)[1])):
-        try:
-            attention_parts(model, layer)
-        except UnsupportedArchitecture as exc:
-            return str(exc)
-    return None
+    return derived_head_width(text_config(model)) or _first_refusal(model, attention_parts)
