@@ -64,11 +64,15 @@ def random_prompt(model: torch.nn.Module, tokens: int, seed: int) -> torch.Tenso
     vocab_size = getattr(_text_config(model), "vocab_size", None)
     if not isinstance(vocab_size, int) or vocab_size < 2:
         raise ValueError(f"model config needs an integer vocab_size >= 2, got {vocab_size!r}")
+    return random_token_ids(vocab_size, tokens, seed).unsqueeze(0).to(model_device(model))
+
+
+def random_token_ids(vocab_size: int, tokens: int, seed: int) -> torch.Tensor:
+    """`tokens` ids reproducible from ``seed``, the same for every runtime that times a prompt of them."""
     # A private CPU generator: the prompt is the same on every device and torch's global RNG is untouched.
     generator = torch.Generator().manual_seed(seed)
     # Id 0 is often a special token (pad/unk/bos), which some models treat differently.
-    ids = torch.randint(1, vocab_size, (1, tokens), generator=generator)
-    return ids.to(model_device(model))
+    return torch.randint(1, vocab_size, (tokens,), generator=generator)
 
 
 @contextlib.contextmanager

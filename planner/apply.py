@@ -14,6 +14,7 @@ from planner.recipes import Recipe, load_recipe
 from planner.settings import StudySettings
 from planner.sources import DataSource, ModelSource, content_hash, load_corpus, load_model, resolve_device
 from search_spaces import TECHNIQUES, BuildContext
+from targets import TargetError, check_usable
 
 # Rebuilding is deterministic (fixed seeds), but kernels may sum in another order on another machine, and
 # a runtime reads its artifact with its own kernels.
@@ -79,9 +80,10 @@ def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool
         raise PlannerError(f"recipe {recipe_path} was made for other weights of {recipe.model_source} "
                            f"(content hash {recipe.model_hash[:19]}..., this model has {actual_hash[:19]}...)")
     torch_device = resolve_device(device)
-    reason = chosen.unavailable(torch_device.type)
-    if reason:
-        raise PlannerError(f"target {chosen.name} cannot be used here: {reason}")
+    try:
+        check_usable(chosen, torch_device.type)
+    except TargetError as exc:
+        raise PlannerError(str(exc)) from None
     model, tokenizer = load_model(source, torch_device)
     data = recipe.provenance.get("data") or "builtin:shakespeare"
     corpus = load_corpus(DataSource.parse(data))

@@ -20,7 +20,7 @@ from planner.recipes import Stage
 from planner.settings import StudySettings
 from search_spaces import BuildContext
 from targets import TRANSFORMERS, Target
-from targets.figures import LATENCY_SKIP_FACTOR, hopeless_latency, metrics_row  # noqa: F401 (the trial's figures)
+from targets.figures import metrics_row
 
 # What a trial that reuses a measured twin copies from it.
 TWIN_ATTRS = ("metrics", "measurements", "estimated_weight_bytes", "rejected", "skipped_perplexity")

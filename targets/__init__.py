@@ -6,7 +6,7 @@ from targets.llamacpp.target import LLAMA_CPP
 from targets.transformers_target import TRANSFORMERS
 from targets.vllm_target import VLLM
 
-__all__ = ["AUTO", "TARGETS", "Target", "register_target", "choose", "LLAMA_CPP", "TRANSFORMERS", "VLLM"]
+__all__ = ["AUTO", "TARGETS", "Target", "TargetError", "register_target", "choose", "check_usable", "LLAMA_CPP", "TRANSFORMERS", "VLLM"]
 
 
 class TargetError(ValueError):
@@ -21,8 +21,12 @@ def choose(name: str, device: str, model, tokenizer) -> Target:
         return TRANSFORMERS
     if name not in TARGETS:
         raise TargetError(f"unknown target '{name}' (known: {AUTO}, {', '.join(TARGETS)})")
-    target = TARGETS[name]
-    reason = target.unavailable(device) or target.unsupported(model, tokenizer)
+    return check_usable(TARGETS[name], device, model, tokenizer)
+
+
+def check_usable(target: Target, device: str, model=None, tokenizer=None) -> Target:
+    """`target`, or TargetError when it cannot run on this device (or, given a model, cannot serve it)."""
+    reason = target.unavailable(device) or (target.unsupported(model, tokenizer) if model is not None else None)
     if reason:
-        raise TargetError(f"target {name} cannot be used here: {reason}")
+        raise TargetError(f"target {target.name} cannot be used here: {reason}")
     return target

@@ -59,9 +59,6 @@ class Target(abc.ABC):
     def measure_shipped(self, bench: "Workbench", artifact: Path) -> tuple[dict, dict]:
         """The figures of a shipped artifact, loaded fresh from disk in the target's runtime."""
 
-    def describe(self) -> str:
-        return f"{self.name} ({self.runtime}; ships {self.artifact})"
-
 
 TARGETS: Registry = Registry("deployment target")
 register_target = TARGETS.add

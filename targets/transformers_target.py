@@ -40,9 +40,9 @@ def measure_torch(bench, model, label: str, trial=None) -> tuple[dict, dict]:
     needed = bench.evaluators()
     weight = weight_bytes(model)
     extra = decompressed_bytes(model)
-    details = {"memory": {**weight.to_dict(), "disk_bytes": weight.total_bytes,
-                          "resident_bytes": weight.total_bytes + extra, "decompressed_on_load": extra > 0}}
     resident = weight.total_bytes + extra
+    details = {"memory": {**weight.to_dict(), "disk_bytes": weight.total_bytes, "resident_bytes": resident,
+                          "decompressed_on_load": extra > 0}}
     latency = None
     if "latency" in needed:
         latency = measure_latency(model, bench.settings.latency_protocol())

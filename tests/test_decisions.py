@@ -27,8 +27,9 @@ from planner.outcome import (CLOSEST_SHOWN, best_trials, decide, dominates, feas
                              stored_outcome, study_objectives, total_excess, trial_to_export)
 from planner.recipes import Stage
 from planner.settings import StudySettings
-from planner.trial import (LATENCY_SKIP_FACTOR, TWIN_ATTRS, Workbench, constrain, hopeless_latency, measure,
+from planner.trial import (TWIN_ATTRS, Workbench, constrain, measure,
                            measure_baseline, measured_twin, objective, over_memory_budget)
+from targets.figures import LATENCY_SKIP_FACTOR, hopeless_latency
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from search_spaces.quantization.grid import COMPRESSED_TENSORS_GRID, GGUF_BITS, GGUF_BLOCK, GGUF_GRID, SCHEMES
+from search_spaces.quantization.grid import (COMPRESSED_TENSORS_GRID, GGUF_BITS, GGUF_BLOCK, GGUF_GRID, SCHEMES,
+                                            StorageGrid)
 from search_spaces.quantization.methods.base import FLOAT_BITS, QUANT_METHODS, QuantMethod
 from search_spaces.specs import (DictSpec, SpecError, check_bool, check_choices, check_float, check_int,
                                  check_member, is_one_of, shown)
@@ -150,8 +151,6 @@ class QuantSpec(DictSpec):
         return f"quant({' '.join(parts)})"
 
     def gguf_type(self, bits: int) -> str:
-        from search_spaces.quantization.grid import StorageGrid
-
         return StorageGrid(bits, GGUF_BLOCK, self.symmetric, GGUF_GRID).gguf_type
 
     def _gguf_summary(self, grid_fallback: bool) -> str:

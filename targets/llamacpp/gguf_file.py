@@ -13,7 +13,6 @@ unchanged). Pruned depth, MLP width and heads are just another config; a student
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -94,13 +93,6 @@ def _float_array(tensor: torch.Tensor) -> tuple[np.ndarray, object]:
     return array, _float_type(array.dtype)
 
 
-@dataclass(frozen=True)
-class WrittenTensor:
-    name: str
-    gguf_type: str
-    nbytes: int
-
-
 def module_tensors(module: nn.Module) -> list[tuple[str, np.ndarray, object]]:
     """(suffix, data, GGML type) of what one module stores: its weight as held, its bias in float."""
     from gguf import GGMLQuantizationType as T
@@ -158,7 +150,7 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def write_gguf(model: nn.Module, tokenizer, path: Path, name: str = "planner candidate") -> list[WrittenTensor]:
+def write_gguf(model: nn.Module, tokenizer, path: Path, name: str = "planner candidate") -> None:
     """Write `model` (a built candidate) and `tokenizer` as one GGUF file at `path`."""
     from gguf import GGUFWriter
 
@@ -171,16 +163,13 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, name: str = "planner can
     try:
         _write_config(writer, config, arch, name)
         _write_vocab(writer, vocab)
-        written = []
         for tensor_name, data, kind in tensors:
             writer.add_tensor(tensor_name, np.ascontiguousarray(data), raw_dtype=kind)
-            written.append(WrittenTensor(tensor_name, kind.name, int(data.nbytes)))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
     finally:
         writer.close()
-    return written
 
 
 def _write_config(writer, config, arch: str, name: str) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from evaluators.latency import LatencyProtocol, timing_stats
+from evaluators.runtime import random_token_ids
 
 RUNTIME = "llama.cpp"
 
@@ -96,18 +97,12 @@ class ABLatency:
         return asdict(self)
 
 
-def prompt_ids(vocab_size: int, protocol: LatencyProtocol) -> list[int]:
-    """The protocol's random prompt (as evaluators.runtime.random_prompt draws it for torch models)."""
-    generator = torch.Generator().manual_seed(protocol.seed)
-    return torch.randint(1, vocab_size, (protocol.prompt_tokens,), generator=generator).tolist()
-
-
 def time_ab(candidate: Path, reference: Path, protocol: LatencyProtocol, threads: int) -> ABLatency:
     n_ctx = protocol.prompt_tokens + protocol.new_tokens
     load_before = os.getloadavg()
     started = time.perf_counter()
     with loaded(candidate, n_ctx, threads) as cand, loaded(reference, n_ctx, threads) as ref:
-        prompt = prompt_ids(cand.n_vocab(), protocol)
+        prompt = random_token_ids(cand.n_vocab(), protocol.prompt_tokens, protocol.seed).tolist()
         samples = {"cand": ([], []), "ref": ([], [])}
         ratios = ([], [])
         for index in range(protocol.warmup + protocol.repeats):
