@@ -43,8 +43,9 @@ class Target(abc.ABC):
         """The search spaces (technique name -> space or None) reduced to what the target deploys."""
         return spaces
 
-    def open(self, bench: "Workbench") -> None:
-        """Once per process, before the first measurement (e.g. write the latency reference)."""
+    def open(self, bench: "Workbench") -> object:
+        """Before measuring for `bench`'s model (e.g. write its latency reference); returns what it prepared."""
+        return None
 
     @abc.abstractmethod
     def measure(self, bench: "Workbench", model, label: str, trial=None) -> tuple[dict, dict]:

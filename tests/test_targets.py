@@ -210,3 +210,19 @@ def test_the_vllm_target_ships_a_compressed_tensors_checkpoint(tmp_path):
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     assert config["quantization_config"]["format"] == "pack-quantized"
     assert (folder / "tokenizer.json").is_file() and list(folder.glob("*.safetensors"))
+
+
+def test_each_model_is_timed_against_its_own_reference(tmp_path):
+    """One process measuring two models (apply after a search, the test suite) writes a reference per model."""
+    from types import SimpleNamespace
+
+    tokenizer = make_tiny_tokenizer()
+    first = make_tiny_llama(vocab_size=len(tokenizer))
+    second = make_tiny_llama(vocab_size=len(tokenizer))
+    with torch.no_grad():
+        second.model.norm.weight.fill_(2.0)
+    path_first = LLAMA_CPP.open(SimpleNamespace(model=first, tokenizer=tokenizer))
+    assert LLAMA_CPP.open(SimpleNamespace(model=first, tokenizer=tokenizer)) == path_first  # written once
+    path_second = LLAMA_CPP.open(SimpleNamespace(model=second, tokenizer=tokenizer))
+    assert path_second != path_first
+    assert np.all(_read_back(path_second)["output_norm.weight"] == 2.0)

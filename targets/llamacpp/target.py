@@ -64,7 +64,9 @@ class LlamaCppTarget(Target):
 
     def __init__(self):
         self._work: Path | None = None
-        self._reference: Path | None = None
+        # (the uncompressed model, its GGUF): held with the model so a process that measures several models
+        # (tests, apply after search) never times a candidate against another model's reference.
+        self._reference: tuple[object, Path] | None = None
 
     def unavailable(self, device: str) -> str | None:
         try:
@@ -108,12 +110,15 @@ class LlamaCppTarget(Target):
             atexit.register(shutil.rmtree, self._work, ignore_errors=True)
         return self._work
 
-    def open(self, bench) -> None:
-        """The latency reference: the uncompressed model's GGUF, written once per process."""
-        if self._reference is None:
-            path = self._workdir() / "reference.gguf"
+    def open(self, bench) -> Path:
+        """The latency reference: the uncompressed model's GGUF, written once per model and process."""
+        if self._reference is None or self._reference[0] is not bench.model:
+            path = self._workdir() / f"reference-{time.monotonic_ns()}.gguf"
             write_gguf(bench.model, bench.tokenizer, path, name="reference (uncompressed)")
-            self._reference = path
+            if self._reference is not None:
+                self._reference[1].unlink(missing_ok=True)
+            self._reference = (bench.model, path)
+        return self._reference[1]
 
     def measure(self, bench, model, label: str, trial=None) -> tuple[dict, dict]:
         path = self._workdir() / f"candidate-{os.getpid()}-{time.monotonic_ns()}.gguf"
@@ -124,7 +129,7 @@ class LlamaCppTarget(Target):
             path.unlink(missing_ok=True)
 
     def measure_file(self, bench, path: Path, label: str, trial=None) -> tuple[dict, dict]:
-        self.open(bench)
+        reference = self.open(bench)
         facts = gguf_facts(path)
         tensor_bytes = facts["tensor_bytes"]
         protocol = bench.settings.perplexity_protocol()
@@ -136,7 +141,7 @@ class LlamaCppTarget(Target):
         figures = {"disk_bytes": facts["file_bytes"], "kv_cache_bytes": kv}
         threads = _threads(bench)
         if "latency" in bench.evaluators():
-            ab = time_ab(path, self._reference, bench.settings.latency_protocol(), threads)
+            ab = time_ab(path, reference, bench.settings.latency_protocol(), threads)
             details["latency"] = ab.to_dict()
             figures.update(decode_ms_p50=ab.decode["p50_ms"], prefill_ms_p50=ab.prefill["p50_ms"],
                            decode_ratio=ab.decode_ratio, prefill_ratio=ab.prefill_ratio)
