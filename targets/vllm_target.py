@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 from targets.base import Target, register_target
-from targets.figures import metrics_row
 from targets.transformers_target import TRANSFORMERS, measure_torch
 
 
@@ -48,8 +47,11 @@ class VllmTarget(Target):
         return TRANSFORMERS.ship(model, tokenizer, stages, out)
 
     def measure_shipped(self, bench, artifact: Path) -> tuple[dict, dict]:
+        """Perplexity and stored bytes of the checkpoint as transformers loads it (what `apply` checks), and
+        its decode time per token in vLLM's engine."""
         from vllm import LLM, SamplingParams
 
+        row, details = TRANSFORMERS.measure_shipped(bench, artifact)
         protocol = bench.settings.latency_protocol()
         llm = LLM(model=str(artifact), enforce_eager=False, max_model_len=protocol.prompt_tokens + protocol.new_tokens)
         prompt = {"prompt_token_ids": list(range(1, protocol.prompt_tokens + 1))}
@@ -60,9 +62,9 @@ class VllmTarget(Target):
             llm.generate([prompt], params, use_tqdm=False)
             if index >= protocol.warmup:
                 samples.append((time.perf_counter() - started) * 1e3 / protocol.new_tokens)
-        per_token = statistics.median(samples)
-        details = {"latency": {"runtime": "vllm", "ms_per_token_end_to_end": samples}}
-        return metrics_row("shipped", 0, decode_ms_p50=per_token), details
+        row["decode_ms_p50"] = statistics.median(samples)
+        details["latency"] = {"runtime": "vllm", "ms_per_token_end_to_end": samples}
+        return row, details
 
 
 VLLM = register_target(VllmTarget())
