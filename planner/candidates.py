@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -22,6 +22,7 @@ from search_spaces import TECHNIQUES, BuildContext, ordered
 class BuiltCandidate:
     model: torch.nn.Module
     stage_seconds: dict[str, float]
+    training: dict[str, dict] = field(default_factory=dict)  # technique -> what its training did (steps, resumed from, seconds), if it trained
 
 
 def suggest_stages(trial, spaces: dict) -> list[Stage]:
@@ -137,14 +138,20 @@ def storage_notes(base_model: torch.nn.Module, stages: list[Stage], shaped=None)
 
 
 def build(base_model: torch.nn.Module, stages: list[Stage], context: BuildContext) -> BuiltCandidate:
-    """Apply the stages in order to a copy of the base model; the base model is never changed."""
+    """Apply the stages in order to a copy of the base model; the base model is never changed (it is each
+    stage's `context.teacher`, and the stages before one are its `context.upstream`)."""
     model = copy.deepcopy(base_model)
-    seconds = {}
+    seconds, training, done = {}, {}, []
     for stage in stages:
+        technique = TECHNIQUES[stage.technique]
         started = time.perf_counter()
-        model = TECHNIQUES[stage.technique].apply(model, stage.spec, context)
+        model = technique.apply(model, stage.spec, replace(context, teacher=base_model, upstream=tuple(done)))
         seconds[stage.technique] = time.perf_counter() - started
-    return BuiltCandidate(model.eval(), seconds)
+        report = technique.training_report(model)
+        if report is not None:
+            training[stage.technique] = report.to_dict()
+        done.append({"technique": stage.technique, "spec": stage.spec.to_dict()})
+    return BuiltCandidate(model.eval(), seconds, training)
 
 
 def describe(stages: list[Stage], notes: dict | None = None) -> str:

@@ -13,6 +13,7 @@ import optuna
 from evaluators.kl import ReferenceDistributions
 from evaluators.latency import measure_latency
 from planner import objectives as objective_registry
+from planner import rungs
 from planner.budgets import Budget, of_kind
 from planner.candidates import build, describe, estimate_weight_bytes, shaped_model, storage_notes, suggest_stages
 from planner.errors import first_line
@@ -109,7 +110,7 @@ def objective(bench: Workbench):
 
     def run_trial(trial: optuna.Trial) -> tuple[float, ...]:
         started = time.perf_counter()
-        stages = suggest_stages(trial, bench.spaces)
+        stages = rungs.assign(trial.study, suggest_stages(trial, bench.spaces), bench.spaces)
         stored_stages = json.loads(json.dumps([{"technique": s.technique, "spec": s.spec.to_dict()} for s in stages]))
         trial.set_user_attr("stages", stored_stages)
         shaped = shaped_model(bench.model, stages)
@@ -135,6 +136,8 @@ def objective(bench: Workbench):
             measure_started = time.perf_counter()
             row, details = measure(bench, built.model, stages, trial, label)
             seconds = {**built.stage_seconds, "measure": time.perf_counter() - measure_started}
+            if built.training:  # steps trained, resumed from a cached run, seconds: what a rung cost
+                trial.set_user_attr("training", built.training)
         finally:
             del built
             gc.collect()

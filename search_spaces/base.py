@@ -22,6 +22,16 @@ Params = dict[str, Any]  # trial parameters of one technique, named without its 
 
 
 @dataclass(frozen=True)
+class Rungs:
+    """Multi-fidelity for a stage that trains: the step counts it may reach, ascending. Every new run is
+    screened at the first; the planner continues one to the next when it ranks in the best `promote_top`
+    fraction of the runs measured at its rung (successive halving across trials, as ASHA does)."""
+
+    steps: tuple[int, ...]
+    promote_top: float = 0.5
+
+
+@dataclass(frozen=True)
 class BuildContext:
     """What `apply` may use besides the model: calibration text is the training split, never held-out text."""
 
@@ -32,6 +42,8 @@ class BuildContext:
     cache_dir: Path | None = None  # where costly artefacts (distilled students) are kept
     model_id: str = ""  # identity of the source model (spec and content hash), for cache keys
     progress: bool = True
+    teacher: Any = None  # the uncompressed source model, which healing distils a pruned model from
+    upstream: tuple = ()  # the stages applied before this one, as plain dicts (part of a cache key)
 
 
 class Technique(abc.ABC):
@@ -70,6 +82,18 @@ class Technique(abc.ABC):
         return trial.suggest_categorical(self.param(name), list(choices))
 
     # --- optional hooks, with the default of a technique that does not need them ---------------------
+
+    # The spec field counting training steps, for a stage that trains (0 in a spec: it trains nothing).
+    fidelity_field: ClassVar[str | None] = None
+
+    def rungs(self, space) -> Rungs | None:
+        """The step counts a training stage may reach (see `Rungs`); None for a stage that does not train."""
+        return None
+
+    def training_report(self, model):
+        """What the training of this stage did for the model it built (a distillation `DistillReport`: steps,
+        steps resumed from a cached run, seconds), or None when it trained nothing."""
+        return None
 
     def fit_space(self, space, model):
         """The space narrowed to what `model` (on its device) can take: options it cannot support are left

@@ -148,3 +148,10 @@ def check_float(low: float, high: float, low_open: bool = False, high_open: bool
             bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
             raise SpecError(f"{where}: expected a number in {bounds}, got {value!r}")
     return check
+
+
+def check_rungs(where: str, steps) -> None:
+    """Training step counts of multi-fidelity rungs: positive integers, strictly ascending."""
+    check_choices(where, steps, check_int(1))
+    if list(steps) != sorted(steps):
+        raise SpecError(f"{where}: rungs must ascend (each continues the one before), got {list(steps)}")

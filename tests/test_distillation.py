@@ -1,8 +1,10 @@
 """Distillation on tiny random models: the loss, the training loop, the student cache, the technique contract."""
 from __future__ import annotations
 
+import copy
 import math
 import warnings
+from dataclasses import replace
 
 import optuna
 import pytest
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from conftest import SAMPLE_TEXT, make_tiny_gpt2, make_tiny_llama, make_tiny_tokenizer
 
 import search_spaces.distillation as distillation
+import search_spaces.distillation.runs as runs
 from evaluators.corpus import Document
 from evaluators.memory import weight_bytes
 from search_spaces.base import TECHNIQUES, BuildContext
@@ -133,14 +136,56 @@ def test_second_request_is_a_cache_hit_that_trains_nothing(tmp_path, monkeypatch
     model = teacher()
     first = apply(model, SPEC, context(tmp_path))
     assert not report_of(first).cache_hit
-    monkeypatch.setattr(distillation, "train_student", _no_training)
+    monkeypatch.setattr(runs, "train_student", _no_training)
     monkeypatch.setattr(distillation, "derive_student", _no_training)
     second = apply(model, SPEC, context(tmp_path))
     report = report_of(second)
     assert report.cache_hit and report.cache_key == report_of(first).cache_key
+    assert (report.trained_steps, report.steps) == (0, 6)
     assert report.seconds_per_step == report_of(first).seconds_per_step  # the cost of the run that made it
     assert torch.equal(logits(first, IDS), logits(second, IDS))
-    assert [p.name for p in (tmp_path / "students").iterdir()] == [report.cache_key]  # no temporary leftovers
+    lineage = tmp_path / "students" / report.cache_key.split("/")[0]
+    assert sorted(p.name for p in lineage.iterdir()) == ["optimizer-6.pt", "steps-6"]  # no temporary leftovers
+
+
+def test_a_longer_run_continues_the_cached_shorter_one_and_equals_training_in_one_go(tmp_path, monkeypatch):
+    """The multi-fidelity check: 50 steps, then 50 more from the cached weights and optimizer state, give the
+    weights 100 steps in one go give (same seed and data order), and the continuation trains 50 steps only."""
+    model = teacher()
+    spec = replace(SPEC, steps=50, lr=3e-3)
+    short = apply(model, spec, context(tmp_path / "rungs"))
+    trained_steps = []
+    original = runs.train_student
+
+    def counting(*args, **kwargs):
+        stats, state = original(*args, **kwargs)
+        trained_steps.append(stats.steps)
+        return stats, state
+
+    monkeypatch.setattr(runs, "train_student", counting)
+    monkeypatch.setattr(distillation, "derive_student", _no_training)  # continued, never derived again
+    continued = apply(model, replace(spec, steps=100), context(tmp_path / "rungs"))
+    monkeypatch.undo()
+    one_go = apply(model, replace(spec, steps=100), context(tmp_path / "one-go"))
+    report = report_of(continued)
+    assert trained_steps == [50]
+    assert (report.steps, report.resumed_from, report.trained_steps, report.cache_hit) == (100, 50, 50, False)
+    assert (report_of(one_go).resumed_from, report_of(one_go).trained_steps) == (0, 100)
+    for (name, a), (_, b) in zip(continued.state_dict().items(), one_go.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.allclose(logits(short, IDS), logits(continued, IDS), atol=1e-4)  # the 50 more steps did train
+    # Only the tip of a lineage keeps its optimizer state (it is the size of two copies of the weights).
+    lineage = tmp_path / "rungs" / "students" / report.cache_key.split("/")[0]
+    assert sorted(p.name for p in lineage.iterdir()) == ["optimizer-100.pt", "steps-100", "steps-50"]
+
+
+def test_a_run_whose_optimizer_state_is_damaged_trains_from_the_start(tmp_path):
+    model = teacher()
+    short = apply(model, replace(SPEC, steps=3), context(tmp_path))
+    state = tmp_path / "students" / report_of(short).cache_key.split("/")[0] / "optimizer-3.pt"
+    state.write_bytes(state.read_bytes()[:-4] + b"0000")
+    longer = report_of(apply(model, SPEC, context(tmp_path)))
+    assert (longer.resumed_from, longer.trained_steps) == (0, 6)
 
 
 def test_corrupt_entry_is_detected_and_rebuilt(tmp_path):
@@ -170,13 +215,14 @@ def test_key_covers_teacher_spec_data_and_seed():
     base = student_key(key_material(model, SPEC, context()))
     assert base == student_key(key_material(teacher(), SPEC, context()))
     changed = [
-        key_material(model, DistillSpec.from_dict({**SPEC.to_dict(), "steps": 7}), context()),
         key_material(model, DistillSpec.from_dict({**SPEC.to_dict(), "lr": 2e-3}), context()),
         key_material(model, SPEC, context(seed=1)),
         key_material(model, SPEC, context(model_id="other")),
         key_material(model, SPEC, context(calibration=(Document("sonnet", SAMPLE_TEXT * 21),))),
     ]
     assert len({base} | {student_key(m) for m in changed}) == 1 + len(changed)
+    # The length is not part of the lineage: a longer run of the same student continues a shorter one.
+    assert student_key(key_material(model, replace(SPEC, steps=7), context())) == base
 
 
 def test_without_a_model_id_the_teacher_weights_identify_it():
@@ -205,6 +251,10 @@ def test_space_round_trips_and_names_bad_fields():
     assert DistillSpace.from_dict(space.to_dict()) == space
     with pytest.raises(SpecError, match=r"^DistillSpace\.steps\[1\]"):
         DistillSpace.from_dict({"steps": [10, 0]})
+    with pytest.raises(SpecError, match=r"^DistillSpace\.steps: rungs must ascend"):
+        DistillSpace.from_dict({"steps": [20, 10]})
+    with pytest.raises(SpecError, match=r"^DistillSpace\.promote_top"):
+        DistillSpace.from_dict({"promote_top": 0})
     with pytest.raises(SpecError, match=r"^DistillSpace\.grad_clip"):
         DistillSpace.from_dict({"grad_clip": 0})
 
@@ -218,11 +268,11 @@ def test_suggest_with_real_trials():
         spec = suggest(trial, space)
         if spec is not None:
             assert DistillSpec.from_dict(spec.to_dict()) == spec and not spec.structure.is_identity
-            assert trial.params["distillation.steps"] == spec.steps
+            assert "distillation.steps" not in trial.params  # the planner's rungs decide the steps
             specs.append(spec)
         study.tell(trial, 1.0)
     assert 5 < len(specs) < 40
-    assert {s.steps for s in specs} == {5, 10, 20}
+    assert {s.steps for s in specs} == {5}  # every new student is screened at the first rung
 
 
 def test_fitted_space_and_registry():
@@ -231,3 +281,36 @@ def test_fitted_space_and_registry():
     technique = TECHNIQUES["distillation"]
     assert (technique.order, technique.spec_type, technique.space_type) == (10, DistillSpec, DistillSpace)
     assert math.isclose(DistillSpec().alpha, 0.5)
+
+
+# --- healing: a pruned model distilled from the uncompressed one, through the same cached runs ----------
+
+def test_healing_trains_the_cut_model_against_the_teacher_and_continues_its_cached_run(tmp_path, monkeypatch):
+    import search_spaces.pruning as pruning
+
+    source = teacher()
+    spec = pruning.PruneSpec(depth_keep=0.5, mlp_keep=0.5, calibration_samples=4, calibration_seq_len=16,
+                             heal_steps=3, heal_seq_len=16, heal_lr=1e-3)
+    built = lambda s, cache: pruning.apply(copy.deepcopy(source), s, context(cache, teacher=source))  # noqa: E731
+    cut_only = built(replace(spec, heal_steps=0), None)
+    healed = built(spec, tmp_path)
+    report = pruning.report_of(healed)
+    assert (report.healing.steps, report.healing.trained_steps) == (3, 3)
+    assert healed.config.num_hidden_layers == cut_only.config.num_hidden_layers == 1
+    assert not torch.allclose(logits(cut_only, IDS), logits(healed, IDS), atol=1e-4)
+    assert report.structure.kept_layers == pruning.report_of(cut_only).structure.kept_layers
+    assert spec.summary() == "prune(depth 0.5, mlp 0.5, healed 3 steps)"
+    monkeypatch.setattr(pruning, "cut", _no_training)  # a cached or continued heal never cuts again
+    again = pruning.report_of(built(spec, tmp_path))
+    assert again.healing.cache_hit and again.structure.kept_layers == report.structure.kept_layers
+    longer = pruning.report_of(built(replace(spec, heal_steps=6), tmp_path)).healing
+    assert (longer.resumed_from, longer.trained_steps) == (3, 3)
+
+
+def test_healing_refuses_what_it_cannot_heal():
+    from search_spaces.pruning import PruneSpec
+
+    with pytest.raises(SpecError, match=r"^PruneSpec\.heal_steps: healing trains a structurally cut model"):
+        PruneSpec(sparsity={"mlp": 0.5}, mlp_keep=0.5, heal_steps=4)
+    with pytest.raises(SpecError, match=r"^PruneSpec\.heal_steps"):
+        PruneSpec(heal_steps=4)

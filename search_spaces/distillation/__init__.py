@@ -3,42 +3,43 @@
 The student's shape uses the same keep ratios as structured pruning (`depth_keep`, `mlp_keep`,
 `heads_keep`) and starts from the teacher's own weights chosen by importance (`student`); it is
 then trained on the training split with the knowledge-distillation loss (`train`). Trained
-students are cached on disk under `context.cache_dir` (`cache`), keyed by teacher, spec, data
+students are cached on disk under `context.cache_dir` (`cache`, `runs`), keyed by teacher, spec, data
 and seed, so sampling the same student again costs a load, not a training run.
 
-Distillation is the costliest stage, so its step budget is a search dimension (few steps: cheap, lower
-fidelity) and every result carries its cost: `apply` returns the student with a `DistillReport` as its
-`distillation_report` attribute (see `report_of`), whose `seconds_per_step` the planner can read.
-`apply` never modifies the teacher it is given.
+Distillation is the costliest stage, so its steps are a fidelity the planner raises rung by rung
+(`DistillSpace.steps`, `base.Rungs`): every student is screened with a short run, and a promising one
+continues its cached run (weights and optimizer state) to the next rung, paying only the extra steps.
+Every result carries its cost: `apply` returns the student with a `DistillReport` as its
+`distillation_report` attribute (see `report_of`). `apply` never modifies the teacher it is given.
 """
 from __future__ import annotations
 
-import time
-import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from torch import nn
 
 from evaluators.runtime import model_device, model_dtype
-from search_spaces.base import BuildContext, register
+from search_spaces.base import BuildContext, Rungs, register
 from search_spaces.specs import DictSpec, SpecError
-from search_spaces.calibration import calibration_batches
+from search_spaces.distillation.runs import DistillReport, trained
 from search_spaces.distillation.student import derive_student
-from search_spaces.distillation.train import TrainSettings, train_student
+from search_spaces.distillation.train import TrainSettings
 from search_spaces.structure.anatomy import UnsupportedArchitecture
-from search_spaces.specs import check_bool, check_choices, check_float, check_int, check_member
+from search_spaces.specs import check_bool, check_choices, check_float, check_int, check_member, check_rungs
 from search_spaces.structure.shape import RATIO_FIELDS, Structure, check_ratio, ratio_labels
 from search_spaces.structure.technique import StructuredTechnique
-from search_spaces.distillation.cache import StudentCache, data_identity, student_key, weights_identity
+from search_spaces.distillation.cache import data_identity, weights_identity
 
 REPORT_ATTRIBUTE = "distillation_report"
 INITS = ("teacher", "random")
 check_positive = check_float(0.0, float("inf"), low_open=True)
 check_alpha = check_float(0.0, 1.0)
 
-# Spec fields searched as lists of choices in DistillSpace (the rest are fixed settings of the space).
-SEARCHED = RATIO_FIELDS + ("init", "steps", "batch_size", "seq_len", "lr", "temperature", "alpha")
+# Spec fields searched as lists of choices in DistillSpace (the rest are fixed settings of the space; `steps`
+# is the rung list: the planner decides how far a student trains, see `base.Rungs`).
+SEARCHED = RATIO_FIELDS + ("init", "batch_size", "seq_len", "lr", "temperature", "alpha")
+check_fraction = check_float(0.0, 1.0, low_open=True)
 
 
 CHECKS = {
@@ -93,11 +94,13 @@ class DistillSpace(DictSpec):
     mlp_keep: tuple[float, ...] = (1.0, 0.75)
     heads_keep: tuple[float, ...] = (1.0,)
     init: tuple[str, ...] = ("teacher",)
-    # The fidelity / cost dial. Sized for a CPU: a step of 2 x 256 tokens on the built-in model takes a few
-    # seconds on two cores, so 100 steps cost minutes; widen it on a GPU.
-    steps: tuple[int, ...] = (20, 50, 100)
+    # The rungs: every student is screened with the first step count, and only those ranking in the best
+    # `promote_top` fraction of their rung train on (continuing the cached run) to the next. Sized for a
+    # CPU: a step of 2 x 128 tokens on the built-in model takes about 2 s on two cores; widen it on a GPU.
+    steps: tuple[int, ...] = (16, 48, 144)
+    promote_top: float = 0.5
     batch_size: tuple[int, ...] = (2,)
-    seq_len: tuple[int, ...] = (256,)
+    seq_len: tuple[int, ...] = (128,)
     lr: tuple[float, ...] = (1e-4,)
     temperature: tuple[float, ...] = (2.0,)
     alpha: tuple[float, ...] = (0.5,)
@@ -107,76 +110,41 @@ class DistillSpace(DictSpec):
 
     def __post_init__(self) -> None:
         check_choices("DistillSpace.enabled", self.enabled, check_bool)
+        check_rungs("DistillSpace.steps", self.steps)
+        check_fraction("DistillSpace.promote_top", self.promote_top)
         for f in fields(self):
             if f.name in SEARCHED:
                 check_choices(f"DistillSpace.{f.name}", getattr(self, f.name), CHECKS[f.name])
-            elif f.name != "enabled":
+            elif f.name not in ("enabled", "steps", "promote_top"):
                 CHECKS[f.name](f"DistillSpace.{f.name}", getattr(self, f.name))
 
 
-@dataclass(frozen=True)
-class DistillReport:
-    cache_key: str | None  # None when no cache_dir was given
-    cache_hit: bool  # True: loaded from the cache, nothing trained by this call
-    steps: int
-    seconds_per_step: float  # of the training run that produced the student (also on a cache hit)
-    train_seconds: float
-    first_loss: float
-    final_loss: float
-    seconds: float  # wall time of this call: derive + train + store, or just the load on a hit
-    structure: dict | None  # what was kept (structure.surgery.StructureReport.to_dict), None for random init
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def key_material(teacher: nn.Module, spec: DistillSpec, context: BuildContext) -> dict[str, Any]:
-    """What a trained student depends on: teacher, spec (shape and training), training split and seed."""
+    """What a trained student depends on besides its length: teacher, spec (shape and training settings but
+    `steps`), training split and seed. Students that differ only in steps share this lineage, so a longer
+    one continues the cached shorter one."""
     return {
+        "kind": "student",
         "teacher": context.model_id or f"weights:{weights_identity(teacher)}",
         "teacher_dtype": str(model_dtype(teacher)),
-        "spec": spec.to_dict(),
+        "spec": {k: v for k, v in spec.to_dict().items() if k != "steps"},
         "data": data_identity(context.calibration),
         "seed": context.seed,
     }
 
 
 def distill(teacher: nn.Module, spec: DistillSpec, context: BuildContext) -> tuple[nn.Module, DistillReport]:
-    """The trained student for `spec` and its report: from the cache when there, else derived, trained, stored."""
-    started = time.perf_counter()
-    if context.cache_dir is None:
-        student, report = _derive_and_train(teacher, spec, context, None)
-        return student, replace(report, seconds=time.perf_counter() - started)
-    cache = StudentCache(context.cache_dir)
-    material = key_material(teacher, spec, context)
-    key = student_key(material)
-    hit = cache.load(key, type(teacher), model_dtype(teacher), model_device(teacher))
-    if hit is not None:
-        student, stored = hit
-        return student, replace(DistillReport(**stored), cache_key=key, cache_hit=True,
-                                seconds=time.perf_counter() - started)
-    student, report = _derive_and_train(teacher, spec, context, key)
-    try:
-        cache.store(key, student, material, report.to_dict())
-    except OSError as exc:  # a full or read-only disk costs a later retrain, not this trial
-        warnings.warn(f"could not cache the student in {context.cache_dir}: {exc}", RuntimeWarning, stacklevel=2)
-    return student, replace(report, seconds=time.perf_counter() - started)
+    """The trained student for `spec` and its report: from the cache when there, else continued from a shorter
+    cached run of it, else derived from the teacher and trained; stored for the next caller."""
+    def start():
+        try:
+            student, kept = derive_student(teacher, spec.structure, spec.init, context, spec.importance_samples,
+                                           spec.importance_seq_len)
+        except UnsupportedArchitecture as exc:
+            raise exc.spec_error("DistillSpec") from None
+        return student, kept.to_dict() if kept else None
 
-
-def _derive_and_train(teacher: nn.Module, spec: DistillSpec, context: BuildContext,
-                      key: str | None) -> tuple[nn.Module, DistillReport]:
-    try:
-        student, kept = derive_student(teacher, spec.structure, spec.init, context, spec.importance_samples,
-                                       spec.importance_seq_len)
-    except UnsupportedArchitecture as exc:
-        raise exc.spec_error("DistillSpec") from None
-    batches = calibration_batches(context.tokenizer, context.calibration, spec.steps * spec.batch_size,
-                                  spec.seq_len, context.seed)
-    stats = train_student(student, teacher, batches, spec.training, context.seed, context.progress)
-    report = DistillReport(cache_key=key, cache_hit=False, steps=stats.steps, seconds_per_step=stats.seconds_per_step,
-                           train_seconds=stats.seconds, first_loss=stats.first_loss, final_loss=stats.final_loss,
-                           seconds=stats.seconds, structure=kept.to_dict() if kept else None)
-    return student, report
+    return trained(teacher, key_material(teacher, spec, context), spec.training, spec.seq_len, context, start)
 
 
 def apply(teacher: nn.Module, spec: DistillSpec, context: BuildContext) -> nn.Module:
@@ -190,16 +158,24 @@ class Distillation(StructuredTechnique):
     name, order, spec_type, space_type = "distillation", 10, DistillSpec, DistillSpace
     report_attribute = REPORT_ATTRIBUTE
 
+    fidelity_field = "steps"
+
     def suggest_when_on(self, trial, space: DistillSpace) -> DistillSpec | None:
-        """A distillation spec from `space`, or None when the sampled student is the teacher."""
+        """A distillation spec from `space` at the first rung, or None when the sampled student is the teacher."""
         values = {name: self.choose(trial, name, getattr(space, name)) for name in SEARCHED}
         if Structure(**{n: values[n] for n in RATIO_FIELDS}).is_identity and values["init"] == "teacher":
             return None
-        return DistillSpec(**values, grad_clip=space.grad_clip, importance_samples=space.importance_samples,
-                           importance_seq_len=space.importance_seq_len)
+        return DistillSpec(**values, steps=space.steps[0], grad_clip=space.grad_clip,
+                           importance_samples=space.importance_samples, importance_seq_len=space.importance_seq_len)
 
     def apply(self, teacher: nn.Module, spec: DistillSpec, context: BuildContext) -> nn.Module:
         return apply(teacher, spec, context)
+
+    def rungs(self, space: DistillSpace) -> Rungs:
+        return Rungs(space.steps, space.promote_top)
+
+    def training_report(self, model: nn.Module) -> DistillReport | None:
+        return self.report_of(model)
 
 
 # Every student costs training, so none is enqueued by hand: the seeds hold only the stage switched off.

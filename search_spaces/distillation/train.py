@@ -7,6 +7,10 @@ eval mode under no_grad; the student trains with dropout off (it starts from the
 a deterministic loss makes short runs comparable), AdamW, a short linear warm-up then cosine decay, and
 gradient-norm clipping. Deterministic for a seed: the batches are fixed up front and torch's RNG is
 seeded inside a forked RNG state, so the caller's random state is untouched.
+
+Resumable, for multi-fidelity rungs: the learning-rate schedule does not know the run's length (a short
+warm-up, then inverse square-root decay), so a 50-step run is exactly the first half of a 100-step one, and
+`train_student(..., start_step=50, optimizer_state=...)` continues it from its weights and AdamW state.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from tqdm.auto import tqdm
 
 from evaluators.runtime import model_device
 
-WARMUP_FRACTION = 0.05
+WARMUP_STEPS = 10
 SMOOTHING = 0.9  # running loss shown on the progress bar: exponential moving average
 
 
@@ -37,7 +41,7 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class TrainStats:
-    steps: int
+    steps: int  # trained by this call (start_step .. settings.steps - 1)
     seconds: float  # the training loop only (teacher and student forwards, backward, optimizer)
     first_loss: float
     final_loss: float  # running average at the end
@@ -63,16 +67,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, input_id
     return loss
 
 
-def _schedule(steps: int):
-    warmup = max(1, math.ceil(WARMUP_FRACTION * steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))  # cosine down to 10% of lr
-
-    return factor
+def lr_factor(step: int) -> float:
+    """The learning rate at `step` as a fraction of the peak: linear warm-up, then 1 / sqrt(step). It does not
+    depend on the run's length, so a shorter run is a prefix of a longer one."""
+    if step < WARMUP_STEPS:
+        return (step + 1) / WARMUP_STEPS
+    return math.sqrt(WARMUP_STEPS / (step + 1))
 
 
 def _adamw(parameters: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -84,25 +84,35 @@ def _adamw(parameters: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
 
 
 def train_student(student: nn.Module, teacher: nn.Module, batches: torch.Tensor, settings: TrainSettings,
-                  seed: int, progress: bool = True) -> TrainStats:
-    """Train `student` in place on `batches` ((steps * batch_size, seq_len) token ids) against `teacher`."""
-    if batches.shape[0] < settings.steps * settings.batch_size:
-        raise ValueError(f"{batches.shape[0]} windows for {settings.steps} steps of {settings.batch_size}")
+                  seed: int, progress: bool = True, start_step: int = 0,
+                  optimizer_state: dict | None = None) -> tuple[TrainStats, dict]:
+    """Train `student` in place from `start_step` to `settings.steps` against `teacher`, on `batches`
+    ((steps - start_step) * batch_size, seq_len token ids: the windows of those steps). `optimizer_state` is
+    the AdamW state the run that reached `start_step` returned. Returns the stats and the AdamW state now."""
+    steps = settings.steps - start_step
+    if steps < 1 or batches.shape[0] < steps * settings.batch_size:
+        raise ValueError(f"{batches.shape[0]} windows for steps {start_step}..{settings.steps} of {settings.batch_size}")
+    if start_step and optimizer_state is None:
+        raise ValueError(f"resuming at step {start_step} needs the optimizer state of the run that got there")
     device = model_device(student)
     teacher_training = teacher.training
     teacher.eval()
     student.eval()  # dropout off, see the module docstring; gradients flow regardless of the mode
     parameters = [p for p in student.parameters() if p.requires_grad]
     optimizer = _adamw(parameters, settings.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings.steps))
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     running = first = None
-    bar = tqdm(range(settings.steps), desc="distill", unit="step", disable=not progress, leave=False)
+    bar = tqdm(range(start_step, settings.steps), desc="distill", unit="step", disable=not progress, leave=False)
     started = time.perf_counter()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             for step in bar:
-                ids = batches[step * settings.batch_size:(step + 1) * settings.batch_size].to(device)
+                for group in optimizer.param_groups:
+                    group["lr"] = settings.lr * lr_factor(step)
+                row = (step - start_step) * settings.batch_size
+                ids = batches[row:row + settings.batch_size].to(device)
                 with torch.no_grad():
                     teacher_logits = teacher(input_ids=ids, use_cache=False).logits
                 student_logits = student(input_ids=ids, use_cache=False).logits
@@ -111,7 +121,6 @@ def train_student(student: nn.Module, teacher: nn.Module, batches: torch.Tensor,
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
                 optimizer.step()
-                scheduler.step()
                 value = loss.item()
                 first = value if first is None else first
                 running = value if running is None else SMOOTHING * running + (1 - SMOOTHING) * value
@@ -121,4 +130,4 @@ def train_student(student: nn.Module, teacher: nn.Module, batches: torch.Tensor,
         teacher.train(teacher_training)
         optimizer.zero_grad(set_to_none=True)
     student.eval()
-    return TrainStats(settings.steps, time.perf_counter() - started, first, running)
+    return TrainStats(steps, time.perf_counter() - started, first, running), optimizer.state_dict()

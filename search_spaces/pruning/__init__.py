@@ -10,25 +10,33 @@ and reloads as a plain transformers model:
 Unstructured (`sparsity` per layer group, "attn" / "mlp"), by magnitude or Wanda, optionally in the 2:4
 pattern: zeros stored densely gain nothing on a CPU or in a dense checkpoint (see `unstructured`),
 so the default space leaves it off; a study file can open it.
+Healing (`heal_steps`, the Minitron recipe: prune, then distil): the cut model is trained for a few steps
+to imitate the uncompressed model (`context.teacher`), through the same cached, resumable runs as
+distillation (`distillation.runs`), so its steps are rungs the planner raises for promising cuts.
 
 `apply` prunes the model it is given in place and returns it (the planner builds each candidate from a
 fresh copy); what was kept is on the returned model as `pruning_report` (see `report_of`).
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from torch import nn
 
-from search_spaces.base import BuildContext, Params, register
-from search_spaces.specs import DictSpec
+from evaluators.runtime import model_dtype
+from search_spaces.base import BuildContext, Params, Rungs, register
+from search_spaces.distillation.cache import data_identity, weights_identity
+from search_spaces.distillation.runs import DistillReport, trained
+from search_spaces.distillation.train import TrainSettings
+from search_spaces.specs import DictSpec, SpecError
 from search_spaces.calibration import calibration_batches
 from search_spaces.structure.importance import input_feature_norms, structural_importance
 from search_spaces.structure.anatomy import UnsupportedArchitecture
-from search_spaces.specs import check_bool, check_choices, check_float, check_int, check_member
-from search_spaces.structure.shape import RATIO_FIELDS, Structure, check_ratio, ratio_labels, reduced_shapes
+from search_spaces.specs import check_bool, check_choices, check_float, check_int, check_member, check_rungs
+from search_spaces.structure.shape import RATIO_FIELDS, Shape, Structure, check_ratio, ratio_labels, reduced_shapes
 from search_spaces.structure.technique import StructuredTechnique
 from search_spaces.structure.surgery import StructureReport, check_structure, needed_scores, restructure
 from search_spaces.pruning.unstructured import GROUPS, METHODS, PATTERNS, SEMI_STRUCTURED_SPARSITY, \
@@ -36,6 +44,7 @@ from search_spaces.pruning.unstructured import GROUPS, METHODS, PATTERNS, SEMI_S
 from search_spaces.layers import linear_sites, weight_out_in
 
 REPORT_ATTRIBUTE = "pruning_report"
+HEAL_TEMPERATURE, HEAL_ALPHA = 2.0, 0.5  # the distillation defaults (DistillSpec)
 check_sparsity = check_float(0.0, 1.0, high_open=True)
 
 
@@ -55,10 +64,21 @@ class PruneSpec(DictSpec):
     pattern: Literal["unstructured", "2:4"] = "unstructured"
     calibration_samples: int = 32  # windows of training text for importance scores and Wanda norms
     calibration_seq_len: int = 256
+    heal_steps: int = 0  # distillation steps from the uncompressed model after the cuts (0: no healing)
+    heal_batch_size: int = 2
+    heal_seq_len: int = 128
+    heal_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         for name in RATIO_FIELDS:
             check_ratio(f"PruneSpec.{name}", getattr(self, name))
+        check_int(0)("PruneSpec.heal_steps", self.heal_steps)
+        check_int(1)("PruneSpec.heal_batch_size", self.heal_batch_size)
+        check_int(2)("PruneSpec.heal_seq_len", self.heal_seq_len)
+        check_float(0.0, float("inf"), low_open=True)("PruneSpec.heal_lr", self.heal_lr)
+        if self.heal_steps and (self.structure.is_identity or self.sparsity and any(self.sparsity.values())):
+            raise SpecError("PruneSpec.heal_steps: healing trains a structurally cut model (it would regrow "
+                            "zeroed weights, and an uncut model has nothing to heal)")
         check_value = check_sparsity if self.pattern != "2:4" else check_member((0.0, SEMI_STRUCTURED_SPARSITY))
         _check_sparsity_map("PruneSpec.sparsity", self.sparsity, check_value)
         check_member(METHODS)("PruneSpec.method", self.method)
@@ -78,12 +98,18 @@ class PruneSpec(DictSpec):
     def is_identity(self) -> bool:
         return self.structure.is_identity and not self.is_sparse
 
+    @property
+    def healing(self) -> TrainSettings:
+        return TrainSettings(self.heal_steps, self.heal_batch_size, self.heal_lr, HEAL_TEMPERATURE, HEAL_ALPHA, 1.0)
+
     def summary(self) -> str:
         """A short label such as 'prune(depth 0.8, mlp 0.75, wanda mlp 0.5)' for tables and logs."""
         parts = ratio_labels(self.structure)
         if self.is_sparse:
             groups = " ".join(f"{g} {v:g}" for g, v in self.sparsity.items() if v > 0)
             parts.append(f"{self.method}{' 2:4' if self.pattern == '2:4' else ''} {groups}")
+        if self.heal_steps:
+            parts.append(f"healed {self.heal_steps} steps")
         return f"prune({', '.join(parts)})"
 
 
@@ -103,9 +129,23 @@ class PruneSpace(DictSpec):
     pattern: tuple[str, ...] = ("unstructured",)  # add "2:4" to search the semi-structured pattern (GPU only)
     calibration_samples: int = 32
     calibration_seq_len: int = 256
+    # Healing: whether a cut model is distilled from the uncompressed one, and the rungs of its steps (the
+    # planner screens every healed cut with the first and continues promising ones, see base.Rungs).
+    heal: tuple[bool, ...] = (False, True)
+    heal_steps: tuple[int, ...] = (16, 48)
+    promote_top: float = 0.5
+    heal_batch_size: int = 2
+    heal_seq_len: int = 128
+    heal_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         check_choices("PruneSpace.enabled", self.enabled, check_bool)
+        check_choices("PruneSpace.heal", self.heal, check_bool)
+        check_rungs("PruneSpace.heal_steps", self.heal_steps)
+        check_float(0.0, 1.0, low_open=True)("PruneSpace.promote_top", self.promote_top)
+        check_int(1)("PruneSpace.heal_batch_size", self.heal_batch_size)
+        check_int(2)("PruneSpace.heal_seq_len", self.heal_seq_len)
+        check_float(0.0, float("inf"), low_open=True)("PruneSpace.heal_lr", self.heal_lr)
         for name in RATIO_FIELDS:
             check_choices(f"PruneSpace.{name}", getattr(self, name), check_ratio)
         for group, choices in self.sparsity.items():
@@ -122,13 +162,53 @@ class PruneReport:
     structure: StructureReport
     sparsity: dict[str, float]  # achieved zeros per layer group
     seconds: float
+    healing: DistillReport | None = None  # the healing run (steps, resumed from, cache hit), when healed
 
     def to_dict(self) -> dict:
-        return {"structure": self.structure.to_dict(), "sparsity": dict(self.sparsity), "seconds": self.seconds}
+        return {"structure": self.structure.to_dict(), "sparsity": dict(self.sparsity), "seconds": self.seconds,
+                "healing": self.healing.to_dict() if self.healing else None}
+
+
+def heal_material(teacher: nn.Module, spec: PruneSpec, context: BuildContext) -> dict:
+    """What a healed model depends on besides its steps: teacher, the stages before pruning, the cut, data, seed."""
+    return {
+        "kind": "healed",
+        "teacher": context.model_id or f"weights:{weights_identity(teacher)}",
+        "teacher_dtype": str(model_dtype(teacher)),
+        "upstream": list(context.upstream),
+        "spec": {k: v for k, v in spec.to_dict().items() if k != "heal_steps"},
+        "data": data_identity(context.calibration),
+        "seed": context.seed,
+    }
 
 
 def apply(model: nn.Module, spec: PruneSpec, context: BuildContext) -> nn.Module:
-    """Prune `model` in place (structured cuts, then sparsity) and return it, with its `pruning_report`."""
+    """Prune `model` in place (structured cuts, then sparsity) and return it, with its `pruning_report`; with
+    `heal_steps`, the healed model (a cached one is loaded instead of cutting again)."""
+    if not spec.heal_steps:
+        return cut(model, spec, context)
+    started = time.perf_counter()
+    teacher = context.teacher if context.teacher is not None else copy.deepcopy(model)
+
+    def start():
+        cut(model, spec, context)
+        return model, report_of(model).structure.to_dict()
+
+    healed, run = trained(teacher, heal_material(teacher, spec, context), spec.healing, spec.heal_seq_len, context,
+                          start)
+    setattr(healed, REPORT_ATTRIBUTE, PruneReport(structure_report(run.structure), {}, time.perf_counter() - started,
+                                                  run))
+    return healed
+
+
+def structure_report(stored: dict) -> StructureReport:
+    """A StructureReport from its `to_dict` (what a cached healed model's report keeps)."""
+    return StructureReport(Shape(**stored["shape"]), tuple(stored["kept_layers"]),
+                           {int(k): tuple(v) for k, v in stored["kept_kv_groups"].items()})
+
+
+def cut(model: nn.Module, spec: PruneSpec, context: BuildContext) -> nn.Module:
+    """The structured cuts, then sparsity, in place (no healing)."""
     started = time.perf_counter()
     try:
         check_structure(model, spec.structure)
@@ -155,8 +235,11 @@ class Pruning(StructuredTechnique):
     name, order, spec_type, space_type = "pruning", 20, PruneSpec, PruneSpace
     report_attribute = REPORT_ATTRIBUTE
 
+    fidelity_field = "heal_steps"
+
     def suggest_when_on(self, trial, space: PruneSpace) -> PruneSpec | None:
-        """A pruning spec from `space`, or None when every sampled cut is a no-op."""
+        """A pruning spec from `space`, or None when every sampled cut is a no-op; a structural cut without
+        sparsity may be healed (at the first rung: the planner raises it)."""
         ratios = {name: self.choose(trial, name, getattr(space, name)) for name in RATIO_FIELDS}
         sparsity, pattern, method = {}, "unstructured", space.method[0]
         if any(v > 0 for choices in space.sparsity.values() for v in choices):
@@ -169,9 +252,14 @@ class Pruning(StructuredTechnique):
                     sparsity[group] = self.choose(trial, f"sparsity.{group}", choices)
             if any(v > 0 for v in sparsity.values()):
                 method = self.choose(trial, "method", space.method)
+        heal = False
+        if not Structure(**ratios).is_identity and not any(sparsity.values()):
+            heal = self.choose(trial, "heal", space.heal)
         spec = PruneSpec(**ratios, sparsity=sparsity, method=method, pattern=pattern,
                          calibration_samples=space.calibration_samples,
-                         calibration_seq_len=space.calibration_seq_len)
+                         calibration_seq_len=space.calibration_seq_len,
+                         heal_steps=space.heal_steps[0] if heal else 0, heal_batch_size=space.heal_batch_size,
+                         heal_seq_len=space.heal_seq_len, heal_lr=space.heal_lr)
         return None if spec.is_identity else spec
 
     def apply(self, model: nn.Module, spec: PruneSpec, context: BuildContext) -> nn.Module:
@@ -187,6 +275,17 @@ class Pruning(StructuredTechnique):
 
     def shapes(self, space: PruneSpace) -> list[Params]:
         return reduced_shapes(space)
+
+    def off(self, space: PruneSpace) -> Params:
+        """Off; a seed that turns the stage on (a reduced shape) leaves healing off, so seeds train nothing."""
+        return {**super().off(space), **({"heal": False} if len(space.heal) > 1 else {})}
+
+    def rungs(self, space: PruneSpace) -> Rungs:
+        return Rungs(space.heal_steps, space.promote_top)
+
+    def training_report(self, model: nn.Module) -> DistillReport | None:
+        report = self.report_of(model)
+        return report.healing if report is not None else None
 
 
 TECHNIQUE = register(Pruning())
