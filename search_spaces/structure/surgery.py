@@ -1,8 +1,9 @@
 """Structured surgery: remove MLP neurons, key/value groups (with their query heads) and whole layers for real.
 
-Each operation replaces linear layers by smaller ones holding the kept rows / columns, then writes the
-new counts into the live config object (every submodule holding a reference sees them), so the result
-is a plain transformers model: `save_pretrained` then `from_pretrained` gives identical logits.
+Each operation replaces linear layers by smaller ones holding the kept rows / columns (a fused projection
+keeps them in each of its parts: [gate; up], [q; k; v]), then writes the new counts into the live config
+object (every submodule holding a reference sees them), so the result is a plain transformers model:
+`save_pretrained` then `from_pretrained` gives identical logits.
 `check_reloadable` proves that by comparing every tensor shape with a skeleton built from the config.
 All operations work in place on the model they are given.
 """
@@ -23,6 +24,7 @@ from search_spaces.structure.anatomy import (
     head_layout,
     head_pruning_blocker,
     mlp_parts,
+    mlp_pruning_blocker,
 )
 from search_spaces.structure.shape import Shape, Structure, shape_of, shaped_config, target_shape, write_shape
 
@@ -92,11 +94,14 @@ def prune_mlp(model: nn.Module, keep: Mapping[int, Sequence[int] | torch.Tensor]
     width = _uniform(keep, shape.layers, "MLP neurons")
     new_shape = replace(shape, intermediate=width)
     shaped_config(model.config, new_shape)  # fail before touching any weight
+    if reason := mlp_pruning_blocker(model):
+        raise UnsupportedArchitecture(reason, "mlp_keep")
     for layer, values in keep.items():
         parts = mlp_parts(model, layer)
         index = _indices(values, parts.width, f"layer {layer} MLP neurons")
         for projection in parts.inputs:
-            model.set_submodule(projection.name, slice_linear(projection.module, rows=index))
+            rows = projection.rows(index, parts.width)
+            model.set_submodule(projection.name, slice_linear(projection.module, rows=rows))
         model.set_submodule(parts.output.name, slice_linear(parts.output.module, cols=index))
         _set_present(parts.owner, WIDTH_ATTRIBUTES, width)
     _apply_shape(model, new_shape)
@@ -104,6 +109,11 @@ def prune_mlp(model: nn.Module, keep: Mapping[int, Sequence[int] | torch.Tensor]
 
 def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+def packed_rows(q_rows: torch.Tensor, kv_rows: torch.Tensor, q_width: int, kv_width: int) -> torch.Tensor:
+    """The rows of a packed [q; k; v] projection holding the given query rows and key/value rows."""
+    return torch.cat([q_rows, q_width + kv_rows, q_width + kv_width + kv_rows])
 
 
 def prune_heads(model: nn.Module, keep_groups: Mapping[int, Sequence[int] | torch.Tensor]) -> None:
@@ -116,15 +126,21 @@ def prune_heads(model: nn.Module, keep_groups: Mapping[int, Sequence[int] | torc
     groups = _uniform(keep_groups, shape.layers, "key/value groups")
     new_shape = replace(shape, heads=groups * layout.group_size, kv_heads=groups)
     shaped_config(model.config, new_shape)
+    if reason := head_pruning_blocker(model):
+        raise UnsupportedArchitecture(reason, "heads_keep")
+    q_width, kv_width = layout.heads * layout.head_dim, layout.kv_heads * layout.head_dim
     for layer, values in keep_groups.items():
         kv = _indices(values, layout.kv_heads, f"layer {layer} key/value groups")
         queries = (kv[:, None] * layout.group_size + torch.arange(layout.group_size)).reshape(-1)
         q_rows, kv_rows = _head_rows(queries, layout.head_dim), _head_rows(kv, layout.head_dim)
+        qkv_rows = packed_rows(q_rows, kv_rows, q_width, kv_width)
         parts = attention_parts(model, layer)
         for projection in parts.queries:
             model.set_submodule(projection.name, slice_linear(projection.module, rows=q_rows))
         for projection in parts.key_values:
             model.set_submodule(projection.name, slice_linear(projection.module, rows=kv_rows))
+        for projection in parts.packed:
+            model.set_submodule(projection.name, slice_linear(projection.module, rows=qkv_rows))
         model.set_submodule(parts.output.name, slice_linear(parts.output.module, cols=q_rows))
         _set_present(parts.owner, HEAD_COUNT_ATTRIBUTES, new_shape.heads)
         _set_present(parts.owner, KV_COUNT_ATTRIBUTES, new_shape.kv_heads)
@@ -192,11 +208,8 @@ def check_structure(model: nn.Module, structure: Structure) -> None:
     shaped_config(model.config, target_shape(text_config(model), structure))
     if needs["heads"] and (reason := head_pruning_blocker(model)):
         raise UnsupportedArchitecture(reason, "heads_keep")
-    if needs["neurons"]:
-        try:
-            mlp_parts(model, 0)
-        except UnsupportedArchitecture as exc:
-            raise UnsupportedArchitecture(str(exc), "mlp_keep") from None
+    if needs["neurons"] and (reason := mlp_pruning_blocker(model)):
+        raise UnsupportedArchitecture(reason, "mlp_keep")
     if needs["layers"] and getattr(text_config(model), "scale_attn_by_inverse_layer_idx", False):
         raise UnsupportedArchitecture(SCALED_BY_LAYER, "depth_keep")
 
