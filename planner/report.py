@@ -7,6 +7,7 @@ import optuna
 
 from planner.objectives import COLUMN_ORDER, metric
 from planner.outcome import Outcome, best_trials, feasible
+from planner.workers import repeat
 
 
 def trial_line(trial: optuna.trial.FrozenTrial, total: int) -> str:
@@ -22,6 +23,8 @@ def trial_line(trial: optuna.trial.FrozenTrial, total: int) -> str:
     note = (trial.user_attrs.get("rejected") or trial.user_attrs.get("skipped_perplexity")
             or (f"same candidate as trial {trial.user_attrs['duplicate_of']}" if "duplicate_of" in trial.user_attrs
                 else ""))
+    if repeat(trial):
+        note += "; not counted in the trials"
     return (f"trial {trial.number:>3}/{total} {'ok  ' if feasible(trial) else 'over'} {ppl}{kl}{decode}  "
             f"{row.get('weight_mb', 0):7.1f} MB  {seconds:5.1f} s  {label}" + (f"  ({note})" if note else ""))
 

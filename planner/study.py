@@ -225,7 +225,18 @@ def _measure_baseline(bench: Workbench, study: optuna.Study) -> dict:
 
 
 def finished(study: optuna.Study) -> int:
-    return sum(workers.finished(t) for t in study.get_trials(deepcopy=False))
+    """Trials toward the study's count: distinct candidates measured (or failed); repeats do not count."""
+    return sum(workers.answered(t) for t in study.get_trials(deepcopy=False))
+
+
+def repeats(study: optuna.Study) -> str:
+    """What the draws that did not count were, e.g. '3 twins of measured candidates, 2 over the memory budget'."""
+    trials = [t for t in study.get_trials(deepcopy=False) if workers.finished(t) and workers.repeat(t)]
+    twins = sum("duplicate_of" in t.user_attrs for t in trials)
+    parts = [f"{twins} twin(s) of measured candidates"] if twins else []
+    if len(trials) > twins:
+        parts.append(f"{len(trials) - twins} over the memory budget from the spec")
+    return ", ".join(parts)
 
 
 def create_or_load(settings: StudySettings) -> optuna.Study:
@@ -294,7 +305,7 @@ def run_study(study: optuna.Study, bench: Workbench, quiet: bool = False) -> Out
                    disable=quiet or not sys.stderr.isatty(), leave=False)
 
         def report(study_, trial):
-            bar.update(1)
+            bar.update(0 if workers.repeat(trial) else 1)
             if not quiet:
                 tqdm.write(trial_line(trial, settings.trials))
 
@@ -309,8 +320,13 @@ def run_study(study: optuna.Study, bench: Workbench, quiet: bool = False) -> Out
                               "the same command") from None
         bar.close()
         if not quiet:
+            extra = repeats(study)
             tqdm.write(f"planner: {finished(study)} trials in the study ({time.perf_counter() - started:.0f} s, "
-                       f"{result.ran} trial(s) run by this process)")
+                       f"{result.ran} trial(s) run by this process"
+                       + (f"; not counted: {extra}" if extra else "") + ")")
+            if result.exhausted:
+                tqdm.write(f"planner: stopped after {workers.MAX_DRAWS} draws per trial: the space holds no more "
+                           "distinct candidates that fit the budget (widen it, or ask for fewer --trials)")
         if result.failed_in_a_row >= workers.MAX_CONSECUTIVE_FAILURES:
             raise SearchStopped(f"stopped: the last {result.failed_in_a_row} trials all failed "
                                f"(last: {result.last_failure}); see `planner review` for each trial's reason")

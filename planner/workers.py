@@ -1,9 +1,13 @@
 """Running a study's trials from one or many processes until the study holds its trial count.
 
 Every process (`planner search`, `planner worker`) runs the same loop over the shared storage:
-- a trial counts toward the study's count when it is complete, running, waiting, or failed by its own
-  candidate (an exception, out of memory, NaN). Trials cut short by a dead process or Ctrl-C do not count
-  and are retried with the same parameters;
+- a trial counts toward the study's count when it bought an answer: a candidate built and measured, or
+  failed by its own candidate (an exception, out of memory, NaN); running and waiting trials count until
+  they end. A draw that repeats a measured candidate (`duplicate_of`) or that its spec puts over the memory
+  budget (`rejected`) stays in the study, so the sampler learns from it, but does not count: the user's
+  trial count buys distinct, possibly feasible candidates. At most `MAX_DRAWS` draws per counted trial are
+  made (a space with fewer distinct candidates than the count ends there). Trials cut short by a dead
+  process or Ctrl-C do not count and are retried with the same parameters;
 - a process whose trial would exceed the count (two workers asking at once) sees it from the trial
   numbers, records that trial as pruned (`surplus`) and stops, so the count is exact;
 - a process that finds the count reached while others still run waits for them: if one of them dies,
@@ -26,6 +30,9 @@ TrialState = optuna.trial.TrialState
 POLL_SECONDS = 2.0
 # Consecutive failed trials after which a process gives up: a space where everything fails is a setup problem.
 MAX_CONSECUTIVE_FAILURES = 5
+# Draws (trials of any kind) per trial of the count, before a process decides the space holds no more
+# distinct candidates: twins and spec rejections cost well under a second each.
+MAX_DRAWS = 4
 
 
 DEADLINE_ATTR = "deadline"  # a study's own deadline (epoch seconds), set by `planner create --timeout`
@@ -36,9 +43,19 @@ def finished(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL and "failure" in trial.user_attrs)
 
 
+def repeat(trial: optuna.trial.FrozenTrial) -> bool:
+    """A draw that bought no new answer: the twin of a measured candidate, or over the memory budget by its spec."""
+    return "duplicate_of" in trial.user_attrs or "rejected" in trial.user_attrs
+
+
+def answered(trial: optuna.trial.FrozenTrial) -> bool:
+    """Finished with a new answer: a candidate measured, or failed by its own candidate."""
+    return finished(trial) and not repeat(trial)
+
+
 def counts(trial: optuna.trial.FrozenTrial) -> bool:
-    """Toward the study's trial count: finished, or still to finish (running or queued)."""
-    return finished(trial) or trial.state in (TrialState.RUNNING, TrialState.WAITING)
+    """Toward the study's trial count: answered, or still to finish (running or queued)."""
+    return answered(trial) or trial.state in (TrialState.RUNNING, TrialState.WAITING)
 
 
 def owner() -> dict:
@@ -92,12 +109,14 @@ class RunResult:
     failed_in_a_row: int = 0
     last_failure: str = ""
     timed_out: bool = False
+    exhausted: bool = False  # MAX_DRAWS draws per counted trial made: the space holds no more distinct candidates
 
 
 def run_trials(study: optuna.Study, objective: Callable, target: int, timeout: float | None = None,
                callbacks: tuple = (), say: Callable[[str], None] = print) -> RunResult:
     """Run trials here until `target` trials count in the study (across every process), `timeout` seconds
-    pass in this process, or the study's own deadline (`planner create --timeout`) passes for every worker."""
+    pass in this process, the study's own deadline (`planner create --timeout`) passes for every worker, or
+    `MAX_DRAWS` draws per counted trial were made."""
     deadline = study.user_attrs.get(DEADLINE_ATTR)
     result, started, waiting_said, current = RunResult(), time.monotonic(), False, {}
 
@@ -129,9 +148,12 @@ def run_trials(study: optuna.Study, objective: Callable, target: int, timeout: f
         if reaped:
             say(f"planner: trial(s) {', '.join(map(str, reaped))} were cut short by a dead process; retrying")
         trials = study.get_trials(deepcopy=False)
-        done = sum(finished(t) for t in trials)
+        done = sum(answered(t) for t in trials)
         running = sum(t.state == TrialState.RUNNING for t in trials)
         if done >= target:
+            return result
+        if sum(finished(t) for t in trials) >= MAX_DRAWS * target:
+            result.exhausted = True
             return result
         if result.failed_in_a_row >= MAX_CONSECUTIVE_FAILURES:
             return result

@@ -33,7 +33,9 @@ def test_search_export_apply_review(study, tmp_path, text_corpus_dir, capsys, mo
     assert code == 0, err
     assert "Pareto front" in out and "recipe of trial" in out
     stored = load(tmp_path)
-    assert len(stored.trials) == 6
+    # --trials counts distinct candidates: twins and spec rejections are drawn on top, and say so.
+    counted = [t for t in stored.trials if not {"duplicate_of", "rejected"} & set(t.user_attrs)]
+    assert len(counted) == 6 and len(stored.trials) <= 6 * 4
     recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
     recommended = recipe["provenance"]["trial"]
     trial = stored.trials[recommended]

@@ -261,3 +261,39 @@ def test_a_failed_trial_frees_what_it_built(tiny_study_file, tmp_path, capsys, m
     code = cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "2", "-q"])
     assert code == 1 and capsys.readouterr().out.count("FAILED") == 0  # -q: no trial lines
     assert len(built) == 2 and all(ref() is None for ref in built)  # nothing a failed trial made is kept
+
+
+def test_repeats_are_drawn_on_top_of_the_count():
+    """A twin of a measured candidate or a spec over the memory budget is recorded but buys no answer."""
+    study = optuna.create_study(directions=["minimize"])
+    for x in (0.1, 0.1, 0.9, 0.2):
+        study.enqueue_trial({"x": x})
+    seen = set()
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0, 1)
+        if x in seen:
+            trial.set_user_attr("duplicate_of", 0)
+        elif x > 0.5:
+            trial.set_user_attr("rejected", "weights over the budget from the spec alone")
+        seen.add(x)
+        return x
+
+    result = workers.run_trials(study, objective, target=2, say=lambda _: None)
+    assert result.ran == 4 and not result.exhausted
+    assert [t.params["x"] for t in study.trials] == [0.1, 0.1, 0.9, 0.2]
+    assert [workers.answered(t) for t in study.trials] == [True, False, False, True]
+
+
+def test_a_space_without_enough_distinct_candidates_stops_after_its_draws():
+    study = optuna.create_study(directions=["minimize"])
+
+    def objective(trial):
+        trial.suggest_categorical("x", [1])
+        if trial.number:
+            trial.set_user_attr("duplicate_of", 0)
+        return 1.0
+
+    result = workers.run_trials(study, objective, target=3, say=lambda _: None)
+    assert result.exhausted and len(study.trials) == workers.MAX_DRAWS * 3
+    assert sum(workers.answered(t) for t in study.trials) == 1
