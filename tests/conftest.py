@@ -120,6 +120,8 @@ importance_seq_len = 32
 [space.pruning]
 calibration_samples = 4
 calibration_seq_len = 32
+heal_steps = [2, 4]
+heal_seq_len = 32
 
 [space.quantization]
 methods = ["none", "rtn", "dynamic-int8"]

@@ -20,14 +20,14 @@ from typing import Any, Literal
 from torch import nn
 
 from evaluators.runtime import model_device, model_dtype
-from search_spaces.base import BuildContext, Rungs, register
+from search_spaces.base import BuildContext, Params, Rungs, register
 from search_spaces.specs import DictSpec, SpecError
 from search_spaces.distillation.runs import DistillReport, trained
 from search_spaces.distillation.student import derive_student
 from search_spaces.distillation.train import TrainSettings
 from search_spaces.structure.anatomy import UnsupportedArchitecture
 from search_spaces.specs import check_bool, check_choices, check_float, check_int, check_member, check_rungs
-from search_spaces.structure.shape import RATIO_FIELDS, Structure, check_ratio, ratio_labels
+from search_spaces.structure.shape import RATIO_FIELDS, Structure, check_ratio, ratio_labels, reduced_shapes
 from search_spaces.structure.technique import StructuredTechnique
 from search_spaces.distillation.cache import data_identity, weights_identity
 
@@ -171,6 +171,11 @@ class Distillation(StructuredTechnique):
     def apply(self, teacher: nn.Module, spec: DistillSpec, context: BuildContext) -> nn.Module:
         return apply(teacher, spec, context)
 
+    def shapes(self, space: DistillSpace) -> list[Params]:
+        """The student shapes as warm starts, each with the storage stages' shape presets (screened at the first
+        rung: a seed costs one short training run)."""
+        return reduced_shapes(space)
+
     def rungs(self, space: DistillSpace) -> Rungs:
         return Rungs(space.steps, space.promote_top)
 
@@ -178,7 +183,7 @@ class Distillation(StructuredTechnique):
         return self.report_of(model)
 
 
-# Every student costs training, so none is enqueued by hand: the seeds hold only the stage switched off.
+# No student is a hand-picked preset on its own: students enter the seeds through `shapes` (reduced shapes).
 TECHNIQUE = register(Distillation())
 suggest, estimate, report_of = TECHNIQUE.suggest, TECHNIQUE.estimate, TECHNIQUE.report_of
 student_config = TECHNIQUE.derive_config  # the student's config, without building it

@@ -74,7 +74,12 @@ class GridMethod(QuantMethod):
         return [self._everywhere(space, bits) for bits in self.preset_bits if bits in space.bits]
 
     def shape_presets(self, space: QuantSpace) -> list[Params]:
-        return [self._everywhere(space, 4)] if 4 in space.bits else []
+        """4 bits on a reduced shape, the head too when the space can store it so: the compact, fast end, which
+        is what a shape is cut for (a 16-bit head is a third of a 4-bit model's decode work in llama.cpp)."""
+        if 4 not in space.bits:
+            return []
+        head = {self.param("head_bits"): 4} if 4 in (space.head_bits or ()) else {}
+        return [{**self._everywhere(space, 4), **head}]
 
     def smallest(self, space: QuantSpace) -> list[Params]:
         """Least bits, symmetric grids (no zero points); head bits and group sizes all listed: which is smallest
