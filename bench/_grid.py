@@ -35,7 +35,8 @@ MLP_KEEP = [1.0, 0.75, 0.5]
 BITS = [3, 4, 8]
 GRID_SPACE = {
     "distillation": False,
-    "pruning": {"depth_keep": DEPTH_KEEP, "mlp_keep": MLP_KEEP, "heads_keep": [1.0], "calibration_samples": 16},
+    "pruning": {"depth_keep": DEPTH_KEEP, "mlp_keep": MLP_KEEP, "heads_keep": [1.0], "calibration_samples": 16,
+                "heal": [False]},
     "quantization": {"methods": ["none", "rtn", "gptq", "dynamic-int8"], "bits": BITS, "head_bits": [16],
                      "group_sizes": [128], "device": "cpu"},
 }
@@ -245,6 +246,25 @@ def objective_values(row: dict) -> tuple[float, float, float]:
 # ---------------------------------------------------------------------------------------------------
 
 
+def rekeyed(table: dict[str, dict], spaces: dict) -> dict[str, dict]:
+    """The table keyed by today's stage specs: a row's key is the spec dict of when it was measured, which later
+    spec fields (e.g. the GGUF grid, healing) change; its trial parameters (older `prune.*` names renamed)
+    name the same candidate in today's space."""
+    from planner.candidates import CornerTrial, suggest_stages
+
+    renamed = {"prune.": "pruning.", "distill.": "distillation.", "quant.": "quantization."}
+
+    def current(params: dict) -> dict:
+        out = {}
+        for name, value in params.items():
+            for old, new in renamed.items():
+                name = new + name[len(old):] if name.startswith(old) else name
+            out[name] = value
+        return out
+
+    return {stage_key(suggest_stages(CornerTrial(current(row["params"])), spaces)): row for row in table.values()}
+
+
 class Replay:
     """The planner's study code with candidates looked up in the table instead of built and measured."""
 
@@ -252,17 +272,18 @@ class Replay:
         import optuna
 
         import planner.trial as trial_module
+        import targets.transformers_target as transformers_target
         from planner.study import resolve_spaces
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.table = table
-        self.search = trial_module
+        self.modules = (trial_module, transformers_target)  # where the build and the evaluators are looked up
         self.model = meta_model()
         self.model.bench_key = "[]"
         self.spaces = resolve_spaces(grid_settings(), self.model)
+        self.table = rekeyed(table, self.spaces)
         self._estimates: dict[str, int] = {}
         keys = {stage_key(stages) for _, stages in grid_points(self.spaces)}
-        missing = keys - set(table)
+        missing = keys - set(self.table)
         if missing:
             raise SystemExit(f"the table misses {len(missing)} of the grid's {len(keys)} points; run --evaluate first")
 
@@ -300,7 +321,8 @@ class Replay:
         return self._estimates[key]
 
     def run(self, sampler: str, seed: int, trials: int, budgets: dict | None = None, sampler_object=None,
-            extra_enqueued: list[dict] | None = None, skip_over_budget: bool = False, seeding: str = "planner"):
+            extra_enqueued: list[dict] | None = None, skip_over_budget: bool = False, seeding: str = "planner",
+            every_trial_counts: bool = False):
         """One study of `trials` trials; returns (study, bench, outcome). `budgets` maps kind -> text
         (e.g. {"memory": "0.3x"}). `sampler_object` overrides the named sampler (prototypes of changes).
         `seeding`: "planner" enqueues what the planner does (`candidates.starting_points`); "hand_picked"
@@ -312,6 +334,7 @@ class Replay:
         from planner.candidates import hand_picked, starting_points
         from planner.samplers import make_sampler
         from planner.trial import Workbench, objective
+        from planner.workers import run_trials
         from planner.study import join
         from planner.outcome import decide as outcome
         from search_spaces import BuildContext
@@ -325,11 +348,14 @@ class Replay:
                                     directions=["minimize"] * 3)
         patched = {"build": self._build, "weight_bytes": self._weight_bytes, "measure_latency": self._latency,
                    "measure_perplexity": self._perplexity, "estimate_weight_bytes": self._estimate,
+                   "decompressed_bytes": lambda model: 0,  # the table's bytes are the stored ones
                    "gc": SimpleNamespace(collect=lambda: 0)}  # nothing was built: nothing to collect
-        saved = {name: getattr(self.search, name) for name in patched}
+        # The trial's own steps, and the transformers target's measurement (the workbench's default target).
+        saved = {(module, name): getattr(module, name) for module in self.modules for name in patched
+                 if hasattr(module, name)}
         try:
-            for name, fn in patched.items():
-                setattr(self.search, name, fn)
+            for module, name in saved:
+                setattr(module, name, patched[name])
             with contextlib.redirect_stdout(io.StringIO()):  # "measuring the uncompressed model"
                 join(bench, study)
             memory = of_kind(bench.budgets, "memory")
@@ -344,10 +370,16 @@ class Replay:
                             if self._estimate(self.model, suggest_stages(CornerTrial(p), self.spaces)) <= memory.limit]
             for params in enqueued:
                 study.enqueue_trial(params, skip_if_exists=True)
-            study.optimize(objective(bench), n_trials=trials, catch=(Exception,))
+            # The planner's own trial loop: `trials` counts distinct candidates (twins and spec rejections are
+            # drawn on top, as `planner search` does since the joint-search issue); `every_trial_counts`: the
+            # count of before that issue, for comparison.
+            if every_trial_counts:
+                study.optimize(objective(bench), n_trials=trials, catch=(Exception,))
+            else:
+                run_trials(study, objective(bench), trials, say=lambda _: None)
         finally:
-            for name, fn in saved.items():
-                setattr(self.search, name, fn)
+            for (module, name), fn in saved.items():
+                setattr(module, name, fn)
         return study, bench, outcome(study, bench.budgets, bench.baseline)
 
 

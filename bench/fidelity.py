@@ -50,7 +50,7 @@ def latency_worker(recipe_path: str, repeats: int) -> None:
     model, tokenizer = load_model(ModelSource.parse(recipe.model_source), torch.device("cpu"))
     corpus = load_corpus(DataSource.parse(recipe.provenance.get("data") or "builtin:shakespeare"))
     context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, seed=int(recipe.provenance.get("seed", 0)),
-                           cache_dir=assets.cache_root() / "students",
+                           cache_dir=assets.cache_root(),
                            model_id=f"{recipe.model_source}@{recipe.model_hash}", progress=False)
     started = time.perf_counter()
     candidate = build(model, list(recipe.stages), context).model

@@ -52,8 +52,8 @@ SPACES = {
 
 
 def settings_for(space: str, seed: int, trials: int, folder: Path):
-    values = {**DEMO, "study": f"joint-{space}-{seed}", "storage": f"sqlite:///{folder}/joint.db",
-              "recipe": str(folder / f"{space}-{seed}.yaml"), "seed": seed, "trials": trials,
+    values = {**DEMO, "study": f"joint-{space.replace('+', '_')}-{seed}", "storage": f"sqlite:///{folder}/joint.db",
+              "recipe": str(folder / "recipe.yaml"), "seed": seed, "trials": trials,
               "objectives": "perplexity,kl,decode_ms_p50",
               "space": {**DEMO["space"], **SPACES[space]}}
     return make_settings(values, {})

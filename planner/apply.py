@@ -88,7 +88,7 @@ def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool
     data = recipe.provenance.get("data") or "builtin:shakespeare"
     corpus = load_corpus(DataSource.parse(data))
     context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, device=torch_device,
-                           seed=int(recipe.provenance.get("seed", 0)), cache_dir=assets.cache_root() / "students",
+                           seed=int(recipe.provenance.get("seed", 0)), cache_dir=assets.cache_root(),
                            model_id=f"{recipe.model_source}@{recipe.model_hash}", progress=verbose)
     candidate = build(model, list(recipe.stages), context).model
     try:

@@ -10,12 +10,15 @@ from planner.outcome import Outcome, best_trials, feasible
 from planner.workers import repeat
 
 
-def trial_line(trial: optuna.trial.FrozenTrial, total: int) -> str:
+def trial_line(trial: optuna.trial.FrozenTrial, total: int, counted: int | None = None) -> str:
+    """One line per finished trial; `counted`: the study's trials toward `total` so far (repeats do not count,
+    so trial numbers may run past the total)."""
+    where = f"{trial.number:>3}/{total}" if counted is None else f"{trial.number:>3} ({counted}/{total})"
     row = trial.user_attrs.get("metrics", {})
     label = trial.user_attrs.get("label", "?")
     if trial.state == optuna.trial.TrialState.FAIL:
         reason = trial.user_attrs.get("failure") or trial.user_attrs.get("interrupted", "unknown")
-        return f"trial {trial.number:>3}/{total} FAILED  {label}: {reason}"
+        return f"trial {where} FAILED  {label}: {reason}"
     ppl = f"ppl {row['perplexity']:7.2f}" if "perplexity" in row else "ppl    n/a "
     kl = f"  kl {row['kl']:.4f} (top-1 {row['top1_agreement']:.3f})" if "kl" in row else ""
     decode = f"  decode {row['decode_ms_p50']:6.1f} ms" if "decode_ms_p50" in row else ""
@@ -25,7 +28,7 @@ def trial_line(trial: optuna.trial.FrozenTrial, total: int) -> str:
                 else ""))
     if repeat(trial):
         note += "; not counted in the trials"
-    return (f"trial {trial.number:>3}/{total} {'ok  ' if feasible(trial) else 'over'} {ppl}{kl}{decode}  "
+    return (f"trial {where} {'ok  ' if feasible(trial) else 'over'} {ppl}{kl}{decode}  "
             f"{row.get('weight_mb', 0):7.1f} MB  {seconds:5.1f} s  {label}" + (f"  ({note})" if note else ""))
 
 

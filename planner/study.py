@@ -150,7 +150,7 @@ def prepare(settings: StudySettings, study: optuna.Study | None = None, verbose:
         raise PlannerError(str(exc)) from None
     spaces = target.fit_spaces(resolve_spaces(settings, model, target.space_defaults()), model)
     context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, device=device, seed=settings.seed,
-                           cache_dir=assets.cache_root() / "students", model_id=f"{settings.model}@{model_hash}",
+                           cache_dir=assets.cache_root(), model_id=f"{settings.model}@{model_hash}",
                            progress=verbose)
     bench = Workbench(settings, model, tokenizer, corpus, context, spaces, budgets, baseline={}, model_hash=model_hash,
                       objectives=objectives, target=target)
@@ -307,7 +307,7 @@ def run_study(study: optuna.Study, bench: Workbench, quiet: bool = False) -> Out
         def report(study_, trial):
             bar.update(0 if workers.repeat(trial) else 1)
             if not quiet:
-                tqdm.write(trial_line(trial, settings.trials))
+                tqdm.write(trial_line(trial, settings.trials, finished(study_)))
 
         started = time.perf_counter()
         try:

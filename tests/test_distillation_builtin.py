@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import search_spaces.distillation as distillation
+import search_spaces.distillation.runs as runs
 from evaluators.perplexity import PerplexityProtocol, measure_perplexity
 from search_spaces.base import BuildContext
 from search_spaces.distillation.student import derive_student
@@ -38,7 +39,7 @@ def test_distilled_student_beats_its_undistilled_self_and_is_cached(tmp_path, mo
     after = measure_perplexity(student, tokenizer, corpus.eval, PROTOCOL).perplexity
     assert after < before
 
-    monkeypatch.setattr(distillation, "train_student", _no_training)
+    monkeypatch.setattr(runs, "train_student", _no_training)
     monkeypatch.setattr(distillation, "derive_student", _no_training)
     again = apply(teacher, SPEC, context)
     assert report_of(again).cache_hit and report_of(again).steps == 24

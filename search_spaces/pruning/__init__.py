@@ -6,7 +6,7 @@ and reloads as a plain transformers model:
 - `depth_keep`: fraction of decoder layers kept (dropped by least 1 - cos(block input, output));
 - `mlp_keep`: fraction of MLP neurons kept in every layer (by activation x output-weight norm);
 - `heads_keep`: fraction of key/value groups kept, each with its query heads, so grouped-query attention
-  stays valid. Only where the config states head_dim on its own (Llama-style); not GPT-2.
+  stays valid. Only where the model reads head_dim from its config (Llama, Qwen2, Phi-3...); not GPT-2.
 Unstructured (`sparsity` per layer group, "attn" / "mlp"), by magnitude or Wanda, optionally in the 2:4
 pattern: zeros stored densely gain nothing on a CPU or in a dense checkpoint (see `unstructured`),
 so the default space leaves it off; a study file can open it.

@@ -14,17 +14,21 @@ is reported as unsupported instead of being guessed at.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from search_spaces.specs import SpecError
-from search_spaces.layers import decoder_layers, linear_sites, text_config, weight_out_in
+from search_spaces.layers import decoder_layers, is_linear, linear_sites, text_config, weight_out_in
 
 # Config fields naming the MLP width, with the multiple of the hidden size a None value stands for
-# (GPT-2's n_inner=None means 4 x n_embd).
-INTERMEDIATE_FIELDS = {"intermediate_size": None, "n_inner": 4, "ffn_dim": None}
+# (GPT-2's n_inner=None means 4 x n_embd; Falcon's ffn_hidden_size=None too). A config naming none of them
+# (Bloom, MPT: their MLP is 4 x hidden, fixed in code) has a width no config can change.
+INTERMEDIATE_FIELDS = {"intermediate_size": None, "n_inner": 4, "ffn_dim": None, "ffn_hidden_size": 4}
+KV_FIELDS = ("num_key_value_heads", "num_kv_heads")  # config fields counting key/value heads (Falcon's: the 2nd)
+SCALED_BY_LAYER = "attention is scaled by 1 / layer index (GPT-2 option), so dropping layers would change the others"
 
 
 class UnsupportedArchitecture(ValueError):
@@ -97,20 +101,32 @@ def hidden_size(model: nn.Module) -> int:
 
 def head_layout(config) -> HeadLayout:
     heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    kv_heads = next((count for count in (getattr(config, name, None) for name in KV_FIELDS) if count), heads)
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        kv_heads = 1  # multi-query attention (Falcon-7B, GPT-BigCode): one key/value head, whatever the count
+        # field says (Falcon's new_decoder_architecture ignores multi_query: Falcon-specific, no general flag)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return HeadLayout(heads, kv_heads, head_dim)
 
 
-def intermediate_field(config) -> str:
-    for name in INTERMEDIATE_FIELDS:
-        if hasattr(config, name):
-            return name
-    raise UnsupportedArchitecture(f"{type(config).__name__} names no MLP width ({', '.join(INTERMEDIATE_FIELDS)})")
+def intermediate_field(config) -> str | None:
+    """The config field naming the MLP width; None when the config names none (the architecture fixes it)."""
+    return next((name for name in INTERMEDIATE_FIELDS if hasattr(config, name)), None)
 
 
-def intermediate_size(config) -> int:
+def fixed_width(config) -> str | None:
+    """Why this config cannot describe a narrower MLP because it names no MLP width (None when it names one)."""
+    if intermediate_field(config) is None:
+        return (f"{type(config).__name__} names no MLP width ({', '.join(INTERMEDIATE_FIELDS)}): the architecture "
+                f"fixes it, so a narrower MLP could not be saved")
+    return None
+
+
+def intermediate_size(config) -> int | None:
+    """The MLP width the config states, None when it names none (see `fixed_width`)."""
     name = intermediate_field(config)
+    if name is None:
+        return None
     value = getattr(config, name)
     if value is None:
         multiple = INTERMEDIATE_FIELDS[name]
@@ -181,17 +197,78 @@ def mlp_parts(model: nn.Module, layer: int) -> MlpParts:
     return MlpParts(_owner(model, sites), tuple(inputs), output)
 
 
-def derived_head_width(config) -> str | None:
-    """Why this config cannot describe fewer heads of the same width (None when it can)."""
-    if getattr(config, "head_dim", None) is None:
-        return f"{config.model_type} derives the head width from hidden size / heads, so fewer heads cannot be saved"
+def derived_head_width(config) -> str:
+    """The refusal for a model that computes its head width as hidden / heads."""
+    return f"{config.model_type} derives the head width from hidden size / heads, so fewer heads cannot be saved"
+
+
+def head_count_blocker(model: nn.Module) -> str | None:
+    """Why a config with fewer heads would not describe what `surgery.prune_heads` leaves (None when it would).
+
+    Proven on the meta device (no memory, no weights): the model's class built from its config with one
+    key/value group left, head_dim stated, must differ from the model only in the head rows / columns of the
+    attention projections the surgery slices. Where the head width is computed as hidden / heads (GPT-2,
+    GPT-NeoX, StableLM) that config builds wider heads instead; where something else is sized by the head
+    count (a per-head norm or scale) the surgery would leave it behind. Both are refused. Configs that do not
+    declare head_dim (Qwen2, Phi-3...) pass where the model reads `config.head_dim` when it is set.
+    """
+    config = text_config(model)
+    layout = head_layout(config)
+    if layout.kv_heads < 2:
+        return None  # no group can go (fitting says why)
+    probe = copy.deepcopy(model.config)
+    target = probe.get_text_config() if hasattr(probe, "get_text_config") else probe
+    try:
+        target.num_attention_heads = layout.group_size
+        for name in KV_FIELDS:
+            if hasattr(target, name):
+                setattr(target, name, 1)
+        target.head_dim = layout.head_dim
+        with torch.device("meta"):
+            skeleton = type(model)(probe)
+    except Exception as exc:  # noqa: BLE001 - any failure means no such config describes the cut
+        reason = str(exc).strip().partition("\n")[0] or type(exc).__name__
+        return f"{config.model_type} cannot be built with fewer heads: {reason}"
+    q_width, kv_width = layout.group_size * layout.head_dim, layout.head_dim
+    expected: dict[str, tuple[int, int]] = {}  # sliced projection -> its (out, in) after the cut
+    for layer in range(len(decoder_layers(model)[1])):
+        parts = attention_parts(model, layer)
+        expected.update({p.name: (q_width, p.in_features) for p in parts.queries})
+        expected.update({p.name: (kv_width, p.in_features) for p in parts.key_values})
+        expected.update({p.name: (q_width + 2 * kv_width, p.in_features) for p in parts.packed})
+        expected[parts.output.name] = (parts.output.out_features, q_width)
+    modules = dict(skeleton.named_modules())
+    for name, rows_cols in expected.items():
+        module = modules.get(name)
+        if module is None or not is_linear(module) or tuple(weight_out_in(module).shape) != rows_cols:
+            return derived_head_width(config)
+    sliced = {f"{name}.{kind}" for name in expected for kind in ("weight", "bias")}
+
+    def shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:  # buffers too: rotary tables are not saved
+        tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        return {k: tuple(v.shape) for k, v in tensors if k not in sliced}
+
+    now, cut = shapes(model), shapes(skeleton)
+    for name in sorted(set(now) | set(cut)):
+        if now.get(name) != cut.get(name):
+            return (f"with fewer heads {config.model_type} sizes {name} as {cut.get(name)} (now {now.get(name)}), "
+                    f"which the surgery does not cut")
     return None
 
 
 def mlp_pruning_blocker(model: nn.Module) -> str | None:
-    """Why MLP neurons cannot be removed from this model (None when they can): every decoder layer's MLP must
-    be input projections (fused ones contiguous) feeding one output projection."""
-    return _first_refusal(model, mlp_parts) or fused_layout_blocker(model, "mlp")
+    """Why MLP neurons cannot be removed from this model (None when they can): the config must name the MLP
+    width, and every decoder layer's MLP must be input projections (fused ones contiguous) feeding one output
+    projection."""
+    return (fixed_width(text_config(model)) or _first_refusal(model, mlp_parts)
+            or fused_layout_blocker(model, "mlp"))
+
+
+def depth_pruning_blocker(model: nn.Module) -> str | None:
+    """Why whole decoder layers cannot be dropped from this model (None when they can)."""
+    if getattr(text_config(model), "scale_attn_by_inverse_layer_idx", False):
+        return SCALED_BY_LAYER
+    return None
 
 
 def _first_refusal(model: nn.Module, parts) -> str | None:
@@ -207,10 +284,11 @@ def _first_refusal(model: nn.Module, parts) -> str | None:
 def head_pruning_blocker(model: nn.Module) -> str | None:
     """Why whole heads cannot be removed from this model (None when they can).
 
-    The config must state head_dim on its own: where it is derived as hidden / heads (GPT-2), a config
-    with fewer heads describes wider heads, not fewer, and the saved model would not reload.
+    The model must read the head width from its config's head_dim (see `head_count_blocker`): where it is
+    derived as hidden / heads (GPT-2), a config with fewer heads describes wider heads, not fewer, and the
+    saved model would not reload.
     """
-    return (derived_head_width(text_config(model)) or _first_refusal(model, attention_parts)
+    return (_first_refusal(model, attention_parts) or head_count_blocker(model)
             or fused_layout_blocker(model, "attn"))
 
 

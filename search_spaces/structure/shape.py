@@ -20,8 +20,10 @@ from torch import nn
 
 from search_spaces.layers import text_config
 from search_spaces.structure.anatomy import (
+    KV_FIELDS,
     UnsupportedArchitecture,
-    derived_head_width,
+    depth_pruning_blocker,
+    fixed_width,
     head_layout,
     head_pruning_blocker,
     intermediate_field,
@@ -31,6 +33,9 @@ from search_spaces.structure.anatomy import (
 from search_spaces.specs import check_float
 
 RATIO_FIELDS = ("depth_keep", "mlp_keep", "heads_keep")
+# Config lists holding one entry per decoder layer, sliced with the layers kept (Gemma's sliding / full
+# attention, SmolLM3's layers without rotary positions, hybrids' block kinds).
+PER_LAYER_FIELDS = ("layer_types", "mlp_layer_types", "no_rope_layers", "layers_block_type")
 check_ratio = check_float(0.0, 1.0, low_open=True)  # a keep ratio: a fraction in (0, 1]
 
 
@@ -60,7 +65,7 @@ class Shape:
     heads: int
     kv_heads: int
     head_dim: int
-    intermediate: int
+    intermediate: int | None  # None: the config names no MLP width (the architecture fixes it)
 
 
 def text_config_of(config):
@@ -75,13 +80,16 @@ def shape_of(config) -> Shape:
 
 def target_shape(config, structure: Structure) -> Shape:
     shape = shape_of(config)
+    if shape.intermediate is None and structure.mlp_keep != 1.0:
+        raise UnsupportedArchitecture(fixed_width(text_config_of(config)), "mlp_keep")
     groups = kept(shape.kv_heads, structure.heads_keep)
     return replace(
         shape,
         layers=kept(shape.layers, structure.depth_keep),
         heads=groups * (shape.heads // shape.kv_heads),
         kv_heads=groups,
-        intermediate=kept(shape.intermediate, structure.mlp_keep),
+        intermediate=shape.intermediate if shape.intermediate is None else kept(shape.intermediate,
+                                                                                structure.mlp_keep),
     )
 
 
@@ -105,14 +113,17 @@ def write_shape(config, shape: Shape, kept_layers: Sequence[int] | None = None) 
     if shape.layers != old.layers:
         _set_layers(config, old.layers, shape.layers, kept_layers)
     if (shape.heads, shape.kv_heads) != (old.heads, old.kv_heads):
-        reason = derived_head_width(config)
-        if reason:
-            raise UnsupportedArchitecture(reason, "heads_keep")
+        # head_dim is stated even where the config class does not declare it (Qwen2, Phi-3 read it when set);
+        # whether the model honours it is `anatomy.head_count_blocker`'s question, asked before any cut
         config.num_attention_heads = shape.heads
-        if hasattr(config, "num_key_value_heads"):
-            config.num_key_value_heads = shape.kv_heads
+        for name in KV_FIELDS:
+            if hasattr(config, name):
+                setattr(config, name, shape.kv_heads)
         config.head_dim = shape.head_dim
     if shape.intermediate != old.intermediate:
+        reason = fixed_width(config)
+        if reason:
+            raise UnsupportedArchitecture(reason, "mlp_keep")
         setattr(config, intermediate_field(config), shape.intermediate)
 
 
@@ -121,9 +132,10 @@ def _set_layers(config, old_count: int, count: int, kept_layers: Sequence[int] |
     if len(indices) != count:
         raise ValueError(f"{len(indices)} kept layers given for a {count}-layer shape")
     config.num_hidden_layers = count
-    types = getattr(config, "layer_types", None)
-    if isinstance(types, (list, tuple)) and len(types) == old_count:
-        config.layer_types = [types[i] for i in indices]
+    for name in PER_LAYER_FIELDS:
+        values = getattr(config, name, None)
+        if isinstance(values, (list, tuple)) and len(values) == old_count:
+            setattr(config, name, [values[i] for i in indices])
 
 
 def _validate(config, old: Shape, shape: Shape) -> None:
@@ -187,37 +199,54 @@ def estimate_size(config, like: nn.Module) -> SizeEstimate:
 
 def cut_blocker(model: nn.Module, field: str) -> str | None:
     """Why this model cannot take any cut of `field` (None when it can): heads and MLP neurons need
-    projections the surgery can slice; depth can always be cut."""
+    projections the surgery can slice and a config that can state the new count; depth can be cut unless
+    the remaining layers depend on the count (see `anatomy.depth_pruning_blocker`)."""
     if field == "heads_keep":
         return head_pruning_blocker(model)
     if field == "mlp_keep":
         return mlp_pruning_blocker(model)
-    return None
+    return depth_pruning_blocker(model)
 
 
-def fit_choices(model: nn.Module, field: str, choices: Sequence[float]) -> tuple[float, ...]:
-    """The ratios of `choices` this model can take, one per distinct resulting count (first kept).
+UNITS = {"depth_keep": ("decoder layer", "decoder layers"), "mlp_keep": ("MLP neuron", "MLP neurons"),
+         "heads_keep": ("key/value group", "key/value groups")}
 
-    Head ratios that remove heads are dropped where the model cannot lose heads (see
-    `anatomy.head_pruning_blocker`) or its config rejects the count; if nothing is left, (1.0,).
+
+def fit_field(model: nn.Module, field: str, choices: Sequence[float]) -> tuple[tuple[float, ...], str | None]:
+    """The ratios of `choices` this model can take, one per distinct resulting count (first kept), and why
+    those that would cut something were left out (one line; None when none was).
+
+    A cut is left out where the model cannot take it at all (`cut_blocker`), where its config rejects the
+    count, or where the ratio rounds to keeping everything (one key/value group); if nothing is left, (1.0,).
     """
     config = text_config(model)
     blocker = cut_blocker(model, field)
     full = shape_of(config)
     fitted: dict[Shape, float] = {}
+    reasons: list[str] = []
     for ratio in choices:
-        shape = target_shape(config, Structure(**{field: ratio}))
-        if shape in fitted:
-            continue
-        if shape != full:
-            if blocker:
-                continue
-            try:
+        try:
+            if blocker and ratio != 1.0:
+                raise UnsupportedArchitecture(blocker, field)
+            shape = target_shape(config, Structure(**{field: ratio}))
+            if shape != full:
                 shaped_config(model.config, shape)
-            except UnsupportedArchitecture:
-                continue
-        fitted[shape] = ratio
-    return tuple(fitted.values()) or (1.0,)
+        except UnsupportedArchitecture as exc:
+            reasons.append(str(exc))
+            continue
+        if shape not in fitted:
+            fitted[shape] = ratio
+        elif shape == full and ratio != 1.0:
+            count = {"depth_keep": full.layers, "mlp_keep": full.intermediate, "heads_keep": full.kv_heads}[field]
+            one, many = UNITS[field]
+            reasons.append(f"{ratio:g} of {count} {one if count == 1 else many} rounds to all of "
+                           f"{'it' if count == 1 else 'them'}: nothing to cut")
+    return tuple(fitted.values()) or (1.0,), "; ".join(dict.fromkeys(reasons)) or None
+
+
+def fit_choices(model: nn.Module, field: str, choices: Sequence[float]) -> tuple[float, ...]:
+    """The ratios of `choices` this model can take (see `fit_field`)."""
+    return fit_field(model, field, choices)[0]
 
 
 def spec_config(config, structure: "Structure", spec_name: str):

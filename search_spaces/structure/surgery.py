@@ -21,6 +21,7 @@ from search_spaces.layers import Conv1D, decoder_layers, is_transposed, text_con
 from search_spaces.structure.anatomy import (
     UnsupportedArchitecture,
     attention_parts,
+    depth_pruning_blocker,
     head_layout,
     head_pruning_blocker,
     mlp_parts,
@@ -32,7 +33,18 @@ from search_spaces.structure.shape import Shape, Structure, shape_of, shaped_con
 HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads")
 KV_COUNT_ATTRIBUTES = ("num_key_value_heads", "num_kv_heads")
 WIDTH_ATTRIBUTES = ("intermediate_size",)
-SCALED_BY_LAYER = "attention is scaled by 1 / layer index (GPT-2 option), so dropping layers would change the others"
+
+
+def _new_linear(module: nn.Module, in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    """An nn.Linear, or of the model's own subclass of it (Falcon's computes x @ W.T + b): the reloaded model
+    builds that class again, so the cut one keeps it and computes the very same numbers."""
+    kind = type(module)
+    if kind is not nn.Linear and issubclass(kind, nn.Linear) and kind.__module__.startswith("transformers.models."):
+        try:
+            return kind(in_features, out_features, bias=bias)
+        except TypeError:  # a constructor of its own: the plain layer computes the same product
+            pass
+    return nn.Linear(in_features, out_features, bias=bias)
 
 
 def slice_linear(module: nn.Module, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Module:
@@ -50,7 +62,7 @@ def slice_linear(module: nn.Module, rows: torch.Tensor | None = None, cols: torc
         if is_transposed(module):
             new = Conv1D(out_features, in_features)
         else:
-            new = nn.Linear(in_features, out_features, bias=bias is not None)
+            new = _new_linear(module, in_features, out_features, bias is not None)
     stored = weight.t() if is_transposed(module) else weight
     new.weight = nn.Parameter(stored.clone(memory_format=torch.contiguous_format),
                               requires_grad=module.weight.requires_grad)
@@ -150,8 +162,8 @@ def prune_heads(model: nn.Module, keep_groups: Mapping[int, Sequence[int] | torc
 def drop_layers(model: nn.Module, keep: Sequence[int]) -> None:
     """Keep only the given decoder layers, renumbered 0..n-1 (their attention's `layer_idx` indexes the KV cache)."""
     config = text_config(model)
-    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
-        raise UnsupportedArchitecture(SCALED_BY_LAYER, "depth_keep")
+    if reason := depth_pruning_blocker(model):
+        raise UnsupportedArchitecture(reason, "depth_keep")
     prefix, blocks = decoder_layers(model)
     index = _indices(keep, len(blocks), "kept layers").tolist()
     new_shape = replace(shape_of(config), layers=len(index))
@@ -210,8 +222,8 @@ def check_structure(model: nn.Module, structure: Structure) -> None:
         raise UnsupportedArchitecture(reason, "heads_keep")
     if needs["neurons"] and (reason := mlp_pruning_blocker(model)):
         raise UnsupportedArchitecture(reason, "mlp_keep")
-    if needs["layers"] and getattr(text_config(model), "scale_attn_by_inverse_layer_idx", False):
-        raise UnsupportedArchitecture(SCALED_BY_LAYER, "depth_keep")
+    if needs["layers"] and (reason := depth_pruning_blocker(model)):
+        raise UnsupportedArchitecture(reason, "depth_keep")
 
 
 def restructure(model: nn.Module, structure: Structure, scores: Importance | None) -> StructureReport:

@@ -7,7 +7,7 @@ from dataclasses import replace
 from torch import nn
 
 from search_spaces.base import Params, Technique
-from search_spaces.structure.shape import (RATIO_FIELDS, SizeEstimate, cut_blocker, estimate_size, fit_choices,
+from search_spaces.structure.shape import (RATIO_FIELDS, SizeEstimate, estimate_size, fit_choices, fit_field,
                                            off_params, smallest_shape, spec_config)
 
 
@@ -36,7 +36,8 @@ class StructuredTechnique(Technique):
         return replace(space, **{n: fit_choices(model, n, getattr(space, n)) for n in RATIO_FIELDS})
 
     def fit_reasons(self, space, model: nn.Module) -> dict[str, str]:
-        return {n: reason for n in RATIO_FIELDS if (reason := cut_blocker(model, n))}
+        """Why fitting leaves cuts out: field -> one line, for each field that loses a ratio cutting something."""
+        return {n: reason for n in RATIO_FIELDS if (reason := fit_field(model, n, getattr(space, n))[1])}
 
     def describe(self, spec, notes: dict | None = None) -> str:
         return spec.summary()
