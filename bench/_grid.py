@@ -59,7 +59,9 @@ def grid_settings(**overrides):
 
 def stage_key(stages) -> str:
     """The identity of a candidate: its stage specs as the planner stores them on a trial."""
-    return json.dumps([{"technique": s.technique, "spec": s.spec.to_dict()} for s in stages], sort_keys=True)
+    from planner.recipes import plain_stages
+
+    return json.dumps(plain_stages(stages), sort_keys=True)
 
 
 def grid_params() -> list[dict]:

@@ -69,9 +69,8 @@ def training_figures(trials) -> dict:
     for trial in trials:
         for technique, run in trial.user_attrs.get("training", {}).items():
             spent += run["train_seconds"]
-            stage = next(s for s in trial.user_attrs["stages"] if s["technique"] == technique)
-            lineage = json.dumps([technique, {k: v for k, v in stage["spec"].items() if "steps" not in k}],
-                                 sort_keys=True)
+            stages = trial.user_attrs["stages"]
+            lineage = rungs.lineage(stages, next(i for i, s in enumerate(stages) if s["technique"] == technique))
             cost = run["steps"] * run["seconds_per_step"]
             cold[lineage] = max(cold.get(lineage, 0.0), cost)
     return {"train_seconds": round(spent, 1), "cold_cache_train_seconds": round(sum(cold.values()), 1)}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from evaluators.memory import weight_bytes
-from planner.recipes import Stage
+from planner.recipes import Stage, plain_stages
 from search_spaces import TECHNIQUES, BuildContext, ordered
 
 
@@ -141,16 +141,15 @@ def build(base_model: torch.nn.Module, stages: list[Stage], context: BuildContex
     """Apply the stages in order to a copy of the base model; the base model is never changed (it is each
     stage's `context.teacher`, and the stages before one are its `context.upstream`)."""
     model = copy.deepcopy(base_model)
-    seconds, training, done = {}, {}, []
-    for stage in stages:
+    seconds, training, plain = {}, {}, plain_stages(stages)
+    for index, stage in enumerate(stages):
         technique = TECHNIQUES[stage.technique]
         started = time.perf_counter()
-        model = technique.apply(model, stage.spec, replace(context, teacher=base_model, upstream=tuple(done)))
+        model = technique.apply(model, stage.spec, replace(context, teacher=base_model, upstream=tuple(plain[:index])))
         seconds[stage.technique] = time.perf_counter() - started
         report = technique.training_report(model)
         if report is not None:
             training[stage.technique] = report.to_dict()
-        done.append({"technique": stage.technique, "spec": stage.spec.to_dict()})
     return BuiltCandidate(model.eval(), seconds, training)
 
 

@@ -6,6 +6,7 @@ the measured metrics with their protocols and device, and its provenance. Loadin
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,12 @@ class Stage:
     spec: Any  # the technique's spec dataclass
 
 
+def plain_stages(stages) -> list[dict]:
+    """Stages as plain JSON values: what a trial's `stages` attribute, a recipe and a cache key hold (a stored
+    trial's stages compare equal to these)."""
+    return json.loads(json.dumps([{"technique": s.technique, "spec": s.spec.to_dict()} for s in stages]))
+
+
 @dataclass(frozen=True)
 class Recipe:
     model_source: str
@@ -42,7 +49,7 @@ class Recipe:
         return {
             "version": self.version,
             "model": {"source": self.model_source, "content_hash": self.model_hash},
-            "stages": [{"technique": s.technique, "spec": s.spec.to_dict()} for s in self.stages],
+            "stages": plain_stages(self.stages),
             "budget": [dict(b) for b in self.budget],
             "metrics": self.metrics,
             "provenance": self.provenance,

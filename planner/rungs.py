@@ -16,12 +16,8 @@ from dataclasses import replace
 import optuna
 
 from planner.outcome import feasible, measured
-from planner.recipes import Stage
+from planner.recipes import Stage, plain_stages
 from search_spaces import TECHNIQUES
-
-
-def _plain(stage: Stage) -> dict:
-    return json.loads(json.dumps({"technique": stage.technique, "spec": stage.spec.to_dict()}))
 
 
 def lineage(stages: list[dict], index: int) -> str | None:
@@ -65,11 +61,11 @@ def promoted(scores: dict[str, float | None], key: str, promote_top: float) -> b
 def assign(study: optuna.Study, stages: list[Stage], spaces: dict) -> list[Stage]:
     """The trial's stages with each training stage's step count set by its lineage's rung (see the module doc)."""
     runs = None
-    stages = list(stages)
+    stages, plain = list(stages), plain_stages(stages)
     for index, stage in enumerate(stages):
         technique = TECHNIQUES.get(stage.technique)
         rungs = technique.rungs(spaces[stage.technique]) if technique and stage.technique in spaces else None
-        if rungs is None or (key := lineage([_plain(s) for s in stages], index)) is None:
+        if rungs is None or (key := lineage(plain, index)) is None:
             continue
         runs = _measured_runs(study) if runs is None else runs
         reached = [s for s in runs.get(key, {}) if s in rungs.steps]
@@ -80,6 +76,7 @@ def assign(study: optuna.Study, stages: list[Stage], spaces: dict) -> list[Stage
             if promoted(at_rung, key, rungs.promote_top):
                 steps = rungs.steps[position + 1]
         stages[index] = Stage(stage.technique, replace(stage.spec, **{technique.fidelity_field: steps}))
+        plain[index] = plain_stages([stages[index]])[0]  # the next stages' lineages hold this one's steps
     return stages
 
 

@@ -3,7 +3,6 @@ and budgets to Optuna, and store every figure on the trial. Cheap checks run bef
 from __future__ import annotations
 
 import gc
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from planner import rungs
 from planner.budgets import Budget, of_kind
 from planner.candidates import build, describe, estimate_weight_bytes, shaped_model, storage_notes, suggest_stages
 from planner.errors import first_line
-from planner.recipes import Stage
+from planner.recipes import Stage, plain_stages
 from planner.settings import StudySettings
 from search_spaces import BuildContext
 from targets import TRANSFORMERS, Target
@@ -111,7 +110,7 @@ def objective(bench: Workbench):
     def run_trial(trial: optuna.Trial) -> tuple[float, ...]:
         started = time.perf_counter()
         stages = rungs.assign(trial.study, suggest_stages(trial, bench.spaces), bench.spaces)
-        stored_stages = json.loads(json.dumps([{"technique": s.technique, "spec": s.spec.to_dict()} for s in stages]))
+        stored_stages = plain_stages(stages)
         trial.set_user_attr("stages", stored_stages)
         shaped = shaped_model(bench.model, stages)
         notes = storage_notes(bench.model, stages, shaped)

@@ -105,6 +105,11 @@ class Technique(abc.ABC):
         prints it beside the choices that were dropped)."""
         return {}
 
+    def fit(self, space, model) -> tuple[Any, dict[str, str]]:
+        """`fit_space` and `fit_reasons` at once, what the planner asks; a technique that finds both in one pass
+        (probing the model is not free) overrides this one instead."""
+        return self.fit_space(space, model), self.fit_reasons(space, model)
+
     def describe(self, spec, notes: dict | None = None) -> str:
         """A short label for tables and logs, such as 'prune(mlp 0.75)'; `notes` are the candidate's
         `storage_notes`, for a label that must not hide them."""

@@ -150,6 +150,10 @@ def check_float(low: float, high: float, low_open: bool = False, high_open: bool
     return check
 
 
+check_positive = check_float(0.0, float("inf"), low_open=True)  # a learning rate, a temperature
+check_fraction = check_float(0.0, 1.0, low_open=True)  # a share in (0, 1]: a keep ratio, a promoted fraction
+
+
 def check_rungs(where: str, steps) -> None:
     """Training step counts of multi-fidelity rungs: positive integers, strictly ascending."""
     check_choices(where, steps, check_int(1))

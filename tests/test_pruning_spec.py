@@ -101,6 +101,17 @@ def test_fitted_space_drops_what_the_model_cannot_take():
     assert llama.heads_keep == (1.0, 0.5)
 
 
+def test_the_planners_fit_leaves_2_4_out_where_a_width_is_not_a_multiple_of_4():
+    technique, space = TECHNIQUES["pruning"], PruneSpace(pattern=("unstructured", "2:4"), heads_keep=(1.0, 0.5))
+    odd, reasons = technique.fit(space, make_tiny_llama(intermediate_size=62))  # down_proj reads 62 columns
+    assert odd.pattern == ("unstructured",) and odd.heads_keep == (1.0, 0.5) and "heads_keep" not in reasons
+    assert "rounds to all of them" in reasons["depth_keep"]  # 2 layers: 0.9 and 0.8 keep both
+    assert technique.fit_space(space, make_tiny_llama(intermediate_size=62)) == odd
+    assert technique.fit(space, make_tiny_llama())[0].pattern == ("unstructured", "2:4")
+    gpt2 = technique.fit(PruneSpace(heads_keep=(1.0, 0.5)), make_tiny_gpt2())[1]
+    assert "derives the head width" in gpt2["heads_keep"]
+
+
 def test_registered_and_applied_in_place_with_a_report():
     technique = TECHNIQUES["pruning"]
     assert (technique.order, technique.spec_type, technique.space_type) == (20, PruneSpec, PruneSpace)

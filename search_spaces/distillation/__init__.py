@@ -19,27 +19,24 @@ from typing import Any, Literal
 
 from torch import nn
 
-from evaluators.runtime import model_device, model_dtype
 from search_spaces.base import BuildContext, Params, Rungs, register
 from search_spaces.specs import DictSpec, SpecError
-from search_spaces.distillation.runs import DistillReport, trained
+from search_spaces.distillation.runs import DistillReport, lineage_material, trained
 from search_spaces.distillation.student import derive_student
 from search_spaces.distillation.train import TrainSettings
 from search_spaces.structure.anatomy import UnsupportedArchitecture
-from search_spaces.specs import check_bool, check_choices, check_float, check_int, check_member, check_rungs
+from search_spaces.specs import (check_bool, check_choices, check_float, check_fraction, check_int, check_member,
+                                 check_positive, check_rungs)
 from search_spaces.structure.shape import RATIO_FIELDS, Structure, check_ratio, ratio_labels, reduced_shapes
 from search_spaces.structure.technique import StructuredTechnique
-from search_spaces.distillation.cache import data_identity, weights_identity
 
 REPORT_ATTRIBUTE = "distillation_report"
 INITS = ("teacher", "random")
-check_positive = check_float(0.0, float("inf"), low_open=True)
 check_alpha = check_float(0.0, 1.0)
 
 # Spec fields searched as lists of choices in DistillSpace (the rest are fixed settings of the space; `steps`
 # is the rung list: the planner decides how far a student trains, see `base.Rungs`).
 SEARCHED = RATIO_FIELDS + ("init", "batch_size", "seq_len", "lr", "temperature", "alpha")
-check_fraction = check_float(0.0, 1.0, low_open=True)
 
 
 CHECKS = {
@@ -120,17 +117,8 @@ class DistillSpace(DictSpec):
 
 
 def key_material(teacher: nn.Module, spec: DistillSpec, context: BuildContext) -> dict[str, Any]:
-    """What a trained student depends on besides its length: teacher, spec (shape and training settings but
-    `steps`), training split and seed. Students that differ only in steps share this lineage, so a longer
-    one continues the cached shorter one."""
-    return {
-        "kind": "student",
-        "teacher": context.model_id or f"weights:{weights_identity(teacher)}",
-        "teacher_dtype": str(model_dtype(teacher)),
-        "spec": {k: v for k, v in spec.to_dict().items() if k != "steps"},
-        "data": data_identity(context.calibration),
-        "seed": context.seed,
-    }
+    """What a trained student depends on besides its length (see `runs.lineage_material`)."""
+    return lineage_material("student", teacher, spec, "steps", context)
 
 
 def distill(teacher: nn.Module, spec: DistillSpec, context: BuildContext) -> tuple[nn.Module, DistillReport]:

@@ -99,9 +99,12 @@ class StudentCache:
 
     def resumable(self, lineage: str, steps: int) -> int | None:
         """The longest run of `lineage` shorter than `steps` that still has its optimizer state, or None."""
-        found = [int(p.stem.split("-")[1]) for p in (self.root / lineage).glob("optimizer-*.pt")]
-        found = [n for n in found if n < steps and self.path(lineage, n).exists()]
+        found = [n for n in self._optimizer_steps(lineage) if n < steps and self.path(lineage, n).exists()]
         return max(found, default=None)
+
+    def _optimizer_steps(self, lineage: str) -> list[int]:
+        """The step counts of `lineage` whose optimizer state is on disk."""
+        return [int(p.stem.split("-")[1]) for p in (self.root / lineage).glob("optimizer-*.pt")]
 
     def optimizer_state(self, lineage: str, steps: int) -> dict | None:
         """The AdamW state after `steps` steps, or None when it is gone or does not match the manifest."""
@@ -128,11 +131,10 @@ class StudentCache:
                 partial = final.parent / f".tmp-optimizer-{uuid.uuid4().hex}"
                 with open(partial, "wb") as handle:  # a handle: torch's own file writer refuses some names
                     torch.save(optimizer_state, handle)
-                optimizer = {"optimizer": {"size": partial.stat().st_size, "sha256": sha256_file(partial)}}
+                optimizer = {"optimizer": _facts(partial)}
                 os.replace(partial, optimizer_file)
             model.save_pretrained(staging, safe_serialization=True)
-            files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-                     for p in sorted(staging.iterdir()) if p.is_file()}
+            files = {p.name: _facts(p) for p in sorted(staging.iterdir()) if p.is_file()}
             manifest = {"format": FORMAT, "key": key_of(lineage, steps), "material": material, "report": report,
                         "files": files, **optimizer}
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
@@ -142,9 +144,10 @@ class StudentCache:
                 raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        for older in (final.parent).glob("optimizer-*.pt"):
-            if optimizer and int(older.stem.split("-")[1]) < steps:
-                older.unlink(missing_ok=True)
+        if optimizer:
+            for older in self._optimizer_steps(lineage):
+                if older < steps:
+                    self.optimizer_path(lineage, older).unlink(missing_ok=True)
         return final
 
     @staticmethod
@@ -164,6 +167,11 @@ class StudentCache:
 def key_of(lineage: str, steps: int) -> str:
     """The key of one entry: its lineage and its length."""
     return f"{lineage}/steps-{steps}"
+
+
+def _facts(file: Path) -> dict:
+    """What the manifest records of a file: its size and SHA-256."""
+    return {"size": file.stat().st_size, "sha256": sha256_file(file)}
 
 
 def _matches(file: Path, facts: dict) -> bool:

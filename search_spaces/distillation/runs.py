@@ -18,7 +18,7 @@ from torch import nn
 
 from evaluators.runtime import model_device, model_dtype
 from search_spaces.calibration import training_windows
-from search_spaces.distillation.cache import StudentCache, key_of, student_key
+from search_spaces.distillation.cache import StudentCache, data_identity, key_of, student_key, weights_identity
 from search_spaces.distillation.train import TrainSettings, train_student
 
 
@@ -41,6 +41,21 @@ class DistillReport:
 
 
 Start = Callable[[], tuple[nn.Module, dict | None]]  # the untrained model and what it kept
+
+
+def lineage_material(kind: str, teacher: nn.Module, spec, steps_field: str, context, **more) -> dict[str, Any]:
+    """What a run depends on besides its length: the teacher, the spec without its step count, the training
+    split and the seed (and `more`). Runs that differ only in steps share it, so a longer one continues the
+    cached shorter one."""
+    return {
+        "kind": kind,
+        "teacher": context.model_id or f"weights:{weights_identity(teacher)}",
+        "teacher_dtype": str(model_dtype(teacher)),
+        "spec": {k: v for k, v in spec.to_dict().items() if k != steps_field},
+        "data": data_identity(context.calibration),
+        "seed": context.seed,
+        **more,
+    }
 
 
 def trained(teacher: nn.Module, material: dict[str, Any], settings: TrainSettings, seq_len: int, context,

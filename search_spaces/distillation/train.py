@@ -4,8 +4,8 @@ loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy(st
 
 (T^2 keeps the soft term's gradient scale independent of T, as in Hinton et al.). The teacher runs in
 eval mode under no_grad; the student trains with dropout off (it starts from the teacher's weights, and
-a deterministic loss makes short runs comparable), AdamW, a short linear warm-up then cosine decay, and
-gradient-norm clipping. Deterministic for a seed: the batches are fixed up front and torch's RNG is
+a deterministic loss makes short runs comparable), AdamW, a 10-step linear warm-up then 1/sqrt(step) decay,
+and gradient-norm clipping. Deterministic for a seed: the batches are fixed up front and torch's RNG is
 seeded inside a forked RNG state, so the caller's random state is untouched.
 
 Resumable, for multi-fidelity rungs: the learning-rate schedule does not know the run's length (a short

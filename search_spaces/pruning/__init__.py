@@ -26,16 +26,15 @@ from typing import Literal
 
 from torch import nn
 
-from evaluators.runtime import model_dtype
 from search_spaces.base import BuildContext, Params, Rungs, register
-from search_spaces.distillation.cache import data_identity, weights_identity
-from search_spaces.distillation.runs import DistillReport, trained
+from search_spaces.distillation.runs import DistillReport, lineage_material, trained
 from search_spaces.distillation.train import TrainSettings
 from search_spaces.specs import DictSpec, SpecError
 from search_spaces.calibration import calibration_batches
 from search_spaces.structure.importance import input_feature_norms, structural_importance
 from search_spaces.structure.anatomy import UnsupportedArchitecture
-from search_spaces.specs import check_bool, check_choices, check_float, check_int, check_member, check_rungs
+from search_spaces.specs import (check_bool, check_choices, check_float, check_fraction, check_int, check_member,
+                                 check_positive, check_rungs)
 from search_spaces.structure.shape import RATIO_FIELDS, Shape, Structure, check_ratio, ratio_labels, reduced_shapes
 from search_spaces.structure.technique import StructuredTechnique
 from search_spaces.structure.surgery import StructureReport, check_structure, needed_scores, restructure
@@ -75,16 +74,16 @@ class PruneSpec(DictSpec):
         check_int(0)("PruneSpec.heal_steps", self.heal_steps)
         check_int(1)("PruneSpec.heal_batch_size", self.heal_batch_size)
         check_int(2)("PruneSpec.heal_seq_len", self.heal_seq_len)
-        check_float(0.0, float("inf"), low_open=True)("PruneSpec.heal_lr", self.heal_lr)
-        if self.heal_steps and (self.structure.is_identity or self.sparsity and any(self.sparsity.values())):
-            raise SpecError("PruneSpec.heal_steps: healing trains a structurally cut model (it would regrow "
-                            "zeroed weights, and an uncut model has nothing to heal)")
+        check_positive("PruneSpec.heal_lr", self.heal_lr)
         check_value = check_sparsity if self.pattern != "2:4" else check_member((0.0, SEMI_STRUCTURED_SPARSITY))
         _check_sparsity_map("PruneSpec.sparsity", self.sparsity, check_value)
         check_member(METHODS)("PruneSpec.method", self.method)
         check_member(PATTERNS)("PruneSpec.pattern", self.pattern)
         check_int(1)("PruneSpec.calibration_samples", self.calibration_samples)
         check_int(2)("PruneSpec.calibration_seq_len", self.calibration_seq_len)
+        if self.heal_steps and (self.structure.is_identity or self.is_sparse):
+            raise SpecError("PruneSpec.heal_steps: healing trains a structurally cut model (it would regrow "
+                            "zeroed weights, and an uncut model has nothing to heal)")
 
     @property
     def structure(self) -> Structure:
@@ -142,10 +141,10 @@ class PruneSpace(DictSpec):
         check_choices("PruneSpace.enabled", self.enabled, check_bool)
         check_choices("PruneSpace.heal", self.heal, check_bool)
         check_rungs("PruneSpace.heal_steps", self.heal_steps)
-        check_float(0.0, 1.0, low_open=True)("PruneSpace.promote_top", self.promote_top)
+        check_fraction("PruneSpace.promote_top", self.promote_top)
         check_int(1)("PruneSpace.heal_batch_size", self.heal_batch_size)
         check_int(2)("PruneSpace.heal_seq_len", self.heal_seq_len)
-        check_float(0.0, float("inf"), low_open=True)("PruneSpace.heal_lr", self.heal_lr)
+        check_positive("PruneSpace.heal_lr", self.heal_lr)
         for name in RATIO_FIELDS:
             check_choices(f"PruneSpace.{name}", getattr(self, name), check_ratio)
         for group, choices in self.sparsity.items():
@@ -170,16 +169,8 @@ class PruneReport:
 
 
 def heal_material(teacher: nn.Module, spec: PruneSpec, context: BuildContext) -> dict:
-    """What a healed model depends on besides its steps: teacher, the stages before pruning, the cut, data, seed."""
-    return {
-        "kind": "healed",
-        "teacher": context.model_id or f"weights:{weights_identity(teacher)}",
-        "teacher_dtype": str(model_dtype(teacher)),
-        "upstream": list(context.upstream),
-        "spec": {k: v for k, v in spec.to_dict().items() if k != "heal_steps"},
-        "data": data_identity(context.calibration),
-        "seed": context.seed,
-    }
+    """What a healed model depends on besides its steps: as a student's, plus the stages before pruning."""
+    return lineage_material("healed", teacher, spec, "heal_steps", context, upstream=list(context.upstream))
 
 
 def apply(model: nn.Module, spec: PruneSpec, context: BuildContext) -> nn.Module:
@@ -265,13 +256,13 @@ class Pruning(StructuredTechnique):
     def apply(self, model: nn.Module, spec: PruneSpec, context: BuildContext) -> nn.Module:
         return apply(model, spec, context)
 
-    def fit_space(self, space: PruneSpace, model: nn.Module) -> PruneSpace:
+    def fit(self, space: PruneSpace, model: nn.Module) -> tuple[PruneSpace, dict[str, str]]:
         """The fitted ratios, and no 2:4 where an input width is not a multiple of 4. (Pruning has no
         one-size preset worth enqueuing: its seeds are the stage off and its reduced shapes.)"""
-        space = super().fit_space(space, model)
+        space, reasons = super().fit(space, model)
         if any(weight_out_in(s.module).shape[1] % 4 for s in linear_sites(model, include_head=False)):
             space = replace(space, pattern=tuple(p for p in space.pattern if p != "2:4") or ("unstructured",))
-        return space
+        return space, reasons
 
     def shapes(self, space: PruneSpace) -> list[Params]:
         return reduced_shapes(space)

@@ -30,13 +30,13 @@ from search_spaces.structure.anatomy import (
     mlp_pruning_blocker,
     intermediate_size,
 )
-from search_spaces.specs import check_float
+from search_spaces.specs import check_fraction
 
 RATIO_FIELDS = ("depth_keep", "mlp_keep", "heads_keep")
 # Config lists holding one entry per decoder layer, sliced with the layers kept (Gemma's sliding / full
 # attention, SmolLM3's layers without rotary positions, hybrids' block kinds).
 PER_LAYER_FIELDS = ("layer_types", "mlp_layer_types", "no_rope_layers", "layers_block_type")
-check_ratio = check_float(0.0, 1.0, low_open=True)  # a keep ratio: a fraction in (0, 1]
+check_ratio = check_fraction  # a keep ratio: a fraction in (0, 1]
 
 
 @dataclass(frozen=True)

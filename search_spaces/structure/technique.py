@@ -7,8 +7,8 @@ from dataclasses import replace
 from torch import nn
 
 from search_spaces.base import Params, Technique
-from search_spaces.structure.shape import (RATIO_FIELDS, SizeEstimate, estimate_size, fit_choices, fit_field,
-                                           off_params, smallest_shape, spec_config)
+from search_spaces.structure.shape import (RATIO_FIELDS, SizeEstimate, estimate_size, fit_field, off_params,
+                                           smallest_shape, spec_config)
 
 
 class StructuredTechnique(Technique):
@@ -31,13 +31,19 @@ class StructuredTechnique(Technique):
         """What `apply` did to this model (kept, trained, cached), or None for a model it did not build."""
         return getattr(model, self.report_attribute, None)
 
+    def fit(self, space, model: nn.Module):
+        """One ratio per distinct count, and no cut the model's config cannot express (structure.shape); and why
+        cuts were left out: field -> one line, for each field that loses a ratio cutting something. One pass:
+        finding what blocks a cut probes the model."""
+        fitted = {n: fit_field(model, n, getattr(space, n)) for n in RATIO_FIELDS}
+        return (replace(space, **{n: ratios for n, (ratios, _) in fitted.items()}),
+                {n: reason for n, (_, reason) in fitted.items() if reason})
+
     def fit_space(self, space, model: nn.Module):
-        """One ratio per distinct count, and no cut the model's config cannot express (structure.shape)."""
-        return replace(space, **{n: fit_choices(model, n, getattr(space, n)) for n in RATIO_FIELDS})
+        return self.fit(space, model)[0]
 
     def fit_reasons(self, space, model: nn.Module) -> dict[str, str]:
-        """Why fitting leaves cuts out: field -> one line, for each field that loses a ratio cutting something."""
-        return {n: reason for n in RATIO_FIELDS if (reason := fit_field(model, n, getattr(space, n))[1])}
+        return self.fit(space, model)[1]
 
     def describe(self, spec, notes: dict | None = None) -> str:
         return spec.summary()
