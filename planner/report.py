@@ -7,7 +7,7 @@ import optuna
 
 from planner.objectives import COLUMN_ORDER, metric
 from planner.outcome import Outcome, best_trials, feasible
-from planner.workers import repeat
+from planner.workers import answered, finished, repeat
 
 
 def trial_line(trial: optuna.trial.FrozenTrial, total: int, counted: int | None = None) -> str:
@@ -102,9 +102,27 @@ def target_of(outcome: Outcome) -> str:
     return outcome.study.user_attrs.get("target", "transformers")
 
 
+def not_counted(study: optuna.Study) -> str:
+    """What the draws that did not count were, e.g. '3 twin(s) of measured candidates, 2 over the memory budget
+    from the spec' ('' when none)."""
+    trials = [t for t in study.get_trials(deepcopy=False) if finished(t) and repeat(t)]
+    twins = sum("duplicate_of" in t.user_attrs for t in trials)
+    parts = [f"{twins} twin(s) of measured candidates"] if twins else []
+    if len(trials) > twins:
+        parts.append(f"{len(trials) - twins} over the memory budget from the spec")
+    return ", ".join(parts)
+
+
+def trials_line(outcome: Outcome) -> str:
+    """The study's trials as `--trials` counts them (distinct candidates), and the repeats drawn on top."""
+    counted = sum(answered(t) for t in outcome.study.get_trials(deepcopy=False))
+    extra = not_counted(outcome.study)
+    return (f"study {outcome.study.study_name}: {counted} trials, measured in {target_of(outcome)}"
+            + (f"; not counted: {extra}" if extra else ""))
+
+
 def format_outcome(outcome: Outcome) -> str:
-    lines = [f"study {outcome.study.study_name}: {len(outcome.study.trials)} trials, measured in {target_of(outcome)}",
-             objectives_line(outcome), budget_line(outcome), baseline_line(outcome), ""]
+    lines = [trials_line(outcome), objectives_line(outcome), budget_line(outcome), baseline_line(outcome), ""]
     first = metric(outcome.objectives[0]).label
     if outcome.recommended is not None:
         lines += [f"Pareto front of the candidates that meet the budget (* = recommended: best {first}):",

@@ -22,7 +22,7 @@ from planner.budgets import Budget, of_kind
 from planner.candidates import describe, smallest_candidate, starting_points
 from planner.errors import Interrupted, PlannerError, SearchStopped, check_writable
 from planner.outcome import Outcome, decide
-from planner.report import trial_line
+from planner.report import not_counted, trial_line
 from planner.samplers import make_sampler
 from planner.settings import StudySettings, make_settings
 from planner.sources import (DataSource, ModelSource, content_hash, load_corpus, load_model, resolve_device,
@@ -115,8 +115,8 @@ def resolve_spaces(settings: StudySettings, model, defaults: dict | None = None)
             space = technique.space_type.from_dict(given, f"space.{name}")
         except SpecError as exc:
             raise PlannerError(str(exc)) from None
-        spaces[name] = fitted = technique.fit_space(space, model)
-        for line in left_out(name, space, fitted, technique.fit_reasons(space, model)):
+        spaces[name], reasons = technique.fit(space, model)
+        for line in left_out(name, space, spaces[name], reasons):
             tqdm.write(line)
     return spaces
 
@@ -229,15 +229,6 @@ def finished(study: optuna.Study) -> int:
     return sum(workers.answered(t) for t in study.get_trials(deepcopy=False))
 
 
-def repeats(study: optuna.Study) -> str:
-    """What the draws that did not count were, e.g. '3 twins of measured candidates, 2 over the memory budget'."""
-    trials = [t for t in study.get_trials(deepcopy=False) if workers.finished(t) and workers.repeat(t)]
-    twins = sum("duplicate_of" in t.user_attrs for t in trials)
-    parts = [f"{twins} twin(s) of measured candidates"] if twins else []
-    if len(trials) > twins:
-        parts.append(f"{len(trials) - twins} over the memory budget from the spec")
-    return ", ".join(parts)
-
 
 def create_or_load(settings: StudySettings) -> optuna.Study:
     sampler = make_sampler(settings.sampler, settings.seed, settings.trials)  # a bad name fails before any store
@@ -320,7 +311,7 @@ def run_study(study: optuna.Study, bench: Workbench, quiet: bool = False) -> Out
                               "the same command") from None
         bar.close()
         if not quiet:
-            extra = repeats(study)
+            extra = not_counted(study)
             tqdm.write(f"planner: {finished(study)} trials in the study ({time.perf_counter() - started:.0f} s, "
                        f"{result.ran} trial(s) run by this process"
                        + (f"; not counted: {extra}" if extra else "") + ")")
