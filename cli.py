@@ -286,12 +286,7 @@ def cmd_apply(args) -> int:
     if result.decode_ratio is not None:
         print(f"decode {result.decode_ms:.2f} ms/token, {result.decode_ratio:.3f}x the uncompressed model in the same "
               f"run (recipe {_shown(result.recorded_decode_ratio)}x)" + (f"; {result.budget_note}" if result.budget_note else ""))
-    if result.artifact.suffix == ".gguf":
-        print(f"artifact and recipe in {result.folder}; serve it with llama.cpp, e.g. "
-              f"llama_cpp.Llama('{result.artifact}')")
-    else:
-        print(f"checkpoint and recipe written to {result.folder}; load it with "
-              f"AutoModelForCausalLM.from_pretrained('{result.folder}')")
+    print(f"artifact and recipe in {result.folder}; {result.how_to_load}")
     return 0
 
 

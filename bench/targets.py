@@ -85,7 +85,7 @@ def main() -> None:
             started = time.perf_counter()
             model = build(bench.model, stages, bench.context).model
             label = describe(stages)
-            row, _ = bench.target.measure(bench, model, label)
+            row = bench.target.measure(bench.request(), model, label).row
             torch_ppl = measure_perplexity(model, bench.tokenizer, bench.corpus.eval,
                                            settings.perplexity_protocol()).perplexity
             if target == "llama.cpp":

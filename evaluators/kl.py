@@ -55,13 +55,13 @@ from evaluators.corpus import Document
 from evaluators.perplexity import (
     PerplexityProtocol,
     PerplexityResult,
+    PerplexityScorer,
     check_protocol,
-    perplexity_result,
     scored_windows,
-    window_nll,
     window_spans,
 )
 from evaluators.runtime import inference_eval, model_device, model_dtype
+from evaluators.scoring import ScoringSetup, WindowScorer, score_windows
 
 DEFAULT_TOP_K = 512
 FORMAT = "planner-kl-reference/1"
@@ -80,6 +80,9 @@ class KLResult:
 
     def to_dict(self) -> dict:
         return asdict(self)  # the protocol nests as a plain dict
+
+    def figures(self) -> dict:
+        return {"kl": self.kl_mean, "top1_agreement": self.top1_agreement}
 
 
 def _scored_targets(encoded: list[tuple[list[int], int]], protocol: PerplexityProtocol) -> torch.Tensor:
@@ -293,40 +296,43 @@ def _check_reference(reference: ReferenceDistributions, protocol: PerplexityProt
         raise ValueError("the scored tokens differ from the KL reference's (another corpus or tokenizer?)")
 
 
+class KLScorer(WindowScorer):
+    """KL(base || candidate) and top-1 agreement against the study's reference distributions."""
+
+    name = "kl"
+
+    def __init__(self, setup: ScoringSetup):
+        if setup.reference is None:
+            raise ValueError("kl needs the base model's reference distributions")
+        self.accumulator = _KLAccumulator(setup.reference, setup.device)
+
+    def begin(self, encoded, protocol: PerplexityProtocol) -> None:
+        _check_reference(self.accumulator.reference, protocol, encoded)
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.accumulator.add(logits, targets)
+
+    def result(self, protocol, encoded, device: str, dtype: str, start: float) -> KLResult:
+        return self.accumulator.result(protocol, start)
+
+
+def torch_windows(model, protocol: PerplexityProtocol):
+    """`score_windows`' window source for a torch model (call inside `inference_eval`)."""
+    device = model_device(model)
+    return lambda ids: scored_windows(model, ids, protocol.context_length, protocol.stride, device)
+
+
 def _run(model, tokenizer, documents, protocol, reference, with_perplexity: bool):
     start = time.perf_counter()
     encoded = check_protocol(model, tokenizer, documents, protocol)
     device = model_device(model)
+    scorers = [KLScorer(ScoringSetup(reference, device))]
+    if with_perplexity:
+        scorers.insert(0, PerplexityScorer())
     with inference_eval(model):
-        def windows(ids):
-            return scored_windows(model, ids, protocol.context_length, protocol.stride, device)
-
-        perplexity, kl = score_windows(windows, encoded, protocol, reference, str(device),
-                                       str(model_dtype(model)).replace("torch.", ""), start)
-    return (perplexity, kl) if with_perplexity else kl
-
-
-def score_windows(windows, encoded, protocol: PerplexityProtocol, reference: ReferenceDistributions | None,
-                  device: str, dtype: str, start: float) -> tuple[PerplexityResult, KLResult | None]:
-    """Perplexity (and KL against `reference`, when given) of any runtime: `windows(ids)` yields, for each
-    window over one document (`check_protocol`'s output), the float32 logits of its scored positions and the
-    ids they predict, as `perplexity.scored_windows` does for a torch model. Sums run in the same order as
-    `score_ids`, so a torch model scores the same through here as through `measure_perplexity`."""
-    if reference is not None:
-        _check_reference(reference, protocol, encoded)
-    kl = _KLAccumulator(reference, device) if reference is not None else None
-    nll, scored = 0.0, 0
-    for ids, _ in encoded:
-        doc_nll, doc_count = 0.0, 0
-        for logits, targets in windows(ids):
-            doc_nll += window_nll(logits, targets)
-            doc_count += targets.numel()
-            if kl is not None:
-                kl.add(logits, targets)
-        nll += doc_nll
-        scored += doc_count
-    kl_result = kl.result(protocol, start) if kl is not None else None
-    return perplexity_result(protocol, encoded, nll, scored, device, dtype, start), kl_result
+        results = score_windows(torch_windows(model, protocol), encoded, protocol, scorers, str(device),
+                                str(model_dtype(model)).replace("torch.", ""), start)
+    return tuple(results) if with_perplexity else results[0]
 
 
 def measure_kl(model, tokenizer, documents: Sequence[Document], protocol: PerplexityProtocol,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from evaluators.corpus import CorpusError, Document
 from evaluators.runtime import inference_eval, max_positions, model_device, model_dtype
+from evaluators.scoring import WindowScorer
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class PerplexityResult:
         data = asdict(self)
         data["protocol"] = self.protocol.to_dict()
         return data
+
+    def figures(self) -> dict:
+        return {"perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
 
 
 def tokenize_documents(tokenizer, documents: Sequence[Document], max_tokens: int | None) -> list[tuple[list[int], int]]:
@@ -165,6 +169,31 @@ def measure_perplexity(model, tokenizer, documents: Sequence[Document], protocol
             scored += doc_count
     return perplexity_result(protocol, encoded, nll, scored, str(device), str(model_dtype(model)).replace("torch.", ""),
                              start)
+
+
+class PerplexityScorer(WindowScorer):
+    """Summed NLL per document, then over documents: the same order of sums as `score_ids`, so a torch model
+    scores the same through any runtime's windows as through `measure_perplexity`."""
+
+    name = "perplexity"
+
+    def __init__(self, setup=None):
+        self.nll, self.scored = 0.0, 0
+        self.doc_nll, self.doc_count = 0.0, 0
+
+    def begin_document(self) -> None:
+        self.doc_nll, self.doc_count = 0.0, 0
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.doc_nll += window_nll(logits, targets)
+        self.doc_count += targets.numel()
+
+    def end_document(self) -> None:
+        self.nll += self.doc_nll
+        self.scored += self.doc_count
+
+    def result(self, protocol, encoded, device: str, dtype: str, start: float) -> PerplexityResult:
+        return perplexity_result(protocol, encoded, self.nll, self.scored, device, dtype, start)
 
 
 def perplexity_result(protocol: PerplexityProtocol, encoded: list[tuple[list[int], int]], nll: float,

@@ -37,6 +37,7 @@ class ApplyResult:
     recorded_decode_ratio: float | None = None
     decode_ms: float | None = None
     budget_note: str = ""
+    how_to_load: str = ""  # the target's line telling how to serve the artifact
 
 
 def check_output(folder: Path, force: bool) -> None:
@@ -109,8 +110,10 @@ def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool
     settings = StudySettings(model=recipe.model_source, data=data, evaluation=recipe.provenance.get("evaluation") or {},
                              objectives=list(objectives), target=chosen.name)
     bench = Workbench(settings, model, tokenizer, corpus, context, {}, [], {}, objectives=objectives, target=chosen)
-    row, _ = chosen.measure_shipped(bench, artifact)
-    return check(recipe, row, out, artifact, chosen.name)
+    row = chosen.measure_shipped(bench.request(), artifact).row
+    result = check(recipe, row, out, artifact, chosen.name)
+    result.how_to_load = chosen.how_to_load(artifact)
+    return result
 
 
 def readable_by_all(folder: Path) -> None:

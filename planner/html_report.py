@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 
 from planner.errors import PlannerError, check_writable
-from planner.objectives import OBJECTIVES, metric
+from planner.objectives import OBJECTIVES, accuracy_objectives, column_order, metric, minimised
 from planner.outcome import Outcome, feasible, measured, pareto_front
 from planner.report import best_table, format_outcome, target_of
 
@@ -28,7 +28,7 @@ def axis_name(name: str) -> str:
 def pareto_views(objectives: tuple[str, ...]) -> list[tuple[str, str]]:
     """Two-dimensional views read better than one cloud: each cost (x: decode ms, weight MB, ...) against each
     accuracy objective (y: perplexity, kl), the study's first accuracy objective first."""
-    accuracy = [n for n in objectives if OBJECTIVES[n].evaluator in ("perplexity", "kl")]
+    accuracy = accuracy_objectives(objectives)
     costs = [n for n in objectives if n not in accuracy]
     if not costs:  # accuracy against accuracy (e.g. perplexity and kl only)
         return [(accuracy[1], accuracy[0])] if len(accuracy) > 1 else []
@@ -111,7 +111,8 @@ def trade_off_figure(outcome: Outcome, x: str, y: str):
                              annotation_text=f"budget {metric(name).shown(limit)}")
             far = max([limit, baseline.get(y) or 0.0] + [value(t, y) for t in trials])
             figure.add_hrect(y0=limit, y1=far * 1.05, **region)
-    figure.update_layout(xaxis_title=axis_name(x), yaxis_title=f"{axis_name(y)} (lower is better)",
+    better = "lower" if OBJECTIVES[y].direction == "minimize" else "higher"
+    figure.update_layout(xaxis_title=axis_name(x), yaxis_title=f"{axis_name(y)} ({better} is better)",
                          legend={"orientation": "h", "y": -0.2}, margin={"t": 30}, height=520)
     if y == "perplexity" and trials and max(value(t, y) for t in trials) > 10 * min(value(t, y) for t in trials):
         figure.update_yaxes(type="log")  # a few broken candidates would squash the useful range
@@ -134,14 +135,14 @@ def comparison_rows(outcome: Outcome) -> list[tuple[str, dict]]:
         rows.append((f"recommended: trial {outcome.recommended.number}", outcome.recommended.user_attrs["metrics"]))
     uniform = [t for t in _shown_trials(outcome.study) if feasible(t) and is_uniform(t)]
     if uniform:
-        best = min(uniform, key=lambda t: (t.values[0], t.number))
+        best = min(uniform, key=lambda t: (minimised(outcome.objectives, t.values)[0], t.number))
         rows.append((f"best uniform recipe: trial {best.number}", best.user_attrs["metrics"]))
     return rows
 
 
 def comparison_table(outcome: Outcome) -> str:
-    names = [n for n in ("perplexity", "kl", "top1_agreement", "decode_ms_p50", "prefill_ms_p50", "weight_mb")
-             if outcome.baseline.get(n) is not None or n in outcome.objectives]
+    names = [n for n in column_order() if n not in ("bits_per_byte", "decode_ratio")
+             and (outcome.baseline.get(n) is not None or n in outcome.objectives)]
     head = "".join(f"<th>{html.escape(metric(n).label)}</th>" for n in names)
     body = []
     for label, row in comparison_rows(outcome):

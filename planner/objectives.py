@@ -1,16 +1,24 @@
 """Every figure a trial reports, defined once: name, unit, how it prints, which evaluator measures it; and the
-objectives among them (all minimised), selectable per study, with what stands in for an unmeasured value.
+objectives among them, selectable per study: their kind (accuracy or cost), direction, what scores them, and
+what stands in for an unmeasured value.
 
-A trial's metrics row (`planner.trial.metrics_row`) is keyed by these names; tables, JSON, the HTML report,
-the study's objective values and the budgets all read them from here. Adding an objective: one `Objective`
-line in `OBJECTIVES` (and, if a new evaluator measures it, that evaluator in `planner.trial.measure`).
+A trial's metrics row is keyed by these names; tables, JSON, the HTML report, the study's objective values and
+directions, and the budgets all read them from here. Adding an accuracy objective: a scorer
+(`evaluators.scoring.WindowScorer`, scoring any runtime's held-out logits) and one `Objective` line in
+`FIGURES`, at the column it shows in; a cost objective: one line naming the row key a target measures.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
+from evaluators.kl import KLScorer
+from evaluators.perplexity import PerplexityScorer
+from evaluators.scoring import ScorerFactory, ScoringSetup, WindowScorer
 from planner.errors import PlannerError
+
+ACCURACY, COST = "accuracy", "cost"
+MINIMIZE, MAXIMIZE = "minimize", "maximize"
 
 
 @dataclass(frozen=True)
@@ -19,7 +27,8 @@ class Metric:
     label: str  # column heading
     unit: str
     format: str  # how a value prints in a table, e.g. "{:.2f}"
-    evaluator: str  # what measures it: "perplexity", "kl", "latency" or "memory"
+    evaluator: str  # what measures it: a scorer's name ("perplexity", "kl"), "latency" or "memory"
+    brief: str | None = None  # its words in a one-line trial summary (None: not shown there)
 
     def shown(self, value) -> str:
         return "n/a" if value is None else self.format.format(value)
@@ -27,41 +36,77 @@ class Metric:
 
 @dataclass(frozen=True)
 class Objective(Metric):
-    direction: str = "minimize"
+    kind: str = COST  # ACCURACY: scored from held-out logits (the first objective of a study is one)
+    direction: str = MINIMIZE
+    # ACCURACY only: makes the scorer of its evaluator (each measurement gets a fresh one).
+    scorer: Callable[[ScoringSetup], WindowScorer] | None = None
+    uses_reference: bool = False  # its scorer compares against the base model's stored distributions
     # The value a trial reports when the figure was not measured (a candidate rejected from its spec, or
     # skipped as hopeless): bad enough that the sampler learns the region is bad, without a fake measurement.
     unmeasured: Callable[[dict], float] = lambda baseline: float("inf")
     budget: str | None = None  # the budget kind that limits this figure (planner.budgets), if any
     budget_scale: float = 1.0  # this figure's unit per unit of that budget's limit (weight MB per byte)
 
+    def minimised(self, value: float) -> float:
+        """The value as a minimised quantity (what rankings compare)."""
+        return value if self.direction == MINIMIZE else -value
 
-# Reported beside the objectives, never optimised.
-METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("bits_per_byte", "bits/byte", "bits", "{:.3f}", "perplexity"),
-    Metric("prefill_ms_p50", "prefill ms", "ms", "{:.1f}", "latency"),
-    # Same-run A/B ratio of decode time to the target's reference (the uncompressed model in its runtime).
-    Metric("decode_ratio", "decode x", "ratio", "{:.2f}", "latency"),
-    Metric("top1_agreement", "top-1 agree", "fraction", "{:.3f}", "kl"),
-    Metric("weight_bytes", "weight bytes", "bytes", "{:d}", "memory"),
-)}
 
 UNMEASURED_PERPLEXITY_FACTOR = 100.0  # a multiple of the baseline's perplexity
 UNMEASURED_KL = 10.0  # nats: about the KL of a uniform guess over a 50k vocabulary from a confident model
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
-    Objective("perplexity", "perplexity", "", "{:.2f}", "perplexity",
-              unmeasured=lambda baseline: UNMEASURED_PERPLEXITY_FACTOR * baseline["perplexity"]),
-    Objective("kl", "KL nats", "nats", "{:.4f}", "kl", unmeasured=lambda baseline: UNMEASURED_KL),
-    Objective("decode_ms_p50", "decode ms", "ms", "{:.1f}", "latency",
+# Every figure, in the column order of every table.
+FIGURES: list[Metric] = [
+    Objective("perplexity", "perplexity", "", "{:.2f}", "perplexity", brief="ppl", kind=ACCURACY,
+              scorer=PerplexityScorer, unmeasured=lambda baseline: UNMEASURED_PERPLEXITY_FACTOR * baseline["perplexity"]),
+    Metric("bits_per_byte", "bits/byte", "bits", "{:.3f}", "perplexity"),
+    Objective("kl", "KL nats", "nats", "{:.4f}", "kl", brief="kl", kind=ACCURACY, scorer=KLScorer,
+              uses_reference=True, unmeasured=lambda baseline: UNMEASURED_KL),
+    Metric("top1_agreement", "top-1 agree", "fraction", "{:.3f}", "kl", brief="top-1"),
+    Objective("decode_ms_p50", "decode ms", "ms", "{:.1f}", "latency", brief="decode ms",
               unmeasured=lambda baseline: baseline["decode_ms_p50"], budget="latency"),
-    Objective("weight_mb", "weight MB", "MB", "{:.1f}", "memory",
+    # Same-run A/B ratio of decode time to the target's reference (the uncompressed model in its runtime).
+    Metric("decode_ratio", "decode x", "ratio", "{:.2f}", "latency"),
+    Metric("prefill_ms_p50", "prefill ms", "ms", "{:.1f}", "latency"),
+    Objective("weight_mb", "weight MB", "MB", "{:.1f}", "memory", brief="MB",
               unmeasured=lambda baseline: baseline["weight_mb"], budget="memory", budget_scale=1e-6),
-)}
+    Metric("weight_bytes", "weight bytes", "bytes", "{:d}", "memory"),
+]
+OBJECTIVES: dict[str, Objective] = {}
+METRICS: dict[str, Metric] = {}  # reported beside the objectives, never optimised
+
+
+def _index() -> None:
+    OBJECTIVES.clear()
+    METRICS.clear()
+    for m in FIGURES:
+        (OBJECTIVES if isinstance(m, Objective) else METRICS)[m.name] = m
+
+
+def register_figure(figure: Metric, before: str | None = None) -> Metric:
+    """Add a figure (an objective or a reported metric) at its column: before `before`, else last. Plug-ins
+    and tests use this; the project's own figures are the lines of FIGURES."""
+    if figure.name in OBJECTIVES or figure.name in METRICS:
+        raise ValueError(f"figure '{figure.name}' is already registered")
+    names = [m.name for m in FIGURES]
+    FIGURES.insert(names.index(before) if before in names else len(FIGURES), figure)
+    _index()
+    return figure
+
+
+def unregister_figure(name: str) -> None:
+    FIGURES[:] = [m for m in FIGURES if m.name != name]
+    _index()
+
+
+_index()
 ALIASES = {"decode_ms": "decode_ms_p50", "latency": "decode_ms_p50", "memory": "weight_mb", "weight": "weight_mb"}
 DEFAULT = ("perplexity", "decode_ms_p50", "weight_mb")
-# Column order of every table: objectives first as registered, then the reported figures.
-COLUMN_ORDER = ("perplexity", "bits_per_byte", "kl", "top1_agreement", "decode_ms_p50", "decode_ratio", "prefill_ms_p50",
-                "weight_mb")
+
+
+def column_order() -> tuple[str, ...]:
+    """Every table's columns (the registry's order; weight_bytes is the row's exact figure, not a column)."""
+    return tuple(m.name for m in FIGURES if m.name != "weight_bytes")
 
 
 def metric(name: str) -> Metric:
@@ -85,18 +130,45 @@ def parse_objectives(value) -> tuple[str, ...]:
         resolved.append(canonical)
     if len(resolved) < 2:
         raise PlannerError(f"a study needs at least two objectives to trade off, got {', '.join(resolved)}")
-    if OBJECTIVES[resolved[0]].evaluator not in ("perplexity", "kl"):
-        raise PlannerError(f"the first objective is the accuracy the recommendation optimises: perplexity or kl, "
+    if OBJECTIVES[resolved[0]].kind != ACCURACY:
+        accuracy = " or ".join(n for n, o in OBJECTIVES.items() if o.kind == ACCURACY)
+        raise PlannerError(f"the first objective is the accuracy the recommendation optimises: {accuracy}, "
                            f"got {resolved[0]}")
     return tuple(resolved)
 
 
 def evaluators_for(objectives: tuple[str, ...]) -> set[str]:
     """The evaluators a study runs: memory always (exact and cheap, and every recipe records it), perplexity
-    always (the held-out accuracy every table shows), and whatever measures each objective."""
+    always (the held-out accuracy every table shows; from the same logits as any other scorer), and whatever
+    measures each objective."""
     return {"memory", "perplexity"} | {OBJECTIVES[name].evaluator for name in objectives}
 
 
 def values(objectives: tuple[str, ...], row: dict, baseline: dict) -> tuple[float, ...]:
     """A trial's objective values from its metrics row; unmeasured ones take their stand-in."""
     return tuple(row[name] if name in row else OBJECTIVES[name].unmeasured(baseline) for name in objectives)
+
+
+def directions(objectives: tuple[str, ...]) -> list[str]:
+    """Optuna's study directions of these objectives."""
+    return [OBJECTIVES[name].direction for name in objectives]
+
+
+def minimised(objectives: tuple[str, ...], values_: tuple[float, ...]) -> tuple[float, ...]:
+    """A trial's objective values with every one turned into a quantity to minimise (rankings, dominance)."""
+    return tuple(OBJECTIVES[name].minimised(v) for name, v in zip(objectives, values_))
+
+
+def accuracy_objectives(objectives: tuple[str, ...]) -> list[str]:
+    return [name for name in objectives if OBJECTIVES[name].kind == ACCURACY]
+
+
+def scorers(evaluators: set[str], setup: ScoringSetup) -> tuple[ScorerFactory, ...]:
+    """Factories of the scorers a measurement runs: every accuracy figure whose evaluator is needed."""
+    return tuple((lambda o=o: o.scorer(setup)) for o in OBJECTIVES.values()
+                 if o.kind == ACCURACY and o.evaluator in evaluators)
+
+
+def needs_reference(evaluators: set[str]) -> bool:
+    """Whether a needed scorer compares against the base model's stored distributions."""
+    return any(o.uses_reference and o.evaluator in evaluators for o in OBJECTIVES.values())

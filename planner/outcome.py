@@ -10,7 +10,7 @@ import optuna
 
 from planner.budgets import Budget
 from planner.errors import PlannerError
-from planner.objectives import DEFAULT
+from planner.objectives import DEFAULT, minimised
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 CLOSEST_SHOWN = 3
@@ -37,7 +37,7 @@ def feasible(trial: optuna.trial.FrozenTrial) -> bool:
 
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-    """a is no worse than b in every (minimised) objective and better in at least one."""
+    """a is no worse than b in every objective (as minimised quantities) and better in at least one."""
     return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
 
 
@@ -57,8 +57,10 @@ def study_objectives(study: optuna.Study) -> tuple[str, ...]:
 
 def decide(study: optuna.Study, budgets: list[Budget], baseline: dict) -> Outcome:
     trials = study.get_trials(deepcopy=False)
+    objectives = study_objectives(study)
     good = [t for t in trials if measured(t) and feasible(t) and "duplicate_of" not in t.user_attrs]  # twins once
-    front = sorted(pareto_front(good), key=lambda t: (t.values[0], t.number))
+    score = lambda t: minimised(objectives, t.values)  # noqa: E731
+    front = sorted(pareto_front(good, score), key=lambda t: (score(t)[0], t.number))
     recommended = front[0] if front else None
     closest = []
     if recommended is None:
@@ -67,7 +69,7 @@ def decide(study: optuna.Study, budgets: list[Budget], baseline: dict) -> Outcom
         sized = [t for t in trials if t.state == COMPLETE and "metrics" in t.user_attrs
                  and "duplicate_of" not in t.user_attrs]
         closest = sorted(sized, key=lambda t: (total_excess(t), t.number))[:CLOSEST_SHOWN]
-    return Outcome(study, budgets, baseline, front, recommended, closest, study_objectives(study))
+    return Outcome(study, budgets, baseline, front, recommended, closest, objectives)
 
 
 def stored_outcome(study: optuna.Study) -> Outcome:
@@ -77,12 +79,13 @@ def stored_outcome(study: optuna.Study) -> Outcome:
 
 
 def best_trials(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
-    """For each objective, the measured trial that minimises it (feasible or not: the user sees both)."""
+    """For each objective, the measured trial best in it (feasible or not: the user sees both)."""
     trials = [t for t in study.get_trials(deepcopy=False) if measured(t)]
     if not trials:
         return {}
-    return {name: min(trials, key=lambda t, i=i: (t.values[i], t.number))
-            for i, name in enumerate(study_objectives(study))}
+    objectives = study_objectives(study)
+    return {name: min(trials, key=lambda t, i=i: (minimised(objectives, t.values)[i], t.number))
+            for i, name in enumerate(objectives)}
 
 
 def trial_to_export(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import optuna
 
-from planner.objectives import COLUMN_ORDER, metric
+from planner.objectives import FIGURES, MINIMIZE, OBJECTIVES, column_order, metric
 from planner.outcome import Outcome, best_trials, feasible
 from planner.workers import answered, finished, repeat
 
@@ -19,24 +19,23 @@ def trial_line(trial: optuna.trial.FrozenTrial, total: int, counted: int | None 
     if trial.state == optuna.trial.TrialState.FAIL:
         reason = trial.user_attrs.get("failure") or trial.user_attrs.get("interrupted", "unknown")
         return f"trial {where} FAILED  {label}: {reason}"
-    ppl = f"ppl {row['perplexity']:7.2f}" if "perplexity" in row else "ppl    n/a "
-    kl = f"  kl {row['kl']:.4f} (top-1 {row['top1_agreement']:.3f})" if "kl" in row else ""
-    decode = f"  decode {row['decode_ms_p50']:6.1f} ms" if "decode_ms_p50" in row else ""
+    figures = "  ".join(f"{m.brief} {m.shown(row.get(m.name))}" for m in FIGURES
+                        if m.brief and (m.name in row or m.name == "perplexity"))  # ppl n/a: not scored
     seconds = trial.user_attrs.get("seconds", {}).get("total", 0.0)
     note = (trial.user_attrs.get("rejected") or trial.user_attrs.get("skipped_perplexity")
             or (f"same candidate as trial {trial.user_attrs['duplicate_of']}" if "duplicate_of" in trial.user_attrs
                 else ""))
     if repeat(trial):
         note += "; not counted in the trials"
-    return (f"trial {where} {'ok  ' if feasible(trial) else 'over'} {ppl}{kl}{decode}  "
-            f"{row.get('weight_mb', 0):7.1f} MB  {seconds:5.1f} s  {label}" + (f"  ({note})" if note else ""))
+    return (f"trial {where} {'ok  ' if feasible(trial) else 'over'} {figures}  {seconds:5.1f} s  {label}"
+            + (f"  ({note})" if note else ""))
 
 
 def trial_row(trial) -> dict:
     metrics = trial.user_attrs.get("metrics", {})
     return {
         "trial": trial.number,
-        **{name: metrics.get(name) for name in COLUMN_ORDER},
+        **{name: metrics.get(name) for name in column_order()},
         "stages": trial.user_attrs.get("stages", []),
         "label": trial.user_attrs.get("label", ""),
         "constraints": dict(trial.constraints),
@@ -46,7 +45,7 @@ def trial_row(trial) -> dict:
 
 def columns(rows: list[dict]) -> list[str]:
     """The figures any of the rows has, in registry order (a study without kl shows no kl column)."""
-    return [name for name in COLUMN_ORDER if any(row.get(name) is not None for row in rows)]
+    return [name for name in column_order() if any(row.get(name) is not None for row in rows)]
 
 
 def table(rows: list[dict], marked: int | None = None, first: tuple[str, list[str]] | None = None) -> str:
@@ -89,12 +88,15 @@ def budget_line(outcome: Outcome) -> str:
 
 def baseline_line(outcome: Outcome) -> str:
     shown = [f"{metric(name).label} {metric(name).shown(outcome.baseline[name])}"
-             for name in COLUMN_ORDER if outcome.baseline.get(name) is not None and name != "bits_per_byte"]
+             for name in column_order() if outcome.baseline.get(name) is not None and name != "bits_per_byte"]
     return "baseline: " + (", ".join(shown) or "not measured yet")
 
 
 def objectives_line(outcome: Outcome) -> str:
-    return "objectives (minimised): " + ", ".join(metric(name).label for name in outcome.objectives)
+    objectives = [OBJECTIVES[name] for name in outcome.objectives]
+    if all(o.direction == MINIMIZE for o in objectives):
+        return "objectives (minimised): " + ", ".join(o.label for o in objectives)
+    return "objectives: " + ", ".join(f"{o.label} ({o.direction}d)" for o in objectives)
 
 
 def target_of(outcome: Outcome) -> str:

@@ -15,7 +15,8 @@ from dataclasses import replace
 
 import optuna
 
-from planner.outcome import feasible, measured
+from planner.objectives import minimised
+from planner.outcome import feasible, measured, study_objectives
 from planner.recipes import Stage, plain_stages
 from search_spaces import TECHNIQUES
 
@@ -34,6 +35,7 @@ def lineage(stages: list[dict], index: int) -> str | None:
 def _measured_runs(study: optuna.Study) -> dict[str, dict[int, float | None]]:
     """lineage -> {steps reached: best feasible first-objective value there (None: none feasible)}."""
     runs: dict[str, dict[int, float | None]] = {}
+    objectives = study_objectives(study)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         if not measured(trial):
             continue
@@ -43,7 +45,7 @@ def _measured_runs(study: optuna.Study) -> dict[str, dict[int, float | None]]:
             if key is None:
                 continue
             steps = stage["spec"][TECHNIQUES[stage["technique"]].fidelity_field]
-            score = trial.values[0] if feasible(trial) else None
+            score = minimised(objectives, trial.values)[0] if feasible(trial) else None
             best = runs.setdefault(key, {}).get(steps)
             runs[key][steps] = score if best is None else (best if score is None else min(best, score))
     return runs

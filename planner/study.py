@@ -18,6 +18,7 @@ from evaluators.kl import ReferenceDistributions
 from evaluators.memory import weight_bytes
 from evaluators.perplexity import check_protocol
 from planner import assets, workers
+from planner import objectives as objective_registry
 from planner.budgets import Budget, of_kind
 from planner.candidates import describe, smallest_candidate, starting_points
 from planner.errors import Interrupted, PlannerError, SearchStopped, check_writable
@@ -194,7 +195,7 @@ def join(bench: Workbench, study: optuna.Study) -> None:
         raise PlannerError(f"study '{bench.settings.study}' was made for model {stored['source']} "
                            f"({stored['content_hash'][:19]}...), not {bench.settings.model}")
     check_budgets(study, bench.budgets, study.user_attrs.get("baseline", {}))
-    if "kl" in bench.evaluators():
+    if objective_registry.needs_reference(bench.evaluators()):
         bench.reference = reference_distributions(bench)
     bench.baseline = study.user_attrs.get("baseline") or _measure_baseline(bench, study)
     bench.budgets = [b.resolve(bench.baseline) for b in bench.budgets]
@@ -234,7 +235,7 @@ def create_or_load(settings: StudySettings) -> optuna.Study:
     sampler = make_sampler(settings.sampler, settings.seed, settings.trials)  # a bad name fails before any store
     objectives = settings.objective_names()  # an existing study's are checked by open_study and join
     study = optuna.create_study(storage=open_storage(storage_url(settings)), study_name=settings.study,
-                                sampler=sampler, directions=["minimize"] * len(objectives), load_if_exists=True)
+                                sampler=sampler, directions=objective_registry.directions(objectives), load_if_exists=True)
     if study.metric_names is None:
         study.set_metric_names(list(objectives))
     return study

@@ -10,20 +10,38 @@ from dataclasses import dataclass, field
 import optuna
 
 from evaluators.kl import ReferenceDistributions
-from evaluators.latency import measure_latency
+from evaluators.scoring import ScoringSetup
+from planner import candidates
 from planner import objectives as objective_registry
 from planner import rungs
 from planner.budgets import Budget, of_kind
-from planner.candidates import build, describe, estimate_weight_bytes, shaped_model, storage_notes, suggest_stages
 from planner.errors import first_line
 from planner.recipes import Stage, plain_stages
 from planner.settings import StudySettings
 from search_spaces import BuildContext
-from targets import TRANSFORMERS, Target
+from targets import TRANSFORMERS, Measured, Request, Target
 from targets.figures import metrics_row
 
 # What a trial that reuses a measured twin copies from it.
 TWIN_ATTRS = ("metrics", "measurements", "estimated_weight_bytes", "rejected", "skipped_perplexity")
+# A candidate this far over a latency budget is not worth its perplexity run.
+LATENCY_SKIP_FACTOR = 1.5
+
+
+@dataclass(frozen=True)
+class CandidateSteps:
+    """How a trial turns parameters into a built candidate (planner.candidates by default). A field of the
+    workbench, so a benchmark replay or a test passes its own steps instead of patching modules."""
+
+    suggest_stages: object = candidates.suggest_stages
+    describe: object = candidates.describe
+    shaped_model: object = candidates.shaped_model
+    storage_notes: object = candidates.storage_notes
+    estimate_weight_bytes: object = candidates.estimate_weight_bytes
+    build: object = candidates.build
+
+
+DEFAULT_STEPS = CandidateSteps()
 
 
 @dataclass
@@ -42,6 +60,7 @@ class Workbench:
     reference: ReferenceDistributions | None = None  # the base model's next-token distributions (kl)
     objectives: tuple[str, ...] = field(default=objective_registry.DEFAULT)
     target: Target = TRANSFORMERS  # where candidates ship and are measured (targets/)
+    steps: CandidateSteps = field(default_factory=lambda: DEFAULT_STEPS)  # read when the workbench is made
 
     def evaluators(self) -> set[str]:
         needed = objective_registry.evaluators_for(self.objectives)
@@ -49,19 +68,41 @@ class Workbench:
             needed.add("latency")
         return needed
 
+    def request(self, may_skip: bool = True) -> Request:
+        """What the target is asked to measure: protocols, held-out text, scorers, and the skip rule (never for
+        the baseline: every figure of the reference is measured)."""
+        needed = self.evaluators()
+        setup = ScoringSetup(self.reference, str(self.context.device))
+        return Request(self.model, self.tokenizer, self.corpus.eval, self.settings.perplexity_protocol(),
+                       self.settings.latency_protocol(), frozenset(needed),
+                       objective_registry.scorers(needed, setup), self.context.device,
+                       (lambda row: hopeless(self.budgets, row)) if may_skip else (lambda row: None))
+
+
+def hopeless(budgets: list[Budget], row: dict) -> str | None:
+    """Why scoring a candidate is not worth it: a latency figure more than LATENCY_SKIP_FACTOR over its budget."""
+    budget = next((b for b in budgets if b.kind in ("latency", "prefill") and b.limit is not None
+                   and b.metric in row and b.violation(row) > LATENCY_SKIP_FACTOR - 1), None)
+    if budget is None:
+        return None
+    figure = (f"{row[budget.ratio_metric]:.2f}x the reference" if budget.uses_ratio(row)
+              else f"{row[budget.metric]:.2f} ms")
+    return f"{budget.kind} {figure} is over {LATENCY_SKIP_FACTOR}x the budget"
+
 
 def measure(bench: Workbench, model, stages: list[Stage], trial=None, label: str | None = None) -> tuple[dict, dict]:
-    """(metrics row, full evaluator dicts) of a built model as the study's target serves it (targets/)."""
-    return bench.target.measure(bench, model, label or describe(stages), trial)
+    """(metrics row, full evaluator dicts) of a built model as the study's target serves it (targets/); on
+    `trial`, why scoring was skipped."""
+    request = bench.request(may_skip=trial is not None)
+    measured: Measured = bench.target.measure(request, model, label or bench.steps.describe(stages))
+    if measured.skipped and trial is not None:
+        trial.set_user_attr("skipped_perplexity", measured.skipped)
+    return measured.row, measured.details
 
 
 def measure_baseline(bench: Workbench) -> tuple[dict, dict]:
-    """The uncompressed model's figures. The first model timed in a fresh process decodes slowly (the
-    benchmark's fidelity run found a stored baseline ~45% slow), which would loosen relative latency
-    budgets: one untimed latency pass first."""
-    bench.target.open(bench)
-    if "latency" in bench.evaluators() and bench.target is TRANSFORMERS:
-        measure_latency(bench.model, bench.settings.latency_protocol())
+    """The uncompressed model's figures, after the target's own preparation (its reference, a warm-up)."""
+    bench.target.prepare(bench.request())
     return measure(bench, bench.model, [])
 
 
@@ -109,12 +150,13 @@ def objective(bench: Workbench):
 
     def run_trial(trial: optuna.Trial) -> tuple[float, ...]:
         started = time.perf_counter()
-        stages = rungs.assign(trial.study, suggest_stages(trial, bench.spaces), bench.spaces)
+        steps = bench.steps
+        stages = rungs.assign(trial.study, steps.suggest_stages(trial, bench.spaces), bench.spaces)
         stored_stages = plain_stages(stages)
         trial.set_user_attr("stages", stored_stages)
-        shaped = shaped_model(bench.model, stages)
-        notes = storage_notes(bench.model, stages, shaped)
-        label = describe(stages, notes)
+        shaped = steps.shaped_model(bench.model, stages)
+        notes = steps.storage_notes(bench.model, stages, shaped)
+        label = steps.describe(stages, notes)
         trial.set_user_attr("label", label)
         if notes:  # e.g. the layers a requested group size does not fit, and what they use instead
             trial.set_user_attr("storage_notes", notes)
@@ -125,12 +167,12 @@ def objective(bench: Workbench):
                     trial.set_user_attr(key, twin.user_attrs[key])
             trial.set_user_attr("duplicate_of", twin.number)
             return finish(trial, started, twin.user_attrs["metrics"])
-        estimate = estimate_weight_bytes(bench.model, stages, shaped)
+        estimate = steps.estimate_weight_bytes(bench.model, stages, shaped)
         trial.set_user_attr("estimated_weight_bytes", estimate)
         if over_memory_budget(bench.budgets, estimate):
             trial.set_user_attr("rejected", f"weights {estimate / 1e6:.1f} MB from the spec alone; over the budget")
             return finish(trial, started, metrics_row(label, estimate))
-        built = build(bench.model, stages, bench.context)
+        built = steps.build(bench.model, stages, bench.context)
         try:
             measure_started = time.perf_counter()
             row, details = measure(bench, built.model, stages, trial, label)
@@ -140,8 +182,7 @@ def objective(bench: Workbench):
         finally:
             del built
             gc.collect()
-        figures = [row[name] for name in ("perplexity", "kl", "decode_ms_p50") if name in row]
-        if not all(math.isfinite(v) for v in figures):
+        if not all(math.isfinite(row[name]) for name in objective_registry.OBJECTIVES if name in row):
             raise FloatingPointError(f"non-finite metrics {row}")
         trial.set_user_attr("measurements", details)
         return finish(trial, started, row, seconds)

@@ -1,12 +1,12 @@
 """Deployment targets: where a candidate ships, as what artifact, measured in which runtime (see base)."""
 from __future__ import annotations
 
-from targets.base import AUTO, TARGETS, Target, register_target
+from targets.base import AUTO, TARGETS, Measured, Request, Target, register_target
 from targets.llamacpp.target import LLAMA_CPP
 from targets.transformers_target import TRANSFORMERS
 from targets.vllm_target import VLLM
 
-__all__ = ["AUTO", "TARGETS", "Target", "TargetError", "register_target", "choose", "check_usable", "LLAMA_CPP", "TRANSFORMERS", "VLLM"]
+__all__ = ["AUTO", "TARGETS", "Measured", "Request", "Target", "TargetError", "register_target", "choose", "check_usable", "LLAMA_CPP", "TRANSFORMERS", "VLLM"]
 
 
 class TargetError(ValueError):

@@ -12,13 +12,48 @@ checklist in search_spaces/README.md).
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import Callable, ClassVar, Sequence
 
+from evaluators.latency import LatencyProtocol
+from evaluators.perplexity import PerplexityProtocol
+from evaluators.scoring import ScorerFactory
 from search_spaces.base import Registry
 
-if TYPE_CHECKING:
-    from planner.trial import Workbench
+
+@dataclass
+class Request:
+    """What a target is asked to measure and how: its own small protocol, so no target reads the planner.
+
+    `scorers` make the accuracy figures (perplexity, kl, ...) from the runtime's logits of the held-out
+    windows (`evaluators.scoring`); `hopeless(row)` is the caller's rule for skipping them once latency is
+    known (a reason, or None)."""
+
+    model: object  # the uncompressed source model: the latency reference, the tokenization of the held-out text
+    tokenizer: object
+    held_out: Sequence  # evaluators.corpus.Document of the evaluation split
+    perplexity: PerplexityProtocol
+    latency: LatencyProtocol
+    evaluators: frozenset  # which to run: "latency", "memory", and the scorers' names
+    scorers: tuple[ScorerFactory, ...] = ()
+    device: object = "cpu"
+    hopeless: Callable[[dict], str | None] = field(default=lambda row: None)
+
+    @property
+    def threads(self) -> int:
+        import torch
+
+        return self.latency.threads or torch.get_num_threads()
+
+
+@dataclass
+class Measured:
+    """A candidate's figures: the metrics row, each evaluator's full result, and why scoring was skipped."""
+
+    row: dict
+    details: dict
+    skipped: str | None = None
 
 
 class Target(abc.ABC):
@@ -43,22 +78,24 @@ class Target(abc.ABC):
         """The search spaces (technique name -> space or None) reduced to what the target deploys."""
         return spaces
 
-    def open(self, bench: "Workbench") -> object:
-        """Before measuring for `bench`'s model (e.g. write its latency reference); returns what it prepared."""
-        return None
+    def prepare(self, request: Request) -> None:
+        """Before the first measurement of `request.model` (write its latency reference, warm kernels up)."""
 
     @abc.abstractmethod
-    def measure(self, bench: "Workbench", model, label: str, trial=None) -> tuple[dict, dict]:
-        """(metrics row, evaluator details) of a built candidate as the target serves it. `trial` (when given)
-        records why perplexity was skipped (a latency far over its budget)."""
+    def measure(self, request: Request, model, label: str) -> Measured:
+        """The figures of a built candidate as the target serves it."""
 
     @abc.abstractmethod
     def ship(self, model, tokenizer, stages: list, out: Path) -> Path:
         """Write the deployable artifact of a built candidate into the folder `out`; returns its path."""
 
     @abc.abstractmethod
-    def measure_shipped(self, bench: "Workbench", artifact: Path) -> tuple[dict, dict]:
+    def measure_shipped(self, request: Request, artifact: Path) -> Measured:
         """The figures of a shipped artifact, loaded fresh from disk in the target's runtime."""
+
+    def how_to_load(self, artifact: Path) -> str:
+        """One line telling a user how to serve the shipped artifact."""
+        return f"load {artifact} with {self.runtime}"
 
 
 TARGETS: Registry = Registry("deployment target")

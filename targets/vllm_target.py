@@ -1,14 +1,19 @@
 """The vLLM target (GPU): rtn/GPTQ candidates ship as compressed-tensors checkpoints, which vLLM serves with
-its own integer kernels, and are timed in vLLM's engine. Unverified: nothing in this project's CI has a GPU
-or vLLM, so only the export half (the checkpoint, shared with the transformers target) is tested; the
-README says so. It is refused up front, with one line, where vLLM or a GPU is missing."""
+its own integer kernels. Unverified: nothing in this project's CI has a GPU or vLLM, so only the export half
+(the checkpoint, shared with the transformers target) is tested; the README says so. It is refused up front,
+with one line, where vLLM or a GPU is missing.
+
+What its figures are, until vLLM itself times trials: a trial's figures (latency included) are measured in
+transformers on the candidate's exact weights, and say so (`measurements["runtime"]["measured_in"]`); `apply`
+adds vLLM's end-to-end generation time per token (prefill included) as `vllm_generate_ms_per_token`, which is
+not a decode time and judges no budget."""
 from __future__ import annotations
 
 import statistics
 import time
 from pathlib import Path
 
-from targets.base import Target, register_target
+from targets.base import Measured, Request, Target, register_target
 from targets.transformers_target import TRANSFORMERS, measure_torch
 
 
@@ -37,22 +42,23 @@ class VllmTarget(Target):
         methods = tuple(m for m in quant.methods if m in ("none", "rtn", "gptq"))
         return {**spaces, "quantization": replace(quant, methods=methods or ("none",))}
 
-    def measure(self, bench, model, label: str, trial=None) -> tuple[dict, dict]:
-        # Perplexity, KL and memory from the candidate's exact weights in torch; latency from vLLM's engine on
-        # the shipped checkpoint (vLLM does not hand back full-vocabulary logits cheaply).
-        row, details = measure_torch(bench, model, label, trial)
-        return row, details
+    def measure(self, request: Request, model, label: str) -> Measured:
+        # vLLM does not hand back full-vocabulary logits cheaply, and is not timed per trial yet: every figure
+        # here is transformers' on the candidate's exact weights, labelled so.
+        measured = measure_torch(request, model, label)
+        measured.details["runtime"] = {"target": self.name, "measured_in": TORCH_FIGURES}
+        return measured
 
     def ship(self, model, tokenizer, stages: list, out: Path) -> Path:
         return TRANSFORMERS.ship(model, tokenizer, stages, out)
 
-    def measure_shipped(self, bench, artifact: Path) -> tuple[dict, dict]:
+    def measure_shipped(self, request: Request, artifact: Path) -> Measured:
         """Perplexity and stored bytes of the checkpoint as transformers loads it (what `apply` checks), and
-        its decode time per token in vLLM's engine."""
+        vLLM's end-to-end generation time per token (prefill included: not a decode time)."""
         from vllm import LLM, SamplingParams
 
-        row, details = TRANSFORMERS.measure_shipped(bench, artifact)
-        protocol = bench.settings.latency_protocol()
+        measured = TRANSFORMERS.measure_shipped(request, artifact)
+        protocol = request.latency
         llm = LLM(model=str(artifact), enforce_eager=False, max_model_len=protocol.prompt_tokens + protocol.new_tokens)
         prompt = {"prompt_token_ids": list(range(1, protocol.prompt_tokens + 1))}
         params = SamplingParams(max_tokens=protocol.new_tokens, temperature=0.0, ignore_eos=True)
@@ -62,9 +68,14 @@ class VllmTarget(Target):
             llm.generate([prompt], params, use_tqdm=False)
             if index >= protocol.warmup:
                 samples.append((time.perf_counter() - started) * 1e3 / protocol.new_tokens)
-        row["decode_ms_p50"] = statistics.median(samples)
-        details["latency"] = {"runtime": "vllm", "ms_per_token_end_to_end": samples}
-        return row, details
+        measured.row["vllm_generate_ms_per_token"] = statistics.median(samples)
+        measured.details["vllm"] = {"generate_ms_per_token_end_to_end": samples}
+        measured.details["runtime"] = {"target": self.name, "measured_in": TORCH_FIGURES}
+        return measured
+
+    def how_to_load(self, artifact: Path) -> str:
+        return f"serve it with vLLM, e.g. vllm serve {artifact}"
 
 
+TORCH_FIGURES = "transformers (PyTorch), not vLLM: vLLM does not time trials yet"
 VLLM = register_target(VllmTarget())

@@ -17,8 +17,6 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
-import planner.trial as trial_module
-import targets.transformers_target as transformers_target
 from planner.budgets import Budget, of_kind, parse_budget
 from planner.errors import PlannerError
 from planner.objectives import (DEFAULT, METRICS, OBJECTIVES, UNMEASURED_KL, UNMEASURED_PERPLEXITY_FACTOR,
@@ -27,9 +25,10 @@ from planner.outcome import (CLOSEST_SHOWN, best_trials, decide, dominates, feas
                              stored_outcome, study_objectives, total_excess, trial_to_export)
 from planner.recipes import Stage
 from planner.settings import StudySettings
-from planner.trial import (TWIN_ATTRS, Workbench, constrain, measure,
-                           measure_baseline, measured_twin, objective, over_memory_budget)
-from targets.figures import LATENCY_SKIP_FACTOR, hopeless_latency
+from planner.trial import (LATENCY_SKIP_FACTOR, TWIN_ATTRS, CandidateSteps, Workbench, constrain, hopeless,
+                           measure, measure_baseline, measured_twin, objective, over_memory_budget)
+from targets.base import Measured, Target
+from targets.figures import metrics_row
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -526,8 +525,8 @@ def test_check_budgets(stored, asked, baseline, refused):
 ])
 def test_hopeless_latency(budgets, row, skipped_by):
     parsed = [parse_budget(*b.split(":")) for b in budgets]
-    found = hopeless_latency(parsed, row)
-    assert (found and found.kind) == skipped_by
+    found = hopeless(parsed, row)
+    assert (found and found.split()[0]) == skipped_by
     assert LATENCY_SKIP_FACTOR == 1.5
 
 
@@ -539,7 +538,7 @@ def test_hopeless_latency(budgets, row, skipped_by):
 ])
 def test_hopeless_latency_on_same_run_ratios(row, skipped):
     budget = parse_budget("latency", "0.5x").resolve({"decode_ms_p50": 20.0})
-    assert (hopeless_latency([budget], row) is not None) is skipped
+    assert (hopeless([budget], row) is not None) is skipped
 
 
 class RecordingTrial:
@@ -636,26 +635,67 @@ CANDIDATES = {
 # What the study's evaluators are given: its protocols (not the defaults), its tokenizer and held-out text.
 SETTINGS = StudySettings(evaluation={"perplexity": {"context_length": 64, "stride": 32, "max_tokens": 256},
                                      "latency": {"prompt_tokens": 8, "new_tokens": 2, "repeats": 1, "warmup": 0}})
-TOKENIZER, HELD_OUT, CONTEXT, SPACES = object(), ["held-out text"], object(), {"fake": "space"}
+TOKENIZER, HELD_OUT, CONTEXT, SPACES = object(), ["held-out text"], SimpleNamespace(device="cpu"), {"fake": "space"}
+
+
+class LabTarget(Target):
+    """A deployment target answering from the table, as a target must: latency only when the request needs it,
+    nothing scored once the request's own rule calls the candidate hopeless, and one figure family per scorer
+    the request makes (a scorer is known by its name)."""
+
+    name, runtime, artifact = "lab", "the table", "nothing"
+
+    def __init__(self, lab):
+        self.lab = lab
+
+    def prepare(self, request) -> None:
+        if "latency" in request.evaluators:  # a warm-up pass, as a runtime's first timing is slow
+            self.lab.latency(request.model, request.latency)
+
+    def measure(self, request, model, label: str) -> Measured:
+        lab = self.lab
+        figures = BASELINE_FIGURES if model.name == "base" else CANDIDATES[model.name]
+        details = {"memory": dict(MEMORY_A, total_bytes=figures["weight"], disk_bytes=figures["weight"],
+                                  resident_bytes=figures["weight"])}
+        timed = {}
+        if "latency" in request.evaluators:
+            lab.latency(model, request.latency)
+            timed = dict(decode_ms_p50=figures["decode"], prefill_ms_p50=figures["prefill"])
+            details["latency"] = {"decode_p50_ms": figures["decode"]}
+        row = metrics_row(label, figures["weight"], disk_bytes=figures["weight"], **timed)
+        skipped = request.hopeless(row)
+        if skipped:
+            return Measured(row, details, skipped)
+        for make in request.scorers:
+            scorer = make()
+            if scorer.name == "perplexity":
+                lab.calls["perplexity"].append(model.name)
+                lab.args.add(("perplexity", id(request.tokenizer), id(request.held_out), request.perplexity))
+                row.update(perplexity=figures["perplexity"], bits_per_byte=figures["perplexity"] / 10)
+                details["perplexity"] = {"perplexity": figures["perplexity"]}
+            else:
+                lab.calls["kl"].append((model.name, scorer.accumulator.reference))
+                row.update(kl=figures["kl"], top1_agreement=0.9)
+                details["kl"] = {"kl_mean": figures["kl"]}
+        return Measured(row, details)
+
+    def ship(self, model, tokenizer, stages, out):
+        raise NotImplementedError
+
+    def measure_shipped(self, request, artifact):
+        raise NotImplementedError
 
 
 class Lab:
-    """Stand-ins for the build and the evaluators in planner.trial, counting what ran."""
+    """Stand-ins for the build steps and the target, injected through the workbench, counting what ran."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self):
         self.calls = {"build": [], "latency": [], "perplexity": [], "kl": [], "estimate": []}
         self.args = set()  # (what, the arguments it was given besides the model and stages)
-        fakes = {"suggest_stages": self.suggest_stages, "describe": self.describe, "build": self.build,
-                 "shaped_model": lambda base_model, stages: base_model, "storage_notes": self.notes,
-                 "estimate_weight_bytes": self.estimate, "weight_bytes": self.weight_bytes,
-                 "measure_latency": self.latency, "measure_perplexity": self.perplexity,
-                 "measure_perplexity_and_kl": self.perplexity_and_kl, "release_memory": lambda: None,
-                 "decompressed_bytes": lambda model: 0}
-        # The trial's own steps, and the transformers target's measurement (the bench's default target).
-        for module in (trial_module, transformers_target):
-            for name, fake in fakes.items():
-                if hasattr(module, name):
-                    monkeypatch.setattr(module, name, fake)
+        self.steps = CandidateSteps(suggest_stages=self.suggest_stages, describe=self.describe, build=self.build,
+                                    shaped_model=lambda base_model, stages: base_model, storage_notes=self.notes,
+                                    estimate_weight_bytes=self.estimate)
+        self.target = LabTarget(self)
 
     def suggest_stages(self, trial, spaces):
         self.args.add(("suggest", id(spaces)))
@@ -683,37 +723,15 @@ class Lab:
         self.args.add(("estimate", base_model.name))
         return CANDIDATES[stages[0].spec.name]["weight"]
 
-    @staticmethod
-    def weight_bytes(model):
-        total = BASELINE["weight_bytes"] if model.name == "base" else CANDIDATES[model.name]["weight"]
-        return SimpleNamespace(total_bytes=total, to_dict=lambda: {"total_bytes": total})
-
     def latency(self, model, protocol):
         self.calls["latency"].append(model.name)
         self.args.add(("latency", protocol))
-        row = BASELINE_FIGURES if model.name == "base" else CANDIDATES[model.name]
-        return SimpleNamespace(decode=SimpleNamespace(p50_ms=row["decode"]),
-                               prefill=SimpleNamespace(p50_ms=row["prefill"]),
-                               to_dict=lambda: {"decode_p50_ms": row["decode"]})
-
-    def perplexity(self, model, tokenizer, documents, protocol):
-        self.calls["perplexity"].append(model.name)
-        self.args.add(("perplexity", id(tokenizer), id(documents), protocol))
-        row = BASELINE_FIGURES if model.name == "base" else CANDIDATES[model.name]
-        return SimpleNamespace(perplexity=row["perplexity"], bits_per_byte=row["perplexity"] / 10,
-                               to_dict=lambda: {"perplexity": row["perplexity"]})
-
-    def perplexity_and_kl(self, model, tokenizer, documents, protocol, reference):
-        self.calls["kl"].append((model.name, reference))
-        perplexity = self.perplexity(model, tokenizer, documents, protocol)
-        row = BASELINE_FIGURES if model.name == "base" else CANDIDATES[model.name]
-        kl = SimpleNamespace(kl_mean=row["kl"], top1_agreement=0.9, to_dict=lambda: {"kl_mean": row["kl"]})
-        return perplexity, kl
 
     def bench(self, budgets=(), objectives=DEFAULT, baseline=BASELINE) -> Workbench:
         parsed = [parse_budget(*b.split(":")).resolve(BASELINE) for b in budgets]
         return Workbench(SETTINGS, SimpleNamespace(name="base"), TOKENIZER, SimpleNamespace(eval=HELD_OUT), CONTEXT,
-                         SPACES, parsed, dict(baseline), reference="reference", objectives=objectives)
+                         SPACES, parsed, dict(baseline), reference="reference", objectives=objectives,
+                         target=self.target, steps=self.steps)
 
     def run(self, bench, *names, study=None):
         study = study or optuna.create_study(directions=["minimize"] * len(bench.objectives))
@@ -727,8 +745,8 @@ BASELINE_FIGURES = dict(weight=500_000_000, decode=10.0, prefill=40.0, perplexit
 
 
 @pytest.fixture
-def lab(monkeypatch):
-    return Lab(monkeypatch)
+def lab():
+    return Lab()
 
 
 MEMORY_A = {"total_bytes": 200_000_000, "disk_bytes": 200_000_000, "resident_bytes": 200_000_000, "decompressed_on_load": False}
@@ -943,14 +961,3 @@ def test_the_study_wiring_reaches_the_build_and_the_evaluators(lab, objectives):
 def test_kl_details(lab):
     _, details = measure(lab.bench(objectives=("kl", "weight_mb")), SimpleNamespace(name="a"), [])
     assert details["kl"] == {"kl_mean": 0.5}
-
-
-def test_transformers_counts_decompressed_weights_as_resident_and_the_packed_ones_as_disk(lab, monkeypatch):
-    """compressed-tensors layers are decompressed to float by from_pretrained: the memory objective and budget
-    see what transformers holds, the packed size is the disk figure."""
-    monkeypatch.setattr(transformers_target, "decompressed_bytes", lambda model: 350_000_000)
-    study = lab.run(lab.bench(["memory:0.5x"]), "b")
-    trial = study.trials[0]
-    assert trial.user_attrs["metrics"]["weight_bytes"] == 500_000_000 and trial.user_attrs["metrics"]["disk_bytes"] == 150_000_000
-    assert trial.user_attrs["measurements"]["memory"]["decompressed_on_load"] is True
-    assert trial.values[2] == pytest.approx(500.0) and trial.constraints == pytest.approx({"memory": 1.0})

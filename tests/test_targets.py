@@ -221,8 +221,8 @@ def test_each_model_is_timed_against_its_own_reference(tmp_path):
     second = make_tiny_llama(vocab_size=len(tokenizer))
     with torch.no_grad():
         second.model.norm.weight.fill_(2.0)
-    path_first = LLAMA_CPP.open(SimpleNamespace(model=first, tokenizer=tokenizer))
-    assert LLAMA_CPP.open(SimpleNamespace(model=first, tokenizer=tokenizer)) == path_first  # written once
-    path_second = LLAMA_CPP.open(SimpleNamespace(model=second, tokenizer=tokenizer))
+    path_first = LLAMA_CPP.prepare(SimpleNamespace(model=first, tokenizer=tokenizer))
+    assert LLAMA_CPP.prepare(SimpleNamespace(model=first, tokenizer=tokenizer)) == path_first  # written once
+    path_second = LLAMA_CPP.prepare(SimpleNamespace(model=second, tokenizer=tokenizer))
     assert path_second != path_first
     assert np.all(_read_back(path_second)["output_norm.weight"] == 2.0)

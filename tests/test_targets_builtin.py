@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from evaluators.kl import score_windows
 from evaluators.memory import weight_bytes
-from evaluators.perplexity import PerplexityProtocol, check_protocol, measure_perplexity
+from evaluators.perplexity import PerplexityProtocol, PerplexityScorer, check_protocol, measure_perplexity
+from evaluators.scoring import score_windows
 from search_spaces.base import BuildContext
 from search_spaces.quantization import GPTQSettings, QuantSpec, apply, estimate_weight_bytes
 
@@ -66,8 +66,8 @@ def test_llama_cpp_perplexity_matches_torch_within_one_percent(gptq_gguf):
     torch_ppl = measure_perplexity(candidate, tokenizer, corpus.eval, PROTOCOL).perplexity
     encoded = check_protocol(candidate, tokenizer, corpus.eval, PROTOCOL)
     with loaded(path, PROTOCOL.context_length, 2, logits_all=True) as llm:
-        runtime, _ = score_windows(window_logits(llm, PROTOCOL.context_length, PROTOCOL.stride), encoded, PROTOCOL,
-                                   None, "cpu", "gguf", 0.0)
+        [runtime] = score_windows(window_logits(llm, PROTOCOL.context_length, PROTOCOL.stride), encoded, PROTOCOL,
+                                  [PerplexityScorer()], "cpu", "gguf", 0.0)
     assert runtime.tokens_scored == sum(len(ids) - 1 for ids, _ in encoded)
     assert abs(runtime.perplexity / torch_ppl - 1) < 0.01, (runtime.perplexity, torch_ppl)
 

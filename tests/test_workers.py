@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import optuna
 import pytest
@@ -189,7 +190,7 @@ def test_a_study_where_everything_fails_stops(tiny_study_file, tmp_path, capsys,
     def broken(*args, **kwargs):
         raise RuntimeError("kernel exploded")
 
-    monkeypatch.setattr(trial_module, "build", broken)
+    monkeypatch.setattr(trial_module, "DEFAULT_STEPS", replace(trial_module.DEFAULT_STEPS, build=broken))
     code = cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "30", "-q"])
     err = capsys.readouterr().err
     assert code == 1
@@ -257,7 +258,7 @@ def test_a_failed_trial_frees_what_it_built(tiny_study_file, tmp_path, capsys, m
         built.append(weakref.ref(half_built))
         raise torch.OutOfMemoryError("out of memory while building")
 
-    monkeypatch.setattr(trial_module, "build", build_then_fail)
+    monkeypatch.setattr(trial_module, "DEFAULT_STEPS", replace(trial_module.DEFAULT_STEPS, build=build_then_fail))
     code = cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "2", "-q"])
     assert code == 1 and capsys.readouterr().out.count("FAILED") == 0  # -q: no trial lines
     assert len(built) == 2 and all(ref() is None for ref in built)  # nothing a failed trial made is kept

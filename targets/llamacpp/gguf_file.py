@@ -22,6 +22,7 @@ from torch import nn
 from search_spaces.layers import text_config
 from search_spaces.quantization.grid import GGUF_GRID
 from search_spaces.quantization.modules import FLOAT, PACKED, SHARED, StoredWeights
+from targets.llamacpp.errors import UnsupportedForGGUF
 from targets.llamacpp.vocab import GGUFVocab, vocab_of
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # transformers model_type -> GGUF
@@ -42,10 +43,6 @@ BLOCK_TENSORS = {  # transformers module (relative to the decoder block) -> GGUF
     "mlp.down_proj": "ffn_down",
 }
 TOP_TENSORS = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-
-
-class UnsupportedForGGUF(ValueError):
-    """The model (architecture, rotary scaling, tokenizer) cannot be written as a GGUF llama.cpp serves."""
 
 
 def gguf_architecture(config) -> str:

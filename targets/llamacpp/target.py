@@ -15,17 +15,14 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from evaluators.kl import score_windows
-from evaluators.perplexity import check_protocol
 from search_spaces.quantization.grid import GGUF_BITS, GGUF_BLOCK, GGUF_GRID
 from search_spaces.quantization.spec import FLOAT_BITS, GRID_BITS, NO_QUANTIZATION
-from targets.base import Target, register_target
-from targets.figures import metrics_row, skip_if_hopeless
+from targets.base import Measured, Request, Target, register_target
+from targets.figures import metrics_row, scored
 from targets.llamacpp.gguf_file import FREE_HEAD_SPLIT, UnsupportedForGGUF, gguf_architecture, vocab_of, write_gguf
 from targets.llamacpp.runtime import RUNTIME, loaded, runtime_version, time_ab, window_logits
 
@@ -51,10 +48,6 @@ def gguf_facts(path: Path) -> dict:
 def kv_cache_bytes(facts: dict, context: int) -> int:
     """llama.cpp's default KV cache (F16 keys and values) for `context` positions."""
     return 2 * facts["layers"] * context * facts["kv_heads"] * facts["head_dim"] * 2
-
-
-def _threads(bench) -> int:
-    return bench.settings.latency_protocol().threads or torch.get_num_threads()
 
 
 class LlamaCppTarget(Target):
@@ -110,61 +103,59 @@ class LlamaCppTarget(Target):
             atexit.register(shutil.rmtree, self._work, ignore_errors=True)
         return self._work
 
-    def open(self, bench) -> Path:
+    def prepare(self, request: Request) -> Path:
         """The latency reference: the uncompressed model's GGUF, written once per model and process."""
-        if self._reference is None or self._reference[0] is not bench.model:
+        if self._reference is None or self._reference[0] is not request.model:
             path = self._workdir() / f"reference-{time.monotonic_ns()}.gguf"
-            write_gguf(bench.model, bench.tokenizer, path, name="reference (uncompressed)")
+            write_gguf(request.model, request.tokenizer, path, name="reference (uncompressed)")
             if self._reference is not None:
                 self._reference[1].unlink(missing_ok=True)
-            self._reference = (bench.model, path)
+            self._reference = (request.model, path)
         return self._reference[1]
 
-    def measure(self, bench, model, label: str, trial=None) -> tuple[dict, dict]:
+    def measure(self, request: Request, model, label: str) -> Measured:
         path = self._workdir() / f"candidate-{os.getpid()}-{time.monotonic_ns()}.gguf"
         try:
-            write_gguf(model, bench.tokenizer, path)
-            return self.measure_file(bench, path, label, trial)
+            write_gguf(model, request.tokenizer, path)
+            return self.measure_file(request, path, label)
         finally:
             path.unlink(missing_ok=True)
 
-    def measure_file(self, bench, path: Path, label: str, trial=None) -> tuple[dict, dict]:
-        reference = self.open(bench)
+    def measure_file(self, request: Request, path: Path, label: str) -> Measured:
+        reference = self.prepare(request)
         facts = gguf_facts(path)
         tensor_bytes = facts["tensor_bytes"]
-        protocol = bench.settings.perplexity_protocol()
-        kv = kv_cache_bytes(facts, protocol.context_length)
+        context = request.perplexity.context_length
+        kv = kv_cache_bytes(facts, context)
         details = {"memory": {"total_bytes": tensor_bytes, "resident_bytes": tensor_bytes,
                               "disk_bytes": facts["file_bytes"], "kv_cache_bytes": kv,
-                              "kv_cache_context": protocol.context_length, "method": "gguf_tensor_bytes"},
+                              "kv_cache_context": context, "method": "gguf_tensor_bytes"},
                    "runtime": {"target": self.name, "runtime": runtime_version()}}
         figures = {"disk_bytes": facts["file_bytes"], "kv_cache_bytes": kv}
-        threads = _threads(bench)
-        if "latency" in bench.evaluators():
-            ab = time_ab(path, reference, bench.settings.latency_protocol(), threads)
+        if "latency" in request.evaluators:
+            ab = time_ab(path, reference, request.latency, request.threads)
             details["latency"] = ab.to_dict()
             figures.update(decode_ms_p50=ab.decode["p50_ms"], prefill_ms_p50=ab.prefill["p50_ms"],
                            decode_ratio=ab.decode_ratio, prefill_ratio=ab.prefill_ratio)
-        row = metrics_row(label, tensor_bytes, **figures)
-        if skip_if_hopeless(bench, row, trial):
-            return row, details
-        encoded = check_protocol(bench.model, bench.tokenizer, bench.corpus.eval, protocol)
-        started = time.perf_counter()
-        with loaded(path, protocol.context_length, threads, logits_all=True) as llm:
-            windows = window_logits(llm, protocol.context_length, protocol.stride)
-            perplexity, kl = score_windows(windows, encoded, protocol, bench.reference, "cpu", "gguf", started)
-        details["perplexity"] = perplexity.to_dict()
-        if kl is not None:
-            details["kl"] = kl.to_dict()
-        return metrics_row(label, tensor_bytes, perplexity=perplexity, kl=kl, **figures), details
+        measured = Measured(metrics_row(label, tensor_bytes, **figures), details)
+
+        @contextmanager
+        def runtime():
+            with loaded(path, context, request.threads, logits_all=True) as llm:
+                yield window_logits(llm, context, request.perplexity.stride), "cpu", "gguf"
+
+        return scored(request, measured, runtime)
 
     def ship(self, model, tokenizer, stages: list, out: Path) -> Path:
         path = Path(out) / ARTIFACT
         write_gguf(model, tokenizer, path)
         return path
 
-    def measure_shipped(self, bench, artifact: Path) -> tuple[dict, dict]:
-        return self.measure_file(bench, artifact, "shipped")
+    def measure_shipped(self, request: Request, artifact: Path) -> Measured:
+        return self.measure_file(request, artifact, "shipped")
+
+    def how_to_load(self, artifact: Path) -> str:
+        return f"serve it with llama.cpp, e.g. llama_cpp.Llama('{artifact}')"
 
 
 LLAMA_CPP = register_target(LlamaCppTarget())

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from targets.llamacpp.errors import UnsupportedForGGUF
+
 # Token types of GGUF's vocabulary (llama.cpp's llama_token_type).
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
@@ -51,7 +53,6 @@ def _canonical(value) -> str:
 
 
 def pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
-    from targets.llamacpp.gguf_file import UnsupportedForGGUF
 
     found = _canonical(pre_tokenizer)
     for name, description in PRE_TOKENIZERS.items():
@@ -62,7 +63,6 @@ def pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
 
 
 def vocab_of(tokenizer, vocab_size: int) -> GGUFVocab:
-    from targets.llamacpp.gguf_file import UnsupportedForGGUF
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
