@@ -10,8 +10,11 @@ import copy
 import itertools
 import time
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
+from optuna.distributions import CategoricalDistribution
+from tqdm import tqdm
 
 from evaluators.memory import weight_bytes
 from planner.recipes import Stage, plain_stages
@@ -59,20 +62,31 @@ def on_shapes(spaces: dict) -> list[dict]:
     return [{**off, **shape, **preset} for shape in shapes for preset in presets]
 
 
-def starting_points(base_model: torch.nn.Module, spaces: dict, memory_limit: float | None, trials: int) -> list[dict]:
+def starting_points(base_model: torch.nn.Module, spaces: dict, memory_limit: float | None, trials: int,
+                    say: Callable[[str], None] = tqdm.write) -> list[dict]:
     """What a study is seeded with: the hand-picked candidates, then the shape presets, leaving out those
     whose spec alone is over the memory budget (each would spend a trial being rejected), and the shape
     presets only up to three quarters of the study's trials (the sampler gets the rest). In the
     search-quality benchmark (docs/benchmarks.md) these seeds carry a 20-trial study from 81% to 96% of
-    the exhaustive front's hypervolume; the sampler's share adds little at that length."""
-    def fits(params: dict) -> bool:
-        if memory_limit is None:
-            return True
-        return estimate_weight_bytes(base_model, suggest_stages(CornerTrial(params), spaces)) <= memory_limit
+    the exhaustive front's hypervolume; the sampler's share adds little at that length.
 
-    chosen = [p for p in hand_picked(spaces) if fits(p)]
+    A seed that gives a parameter a value outside the choices the spaces offer it (Optuna would fail its
+    trial) is left out too, with one line through `say`."""
+    def admitted(candidates: list[dict]) -> list[dict]:
+        kept = []
+        for params in candidates:
+            try:
+                stages = suggest_stages(SeedTrial(params), spaces)
+            except OutsideSpace as exc:
+                say(f"planner: a seed left out: {exc}")
+                continue
+            if memory_limit is None or estimate_weight_bytes(base_model, stages) <= memory_limit:
+                kept.append(params)
+        return kept
+
+    chosen = admitted(hand_picked(spaces))
     room = max(0, trials * 3 // 4 - len(chosen))
-    chosen += [p for p in on_shapes(spaces) if fits(p)][:room]
+    chosen += admitted(on_shapes(spaces))[:room]
     return chosen
 
 
@@ -85,6 +99,25 @@ class CornerTrial:
 
     def suggest_categorical(self, name: str, choices):
         return self.params.get(name, list(choices)[0])
+
+
+class OutsideSpace(ValueError):
+    """A candidate named by its parameters gives one of them a value its choices do not hold."""
+
+
+class SeedTrial(CornerTrial):
+    """A CornerTrial that refuses a given value outside the choices `suggest` offers its parameter, as a trial
+    enqueued with it would when it runs (the same check: Optuna's categorical distribution of those choices)."""
+
+    def suggest_categorical(self, name: str, choices):
+        choices = list(choices)
+        if name in self.params:
+            try:
+                CategoricalDistribution(choices).to_internal_repr(self.params[name])
+            except ValueError:
+                raise OutsideSpace(f"{name} = {self.params[name]!r} is not among its choices "
+                                   f"({', '.join(map(repr, choices))})") from None
+        return super().suggest_categorical(name, choices)
 
 
 def smallest_candidate(base_model: torch.nn.Module, spaces: dict) -> tuple[int, list[Stage]]:

@@ -275,15 +275,18 @@ MAX_SHAPES = 5  # beyond this many reduced shapes, only the corners are proposed
 
 def reduced_shapes(space) -> list[dict]:
     """Trial parameters of the reduced shapes a space holds: every combination of its keep ratios when
-    there are few, else the corners (each ratio alone at its least, then all of them at their least)."""
+    there are few, else the corners (each ratio alone at its least with every other at its largest, then all
+    of them at their least). Every value is one of the space's own choices: a ratio list without 1.0 (a
+    student is smaller than its teacher) has no 1.0 corner."""
     if True not in space.enabled:
         return []
     choices = {name: sorted(set(getattr(space, name)), reverse=True) for name in RATIO_FIELDS}
     combos = [dict(zip(choices, values)) for values in itertools.product(*choices.values())]
     reduced = [c for c in combos if any(v < 1.0 for v in c.values())]
     if len(reduced) > MAX_SHAPES:
+        largest = {name: values[0] for name, values in choices.items()}
         least = {name: values[-1] for name, values in choices.items()}
-        singles = [{**{n: 1.0 for n in choices}, name: least[name]} for name in choices if least[name] < 1.0]
+        singles = [{**largest, name: least[name]} for name in choices if least[name] < largest[name]]
         reduced = [shape for i, shape in enumerate(singles + [least]) if shape not in (singles + [least])[:i]]
     on = {"enabled": True} if len(space.enabled) > 1 else {}
     return [{**on, **{name: value for name, value in shape.items() if len(choices[name]) > 1}} for shape in reduced]
