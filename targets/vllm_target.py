@@ -13,6 +13,8 @@ import statistics
 import time
 from pathlib import Path
 
+from search_spaces.quantization import fit_to_scheme
+from search_spaces.quantization.grid import COMPRESSED_TENSORS_GRID
 from targets.base import Measured, Request, Target, register_target
 from targets.transformers_target import TRANSFORMERS, measure_torch
 
@@ -34,13 +36,10 @@ class VllmTarget(Target):
         return None
 
     def fit_spaces(self, spaces: dict, model) -> dict:
-        from dataclasses import replace
-
         quant = spaces.get("quantization")
         if quant is None:
             return spaces
-        methods = tuple(m for m in quant.methods if m in ("none", "rtn", "gptq"))
-        return {**spaces, "quantization": replace(quant, methods=methods or ("none",))}
+        return {**spaces, "quantization": fit_to_scheme(quant, COMPRESSED_TENSORS_GRID)}
 
     def measure(self, request: Request, model, label: str) -> Measured:
         # vLLM does not hand back full-vocabulary logits cheaply, and is not timed per trial yet: every figure

@@ -6,7 +6,9 @@ Methods (``QuantSpec.method``):
 - ``bnb``: bitsandbytes LLM.int8 / nf4 / fp4 through transformers' integration;
 - ``dynamic-int8``: torch's dynamic int8 linear layers (CPU).
 Each method is a registered `QuantMethod` (methods/, one module each). rtn/gptq round onto a storage grid
-(grid.StorageGrid, chosen per layer by plan.plan_layers) and are evaluated in float with exactly the weights
+(grid.StorageGrid, chosen per layer by plan.plan_layers) of a registered storage scheme (schemes/, one
+module each: compressed-tensors, gguf; a deployment target fits the space to its scheme with
+`fit_to_scheme`), and are evaluated in float with exactly the weights
 their packed checkpoint decodes to, reporting the packed size (see modules); `estimate_weight_bytes` gives
 that size before building; `export` writes the deployable checkpoint (see export for each method's format).
 
@@ -23,18 +25,19 @@ from search_spaces.base import BuildContext, Params, Technique, register
 from search_spaces.quantization.methods import QUANT_METHODS
 from search_spaces.quantization.export import ExportError, ExportResult, export, export_blocker
 from search_spaces.quantization.memory import estimate_weight_bytes
-from search_spaces.quantization.grid import GGUF_GRID
 from search_spaces.quantization.plan import plan_layers
+from search_spaces.quantization.schemes import STORAGE_SCHEMES, StorageScheme, register_scheme
 from search_spaces.quantization.spec import (
-    BITS, GROUP_SIZES, NO_QUANTIZATION, GPTQSettings, LayerOverride, QuantSpace, QuantSpec,
-    available_methods, method_runs_on,
+    GROUP_SIZES, NO_QUANTIZATION, GPTQSettings, LayerOverride, QuantSpace, QuantSpec, available_methods,
+    fit_to_scheme, method_runs_on, scheme_space_defaults,
 )
 from search_spaces.specs import SpecError
 
 __all__ = [
-    "BITS", "GROUP_SIZES", "QUANT_METHODS", "ExportError", "ExportResult", "GPTQSettings", "LayerOverride",
-    "QuantSpace", "QuantSpec", "apply", "available_methods", "estimate_weight_bytes", "export", "export_blocker",
-    "presets", "shape_presets", "smallest", "suggest",
+    "GROUP_SIZES", "QUANT_METHODS", "STORAGE_SCHEMES", "ExportError", "ExportResult", "GPTQSettings", "LayerOverride",
+    "QuantSpace", "QuantSpec", "StorageScheme", "apply", "available_methods", "estimate_weight_bytes", "export",
+    "export_blocker", "fit_to_scheme", "presets", "register_scheme", "scheme_space_defaults", "shape_presets",
+    "smallest", "suggest",
 ]
 
 
@@ -86,15 +89,13 @@ class Quantization(Technique):
 
     def storage_notes(self, model: nn.Module, spec: QuantSpec) -> dict:
         """Quantized layers whose input width the requested group size does not divide, with the group size they
-        really use (grid.effective_group_size: halved down to 32, else per channel; None = per channel), or on
-        GGUF grids "F16" (a width that is not a whole number of blocks)."""
+        really use (grid.effective_group_size: halved down to 32, else per channel; None = per channel), or "F16"
+        where the scheme holds no group size that fits (GGUF: a width that is not a whole number of blocks)."""
         if not spec.quant_method.grid or spec.group_size is None:
             return {}
         layers = plan_layers(model, spec).layers
-        if spec.grid == GGUF_GRID:  # a width GGUF's blocks do not divide: that layer is stored in F16
-            fallbacks = {p.name: "F16" for p in layers if p.width_fallback}
-        else:
-            fallbacks = {p.name: p.fmt.group_size for p in layers if p.quantized and p.fmt.group_size != spec.group_size}
+        fallbacks = {p.name: p.fmt.label if p.width_fallback else p.fmt.group_size for p in layers
+                     if p.width_fallback or (p.quantized and p.fmt.group_size != spec.group_size)}
         return {GROUP_SIZE_FALLBACKS: fallbacks} if fallbacks else {}
 
     def weight_bytes(self, model: nn.Module, spec: QuantSpec) -> int:

@@ -20,8 +20,9 @@ from torch import nn
 
 from search_spaces.specs import SpecError
 from search_spaces.layers import head_is_tied, is_transposed, linear_sites, weight_out_in
-from search_spaces.quantization.grid import GGUF_BLOCK, GGUF_GRID, StorageGrid, effective_group_size
-from search_spaces.quantization.spec import FLOAT_BITS, QuantSpec
+from search_spaces.quantization.constants import FLOAT_BITS
+from search_spaces.quantization.schemes import StorageGrid
+from search_spaces.quantization.spec import QuantSpec
 
 
 @dataclass(frozen=True)
@@ -69,13 +70,8 @@ def _format(spec: QuantSpec, bits: int, in_features: int) -> StorageGrid:
         return StorageGrid(FLOAT_BITS)
     if not spec.quant_method.grid:  # library methods (bnb, dynamic-int8) choose their own blocks and scales
         return StorageGrid(bits)
-    if spec.grid == GGUF_GRID:
-        # A width GGUF's blocks do not divide is stored in F16, as llama.cpp's own quantizer falls back;
-        # the storage notes say which layers.
-        if in_features % GGUF_BLOCK:
-            return StorageGrid(FLOAT_BITS)
-        return StorageGrid(bits, GGUF_BLOCK, spec.symmetric, GGUF_GRID)
-    return StorageGrid(bits, effective_group_size(in_features, spec.group_size), spec.symmetric)
+    # The scheme fits the group size to the width, or stores the layer in float (the storage notes say which).
+    return spec.storage_scheme.layer_grid(bits, in_features, spec.group_size, spec.symmetric)
 
 
 class _Overrides:

@@ -12,20 +12,18 @@ Fields a method does not use (e.g. ``group_size`` for bnb) are ignored by that m
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 
-from search_spaces.quantization.grid import (COMPRESSED_TENSORS_GRID, GGUF_BITS, GGUF_BLOCK, GGUF_GRID, SCHEMES,
-                                            StorageGrid)
-from search_spaces.quantization.methods.base import FLOAT_BITS, QUANT_METHODS, QuantMethod
+from search_spaces.quantization.constants import DEFAULT_GRID, FLOAT_BITS, GROUP_SIZES
+from search_spaces.quantization.methods.base import QUANT_METHODS, QuantMethod
+from search_spaces.quantization.schemes import STORAGE_SCHEMES, StorageScheme, scheme_named
 from search_spaces.specs import (DictSpec, SpecError, check_bool, check_choices, check_float, check_int,
                                  check_member, is_one_of, shown)
 
 NO_QUANTIZATION = "none"  # a space choice: the trial skips the quantization stage
-BITS = (2, 3, 4, 5, 8, FLOAT_BITS)
-GRID_BITS = {COMPRESSED_TENSORS_GRID: (2, 3, 4, 8, FLOAT_BITS), GGUF_GRID: GGUF_BITS + (FLOAT_BITS,)}
-GROUP_SIZES = (32, 64, 128, None)  # None: one scale per output channel
 GROUPS = ("attn", "mlp", "head")
 REQUIRED_GROUPS = ("attn", "mlp")
 BNB_4BIT_TYPES = ("nf4", "fp4")
@@ -40,6 +38,16 @@ def method_named(name: str) -> QuantMethod:
     return QUANT_METHODS[name]
 
 
+def known_bits() -> tuple[int, ...]:
+    """Every bit-width some registered method builds (16, float, included)."""
+    return tuple(sorted(set().union(*(m.bits for m in QUANT_METHODS.values()))))
+
+
+def known_group_sizes() -> tuple[int | None, ...]:
+    """Every group size some registered storage scheme holds (None: per output channel)."""
+    return tuple(dict.fromkeys(GROUP_SIZES + tuple(g for s in STORAGE_SCHEMES.values() for g in s.group_sizes)))
+
+
 @dataclass(frozen=True)
 class LayerOverride(DictSpec):
     pattern: str  # fnmatch glob on the qualified module name, e.g. "model.layers.0.*"
@@ -48,7 +56,7 @@ class LayerOverride(DictSpec):
     def __post_init__(self):
         if not isinstance(self.pattern, str) or not self.pattern.strip():
             _fail("LayerOverride.pattern", "must be a non-empty glob such as 'model.layers.0.*'")
-        check_member(BITS)("LayerOverride.bits", self.bits)
+        check_member(known_bits())("LayerOverride.bits", self.bits)
 
 
 @dataclass(frozen=True)
@@ -79,9 +87,9 @@ class QuantSpec(DictSpec):
     bnb_4bit_type: str = "nf4"
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
     overrides: tuple[LayerOverride, ...] = ()
-    # The storage scheme the grid methods round onto: compressed-tensors (transformers, vLLM) or gguf
-    # (llama.cpp: fixed blocks of 32, fp16 scales); the deployment target chooses it.
-    grid: str = COMPRESSED_TENSORS_GRID
+    # The storage scheme the grid methods round onto, by its registered name (schemes/): compressed-tensors
+    # (transformers, vLLM) or gguf (llama.cpp: fixed blocks of 32, fp16 scales); the deployment target chooses it.
+    grid: str = DEFAULT_GRID
 
     def __post_init__(self):
         check_member(tuple(QUANT_METHODS))("QuantSpec.method", self.method)
@@ -92,13 +100,14 @@ class QuantSpec(DictSpec):
         for group in REQUIRED_GROUPS:
             if group not in self.bits:
                 _fail(f"QuantSpec.bits.{group}", "missing (attn and mlp are required; 16 leaves them in float)")
-        check_member(SCHEMES)("QuantSpec.grid", self.grid)
+        check_member(tuple(STORAGE_SCHEMES))("QuantSpec.grid", self.grid)
         method = self.quant_method
+        self._check_rounds_onto(method)
         for group, bits in self.bits.items():
             self._check_bits(f"QuantSpec.bits.{group}", bits, method)
         if "head" in self.bits and not method.sets_head:
             _fail("QuantSpec.bits.head", f"{self.method} leaves the LM head and embedding alone")
-        check_member(GROUP_SIZES)("QuantSpec.group_size", self.group_size)
+        check_member(known_group_sizes())("QuantSpec.group_size", self.group_size)
         check_bool("QuantSpec.symmetric", self.symmetric)
         check_member(BNB_4BIT_TYPES)("QuantSpec.bnb_4bit_type", self.bnb_4bit_type)
         if not isinstance(self.gptq, GPTQSettings):
@@ -107,18 +116,28 @@ class QuantSpec(DictSpec):
             _fail("QuantSpec.overrides", "expected a list of {pattern, bits} overrides")
         for index, override in enumerate(self.overrides):
             self._check_bits(f"QuantSpec.overrides[{index}].bits", override.bits, method)
-        if self.grid == GGUF_GRID:
-            self._check_gguf(method)
+        if method.grid and self.integer_bits():
+            self._check_grid_settings(self.storage_scheme)
         method.check(self)
 
-    def _check_gguf(self, method: QuantMethod) -> None:
-        if not method.grid:
-            _fail("QuantSpec.grid", f"{self.method} does not round onto a grid; gguf is for rtn and gptq")
-        if self.integer_bits() and self.group_size != GGUF_BLOCK:
-            _fail("QuantSpec.group_size", f"GGUF blocks hold {GGUF_BLOCK} weights, got {self.group_size!r}")
+    def _check_rounds_onto(self, method: QuantMethod) -> None:
+        # A library method (bnb, dynamic-int8) stores its own layers: its specs keep the default grid.
+        if method.rounds_onto(self.storage_scheme) or (not method.grid and self.grid == DEFAULT_GRID):
+            return
+        onto = ", ".join(name for name, scheme in STORAGE_SCHEMES.items() if method.rounds_onto(scheme))
+        why = f"it rounds onto {onto}" if onto else "it stores its own layers"
+        _fail("QuantSpec.grid", f"{self.method} does not round onto {self.grid} grids ({why})")
+
+    def _check_grid_settings(self, scheme: StorageScheme) -> None:
+        if self.group_size not in scheme.group_sizes:
+            _fail("QuantSpec.group_size", f"{self.grid} grids take group sizes {shown(scheme.group_sizes)}, "
+                                          f"got {self.group_size!r}")
+        if self.symmetric not in scheme.symmetric:
+            _fail("QuantSpec.symmetric", f"{self.grid} grids take symmetric {shown(scheme.symmetric)}, "
+                                         f"got {self.symmetric!r}")
 
     def _check_bits(self, where: str, bits, method: QuantMethod) -> None:
-        allowed = tuple(b for b in method.bits if not method.grid or b in GRID_BITS.get(self.grid, ()))
+        allowed = method.bits_on(self.storage_scheme)
         if not is_one_of(bits, allowed):
             grid = f" on {self.grid} grids" if method.grid else ""
             _fail(where, f"expected one of {shown(allowed)} for {method.name}{grid}, got {bits!r}")
@@ -127,38 +146,26 @@ class QuantSpec(DictSpec):
     def quant_method(self) -> QuantMethod:
         return QUANT_METHODS[self.method]
 
+    @property
+    def storage_scheme(self) -> StorageScheme:
+        return scheme_named(self.grid)
+
     def integer_bits(self) -> list[int]:
         """Every bit-width below 16 that the spec uses, groups and overrides alike."""
         values = list(self.bits.values()) + [o.bits for o in self.overrides]
         return [b for b in values if b < FLOAT_BITS]
 
+    def bits_label(self, name: Callable[[int], str] = str) -> str:
+        """'4/4/h16': attn/mlp(/head) bits, each written by `name` (a scheme may name its grids, 'Q4_0')."""
+        label = "/".join(name(self.bits[g]) for g in REQUIRED_GROUPS)
+        return label + (f"/h{name(self.bits['head'])}" if "head" in self.bits else "")
+
     def summary(self, grid_fallback: bool = False) -> str:
-        """A short label such as 'quant(gptq 4/4/h16 g128)' (attn/mlp/head bits) for tables and logs;
-        `grid_fallback` marks a group size some layers cannot use ('g128*': those use a smaller one)."""
-        bits = "/".join(str(self.bits[g]) for g in REQUIRED_GROUPS)
-        if "head" in self.bits:
-            bits += f"/h{self.bits['head']}"
+        """A short label such as 'quant(gptq 4/4/h16 g128)' or 'quant(rtn Q4_0/Q8_0/hF16)' for tables and logs;
+        `grid_fallback` marks a group size some layers cannot use ('g128*': those use another)."""
         method = self.quant_method
-        if self.grid == GGUF_GRID:
-            return self._gguf_summary(grid_fallback)
-        parts = [self.method, *method.mode_label(self), bits]
-        if method.grid and self.integer_bits():
-            parts.append("per-channel" if self.group_size is None else f"g{self.group_size}{'*' if grid_fallback else ''}")
-            if not self.symmetric:
-                parts.append("asym")
-        if self.overrides:
-            parts.append(f"+{len(self.overrides)} overrides")
-        return f"quant({' '.join(parts)})"
-
-    def gguf_type(self, bits: int) -> str:
-        return StorageGrid(bits, GGUF_BLOCK, self.symmetric, GGUF_GRID).gguf_type
-
-    def _gguf_summary(self, grid_fallback: bool) -> str:
-        """'quant(gptq Q4_0/Q8_0/hF16)': the GGUF type of attn/mlp/head; '*' when some layers use another."""
-        types = "/".join(self.gguf_type(self.bits[g]) for g in REQUIRED_GROUPS)
-        if "head" in self.bits:
-            types += f"/h{self.gguf_type(self.bits['head'])}"
-        parts = [self.method, types + ("*" if grid_fallback else "")]
+        grid = self.storage_scheme.spec_label(self, grid_fallback) if method.grid else [self.bits_label()]
+        parts = [self.method, *method.mode_label(self), *grid]
         if self.overrides:
             parts.append(f"+{len(self.overrides)} overrides")
         return f"quant({' '.join(parts)})"
@@ -180,7 +187,7 @@ class QuantSpace(DictSpec):
     enabled: bool = True
     methods: tuple[str, ...] = field(default_factory=_default_methods)  # "none" lets a trial skip the stage
     device: str = "cpu"  # where candidates are built: methods that cannot run there are left out
-    bits: tuple[int, ...] = GRID_BITS[COMPRESSED_TENSORS_GRID]  # grid-method choices for attn and mlp
+    bits: tuple[int, ...] = STORAGE_SCHEMES[DEFAULT_GRID].stored_bits  # grid-method choices for attn and mlp
     mixed: bool = True  # attn and mlp bits chosen independently (else one choice for both)
     head_bits: tuple[int | None, ...] = (None, FLOAT_BITS, 8, 4)  # None leaves head and embedding untouched
     group_sizes: tuple[int | None, ...] = GROUP_SIZES
@@ -189,20 +196,20 @@ class QuantSpace(DictSpec):
     symmetric: tuple[bool, ...] = (True,)
     bnb_modes: tuple[str, ...] = BNB_MODES
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
-    grid: str = COMPRESSED_TENSORS_GRID  # the storage scheme; set by the deployment target, not searched
+    grid: str = DEFAULT_GRID  # the storage scheme; set by the deployment target (fit_to_scheme), not searched
 
     def __post_init__(self):
         check_bool("QuantSpace.enabled", self.enabled)
-        check_member(SCHEMES)("QuantSpace.grid", self.grid)
+        check_member(tuple(STORAGE_SCHEMES))("QuantSpace.grid", self.grid)
         check_choices("QuantSpace.methods", self.methods, check_member((NO_QUANTIZATION,) + tuple(QUANT_METHODS)))
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):
             _fail("QuantSpace.device", f"{self.device!r} is not a torch device (cpu, cuda, cuda:N)")
-        bits = GRID_BITS.get(self.grid, BITS)
+        bits = scheme_named(self.grid).stored_bits
         check_choices("QuantSpace.bits", self.bits, check_member(bits))
         check_choices("QuantSpace.head_bits", self.head_bits, check_member((None,) + bits), allow_empty=True)
-        check_choices("QuantSpace.group_sizes", self.group_sizes, check_member(GROUP_SIZES))
+        check_choices("QuantSpace.group_sizes", self.group_sizes, check_member(known_group_sizes()))
         check_choices("QuantSpace.symmetric", self.symmetric, check_bool)
         check_choices("QuantSpace.bnb_modes", self.bnb_modes, check_member(BNB_MODES))
         check_bool("QuantSpace.mixed", self.mixed)
@@ -216,3 +223,28 @@ def method_runs_on(method: str, device: str) -> bool:
 def available_methods(space: QuantSpace) -> tuple[str, ...]:
     """The space's methods that can run on its device, in the space's order ("none" always can)."""
     return tuple(m for m in space.methods if m == NO_QUANTIZATION or method_runs_on(m, space.device))
+
+
+def fit_to_scheme(space: QuantSpace, scheme: str) -> QuantSpace:
+    """`space` reduced to what a target storing on `scheme` deploys: "none" and the methods that round onto the
+    scheme (`QuantMethod.rounds_onto`), and the bits, head bits, group sizes and symmetries it holds (the
+    scheme's own where none of the space's does). What deployment targets call: they never name methods."""
+    storage = scheme_named(scheme)
+
+    def kept(given: tuple, allowed: tuple) -> tuple:
+        return tuple(c for c in given if c in allowed) or tuple(allowed)
+
+    methods = tuple(m for m in space.methods if m == NO_QUANTIZATION or QUANT_METHODS[m].rounds_onto(storage))
+    return replace(space, methods=methods or (NO_QUANTIZATION,), bits=kept(space.bits, storage.stored_bits),
+                   head_bits=tuple(b for b in space.head_bits if b is None or b in storage.stored_bits),
+                   group_sizes=kept(space.group_sizes, storage.group_sizes),
+                   symmetric=kept(space.symmetric, storage.symmetric), grid=storage.name)
+
+
+def scheme_space_defaults(scheme: str) -> dict:
+    """The QuantSpace fields a target storing on `scheme` starts a study file from (the file may narrow them):
+    every bit-width and group size the scheme holds, the default head bits and symmetry it holds."""
+    storage, default = scheme_named(scheme), QuantSpace()
+    return {"grid": storage.name, "bits": list(storage.stored_bits), "group_sizes": list(storage.group_sizes),
+            "head_bits": [b for b in default.head_bits if b is None or b in storage.stored_bits],
+            "symmetric": [s for s in default.symmetric if s in storage.symmetric] or list(storage.symmetric)}

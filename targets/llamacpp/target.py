@@ -19,14 +19,13 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from search_spaces.quantization.grid import GGUF_BITS, GGUF_BLOCK, GGUF_GRID
-from search_spaces.quantization.spec import FLOAT_BITS, GRID_BITS, NO_QUANTIZATION
+from search_spaces.quantization import fit_to_scheme, scheme_space_defaults
+from search_spaces.quantization.grid import GGUF_GRID
 from targets.base import Measured, Request, Target, register_target
 from targets.figures import metrics_row, scored
 from targets.llamacpp.gguf_file import FREE_HEAD_SPLIT, UnsupportedForGGUF, gguf_architecture, vocab_of, write_gguf
 from targets.llamacpp.runtime import RUNTIME, loaded, runtime_version, time_ab, window_logits
 
-GGUF_METHODS = ("rtn", "gptq")  # rounding algorithms; the grid is GGUF's own
 ARTIFACT = "model.gguf"
 
 
@@ -80,8 +79,7 @@ class LlamaCppTarget(Target):
         return None
 
     def space_defaults(self) -> dict:
-        return {"quantization": {"grid": GGUF_GRID, "group_sizes": [GGUF_BLOCK],
-                                 "bits": list(GRID_BITS[GGUF_GRID])}}
+        return {"quantization": scheme_space_defaults(GGUF_GRID)}
 
     def fit_spaces(self, spaces: dict, model) -> dict:
         if gguf_architecture(model.config) not in FREE_HEAD_SPLIT:  # pruned or student heads: no such GGUF
@@ -90,12 +88,7 @@ class LlamaCppTarget(Target):
         quant = spaces.get("quantization")
         if quant is None:
             return spaces
-        methods = tuple(m for m in quant.methods if m in (NO_QUANTIZATION,) + GGUF_METHODS)
-        bits = tuple(b for b in quant.bits if b in GGUF_BITS + (FLOAT_BITS,)) or (4, 8)
-        head = tuple(b for b in quant.head_bits if b is None or b in GGUF_BITS + (FLOAT_BITS,))
-        fitted = replace(quant, methods=methods or (NO_QUANTIZATION,), bits=bits, head_bits=head,
-                         group_sizes=(GGUF_BLOCK,), grid=GGUF_GRID)
-        return {**spaces, "quantization": fitted}
+        return {**spaces, "quantization": fit_to_scheme(quant, GGUF_GRID)}
 
     def _workdir(self) -> Path:
         if self._work is None:

@@ -4,8 +4,9 @@ A method is a rounding algorithm or a library's quantized layer: it says which b
 runs, how a trial samples its settings (parameters named `quantization.<method>.<name>`), how it builds a
 candidate, and how a planned layer is stored once built (for the exact size before building). Methods that
 round onto a storage grid (`GridMethod`: rtn, gptq) leave the grid itself (bits, group size, symmetric or
-offset, scale dtype: `grid.StorageGrid`) to the layer plan; the next step gives each deployment target
-its own grids, and the rounding algorithms stay as they are.
+offset, scale dtype: `schemes.StorageGrid`) to the layer plan and its storage scheme, and say which schemes
+they round onto (`rounds_onto`): deployment targets keep the methods that round onto their scheme
+(`spec.fit_to_scheme`), never a list of names.
 
 Adding a method: one module in this folder with a subclass registered by `register_method`, and its import
 in `methods/__init__.py` (see search_spaces/README.md).
@@ -16,19 +17,21 @@ import abc
 from typing import TYPE_CHECKING, ClassVar
 
 from search_spaces.base import Registry
+from search_spaces.quantization.constants import FLOAT_BITS
+from search_spaces.quantization.schemes import STORAGE_SCHEMES, StorageScheme
 
-if TYPE_CHECKING:  # the spec module validates against this registry, so it is imported lazily here
+if TYPE_CHECKING:  # annotations only: the spec module validates against this registry
     from search_spaces.base import BuildContext, Params
     from search_spaces.quantization.plan import LayerPlan
     from search_spaces.quantization.spec import QuantSpace, QuantSpec
-
-FLOAT_BITS = 16
 
 
 class QuantMethod(abc.ABC):
     name: ClassVar[str]
     bits: ClassVar[tuple[int, ...]]  # bit-widths it builds; 16 leaves a layer in float
     grid: ClassVar[bool] = False  # rounds onto a storage grid the packer stores (group size, symmetry apply)
+    # The storage schemes a grid method rounds onto, by name; None: every registered one.
+    schemes: ClassVar[tuple[str, ...] | None] = None
     sets_head: ClassVar[bool] = False  # can quantize the LM head and embedding group
     # Format of the transformers-loadable checkpoint it saves as (None: there is none).
     checkpoint: ClassVar[str | None] = None
@@ -40,6 +43,14 @@ class QuantMethod(abc.ABC):
     def runs_on(self, device: str) -> bool:
         """Whether it can build and run a candidate on a device (checked before any trial)."""
         return True
+
+    def rounds_onto(self, scheme: StorageScheme) -> bool:
+        """Whether it can store a candidate on `scheme`'s grids (a library method stores its own layers: never)."""
+        return self.grid and (self.schemes is None or scheme.name in self.schemes)
+
+    def bits_on(self, scheme: StorageScheme) -> tuple[int, ...]:
+        """The bit-widths a spec of this method may use when `scheme` is its grid (a library method's own)."""
+        return tuple(b for b in self.bits if b in scheme.stored_bits) if self.grid else self.bits
 
     @abc.abstractmethod
     def suggest(self, trial, space: "QuantSpace", choose) -> "QuantSpec":
@@ -79,6 +90,11 @@ class QuantMethod(abc.ABC):
     def export_blocker(self, model, spec: "QuantSpec") -> str | None:
         """Why a candidate cannot be saved as a transformers-loadable checkpoint (None: it can)."""
         return None if self.checkpoint else f"{self.name} has no checkpoint format transformers loads"
+
+
+def scheme_bits() -> tuple[int, ...]:
+    """Every bit-width some registered storage scheme holds, 16 (float) included."""
+    return tuple(sorted({b for scheme in STORAGE_SCHEMES.values() for b in scheme.stored_bits}))
 
 
 QUANT_METHODS: Registry = Registry("quantization method")

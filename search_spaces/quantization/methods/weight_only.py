@@ -2,19 +2,25 @@
 them, evaluated in float with exactly the weights the packed checkpoint decodes to.
 
 The grid of each layer (bits, effective group size, symmetric or offset, scale dtype) comes from the layer
-plan (`plan.plan_layers`); a grid method only decides how the codes are chosen (`round_decoder`).
+plan (`plan.plan_layers`) and its storage scheme; a grid method only decides how the codes are chosen
+(`round_decoder` for what needs the whole model, `round_layer` for one weight at a time). It rounds onto every
+registered scheme unless it names some (`QuantMethod.schemes`).
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from search_spaces.base import BuildContext, Params
+from search_spaces.layers import weight_out_in
+from search_spaces.quantization.constants import FLOAT_BITS
 from search_spaces.quantization.export import COMPRESSED_TENSORS
-from search_spaces.quantization.methods.base import FLOAT_BITS, QuantMethod
+from search_spaces.quantization.grid import QuantizedWeight, StorageGrid, round_to_nearest
+from search_spaces.quantization.methods.base import QuantMethod, scheme_bits
 from search_spaces.quantization.modules import install_layer, untie_head
 from search_spaces.quantization.pack import layout_bytes, stored_layout
 from search_spaces.quantization.plan import LayerPlan, plan_layers
-from search_spaces.quantization.spec import BITS, GPTQSettings, QuantSpace, QuantSpec
+from search_spaces.quantization.spec import GPTQSettings, QuantSpace, QuantSpec
 
 
 def _group_bits_params(space: QuantSpace) -> tuple[str, ...]:
@@ -23,11 +29,15 @@ def _group_bits_params(space: QuantSpace) -> tuple[str, ...]:
 
 
 class GridMethod(QuantMethod):
-    bits = BITS
     grid = True
     sets_head = True
     checkpoint = COMPRESSED_TENSORS
     preset_bits: tuple[int, ...] = ()  # one bit-width everywhere, as a user would try it by hand
+
+    @property
+    def bits(self) -> tuple[int, ...]:
+        """Whatever a registered scheme holds: a spec's bits are checked against its own scheme (`bits_on`)."""
+        return scheme_bits()
 
     def settings(self, space: QuantSpace) -> GPTQSettings:
         """The algorithm's own settings for a candidate of `space` (default: none besides the grid)."""
@@ -37,6 +47,10 @@ class GridMethod(QuantMethod):
                       context: BuildContext) -> list[LayerPlan]:
         """Quantize what this algorithm handles itself; returns the layers left for plain rounding."""
         return layers
+
+    def round_layer(self, weight: torch.Tensor, fmt: StorageGrid, scale_dtype: torch.dtype) -> QuantizedWeight:
+        """Codes of one (out, in) weight on `fmt`, for the layers `round_decoder` leaves (default: nearest)."""
+        return round_to_nearest(weight, fmt, scale_dtype)
 
     def build(self, model: nn.Module, spec: QuantSpec, context: BuildContext) -> nn.Module:
         """Quantize `model` in place: the decoder layers by the algorithm, the rest (head, embedding, and
@@ -48,7 +62,10 @@ class GridMethod(QuantMethod):
         in_blocks = [p for p in plan.layers if p.layer is not None]
         left = self.round_decoder(model, in_blocks, spec, context)
         for layer in left + [p for p in plan.layers if p.layer is None]:
-            install_layer(modules[layer.name], layer)
+            module = modules[layer.name]
+            rounded = None if not layer.quantized else self.round_layer(weight_out_in(module), layer.fmt,
+                                                                        module.weight.dtype)
+            install_layer(module, layer, rounded)
         return model
 
     def suggest(self, trial, space: QuantSpace, choose) -> QuantSpec:
