@@ -1,21 +1,26 @@
-"""Shared by the search-quality and uniform-baseline benchmarks: the reduced joint grid, its on-disk table of
-measured points, an exact 3-D hypervolume, and a replay of the planner's real search against the table.
+"""Shared by the search-quality and uniform-baseline benchmarks: the reduced joint grid on the default target
+(llama.cpp), its on-disk table of measured points, an exact 3-D hypervolume, and a replay of the planner's real
+search against the table.
 
-The grid is the planner's own search space narrowed by a study-file `space` table (GRID_SPACE), so every
-point is a candidate `planner search` could sample, named by the same trial parameters and stage specs.
-Each point is built and measured once for real (`search_quality.py --evaluate`) and stored as one JSON line
-keyed by its stage specs. A replay runs the planner's real study code (spaces, enqueued presets, sampler,
-`planner.trial.objective` with its duplicate check, spec-only memory rejection, budgets as constraints,
-`planner.study.outcome`) with only the build and the three evaluators replaced by table look-ups.
+The grid is the planner's own search space narrowed by a study-file `space` table (GRID_SPACE), fitted by the
+llama.cpp target (GGUF grids), so every point is a candidate `planner search` could sample on that target,
+named by the same trial parameters and stage specs. Each point is built and measured once for real
+(`search_quality.py --evaluate`: the GGUF written and measured by the target exactly as a study's trial is,
+latency A/B against the uncompressed GGUF, perplexity from llama.cpp's logits, weight bytes = GGUF tensor
+bytes) and stored as one JSON line keyed by its stage specs. A replay runs the planner's real study code
+(spaces, seeds, sampler, `planner.trial.objective` with its duplicate check, spec-only memory rejection,
+budgets as constraints, `outcome.decide`) with the build and the target injected into the workbench as
+look-ups in the table (`TableTarget`, `CandidateSteps`): nothing is patched by name.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import itertools
 import json
 import math
+import os
+import statistics
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,36 +28,43 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULTS = Path(__file__).resolve().parent / "results"
-import os
+TABLE = Path(os.environ.get("PLANNER_BENCH_TABLE", RESULTS / "grid-llamacpp.jsonl"))  # override: tests of the replay
+MACHINE = TABLE.with_name(TABLE.stem + "-machine.json")  # threads, CPU capability, runtime, load
 
-TABLE = Path(os.environ.get("PLANNER_BENCH_TABLE", RESULTS / "grid.jsonl"))  # override: tests of the replay
-LATENCY = TABLE.parent / "grid-latency.jsonl"
-
-# The joint grid: demo.toml's space (methods none/rtn/gptq/dynamic-int8, bits {3,4,8} per group, head kept
-# shared at 16 bits) with pruning narrowed to depth {1, 0.8} x MLP {1, 0.75, 0.5} and one group size (128).
+# The joint grid: demo.toml's quantization space on llama.cpp (none, or RTN onto GGUF's Q4_0 / Q5_0 / Q8_0 per
+# attention / MLP group; the tied embedding + head F16 shared, or a Q8_0 / Q4_0 head of its own) crossed with
+# pruning narrowed to depth {1, 0.8} x MLP {1, 0.75}, without healing or students (their training would
+# dominate the cost of the grid). GPTQ is left out as demo.toml leaves it out (~35 s a trial for ~2% perplexity
+# on Q4_0).
 DEPTH_KEEP = [1.0, 0.8]
-MLP_KEEP = [1.0, 0.75, 0.5]
-BITS = [3, 4, 8]
+MLP_KEEP = [1.0, 0.75]
+BITS = [4, 5, 8]
+HEAD_BITS = [16, 8, 4]
+METHODS = ["rtn"]
 GRID_SPACE = {
     "distillation": False,
     "pruning": {"depth_keep": DEPTH_KEEP, "mlp_keep": MLP_KEEP, "heads_keep": [1.0], "calibration_samples": 16,
                 "heal": [False]},
-    "quantization": {"methods": ["none", "rtn", "gptq", "dynamic-int8"], "bits": BITS, "head_bits": [16],
-                     "group_sizes": [128], "device": "cpu"},
+    "quantization": {"methods": ["none"] + METHODS, "bits": BITS, "head_bits": HEAD_BITS, "device": "cpu"},
 }
-# The cheaper but fixed evaluation protocol of every point: demo.toml's (what a demo trial pays).
+# The fixed evaluation protocol of every point: demo.toml's (what a demo trial pays), but 1 llama.cpp thread
+# where demo.toml has 2: on two cores shared with other jobs, 2 llama.cpp threads collapse whenever the cores
+# are oversubscribed (a probe at load 4 timed the uncompressed GGUF at 179-579 ms/token and read a Q4_0
+# candidate as 0.074x); one thread slows in proportion to its share, which the A/B ratio cancels.
 GRID_EVALUATION = {
     "perplexity": {"context_length": 512, "stride": 512, "max_tokens": 1536},
-    "latency": {"prompt_tokens": 64, "new_tokens": 16, "repeats": 3, "warmup": 1},
+    "latency": {"prompt_tokens": 64, "new_tokens": 16, "repeats": 3, "warmup": 1, "threads": 1},
 }
 MODEL = "builtin:smollm2-135m"
 DATA = "builtin:shakespeare"
+TARGET = "llama.cpp"
 
 
 def grid_settings(**overrides):
     from planner.settings import StudySettings
 
-    values = dict(model=MODEL, data=DATA, study="bench-grid", seed=0, space=GRID_SPACE, evaluation=GRID_EVALUATION)
+    values = dict(model=MODEL, data=DATA, study="bench-grid", seed=0, space=GRID_SPACE, evaluation=GRID_EVALUATION,
+                  target=TARGET)
     values.update(overrides)
     return StudySettings(**values)
 
@@ -69,11 +81,10 @@ def grid_params() -> list[dict]:
     prune = [{"pruning.enabled": False}] + [{"pruning.enabled": True, "pruning.depth_keep": d, "pruning.mlp_keep": m}
                                           for d, m in itertools.product(DEPTH_KEEP, MLP_KEEP)]
     quant = [{"quantization.method": "none"}]
-    for method in ("rtn", "gptq"):
+    for method in METHODS:
         quant += [{"quantization.method": method, f"quantization.{method}.attn_bits": a,
-                   f"quantization.{method}.mlp_bits": m} for a, m in itertools.product(BITS, BITS)]
-    quant += [{"quantization.method": "dynamic-int8", "quantization.dynamic-int8.groups": g}
-              for g in ("attn+mlp", "attn", "mlp")]
+                   f"quantization.{method}.mlp_bits": m, f"quantization.{method}.head_bits": h}
+                  for a, m, h in itertools.product(BITS, BITS, HEAD_BITS)]
     return [{**p, **q} for p, q in itertools.product(prune, quant)]
 
 
@@ -92,45 +103,38 @@ def grid_points(spaces) -> list[tuple[dict, list]]:
 
 
 def load_table(path: Path = TABLE) -> dict[str, dict]:
-    """Every measured point, with the decode/prefill latency of its compute graph filled in when measured.
-
-    Points live in `grid.jsonl` plus one `grid.<worker>.jsonl` per extra worker; graph latencies in
-    `grid-latency.jsonl` (see search_quality.py: rtn/gptq candidates run the float kernels of their shape)."""
+    """Every measured point (`grid-llamacpp.jsonl`, plus one `grid-llamacpp.<worker>.jsonl` per extra worker)."""
     table = {}
     for part in sorted(path.parent.glob(path.stem + "*.jsonl")):
-        if part.name == LATENCY.name:
-            continue
         for line in part.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
                 table[row["key"]] = row
-    latency = load_latency(path)
-    for row in table.values():
-        graph = latency.get(row["graph"])
-        if graph is not None:
-            row.update(decode_ms_p50=graph["decode_ms_p50"], prefill_ms_p50=graph["prefill_ms_p50"])
     return table
 
 
-def load_latency(path: Path = TABLE) -> dict[str, dict]:
-    file = path.parent / LATENCY.name
-    if not file.exists():
-        return {}
-    rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-    return {r["graph"]: r for r in rows}
+def reference_decode_ms(table: dict[str, dict]) -> tuple[float, float]:
+    """The uncompressed GGUF's decode and prefill p50 (ms), median over every point's A/B run: the scale that
+    turns each point's same-run ratio into milliseconds comparable across points measured at other loads."""
+    rows = list(table.values())
+    return (statistics.median(r["latency"]["reference_decode"]["p50_ms"] for r in rows),
+            statistics.median(r["latency"]["reference_prefill"]["p50_ms"] for r in rows))
 
 
-def graph_of(stages) -> str:
-    """The compute graph a candidate runs: its pruned shape and, for dynamic-int8, which groups use int8
-    kernels. rtn/gptq candidates are evaluated in float with the weights their checkpoint decodes to
-    (search_spaces/quantization/modules.py), so they run exactly the float graph of their shape."""
-    prune = [s.spec for s in stages if s.technique == "pruning"]
-    shape = (f"depth {prune[0].depth_keep:g}, mlp {prune[0].mlp_keep:g}" if prune else "depth 1, mlp 1")
-    quant = [s.spec for s in stages if s.technique == "quantization"]
-    if quant and quant[0].method == "dynamic-int8":
-        groups = "+".join(g for g in ("attn", "mlp") if quant[0].bits[g] < 16)
-        return f"{shape} | dynamic-int8 {groups}"
-    return f"{shape} | float"
+def normalised(table: dict[str, dict]) -> dict[str, dict]:
+    """Each row with `decode_ms_p50` / `prefill_ms_p50` = its measured ratio x the reference's median ms (the
+    absolute ms as measured kept as `measured_decode_ms_p50` / `measured_prefill_ms_p50`): on a shared machine
+    the same-run ratio is what holds; the absolute ms move with the load of the minute each point was timed."""
+    decode, prefill = reference_decode_ms(table)
+    out = {}
+    for key, row in table.items():
+        row = dict(row)
+        row.setdefault("measured_decode_ms_p50", row["decode_ms_p50"])
+        row.setdefault("measured_prefill_ms_p50", row["prefill_ms_p50"])
+        row["decode_ms_p50"] = row["decode_ratio"] * decode
+        row["prefill_ms_p50"] = row["prefill_ratio"] * prefill
+        out[key] = row
+    return out
 
 
 def append_row(row: dict, path: Path = TABLE) -> None:
@@ -250,68 +254,100 @@ def objective_values(row: dict) -> tuple[float, float, float]:
 
 def rekeyed(table: dict[str, dict], spaces: dict) -> dict[str, dict]:
     """The table keyed by today's stage specs: a row's key is the spec dict of when it was measured, which later
-    spec fields (e.g. the GGUF grid, healing) change; its trial parameters (older `prune.*` names renamed)
-    name the same candidate in today's space."""
+    spec fields may change; its trial parameters name the same candidate in today's space."""
     from planner.candidates import CornerTrial, suggest_stages
 
-    renamed = {"prune.": "pruning.", "distill.": "distillation.", "quant.": "quantization."}
+    return {stage_key(suggest_stages(CornerTrial(row["params"]), spaces)): row for row in table.values()}
 
-    def current(params: dict) -> dict:
-        out = {}
-        for name, value in params.items():
-            for old, new in renamed.items():
-                name = new + name[len(old):] if name.startswith(old) else name
-            out[name] = value
-        return out
 
-    return {stage_key(suggest_stages(CornerTrial(current(row["params"])), spaces)): row for row in table.values()}
+# The figures of a table row the llama.cpp target's metrics row holds besides the accuracy ones.
+SIZE_FIGURES = ("weight_bytes", "weight_mb", "disk_bytes", "kv_cache_bytes")
+LATENCY_FIGURES = ("decode_ms_p50", "prefill_ms_p50", "decode_ratio", "prefill_ratio")
+SCORE_FIGURES = ("perplexity", "bits_per_byte")
+
+
+def _target_base():
+    from targets.base import Target
+
+    return Target
+
+
+class TableTarget(_target_base()):
+    """The llama.cpp target's figures looked up in the measured table instead of written and run: a
+    `targets.base.Target` the replay's workbench is given, so planner.trial and planner.study run unchanged.
+    Like the real target it gives latency first and skips the scores when the request's rule says the
+    candidate is hopeless (a latency far over its budget)."""
+
+    name = TARGET  # the figures are llama.cpp's, as measured
+    runtime = "llama.cpp (figures from bench/results/grid-llamacpp.jsonl)"
+    artifact = "nothing (a replay)"
+
+    def __init__(self, table: dict[str, dict]):
+        self.table = table
+
+    def measure(self, request, model, label: str):
+        from targets.base import Measured
+
+        unknown = set(request.evaluators) - {"latency", "memory", "perplexity"}
+        if unknown:
+            raise ValueError(f"the grid table holds no {', '.join(sorted(unknown))} figures")
+        source = self.table[model.bench_key]
+        row = {"stages": label, **{k: source[k] for k in SIZE_FIGURES}}
+        if "latency" in request.evaluators:
+            row.update({k: source[k] for k in LATENCY_FIGURES})
+        details = {"memory": {"total_bytes": source["weight_bytes"], "method": "gguf_tensor_bytes (table)"},
+                   "latency": {k: source[k] for k in LATENCY_FIGURES}}
+        skipped = request.hopeless(row)
+        if skipped is None:
+            row.update({k: source[k] for k in SCORE_FIGURES})
+            details["perplexity"] = {k: source[k] for k in SCORE_FIGURES}
+        return Measured(row, details, skipped)
+
+    def ship(self, model, tokenizer, stages: list, out: Path) -> Path:
+        raise NotImplementedError("a replay ships nothing")
+
+    def measure_shipped(self, request, artifact: Path):
+        raise NotImplementedError("a replay ships nothing")
 
 
 class Replay:
-    """The planner's study code with candidates looked up in the table instead of built and measured."""
+    """The planner's study code with candidates looked up in the table instead of built and measured: the
+    workbench gets a `TableTarget` and `CandidateSteps` whose `build` only names the candidate (the
+    planner's own suggest, describe, shapes, storage notes and spec-only sizing run as they are)."""
 
     def __init__(self, table: dict[str, dict]):
+        import gc
+
         import optuna
 
-        import planner.trial as trial_module
-        import targets.transformers_target as transformers_target
         from planner.study import resolve_spaces
+        from planner.trial import DEFAULT_STEPS
+        from targets import TARGETS
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.modules = (trial_module, transformers_target)  # where the build and the evaluators are looked up
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # constraints' `group`
         self.model = meta_model()
-        self.model.bench_key = "[]"
-        self.spaces = resolve_spaces(grid_settings(), self.model)
-        self.table = rekeyed(table, self.spaces)
+        self.model.bench_key = "[]"  # the uncompressed model: the baseline's row
+        llama_cpp = TARGETS[TARGET]  # the space is the real target's (as `prepare` fits it); only figures are looked up
+        self.spaces = llama_cpp.fit_spaces(resolve_spaces(grid_settings(), self.model, llama_cpp.space_defaults()),
+                                           self.model)
+        self.table = normalised(rekeyed(table, self.spaces))
+        self.target = TableTarget(self.table)
         self._estimates: dict[str, int] = {}
+        self.steps = replace(DEFAULT_STEPS, build=self._build, estimate_weight_bytes=self._estimate)
         keys = {stage_key(stages) for _, stages in grid_points(self.spaces)}
         missing = keys - set(self.table)
         if missing:
             raise SystemExit(f"the table misses {len(missing)} of the grid's {len(keys)} points; run --evaluate first")
+        # Every trial ends in gc.collect() (a built model is large); here nothing is built, and the torch and
+        # optuna objects loaded so far need no scanning: frozen, a collection only walks what trials make.
+        gc.collect()
+        gc.freeze()
 
-    # Stand-ins for the build and the evaluators (planner.trial looks these names up at call time).
     def _build(self, base_model, stages, context):
         from planner.candidates import BuiltCandidate
 
         return BuiltCandidate(SimpleNamespace(bench_key=stage_key(stages)), {})
-
-    def _row(self, model) -> dict:
-        return self.table[model.bench_key]
-
-    def _weight_bytes(self, model):
-        row = self._row(model)
-        return SimpleNamespace(total_bytes=row["weight_bytes"], to_dict=lambda: {"total_bytes": row["weight_bytes"]})
-
-    def _latency(self, model, protocol):
-        row = self._row(model)
-        return SimpleNamespace(decode=SimpleNamespace(p50_ms=row["decode_ms_p50"]),
-                               prefill=SimpleNamespace(p50_ms=row["prefill_ms_p50"]),
-                               to_dict=lambda: {"decode": {"p50_ms": row["decode_ms_p50"]}})
-
-    def _perplexity(self, model, tokenizer, documents, protocol):
-        row = self._row(model)
-        return SimpleNamespace(perplexity=row["perplexity"], bits_per_byte=row["bits_per_byte"],
-                               to_dict=lambda: {"perplexity": row["perplexity"]})
 
     def _estimate(self, base_model, stages, shaped=None):
         # The planner's exact spec-only sizing (on the meta skeleton), memoised: it is pure.
@@ -319,70 +355,59 @@ class Replay:
 
         key = stage_key(stages)
         if key not in self._estimates:
-            self._estimates[key] = estimate_weight_bytes(base_model, stages)
+            self._estimates[key] = estimate_weight_bytes(base_model, stages, shaped)
         return self._estimates[key]
 
+    def workbench(self, settings):
+        from planner.trial import Workbench
+        from search_spaces import BuildContext
+
+        return Workbench(settings, self.model, None, SimpleNamespace(eval=None, train=()),
+                         BuildContext(tokenizer=None, calibration=()), self.spaces, settings.budgets(), baseline={},
+                         objectives=settings.objective_names(), target=self.target, steps=self.steps)
+
     def run(self, sampler: str, seed: int, trials: int, budgets: dict | None = None, sampler_object=None,
-            extra_enqueued: list[dict] | None = None, skip_over_budget: bool = False, seeding: str = "planner",
-            every_trial_counts: bool = False):
-        """One study of `trials` trials; returns (study, bench, outcome). `budgets` maps kind -> text
-        (e.g. {"memory": "0.3x"}). `sampler_object` overrides the named sampler (prototypes of changes).
+            extra_enqueued: list[dict] | None = None, skip_over_budget: bool = False, seeding: str = "planner"):
+        """One study of `trials` counted trials; returns (study, bench, outcome). `budgets` maps kind -> text
+        (e.g. {"latency": "0.3x"}). `sampler_object` overrides the named sampler (prototypes of changes).
         `seeding`: "planner" enqueues what the planner does (`candidates.starting_points`); "hand_picked"
         the planner's seeds before the search-quality benchmark (hand-picked presets only), plus
         `extra_enqueued` (optionally sized against the memory budget first)."""
+        import contextlib
+        import io
+
         import optuna
 
+        from planner import objectives as objective_registry
         from planner.budgets import of_kind
-        from planner.candidates import hand_picked, starting_points
+        from planner.candidates import CornerTrial, hand_picked, starting_points, suggest_stages
+        from planner.outcome import decide
         from planner.samplers import make_sampler
-        from planner.trial import Workbench, objective
-        from planner.workers import run_trials
         from planner.study import join
-        from planner.outcome import decide as outcome
-        from search_spaces import BuildContext
+        from planner.trial import objective
+        from planner.workers import run_trials
 
-        budgets = budgets or {}
         settings = grid_settings(sampler=sampler, seed=seed, trials=trials,
-                                 **{f"{kind}_budget": text for kind, text in budgets.items()})
-        bench = Workbench(settings, self.model, None, SimpleNamespace(eval=None), BuildContext(tokenizer=None,
-                          calibration=()), self.spaces, settings.budgets(), baseline={})
+                                 **{f"{kind}_budget": text for kind, text in (budgets or {}).items()})
+        bench = self.workbench(settings)
         study = optuna.create_study(sampler=sampler_object or make_sampler(sampler, seed, trials),
-                                    directions=["minimize"] * 3)
-        patched = {"build": self._build, "weight_bytes": self._weight_bytes, "measure_latency": self._latency,
-                   "measure_perplexity": self._perplexity, "estimate_weight_bytes": self._estimate,
-                   "decompressed_bytes": lambda model: 0,  # the table's bytes are the stored ones
-                   "gc": SimpleNamespace(collect=lambda: 0)}  # nothing was built: nothing to collect
-        # The trial's own steps, and the transformers target's measurement (the workbench's default target).
-        saved = {(module, name): getattr(module, name) for module in self.modules for name in patched
-                 if hasattr(module, name)}
-        try:
-            for module, name in saved:
-                setattr(module, name, patched[name])
-            with contextlib.redirect_stdout(io.StringIO()):  # "measuring the uncompressed model"
-                join(bench, study)
-            memory = of_kind(bench.budgets, "memory")
-            if seeding == "planner":
-                enqueued = starting_points(self.model, self.spaces, memory and memory.limit, trials)
-            else:
-                enqueued = hand_picked(self.spaces) + list(extra_enqueued or [])
-            if seeding != "planner" and skip_over_budget and memory is not None:  # prototype: presets sized from their spec first
-                from planner.candidates import CornerTrial, suggest_stages
-
+                                    directions=objective_registry.directions(bench.objectives))
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            join(bench, study)  # "measuring the uncompressed model": the table's baseline row
+        memory = of_kind(bench.budgets, "memory")
+        if seeding == "planner":
+            enqueued = starting_points(self.model, self.spaces, memory and memory.limit, trials)
+        else:
+            enqueued = hand_picked(self.spaces) + list(extra_enqueued or [])
+            if skip_over_budget and memory is not None:  # prototype: presets sized from their spec first
                 enqueued = [p for p in enqueued
                             if self._estimate(self.model, suggest_stages(CornerTrial(p), self.spaces)) <= memory.limit]
-            for params in enqueued:
-                study.enqueue_trial(params, skip_if_exists=True)
-            # The planner's own trial loop: `trials` counts distinct candidates (twins and spec rejections are
-            # drawn on top, as `planner search` does since the joint-search issue); `every_trial_counts`: the
-            # count of before that issue, for comparison.
-            if every_trial_counts:
-                study.optimize(objective(bench), n_trials=trials, catch=(Exception,))
-            else:
-                run_trials(study, objective(bench), trials, say=lambda _: None)
-        finally:
-            for (module, name), fn in saved.items():
-                setattr(module, name, fn)
-        return study, bench, outcome(study, bench.budgets, bench.baseline)
+        for params in enqueued:
+            study.enqueue_trial(params, skip_if_exists=True)
+        # The planner's own trial loop: `trials` counts distinct candidates (twins and spec rejections are
+        # drawn on top, as `planner search` does).
+        run_trials(study, objective(bench), trials, say=lambda _: None)
+        return study, bench, decide(study, bench.budgets, bench.baseline)
 
 
 def found_values(study, feasible_only: bool) -> list[list[tuple]]:

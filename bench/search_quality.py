@@ -1,33 +1,34 @@
 """Search quality: how close each sampler's front gets to the exhaustive front of a real grid, per trial.
 
-    nice -n 10 .venv/bin/python bench/search_quality.py --evaluate     # perplexity + bytes of every point (resumable)
-    nice -n 10 .venv/bin/python bench/search_quality.py --latency      # latency per compute graph (quiet machine)
+    nice -n 10 .venv/bin/python bench/search_quality.py --evaluate     # measure every grid point (resumable)
     .venv/bin/python bench/search_quality.py                            # replay the samplers, tables + PNG
 
-`--evaluate` builds and measures every point of the grid in `_grid.py` (the planner's search space narrowed
-to depth {1, 0.8} x MLP {1, 0.75, 0.5} x quantization {none, rtn/gptq at attn/MLP bits {3,4,8}^2, dynamic-int8
-on attn+mlp/attn/mlp}, head shared at 16 bits, group size 128) once, with demo.toml's perplexity protocol, and
-appends one JSON line per point to bench/results/grid*.jsonl (an interrupted run continues where it was).
-`--latency` times each distinct compute graph (pruned shape x float / dynamic-int8 kernels) round-robin:
-rtn/gptq candidates run the float graph of their shape (they are evaluated in float with the weights their
-checkpoint decodes to), so per-point timings would differ only by the machine's noise.
-Each pruned model is built once and every quantization of it is built from a copy (the same result as the
-planner's build, which applies the stages in the same order to a fresh copy; checked once on one point).
+`--evaluate` builds every point of the grid in `_grid.py` (the planner's search space on the llama.cpp target
+narrowed to depth {1, 0.8} x MLP {1, 0.75} x quantization {none; RTN onto Q4_0 / Q5_0 / Q8_0 for attention x
+MLP, head F16 shared / Q8_0 / Q4_0}) once and measures it through the study's target exactly as a trial does
+(`planner.trial.measure`: the GGUF written, decode and prefill timed A/B against the uncompressed model's GGUF
+in the same llama.cpp process, perplexity from llama.cpp's logits, weight bytes = the GGUF's tensor bytes),
+with demo.toml's protocols, appending one JSON line per point to bench/results/grid-llamacpp.jsonl (an
+interrupted run continues where it was). Each pruned model is built once and every quantization of it is
+built from a copy (the same result as the planner's build, which applies the stages in the same order to a
+fresh copy; checked once on one point, `grid-llamacpp-equivalence.json`).
 
 The replay runs the planner's real study code against the table (see `_grid.Replay`): TPE (the default),
-NSGA-II and random, several seeds each, with no budget and with demo.toml's memory budget (0.3x). It prints
-the hypervolume of each run's front relative to the exhaustive front's after each number of trials, with
-the same normalisation and reference point for every method (stated in the output), and writes
-docs/search_quality.png and bench/results/search_quality.json.
+NSGA-II and random, several seeds each, with no budget and under demo.toml's budget (decode <= 0.3x the
+uncompressed model, on the same-run ratio). It prints the hypervolume of each run's front relative to the
+exhaustive front's after each number of trials, with the same normalisation and reference point for every
+method (stated in the output), and writes docs/search_quality.png and bench/results/search_quality_llamacpp.json.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import gc
+import itertools
 import json
 import math
 import os
+import platform
 import statistics
 import sys
 import time
@@ -35,17 +36,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._grid import (LATENCY, RESULTS, TABLE, Normaliser, Replay, append_row, distinct_built,  # noqa: E402
-                         found_values, graph_of, grid_points, grid_settings, load_table, nondominated,
-                         load_latency, objective_values, stage_key)
-from bench._grid import DEPTH_KEEP, MLP_KEEP  # noqa: E402
-from planner.candidates import describe  # noqa: E402
+from bench._grid import (MACHINE, TABLE, Normaliser, Replay, append_row, distinct_built,  # noqa: E402
+                         found_values, grid_points, grid_settings, load_table, nondominated,
+                         objective_values, reference_decode_ms, stage_key)
 
 SAMPLERS = ("tpe", "nsga2", "random")
-SETTINGS = {"no budget": {}, "memory <= 0.3x": {"memory": "0.3x"}}
+BUDGET = "latency=0.3x"  # demo.toml's: decode at most 0.3x the uncompressed model's time per token, same run
+NAMES = {"memory": "memory", "latency": "decode"}
+
+
+def settings_for(budget: str) -> dict[str, dict]:
+    """The replayed settings: no budget, and `budget` ("latency=0.3x", "memory=0.25x")."""
+    kind, value = budget.split("=")
+    return {"no budget": {}, f"{NAMES[kind]} <= {value}": {kind: value}}
 CHECKPOINTS = (5, 10, 15, 20, 25, 30, 40, 50, 60)
 TARGET_RATIO, TARGET_FRACTION = 0.95, 0.15
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+OUTPUT = TABLE.parent / "search_quality_llamacpp.json"  # beside the table it replays
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -58,7 +65,7 @@ def prune_part(stages) -> list:
 
 
 def build_grouped(bench, todo):
-    """Yield (params, stages, model, build seconds), pruning each shape once and quantizing copies of it."""
+    """Yield (params, stages, model, seconds), pruning each shape once and quantizing copies of it."""
     from search_spaces import TECHNIQUES
 
     groups: dict[str, list] = {}
@@ -84,14 +91,44 @@ def build_grouped(bench, todo):
         gc.collect()
 
 
-def evaluate(worker: str, limit: int | None, shard: str = "0/1") -> None:
-    """Perplexity and exact stored bytes of every grid point not yet in the table (deterministic figures,
-    so two workers may share the machine: `--worker gptq` takes the GPTQ points, `--worker rest` the others)."""
+def machine(bench) -> dict:
+    """What the figures were measured on and with."""
     import torch
 
-    from evaluators.memory import weight_bytes
-    from evaluators.perplexity import measure_perplexity
-    from planner.candidates import estimate_weight_bytes
+    import llama_cpp
+
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "llama_cpp_python": llama_cpp.__version__, "latency_threads": bench.settings.latency_protocol().threads,
+            "target": bench.target.name, "load_average": os.getloadavg(),
+            "latency_protocol": bench.settings.latency_protocol().to_dict(),
+            "perplexity_protocol": bench.settings.perplexity_protocol().to_dict()}
+
+
+def measured_row(bench, params, stages, model, seconds: dict) -> dict:
+    """One grid point measured by the study's target exactly as a trial measures it (planner.trial.measure)."""
+    from planner.candidates import describe, estimate_weight_bytes
+    from planner.trial import measure
+
+    label = describe(stages)
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    row, details = measure(bench, model, stages, label=label)
+    seconds = {**seconds, "measure": time.perf_counter() - started}
+    return {"key": stage_key(stages), "params": params, "label": label, **row,
+            "estimated_weight_bytes": estimate_weight_bytes(bench.model, stages),
+            "latency": details.get("latency"), "memory": details.get("memory"),
+            "perplexity_details": details.get("perplexity"), "runtime": details.get("runtime"),
+            "seconds": seconds, "load_average_before": load_before, "load_average_after": os.getloadavg()}
+
+
+def uses_5_bits(stages) -> bool:
+    return any(5 in getattr(s.spec, "bits", {}).values() for s in stages if s.technique == "quantization")
+
+
+def evaluate(limit: int | None) -> None:
+    """Every grid point not yet in the table, measured one after another (latency is timed, so one process)."""
     from planner.quiet import quiet_libraries
     from planner.study import prepare
 
@@ -100,98 +137,42 @@ def evaluate(worker: str, limit: int | None, shard: str = "0/1") -> None:
     points = grid_points(bench.spaces)
     table = load_table()
     todo = [(params, stages) for params, stages in points if stage_key(stages) not in table]
-    is_gptq = lambda stages: any(getattr(s.spec, "method", None) == "gptq" for s in stages)  # noqa: E731
-    if worker != "all":
-        todo = [(p, s) for p, s in todo if is_gptq(s) == (worker == "gptq")]
-    index, count = (int(x) for x in shard.split("/"))
-    if count > 1:  # whole pruned shapes per shard, so no shape is pruned twice
-        shapes = list(dict.fromkeys(stage_key(prune_part(s)) for _, s in todo))
-        todo = [(p, s) for p, s in todo if shapes.index(stage_key(prune_part(s))) % count == index]
-    out = TABLE if worker in ("all", "rest") else TABLE.with_name(f"{TABLE.stem}.{worker}{index}.jsonl")
-    print(f"grid: {len(points)} distinct candidates, {len(table)} in the table, {len(todo)} for worker '{worker}'; "
-          f"torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}", flush=True)
+    facts = machine(bench)
+    runs = json.loads(MACHINE.read_text())["runs"] if MACHINE.exists() else []
+    MACHINE.write_text(json.dumps({"runs": runs + [{**facts, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                    "points_to_measure": len(todo)}]}, indent=1))
+    print(f"grid: {len(points)} distinct candidates, {len(table)} in the table, {len(todo)} to measure; target "
+          f"{facts['target']}, {facts['cpu_capability']}, llama.cpp threads {facts['latency_threads']}, torch "
+          f"threads {facts['torch_threads']}, load {os.getloadavg()[0]:.2f}", flush=True)
+    # Bits {4, 8} first (a grid without Q5_0, complete on its own), then the Q5_0 points.
+    todo = [p for p in todo if not uses_5_bits(p[1])] + [p for p in todo if uses_5_bits(p[1])]
     if limit is not None:
         todo = todo[:limit]
-    protocol = bench.settings.perplexity_protocol()
-    for done, (params, stages, model, seconds) in enumerate(build_grouped(bench, todo), 1):
-        started = time.perf_counter()
-        size = weight_bytes(model).total_bytes
-        ppl = measure_perplexity(model, bench.tokenizer, bench.corpus.eval, protocol)
-        seconds["perplexity"] = time.perf_counter() - started
-        estimate = estimate_weight_bytes(bench.model, stages)
-        assert size == estimate, (size, estimate, stages)
-        label = describe(stages)
-        append_row({"key": stage_key(stages), "params": params, "label": label, "graph": graph_of(stages),
-                    "weight_bytes": size, "weight_mb": size / 1e6, "perplexity": ppl.perplexity,
-                    "bits_per_byte": ppl.bits_per_byte, "perplexity_protocol": protocol.to_dict(),
-                    "seconds": seconds, "load_average": os.getloadavg()[0]}, out)
-        print(f"[{done}/{len(todo)}] {label:<52} ppl {ppl.perplexity:9.2f}  {size / 1e6:6.1f} MB  "
-              f"build {seconds['build']:5.1f} s  ppl {seconds['perplexity']:4.1f} s  load {os.getloadavg()[0]:.2f}",
-              flush=True)
+    core = [p for p in todo if not uses_5_bits(p[1])]
+    built = itertools.chain(build_grouped(bench, core), build_grouped(bench, todo[len(core):]))
+    for done, (params, stages, model, seconds) in enumerate(built, 1):
+        row = measured_row(bench, params, stages, model, seconds)
+        append_row(row)
+        print(f"[{done}/{len(todo)}] {row['label']:<50} ppl {row['perplexity']:8.2f}  {row['weight_mb']:6.1f} MB  "
+              f"decode {row['decode_ms_p50']:5.1f} ms ({row['decode_ratio']:.3f}x)  build {seconds['build']:4.1f} s  "
+              f"measure {row['seconds']['measure']:4.1f} s  load {os.getloadavg()[0]:.2f}", flush=True)
     check_equivalence(bench, points)
-
-
-def measure_graph_latency(rounds: int) -> None:
-    """Decode and prefill latency of each distinct compute graph of the grid (pruned shape x kernels), with
-    the grid's latency protocol, measured round-robin over all graphs `rounds` times so that load changes
-    on a shared machine hit every graph alike; the median over rounds of each round's p50 is kept."""
-    import torch
-
-    from evaluators.latency import measure_latency
-    from planner.quiet import quiet_libraries
-    from planner.study import prepare
-
-    quiet_libraries()
-    bench = prepare(grid_settings())
-    representatives = {}
-    for params, stages in grid_points(bench.spaces):
-        representatives.setdefault(graph_of(stages), (params, stages))
-    print(f"{len(representatives)} compute graphs; torch threads {torch.get_num_threads()}, "
-          f"load {os.getloadavg()[0]:.2f}", flush=True)
-    models = {}
-    # The pruning stage as it is; quantization only when it changes the kernels (dynamic-int8).
-    float_stages = {graph: [s for s in stages if s.technique == "pruning" or s.spec.method == "dynamic-int8"]
-                    for graph, (_, stages) in representatives.items()}
-    for (params, stages, model, _), graph in zip(build_grouped(bench, [(p, float_stages[g])
-                                                                         for g, (p, _) in representatives.items()]),
-                                                  representatives):
-        models[graph] = model
-    protocol = bench.settings.latency_protocol()
-    samples = {graph: [] for graph in models}
-    for r in range(rounds):
-        for graph, model in models.items():
-            result = measure_latency(model, protocol)
-            samples[graph].append((result.decode.p50_ms, result.prefill.p50_ms, result.load_average_before[0]))
-        print(f"round {r + 1}/{rounds} done, load {os.getloadavg()[0]:.2f}", flush=True)
-    LATENCY.unlink(missing_ok=True)
-    for graph, values in samples.items():
-        decode = sorted(v[0] for v in values)
-        row = {"graph": graph, "decode_ms_p50": statistics.median(decode),
-               "prefill_ms_p50": statistics.median(v[1] for v in values), "decode_rounds": [v[0] for v in values],
-               "load_averages": [v[2] for v in values], "protocol": protocol.to_dict(),
-               "layers": models[graph].config.num_hidden_layers, "intermediate": models[graph].config.intermediate_size}
-        append_row(row, LATENCY)
-        print(f"  {graph:<40} decode p50 {row['decode_ms_p50']:6.1f} ms (rounds {decode[0]:.1f}-{decode[-1]:.1f})  "
-              f"prefill {row['prefill_ms_p50']:6.1f} ms  ({row['layers']} layers, MLP {row['intermediate']})", flush=True)
 
 
 def check_equivalence(bench, points) -> None:
     """Once: the planner's own build of one pruned + quantized point gives the stored perplexity and bytes."""
     from planner.candidates import build
 
-    marker = RESULTS / "grid-equivalence.json"
+    marker = TABLE.parent / "grid-llamacpp-equivalence.json"
     table = load_table()
     if marker.exists() or len(table) < len(points):
         return
-    from evaluators.memory import weight_bytes
-    from evaluators.perplexity import measure_perplexity
-
     params, stages = next((p, s) for p, s in points if len(s) == 2 and s[1].spec.method == "rtn")
     row = table[stage_key(stages)]
-    built = build(bench.model, stages, bench.context).model
-    again = measure_perplexity(built, bench.tokenizer, bench.corpus.eval, bench.settings.perplexity_protocol())
+    again = measured_row(bench, params, stages, build(bench.model, stages, bench.context).model, {})
     result = {"label": row["label"], "table_perplexity": row["perplexity"], "planner_build_perplexity":
-              again.perplexity, "table_bytes": row["weight_bytes"], "planner_build_bytes": weight_bytes(built).total_bytes}
+              again["perplexity"], "table_bytes": row["weight_bytes"], "planner_build_bytes": again["weight_bytes"],
+              "table_decode_ratio": row["decode_ratio"], "planner_build_decode_ratio": again["decode_ratio"]}
     marker.write_text(json.dumps(result, indent=2))
     print(f"equivalence check (planner.candidates.build vs the grid's shared pruning): {result}")
 
@@ -202,10 +183,17 @@ def check_equivalence(bench, points) -> None:
 
 
 def exhaustive(table: dict, keys: set, budget: dict, baseline: dict) -> list[tuple]:
+    """Objective values of every grid point that meets `budget` (kind -> "0.3x"), as the planner checks it:
+    memory on the GGUF tensor bytes against the baseline's, latency on the same-run decode ratio."""
     rows = [table[k] for k in keys]
-    if "memory" in budget:
-        limit = float(budget["memory"].rstrip("x")) * baseline["weight_bytes"]
-        rows = [r for r in rows if r["weight_bytes"] <= limit]
+    for kind, text in budget.items():
+        relative = float(text.rstrip("x"))
+        if kind == "memory":
+            rows = [r for r in rows if r["weight_bytes"] <= relative * baseline["weight_bytes"]]
+        elif kind == "latency":
+            rows = [r for r in rows if r["decode_ratio"] <= relative]
+        else:
+            raise ValueError(f"no {kind} budget in this benchmark")
     return [objective_values(r) for r in rows]
 
 
@@ -219,19 +207,15 @@ def curve(values: list, normaliser: Normaliser, full: float) -> list[float]:
     return ratios
 
 
-def first_reaching(ratios: list[float], target: float) -> int | None:
-    return next((i + 1 for i, r in enumerate(ratios) if r >= target), None)
-
-
-def replay_all(seeds: int, trials: int, samplers, extra: dict | None = None) -> dict:
-    table = load_table()
-    replay = Replay(table)
+def replay_all(seeds: int, trials: int, samplers, budget: str, extra: dict | None = None) -> dict:
+    replay = Replay(load_table())
+    table = replay.table  # keyed by today's specs; decode ms from each point's same-run ratio
     keys = {stage_key(s) for _, s in grid_points(replay.spaces)}
     baseline = table["[]"]
     grid_size = len(keys)
     target_trials = math.ceil(TARGET_FRACTION * grid_size)
     results = {"grid_size": grid_size, "target_trials": target_trials, "settings": {}}
-    for name, budget in SETTINGS.items():
+    for name, budget in settings_for(budget).items():
         front = nondominated(exhaustive(table, keys, budget, baseline))
         normaliser = Normaliser(front)
         full = normaliser.hv(front)
@@ -277,39 +261,41 @@ def at_evaluations(run: dict, evaluations: int) -> float:
 
 
 def first_median(reach: list) -> float | None:
-    """Median first trial at the target over seeds (a seed that never gets there counts as infinitely late)."""
+    """Median over seeds of when the target was first reached (a seed that never gets there counts as infinitely late)."""
     med = statistics.median([math.inf if r is None else r for r in reach])
     return None if math.isinf(med) else med
 
 
+def first_built_reaching(run: dict, target: float) -> int | None:
+    """The number of candidates built by which the run's HV ratio first reached `target` (None: never)."""
+    return next((e for e in range(1, run["built"][-1] + 1) if at_evaluations(run, e) >= target), None)
+
+
 def summarise(label: str, runs: list, trials: int, target_trials: int) -> dict:
+    """HV ratio by candidates built (= counted trials: `--trials` counts distinct candidates; twins of measured
+    candidates and specs over a memory budget are drawn on top and build nothing), median and worst seed."""
     marks = [c for c in CHECKPOINTS if c <= trials]
-    med = [statistics.median(r["ratios"][c - 1] for r in runs) for c in marks]
-    low = [min(r["ratios"][c - 1] for r in runs) for c in marks]
-    reach = [first_reaching(r["ratios"], TARGET_RATIO) for r in runs]
+    med = [statistics.median(at_evaluations(r, c) for r in runs) for c in marks]
+    low = [min(at_evaluations(r, c) for r in runs) for c in marks]
+    reach = [first_built_reaching(r, TARGET_RATIO) for r in runs]
     reached = sorted(x for x in reach if x is not None)
     shorts = [r["short_ratio"] for r in runs]
-    by_evals = [at_evaluations(r, target_trials) for r in runs]
+    drawn = statistics.median(len(r["ratios"]) for r in runs)
     print(f"  {label:<22} " + " ".join(f"{m:6.3f}" for m in med) + "   (median over seeds)")
     print(f"  {'':<22} " + " ".join(f"{m:6.3f}" for m in low) + "   (worst seed)")
     print(f"  {'':<22} study of {target_trials} trials: HV ratio median {statistics.median(shorts):.3f}, worst "
-          f"{min(shorts):.3f}, >= {TARGET_RATIO} in {sum(s >= TARGET_RATIO for s in shorts)}/{len(shorts)} seeds "
-          f"({statistics.median(r['short_built'] for r in runs):.0f} candidates built, median)")
-    print(f"  {'':<22} {trials}-trial study after {target_trials} candidates built: median "
-          f"{statistics.median(by_evals):.3f}, worst {min(by_evals):.3f}, >= {TARGET_RATIO} in "
-          f"{sum(b >= TARGET_RATIO for b in by_evals)}/{len(by_evals)}; first trial at >= {TARGET_RATIO}: median "
-          f"{first_median(reach) or 'not reached'} "
-          f"(reached in {len(reached)}/{len(runs)} seeds)", flush=True)
+          f"{min(shorts):.3f}, >= {TARGET_RATIO} in {sum(s >= TARGET_RATIO for s in shorts)}/{len(shorts)} seeds; "
+          f"{trials}-trial study: {drawn:.0f} trials drawn (median), first at >= {TARGET_RATIO} after "
+          f"{first_median(reach) or 'not reached'} candidates built (median; reached in {len(reached)}/{len(runs)} "
+          "seeds)", flush=True)
     return {"median": dict(zip(marks, med)), "worst": dict(zip(marks, low)), "short_median": statistics.median(shorts),
-            "short_worst": min(shorts), "short_hits": sum(s >= TARGET_RATIO for s in shorts),
-            "evals_median": statistics.median(by_evals), "evals_worst": min(by_evals),
-            "evals_hits": sum(b >= TARGET_RATIO for b in by_evals), "reached": len(reached),
-            "first_median": first_median(reach)}
+            "short_worst": min(shorts), "short_hits": sum(s >= TARGET_RATIO for s in shorts), "drawn_median": drawn,
+            "reached": len(reached), "first_median": first_median(reach)}
 
 
 def header(trials: int) -> None:
     marks = [c for c in CHECKPOINTS if c <= trials]
-    print(f"  {'trials ->':<22} " + " ".join(f"{m:>6}" for m in marks))
+    print(f"  {'candidates built ->':<22} " + " ".join(f"{m:>6}" for m in marks))
 
 
 def plot(results: dict, path: Path) -> None:
@@ -325,8 +311,8 @@ def plot(results: dict, path: Path) -> None:
         for row, by in enumerate(("trials", "built")):
             ax = axes[row][col]
             for label, runs in entry["samplers"].items():
-                if by == "trials":
-                    n = len(runs[0]["ratios"])
+                if by == "trials":  # trials drawn (repeats drawn on top of the count vary by seed)
+                    n = min(len(r["ratios"]) for r in runs)
                     series = [r["ratios"] for r in runs]
                 else:
                     n = min(r["built"][-1] for r in runs)
@@ -339,7 +325,7 @@ def plot(results: dict, path: Path) -> None:
                 ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
             ax.axhline(TARGET_RATIO, color="grey", ls="--", lw=0.8)
             ax.axvline(results["target_trials"], color="grey", ls=":", lw=0.8)
-            ax.set_xlabel("trials (presets included)" if by == "trials" else
+            ax.set_xlabel("trials drawn (seeds included; twins drawn on top of the count)" if by == "trials" else
                           "candidates built (rejected-from-spec and duplicate trials excluded)")
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
@@ -348,7 +334,7 @@ def plot(results: dict, path: Path) -> None:
         axes[0][col].legend(loc="lower right", fontsize=8)
     for row in range(2):
         axes[row][0].set_ylabel("hypervolume / exhaustive hypervolume")
-    fig.suptitle("Search quality on the built-in model, replayed on the measured grid (band: worst to best seed; "
+    fig.suptitle("Search quality on the built-in model, llama.cpp target, replayed on the measured grid (band: worst to best seed; "
                  "dashed: 95%; dotted: 15% of the grid)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -359,89 +345,53 @@ def plot(results: dict, path: Path) -> None:
 def table_summary() -> None:
     table = load_table()
     rows = sorted(table.values(), key=lambda r: r["weight_mb"])
-    build = [r["seconds"]["build"] + r["seconds"]["perplexity"] for r in rows]
-    gptq = [b for r, b in zip(rows, build) if "gptq" in r["label"]]
-    print(f"table: {len(rows)} points; build + perplexity per point median {statistics.median(build):.1f} s "
-          f"(gptq {statistics.median(gptq or [0]):.1f} s), {sum(build) / 60:.1f} min in all, plus one pruning per shape; "
-          f"{len(load_latency())} compute graphs timed")
+    cost = [r["seconds"]["build"] + r["seconds"]["measure"] for r in rows]
+    decode, prefill = reference_decode_ms(table)
+    loads = [r["load_average_before"][0] for r in rows]
+    same = sum(r["weight_bytes"] == r["estimated_weight_bytes"] for r in rows)
+    print(f"table: {len(rows)} points; build + measure per point median {statistics.median(cost):.1f} s, "
+          f"{sum(cost) / 60:.1f} min in all, plus one pruning per shape; load average (1 min) "
+          f"{min(loads):.1f}-{max(loads):.1f}; uncompressed GGUF's decode p50 {decode:.2f} ms, prefill p50 "
+          f"{prefill:.1f} ms (median of its A/B runs: the scale of the replay's decode ms); GGUF tensor bytes equal "
+          f"the planner's spec-only estimate for {same} of {len(rows)} points")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--evaluate", action="store_true", help="measure the grid points not yet in the table")
-    parser.add_argument("--worker", choices=("all", "gptq", "rest"), default="all",
-                        help="with --evaluate: which points this process measures (two may run at once)")
-    parser.add_argument("--shard", default="0/1", help="with --evaluate: K/N, this process's share of the shapes")
-    parser.add_argument("--latency", action="store_true", help="measure each compute graph's latency (quiet machine)")
-    parser.add_argument("--rounds", type=int, default=5, help="with --latency: interleaved rounds")
     parser.add_argument("--limit", type=int, default=None, help="with --evaluate: at most this many points")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--trials", type=int, default=60, help="trials per replayed study (the curve's length)")
     parser.add_argument("--samplers", default=",".join(SAMPLERS))
     parser.add_argument("--plot", type=Path, default=DOCS / "search_quality.png")
-    parser.add_argument("--count-effect", action="store_true",
-                        help="only compare what --trials counts (distinct candidates vs every trial) under 0.3x memory")
+    parser.add_argument("--budget", default=BUDGET, help="kind=fraction replayed beside no budget (default: %(default)s)")
+    parser.add_argument("--no-before", action="store_true", help="leave out the hand-picked-seeds-only comparison")
+    parser.add_argument("--replot", action="store_true", help="only draw the plot again from the stored replay")
     args = parser.parse_args()
     if args.evaluate:
-        evaluate(args.worker, args.limit, args.shard)
+        evaluate(args.limit)
         return
-    if args.latency:
-        measure_graph_latency(args.rounds)
-        return
-    if args.count_effect:
-        count_effect(args.seeds)
+    if args.replot:
+        plot(json.loads(OUTPUT.read_text()), args.plot)
         return
     table_summary()
     samplers = [s for s in args.samplers.split(",") if s]
     results = {"header_trials": args.trials}
     print(f"replay: {args.seeds} seeds per sampler, studies of {args.trials} trials (curves) and of 15% of the grid")
-    results.update(replay_all(args.seeds, args.trials, samplers, extra=prototypes()))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "search_quality.json").write_text(json.dumps(results))
-    plot(results, args.plot)
-
-
-def count_effect(seeds: int) -> None:
-    """TPE studies of 15% of the grid under demo.toml's memory budget, counted as the planner counts (distinct
-    candidates built) and as it counted before (every trial, twins and spec rejections included)."""
-    replay = Replay(load_table())
-    table = replay.table  # keyed by today's specs
-    keys = {stage_key(s) for _, s in grid_points(replay.spaces)}
-    budget = SETTINGS["memory <= 0.3x"]
-    front = nondominated(exhaustive(table, keys, budget, table["[]"]))
-    normaliser = Normaliser(front)
-    full = normaliser.hv(front)
-    trials = math.ceil(TARGET_FRACTION * len(keys))
-    print(f"tpe, memory <= 0.3x, studies of {trials} trials, {seeds} seeds: HV ratio (median, worst, seeds >= "
-          f"{TARGET_RATIO}), candidates built (median), trials drawn (median)")
-    for label, every in (("every trial counts (before)", True), ("distinct candidates count (now)", False)):
-        ratios, built, drawn = [], [], []
-        for seed in range(seeds):
-            study, _, _ = replay.run("tpe", seed, trials, budget, every_trial_counts=every)
-            ratios.append(curve(found_values(study, True), normaliser, full)[-1])
-            built.append(distinct_built(study)[-1])
-            drawn.append(len(study.trials))
-        print(f"  {label:<32} {statistics.median(ratios):.3f} {min(ratios):.3f} "
-              f"{sum(r >= TARGET_RATIO for r in ratios)}/{seeds}   built {statistics.median(built):.0f}   "
-              f"drawn {statistics.median(drawn):.0f}", flush=True)
-
-
-def pruned_presets(shapes) -> list[dict]:
-    """The 4-bit GPTQ and dynamic-int8 presets on pruned shapes (depth keep, MLP keep), as trial parameters."""
-    quant = [{"quantization.method": "gptq", "quantization.gptq.attn_bits": 4, "quantization.gptq.mlp_bits": 4},
-             {"quantization.method": "dynamic-int8", "quantization.dynamic-int8.groups": "attn+mlp"}]
-    return [{"pruning.enabled": True, "pruning.depth_keep": d, "pruning.mlp_keep": m, **q} for d, m in shapes for q in quant]
+    results.update(replay_all(args.seeds, args.trials, samplers, args.budget, extra=None if args.no_before else prototypes()))
+    OUTPUT.write_text(json.dumps(results))
+    try:
+        plot(results, args.plot)
+    except ImportError:
+        print("\nno plot: matplotlib is not installed (pip install -e .[bench])")
 
 
 def prototypes() -> dict:
-    """Variants of the default search tried against it: label -> (sampler name, sampler factory or None, extra
-    enqueued trial parameters, skip enqueued candidates over the memory budget, seeding). The planner's seeding
-    before this benchmark, and a prototype of a smaller warm start, run through the same replay."""
-    corners = [(1.0, min(MLP_KEEP)), (min(DEPTH_KEEP), 1.0), (min(DEPTH_KEEP), min(MLP_KEEP))]
-    shapes = [(d, m) for d in DEPTH_KEEP for m in MLP_KEEP if (d, m) != (1.0, 1.0)]
+    """Variants of the default search run through the same replay: label -> (sampler name, sampler factory or
+    None, extra enqueued trial parameters, skip enqueued candidates over the memory budget, seeding). The
+    planner's seeding before the search-quality benchmark (hand-picked presets on the unpruned model only)."""
     return {"tpe, hand-picked seeds only (before)": ("tpe", None, None, False, "hand_picked"),
-            "random, hand-picked seeds only (before)": ("random", None, None, False, "hand_picked"),
-            "tpe + presets on pruning corners": ("tpe", None, pruned_presets(corners), True, "hand_picked")}
+            "random, hand-picked seeds only (before)": ("random", None, None, False, "hand_picked")}
 
 
 if __name__ == "__main__":
