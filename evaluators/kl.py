@@ -13,20 +13,21 @@ candidate's probabilities summed over the same bins). Coarse-graining is a deter
 both distributions, so by the data-processing inequality this is a lower bound of the exact KL; it is
 exact when k is the vocabulary size.
 
-Choice of k = 512, measured (bench script kept out of the repo; the procedure is reproducible with
-tests/test_kl.py's round_to_nearest) on the built-in SmolLM2-135M (vocabulary 49152) over held-out
+Choice of k = 512, measured by `nice -n 10 .venv/bin/python bench/kl_bound.py` (10 min on 2 busy cores;
+raw output in bench/results/kl_bound.txt) on the built-in SmolLM2-135M (vocabulary 49152) over held-out
 Shakespeare at the search protocol (context 512, stride 512, max_tokens 2048: 2038 scored positions).
-Candidates round every nn.Linear weight of the decoder layers to nearest, symmetrically, per group of 64
-along the input dimension; "exact" is the full-vocabulary KL in float64 over the same positions:
+Candidates are the planner's RTN (every linear layer of the decoder blocks rounded to nearest,
+symmetrically, per group of 64 along the input dimension); "exact" is the full-vocabulary KL in float64
+over the same positions:
 
-    k      4-bit RTN: KL, rel. error     8-bit RTN: KL, rel. error     reference bytes
-           (exact 0.6467 nats)           (exact 0.002233 nats)
-    32     0.5293  -18.1 %               0.001765  -21.0 %             538,032
-    64     0.5624  -13.0 %               0.001895  -15.2 %             1,059,760
-    128    0.5880   -9.1 %               0.001999  -10.5 %             2,103,216
-    256    0.6080   -6.0 %               0.002078   -7.0 %             4,190,128
-    512    0.6226   -3.7 %               0.002136   -4.4 %             8,363,952
-    1024   0.6327   -2.2 %               0.002178   -2.5 %             16,711,600
+    k      8-bit RTN: KL, rel. error    4-bit RTN: KL, rel. error    3-bit RTN: KL, rel. error    reference bytes
+           (exact 0.002257 nats)        (exact 0.6676 nats)          (exact 2.4209 nats)
+    32     0.001780  -21.1 %            0.5485  -17.8 %              1.9788  -18.3 %              538,032
+    64     0.001916  -15.1 %            0.5828  -12.7 %              2.0985  -13.3 %              1,059,760
+    128    0.002021  -10.4 %            0.6090   -8.8 %              2.1960   -9.3 %              2,103,216
+    256    0.002101   -6.9 %            0.6291   -5.8 %              2.2721   -6.1 %              4,190,128
+    512    0.002160   -4.3 %            0.6437   -3.6 %              2.3283   -3.8 %              8,363,952
+    1024   0.002201   -2.5 %            0.6539   -2.1 %              2.3678   -2.2 %              16,711,600
 
 This model's next-token distributions are broad (on average 8.3 % of the base's mass lies outside its
 top 128 tokens, 3.4 % outside its top 512), so the KL hidden inside the tail bin is not negligible at

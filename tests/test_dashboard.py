@@ -8,12 +8,10 @@ import sys
 import urllib.request
 
 import optuna
-import pytest
+import optuna_dashboard  # noqa: F401  (the dashboard extra, required: make test installs it)
 
 import cli
 from planner.storage import open_storage
-
-pytest.importorskip("optuna_dashboard", reason="the dashboard extra (make test installs it)")
 
 
 def get(url: str) -> dict:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 
+import llama_cpp  # noqa: F401  (required: a broken install fails here)
 import optuna
-import pytest
 import yaml
 
 import cli
 from planner.storage import open_storage
-
-pytest.importorskip("llama_cpp")
 
 
 def test_a_latency_budgeted_llama_cpp_study_ships_a_gguf(tiny_study_file, tmp_path, capsys):

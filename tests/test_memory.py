@@ -1,6 +1,7 @@
 import json
 import warnings
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from torch import nn
@@ -102,7 +103,6 @@ def test_torch_dynamic_int8_linear_per_channel():
 
 
 def test_bitsandbytes_linear8bitlt_on_cpu():
-    bnb = pytest.importorskip("bitsandbytes")
     layer = bnb.nn.Linear8bitLt(64, 32, bias=True, has_fp16_weights=False)
     layer = layer.to("cpu")  # bitsandbytes quantizes on the first .to(device), even to the CPU it is on
     assert layer.weight.dtype == torch.int8
@@ -140,7 +140,6 @@ def test_bitsandbytes_linear8bitlt_on_cpu():
     ],
 )
 def test_bitsandbytes_linear4bit_nf4_on_cpu(compress_statistics, expected):
-    bnb = pytest.importorskip("bitsandbytes")
     layer = bnb.nn.Linear4bit(64, 32, bias=True, quant_type="nf4", compress_statistics=compress_statistics)
     with torch.no_grad():
         layer.weight.fill_(0.5)  # constant weights make the serialized nested_offset exactly 0.5

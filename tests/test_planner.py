@@ -219,8 +219,9 @@ def test_starting_points_cross_presets_with_reduced_shapes_and_skip_what_cannot_
     limit = sorted(size(p) for p in everything)[len(everything) // 2]
     kept = starting_points(bench.model, bench.spaces, limit, 40)
     assert kept == [p for p in everything if size(p) <= limit] and len(kept) < len(everything)
-    assert len(starting_points(bench.model, bench.spaces, None, 8)) == 6  # 3/4 of the trials, presets first
-    assert starting_points(bench.model, bench.spaces, None, 8)[:4] == hand_picked(bench.spaces)
+    hand = hand_picked(bench.spaces)
+    assert len(hand) < 6 and len(starting_points(bench.model, bench.spaces, None, 8)) == 6  # 3/4 of the trials
+    assert starting_points(bench.model, bench.spaces, None, 8)[:len(hand)] == hand  # presets first
 
 
 def test_a_kl_study_runs_end_to_end_and_reopening_it_with_other_objectives_is_refused(study, tmp_path, capsys):

@@ -137,12 +137,19 @@ def test_bnb_quantizes_what_its_cpu_kernel_can_run():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("group_size, symmetric", [(32, True), (None, True), (32, False)])
 def test_8bit_rtn_is_within_half_a_step_of_the_original(arch, group_size, symmetric):
+    from transformers.pytorch_utils import Conv1D
+
     original = ARCHITECTURES[arch]()
     model = ARCHITECTURES[arch]()
-    apply(model, QuantSpec(method="rtn", bits={"attn": 8, "mlp": 8}, group_size=group_size, symmetric=symmetric),
-          CONTEXT)
+    bits = {"attn": 8, "mlp": 8}
+    apply(model, QuantSpec(method="rtn", bits=bits, group_size=group_size, symmetric=symmetric), CONTEXT)
     packed = _packed_modules(model)
-    assert len(packed) == 8 if arch == "gpt2" else 14
+    # Every linear layer of the groups quantized, found by type and place in the original (Llama's
+    # self_attn/mlp, GPT-2's attn/mlp); lm_head and the embeddings are in no group.
+    blocks = {"attn": {"attn", "self_attn"}, "mlp": {"mlp"}}
+    expected = {name for name, module in original.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))
+                and any(blocks[group] & set(name.split(".")) for group in bits)}
+    assert expected and set(packed) == expected
     worst = 0.0
     for name, module in packed.items():
         before = weight_out_in(original.get_submodule(name)).detach()

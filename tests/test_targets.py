@@ -13,12 +13,12 @@ from search_spaces.quantization.pack import pack_gguf
 from search_spaces.specs import SpecError
 from tests.conftest import make_tiny_llama, make_tiny_tokenizer
 
-pytest.importorskip("llama_cpp")
-from gguf import GGMLQuantizationType, GGUFReader, quants  # noqa: E402
+import llama_cpp  # noqa: F401  (required: a broken install fails here)
+from gguf import GGMLQuantizationType, GGUFReader, quants
 
-from targets import LLAMA_CPP, TRANSFORMERS, TargetError, choose  # noqa: E402
-from targets.llamacpp.gguf_file import UnsupportedForGGUF, gguf_tensors, write_gguf  # noqa: E402
-from targets.llamacpp.runtime import loaded  # noqa: E402
+from targets import LLAMA_CPP, TRANSFORMERS, TargetError, choose
+from targets.llamacpp.gguf_file import UnsupportedForGGUF, gguf_tensors, write_gguf
+from targets.llamacpp.runtime import loaded
 
 GGUF_TYPES = [(8, True, "Q8_0"), (4, True, "Q4_0"), (4, False, "Q4_1"), (5, True, "Q5_0"), (5, False, "Q5_1")]
 

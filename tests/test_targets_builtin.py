@@ -14,11 +14,11 @@ from evaluators.scoring import score_windows
 from search_spaces.base import BuildContext
 from search_spaces.quantization import GPTQSettings, QuantSpec, apply, estimate_weight_bytes
 
-pytest.importorskip("llama_cpp")
-from gguf import GGUFReader, quants  # noqa: E402
+import llama_cpp  # noqa: F401  (required: a broken install fails here)
+from gguf import GGUFReader, quants
 
-from targets.llamacpp.gguf_file import gguf_tensors, write_gguf  # noqa: E402
-from targets.llamacpp.runtime import loaded, tokenize, window_logits  # noqa: E402
+from targets.llamacpp.gguf_file import gguf_tensors, write_gguf
+from targets.llamacpp.runtime import loaded, tokenize, window_logits
 
 pytestmark = pytest.mark.builtin
 
