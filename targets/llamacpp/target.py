@@ -1,8 +1,10 @@
 """The llama.cpp target: candidates ship as one GGUF file and are measured in llama.cpp itself.
 
 Space: rtn and GPTQ round onto GGUF grids (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; F16 for 16-bit layers), pruned
-shapes and students are written as their own config; bitsandbytes and torch's dynamic int8 have no GGUF
-form and are left out of the space up front. Figures: latency timed A/B against the uncompressed model's
+shapes and students are written as their own config (through llama.cpp's own converter, or the planner's
+writer where it writes the same file: writer.py); bitsandbytes and torch's dynamic int8 have no GGUF form
+and are left out of the space up front, and so are the cuts llama.cpp's graph cannot take (pruned heads
+outside Llama and Qwen3, depth cuts of models with sliding-window layers). Figures: latency timed A/B against the uncompressed model's
 GGUF (F32 for a float32 model) in the same llama.cpp process, as absolute ms and as ratios; perplexity and
 KL from llama.cpp's logits over the same held-out windows as every other target; ``weight_bytes`` = the
 GGUF's tensor bytes (llama.cpp holds them as stored), ``disk_bytes`` = the file, and the KV cache at the
@@ -23,7 +25,7 @@ from search_spaces.quantization import fit_to_scheme, scheme_space_defaults
 from search_spaces.quantization.grid import GGUF_GRID
 from targets.base import Measured, Request, Target, register_target
 from targets.figures import metrics_row, scored
-from targets.llamacpp.gguf_file import FREE_HEAD_SPLIT, UnsupportedForGGUF, gguf_architecture, vocab_of, write_gguf
+from targets.llamacpp import writer
 from targets.llamacpp.runtime import RUNTIME, loaded, runtime_version, time_ab, window_logits
 
 ARTIFACT = "model.gguf"
@@ -36,17 +38,26 @@ def gguf_facts(path: Path) -> dict:
     reader = GGUFReader(str(path))
     arch = reader.fields["general.architecture"].contents()
 
-    def field(key: str) -> int:
-        return int(reader.fields[f"{arch}.{key}"].contents())
+    def field(key: str, default=None) -> int:
+        found = reader.fields.get(f"{arch}.{key}")
+        return default if found is None else int(found.contents())
 
+    heads = field("attention.head_count")
+    # a converter writes key_length only where it differs from embedding / heads (llama.cpp's own default)
+    head_dim = field("attention.key_length", field("embedding_length") // heads)
     return {"tensor_bytes": sum(int(t.n_bytes) for t in reader.tensors), "file_bytes": path.stat().st_size,
-            "layers": field("block_count"), "kv_heads": field("attention.head_count_kv"),
-            "head_dim": field("attention.key_length")}
+            "layers": field("block_count"), "kv_heads": field("attention.head_count_kv", heads), "head_dim": head_dim}
 
 
 def kv_cache_bytes(facts: dict, context: int) -> int:
     """llama.cpp's default KV cache (F16 keys and values) for `context` positions."""
     return 2 * facts["layers"] * context * facts["kv_heads"] * facts["head_dim"] * 2
+
+
+def _only_whole(spaces: dict, field: str) -> dict:
+    """Every space with the keep-ratio `field` narrowed to 1.0 (that cut left out)."""
+    return {name: replace(space, **{field: (1.0,)}) if space is not None and hasattr(space, field) else space
+            for name, space in spaces.items()}
 
 
 class LlamaCppTarget(Target):
@@ -71,20 +82,18 @@ class LlamaCppTarget(Target):
         return None
 
     def unsupported(self, model, tokenizer) -> str | None:
-        try:
-            gguf_architecture(model.config)
-            vocab_of(tokenizer, model.config.get_text_config().vocab_size)
-        except UnsupportedForGGUF as exc:
-            return str(exc)
-        return None
+        return writer.unsupported(model, tokenizer)
 
     def space_defaults(self) -> dict:
         return {"quantization": scheme_space_defaults(GGUF_GRID)}
 
     def fit_spaces(self, spaces: dict, model) -> dict:
-        if gguf_architecture(model.config) not in FREE_HEAD_SPLIT:  # pruned or student heads: no such GGUF
-            spaces = {name: replace(space, heads_keep=(1.0,)) if space is not None and hasattr(space, "heads_keep")
-                      else space for name, space in spaces.items()}
+        if writer.gguf_arch(model) not in writer.FREE_HEAD_SPLIT:  # pruned or student heads: llama.cpp refuses
+            spaces = _only_whole(spaces, "heads_keep")
+        config = model.config.get_text_config()
+        if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+            # llama.cpp places sliding-window layers by a fixed pattern a depth cut would break (wrong logits)
+            spaces = _only_whole(spaces, "depth_keep")
         quant = spaces.get("quantization")
         if quant is None:
             return spaces
@@ -100,7 +109,7 @@ class LlamaCppTarget(Target):
         """The latency reference: the uncompressed model's GGUF, written once per model and process."""
         if self._reference is None or self._reference[0] is not request.model:
             path = self._workdir() / f"reference-{time.monotonic_ns()}.gguf"
-            write_gguf(request.model, request.tokenizer, path, name="reference (uncompressed)")
+            writer.write(request.model, request.tokenizer, path, name="reference (uncompressed)")
             if self._reference is not None:
                 self._reference[1].unlink(missing_ok=True)
             self._reference = (request.model, path)
@@ -109,8 +118,10 @@ class LlamaCppTarget(Target):
     def measure(self, request: Request, model, label: str) -> Measured:
         path = self._workdir() / f"candidate-{os.getpid()}-{time.monotonic_ns()}.gguf"
         try:
-            write_gguf(model, request.tokenizer, path)
-            return self.measure_file(request, path, label)
+            written = writer.write(model, request.tokenizer, path)
+            measured = self.measure_file(request, path, label)
+            measured.details["runtime"].update(written)
+            return measured
         finally:
             path.unlink(missing_ok=True)
 
@@ -141,7 +152,7 @@ class LlamaCppTarget(Target):
 
     def ship(self, model, tokenizer, stages: list, out: Path) -> Path:
         path = Path(out) / ARTIFACT
-        write_gguf(model, tokenizer, path)
+        writer.write(model, tokenizer, path)
         return path
 
     def measure_shipped(self, request: Request, artifact: Path) -> Measured:

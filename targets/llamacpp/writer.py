@@ -1,0 +1,58 @@
+"""Which code writes a candidate's GGUF: llama.cpp's own converter for every architecture it converts and the
+runtime loads, and the planner's hand-written writer only where it is measured to be the same file, faster.
+
+On the built-in model (SmolLM2-135M, Llama) the two write byte-identical tensors (272 of 272, float32 and an
+rtn Q4_0/Q8_0 candidate) and equal logits in llama.cpp, and the hand-written writer takes 1.0 s a candidate
+against the converter's 9.7 s (a subprocess importing torch and transformers): so the writer serves what it
+covers (Llama, Mistral, Qwen2 with a byte-level BPE tokenizer and no rotary scaling) and the converter
+everything else (Llama 3 rotary scaling, SentencePiece vocabularies, Qwen3, Gemma 2/3, Phi-3, OLMo-2,
+StableLM, GPT-NeoX, GPT-2, ...). Either way a layer the planner stored on a GGUF grid is written as stored.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from targets.llamacpp.convert import architectures, check_vocab, convert, converter_supports, hf_architecture
+from targets.llamacpp.errors import UnsupportedForGGUF
+from targets.llamacpp.gguf_file import gguf_architecture, vocab_of, write_gguf
+
+HAND_WRITTEN = "planner GGUF writer"
+# GGUF architectures whose llama.cpp graph takes attention narrower than the hidden size (pruned heads):
+# checked by loading a converted head-pruned model; Qwen2, Phi-3 and OLMo-2 convert but do not load.
+FREE_HEAD_SPLIT = frozenset({"llama", "qwen3"})
+
+
+def hand_written_serves(model, tokenizer=None) -> bool:
+    try:
+        gguf_architecture(model.config)
+        if tokenizer is not None:
+            vocab_of(tokenizer, model.config.get_text_config().vocab_size)
+    except UnsupportedForGGUF:
+        return False
+    return True
+
+
+def unsupported(model, tokenizer) -> str | None:
+    """Why no GGUF llama.cpp loads can be written for this model and tokenizer (None: one can)."""
+    if hand_written_serves(model, tokenizer):
+        return None
+    return check_vocab(model.config, tokenizer, type(model).__name__)
+
+
+def gguf_arch(model) -> str | None:
+    """The GGUF architecture the model is written as."""
+    if hand_written_serves(model):
+        return gguf_architecture(model.config)
+    return architectures().get(hf_architecture(model.config, type(model).__name__))
+
+
+def write(model, tokenizer, path: Path, name: str = "planner candidate") -> dict:
+    """Write the GGUF; returns what wrote it (recorded with the candidate's figures and in its recipe)."""
+    if hand_written_serves(model, tokenizer):
+        write_gguf(model, tokenizer, path, name=name)
+        return {"writer": HAND_WRITTEN}
+    info = convert(model, tokenizer, path, name=name)
+    return {"writer": "llama.cpp converter", "converter": info.converter}
+
+
+__all__ = ["FREE_HEAD_SPLIT", "converter_supports", "gguf_arch", "unsupported", "write"]

@@ -1,0 +1,80 @@
+"""The llama.cpp target beyond the hand-written writer's three architectures: `auto` picks llama.cpp for a model
+only llama.cpp's converter serves, and a search with all three techniques on ships a GGUF that loads in llama.cpp
+and generates (tiny random models of real configurations, made here: Phi-3 with its fused projections and a
+SentencePiece vocabulary, Qwen3 with SmolLM2's byte-level BPE)."""
+from __future__ import annotations
+
+import shutil
+
+import optuna
+import pytest
+import yaml
+
+import cli
+from conftest import TINY_STUDY_SPACE
+from planner.storage import open_storage
+from test_convert import CASES, _sentencepiece, _special_ids
+
+SEARCH = TINY_STUDY_SPACE.replace('target = "transformers"', 'target = "auto"').replace(
+    'methods = ["none", "rtn", "dynamic-int8"]', 'methods = ["none", "rtn"]')
+
+
+def _folder(case_name, tmp_path, corpus_lines):
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    from planner import assets
+
+    case = next(c for c in CASES if c.name == case_name)
+    if case.tokenizer == "bpe":
+        tokenizer = AutoTokenizer.from_pretrained(assets.ensure(assets.lookup("model", "smollm2-135m")))
+    else:
+        _sentencepiece(tmp_path / "sp", corpus_lines, gemma=False)
+        tokenizer = LlamaTokenizer.from_pretrained(tmp_path / "sp")
+    model = case.make(len(tokenizer), _special_ids(tokenizer))
+    folder = tmp_path / case_name
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if case.tokenizer != "bpe":  # as a Llama-2-style checkpoint ships it (transformers 5 saves tokenizer.json only)
+        shutil.copyfile(tmp_path / "sp" / "tokenizer.model", folder / "tokenizer.model")
+    return folder
+
+
+@pytest.mark.builtin
+@pytest.mark.parametrize("case_name, heads_cut", [("phi3", False), ("qwen3", True)])
+def test_a_converter_only_architecture_is_searched_and_shipped_on_llama_cpp(case_name, heads_cut, tmp_path,
+                                                                           text_corpus_dir, capsys, monkeypatch):
+    from llama_cpp import Llama
+
+    from planner.sources import DataSource, load_corpus
+
+    lines = [line for doc in load_corpus(DataSource.parse("builtin:shakespeare")).train[:2]
+             for line in doc.text.splitlines() if line.strip()]
+    folder = _folder(case_name, tmp_path, lines)
+    monkeypatch.setenv("PLANNER_CACHE", str(tmp_path / "cache"))
+    study = tmp_path / "study.toml"
+    study.write_text(f'model = "{folder}"\ndata = "{text_corpus_dir}"\nstudy = "tiny"\n'
+                     f'storage = "sqlite:///{tmp_path}/tiny.db"\nrecipe = "{tmp_path}/recipe.yaml"\n' + SEARCH)
+    code = cli.main(["search", "--study-file", str(study), "--trials", "4", "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    stored = optuna.load_study(study_name="tiny", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db"))
+    assert stored.user_attrs["target"] == "llama.cpp"  # auto: llama.cpp serves it through its converter
+    measured = [t for t in stored.trials if "measurements" in t.user_attrs]
+    assert measured and not [t for t in stored.trials if t.state == optuna.trial.TrialState.FAIL]
+    for trial in measured:
+        runtime = trial.user_attrs["measurements"]["runtime"]
+        assert runtime["writer"] == "llama.cpp converter" and runtime["converter"]["llama_cpp"]
+        assert trial.user_attrs["metrics"]["perplexity"] > 1
+    heads = {t.params.get("pruning.heads_keep") for t in stored.trials} - {None}
+    assert (heads != {1.0}) is heads_cut or not heads  # Phi-3's pruned heads would not load: left out
+    recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    assert recipe["metrics"]["runtime"]["writer"] == "llama.cpp converter"
+    code = cli.main(["apply", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "deploy")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    llm = Llama(str(tmp_path / "deploy" / "model.gguf"), n_ctx=64, verbose=False)
+    try:
+        assert len(llm.tokenize(b"Shall I compare thee")) > 0
+        assert llm("Shall I compare thee", max_tokens=4)["usage"]["completion_tokens"] > 0
+    finally:
+        llm.close()
