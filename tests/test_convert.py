@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("llama_cpp")
+import llama_cpp  # noqa: E402,F401  (required: a missing runtime fails the suite)
 
 from targets.llamacpp import convert as conv  # noqa: E402
 from targets.llamacpp.runtime import loaded, tokenize  # noqa: E402

@@ -1,0 +1,179 @@
+"""The importance matrix llama.cpp's quantizer weighs its rounding errors by, computed by the planner in torch.
+
+What llama.cpp's `llama-imatrix` collects (tools/imatrix/imatrix.cpp, llama-cpp-python 0.3.36's vendored
+llama.cpp): for every matrix multiplication whose weight is a `blk.*` tensor (plus `output.weight` under
+--process-output), the sum over tokens of each input column's squared activation (`in_sum2`) and the number
+of tokens (`counts`; one count per expert for MoE `mul_mat_id`, not handled here: dense decoders only).
+`llama-quantize` hands the quantizer in_sum2 / counts: the mean squared input activation per input column,
+which is what `importance_matrix` returns, per GGUF tensor name, from forward pre-hooks on the model's
+nn.Linear layers over calibration windows (search_spaces.calibration.calibration_batches). It is a pure
+function of (model, windows): the caller caches it, and computes it for the model it quantizes (a pruned
+model or a student has activations of its own).
+
+`write_imatrix_file` writes the GGUF imatrix format llama-imatrix writes by default today, so a user can run
+`llama-quantize --imatrix FILE` on the shipped model: no `general.architecture`, `general.type = "imatrix"`,
+`imatrix.datasets` (strings), `imatrix.chunk_count` and `imatrix.chunk_size` (u32; llama-quantize refuses the
+file without all three), and per tensor `<name>.in_sum2` (F32, ggml ne = [columns, matrices]) and
+`<name>.counts` (F32, ne = [1, matrices]), tensors in sorted name order. (llama.cpp before mid-2025 wrote a
+`.dat` binary instead; current llama-quantize reads both, so only the current format is written.)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from search_spaces.layers import text_config
+from targets.llamacpp.gguf_file import ARCHITECTURES
+from targets.llamacpp.quantize import IMATRIX_ENTRIES_KEY
+
+IMATRIX_TYPE = "imatrix"
+# the keys llama-quantize adds to a model quantized with an importance matrix (tools/quantize/quantize.cpp)
+QUANTIZE_KEYS = {"file": "quantize.imatrix.file", "dataset": "quantize.imatrix.dataset",
+                 "entries": IMATRIX_ENTRIES_KEY, "chunks": "quantize.imatrix.chunks_count"}
+
+
+def gguf_linear_names(model: nn.Module, head: bool = False) -> dict[str, str]:
+    """{module name: GGUF tensor name} of every nn.Linear whose input llama-imatrix collects: the decoder
+    blocks' (gguf-py's TensorNameMap, so any architecture it knows), and with `head` the LM head's, named
+    `output.weight`, or `token_embd.weight` when tied (the tensor llama.cpp quantizes for it)."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    config = text_config(model)
+    arch_name = ARCHITECTURES.get(config.model_type, config.model_type)
+    arch = next((a for a, n in MODEL_ARCH_NAMES.items() if n == arch_name), None)
+    if arch is None:
+        raise ValueError(f"gguf knows no architecture {arch_name!r}: no GGUF tensor names for its layers")
+    names = get_tensor_name_map(arch, config.num_hidden_layers)
+    head_module = model.get_output_embeddings()
+    out = {}
+    for module_name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        gguf_name = names.get_name(f"{module_name}.weight", try_suffixes=(".weight",))
+        if module is head_module:
+            if head:
+                tied = head_module.weight is model.get_input_embeddings().weight
+                out[module_name] = "token_embd.weight" if tied else "output.weight"
+        elif gguf_name is None or not gguf_name.startswith("blk."):
+            raise ValueError(f"no GGUF tensor name for {module_name} (an expert or a layer gguf does not map)")
+        else:
+            out[module_name] = gguf_name
+    return out
+
+
+@torch.inference_mode()
+def importance_matrix(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
+                      head: bool = False) -> dict[str, np.ndarray]:
+    """{GGUF tensor name: float32 mean over the windows' tokens of each input column's squared activation}.
+
+    `windows`: (n, seq_len) token ids, every token counted (as llama-imatrix counts every token of a chunk).
+    Sums are accumulated in float64. Without `head` only the decoder runs (the LM head's matmul is skipped,
+    as llama-imatrix skips output.weight by default).
+    """
+    names = gguf_linear_names(model, head)
+    modules = dict(model.named_modules())
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(names, 0)
+
+    def hook(module_name):
+        def collect(module, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            square = x.square().sum(dim=0)
+            sums[module_name] = square if module_name not in sums else sums[module_name] + square
+            counts[module_name] += x.shape[0]
+        return collect
+
+    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in names]
+    was_training = model.training
+    model.eval()
+    runner = model if head else model.get_decoder()
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            runner(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if not sums:
+        raise ValueError("no calibration tokens reached the model's linear layers")
+    return {names[m]: (sums[m] / counts[m]).float().cpu().numpy() for m in names}
+
+
+def write_imatrix_file(path: Path, matrix: Mapping[str, np.ndarray], tokens: int, chunk_size: int,
+                       datasets: Sequence[str]) -> None:
+    """Write `matrix` (per tensor, mean squared activation per column) as llama-imatrix's GGUF file.
+
+    `tokens`: calibration tokens each entry was averaged over (in_sum2 = mean x tokens, counts = tokens);
+    `chunk_size`: tokens per calibration window (llama-imatrix's chunk, its n_ctx), chunk_count =
+    tokens // chunk_size; `datasets`: what the calibration text was (at least one line).
+    """
+    from gguf import GGUFWriter, Keys
+
+    if not datasets:
+        raise ValueError("name the calibration data: llama-quantize refuses an imatrix file without datasets")
+    if tokens < 1 or chunk_size < 1:
+        raise ValueError(f"need tokens and chunk size >= 1, got {tokens} and {chunk_size}")
+    writer = GGUFWriter(str(path), arch="")  # an empty arch writes no general.architecture, as llama-imatrix
+    try:
+        writer.add_type(IMATRIX_TYPE)
+        writer.add_array(Keys.IMatrix.DATASETS, [str(d) for d in datasets])
+        writer.add_uint32(Keys.IMatrix.CHUNK_COUNT, tokens // chunk_size)
+        writer.add_uint32(Keys.IMatrix.CHUNK_SIZE, chunk_size)
+        for name in sorted(matrix):
+            means = np.asarray(matrix[name], dtype=np.float64).reshape(1, -1)  # one matrix: a dense layer
+            writer.add_tensor(f"{name}.in_sum2", (means * tokens).astype(np.float32))
+            writer.add_tensor(f"{name}.counts", np.full((1, 1), float(tokens), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+
+
+def read_imatrix_file(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """(per tensor the mean squared activation per column, as llama-quantize derives it: in_sum2 / counts
+    per matrix, 1 where a count is 0; {"datasets", "chunk_count", "chunk_size", "counts"}) of a GGUF imatrix."""
+    from gguf import GGUFReader, Keys
+
+    reader = GGUFReader(str(path))
+    if IMATRIX_TYPE != _field(reader, Keys.General.TYPE):
+        raise ValueError(f"{path} is not a GGUF imatrix file (general.type {_field(reader, Keys.General.TYPE)!r})")
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+    matrix, counts = {}, {}
+    for key, sums in tensors.items():
+        if not key.endswith(".in_sum2"):
+            continue
+        name = key[: -len(".in_sum2")]
+        count = tensors[f"{name}.counts"].reshape(-1)
+        sums = sums.reshape(count.size, -1)
+        safe = np.where(count > 0, count, 1.0)[:, None]
+        matrix[name] = np.where(count[:, None] > 0, sums / safe, 1.0).reshape(-1).astype(np.float32)
+        counts[name] = count.astype(np.int64)
+    info = {"datasets": list(_field(reader, Keys.IMatrix.DATASETS) or []),
+            "chunk_count": _field(reader, Keys.IMatrix.CHUNK_COUNT),
+            "chunk_size": _field(reader, Keys.IMatrix.CHUNK_SIZE), "counts": counts}
+    return matrix, info
+
+
+def _field(reader, key: str):
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def quantize_metadata(matrix: Mapping[str, np.ndarray], file: str | None, datasets: Sequence[str],
+                      chunk_count: int) -> dict[str, object]:
+    """The `quantize.imatrix.*` keys llama-quantize writes into a model quantized with an imatrix file
+    (pass as quantize_gguf's `metadata`): the file's name, its first dataset, entries and chunks."""
+    out: dict[str, object] = {QUANTIZE_KEYS["entries"]: len(matrix)}
+    if file:
+        out[QUANTIZE_KEYS["file"]] = str(file)
+    if datasets:
+        out[QUANTIZE_KEYS["dataset"]] = str(datasets[0])
+    if chunk_count > 0:
+        out[QUANTIZE_KEYS["chunks"]] = int(chunk_count)
+    return out
