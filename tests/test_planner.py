@@ -30,7 +30,7 @@ def test_search_export_apply_review(study, tmp_path, text_corpus_dir, capsys, mo
     # recommended candidate deployable whatever the tiny random model's perplexities come out as.
     study.write_text(study.read_text().replace('"dynamic-int8"', '"gptq"'))
     code, out, err = run(["search", "--study-file", study, "--trials", "6", "--memory-budget", "0.8x", "-q"], capsys)
-    assert code == 0, err
+    assert code == 0, out + err
     assert "Pareto front" in out and "recipe of trial" in out
     stored = load(tmp_path)
     # --trials counts distinct candidates: twins and spec rejections are drawn on top, and say so.

@@ -7,7 +7,7 @@ from search_spaces.quantization.methods.weight_only import GridMethod
 
 class RoundToNearest(GridMethod):
     name = "rtn"
-    preset_bits = (8, 5, 4)  # where the grid stores it (GGUF's Q5_0); else 8 and 4
+    preset_bits = (8, 4)
 
 
 register_method(RoundToNearest())

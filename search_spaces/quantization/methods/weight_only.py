@@ -88,14 +88,7 @@ class GridMethod(QuantMethod):
         return {self.param(n): bits for n in _group_bits_params(space)}
 
     def presets(self, space: QuantSpace) -> list[Params]:
-        """One bit-width everywhere with the vocabulary left as it is (not the sampler's pick: a quantized head
-        on a tied model is an extra copy, which put a '4 bits everywhere' seed over a tight memory budget), and
-        the fast end too: the shape preset on the full model (a 16-bit head is a third of a 4-bit model's
-        decode in llama.cpp, so a tight decode budget needs it)."""
-        kept = [h for h in (None, FLOAT_BITS) if h in (space.head_bits or ())]
-        head = {self.param("head_bits"): kept[0]} if kept else {}
-        uniform = [{**self._everywhere(space, bits), **head} for bits in self.preset_bits if bits in space.bits]
-        return uniform + [p for p in self.shape_presets(space) if p not in uniform]
+        return [self._everywhere(space, bits) for bits in self.preset_bits if bits in space.bits]
 
     def shape_presets(self, space: QuantSpace) -> list[Params]:
         """4 bits on a reduced shape, the head too when the space can store it so: the compact, fast end, which
