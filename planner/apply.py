@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field, replace
+from typing import Callable
 from pathlib import Path
 
 from planner import assets
@@ -22,6 +24,11 @@ PERPLEXITY_TOLERANCE = 0.01  # relative
 # The same-run decode ratio to the reference varies with the machine's load: a re-timed ratio this much
 # (relative) above the recorded one fails; below it is simply faster.
 DECODE_RATIO_TOLERANCE = 0.25
+# A ratio over the tolerance is confirmed before apply fails: the artifact is re-timed this many more times
+# (latency only, RETIME_REPEATS times the study's rounds each) and the median of all timings is judged, so one
+# timing taken while another job held the cores does not fail a deployment.
+RETIMES = 2
+RETIME_REPEATS = 3
 
 
 @dataclass
@@ -36,6 +43,7 @@ class ApplyResult:
     decode_ratio: float | None = None
     recorded_decode_ratio: float | None = None
     decode_ms: float | None = None
+    decode_ratios: list = field(default_factory=list)  # every timing taken (more than one when re-timed)
     budget_note: str = ""
     how_to_load: str = ""  # the target's line telling how to serve the artifact
 
@@ -110,8 +118,9 @@ def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool
     settings = StudySettings(model=recipe.model_source, data=data, evaluation=recipe.provenance.get("evaluation") or {},
                              objectives=list(objectives), target=chosen.name)
     bench = Workbench(settings, model, tokenizer, corpus, context, {}, [], {}, objectives=objectives, target=chosen)
-    row = chosen.measure_shipped(bench.request(), artifact).row
-    result = check(recipe, row, out, artifact, chosen.name)
+    request = bench.request()
+    row = chosen.measure_shipped(request, artifact).row
+    result = check(recipe, row, out, artifact, chosen.name, retime=lambda: _retime(chosen, request, artifact))
     result.how_to_load = chosen.how_to_load(artifact)
     return result
 
@@ -126,8 +135,17 @@ def readable_by_all(folder: Path) -> None:
             path.chmod(0o666 & ~umask)
 
 
-def check(recipe: Recipe, row: dict, out: Path, artifact: Path, target: str) -> ApplyResult:
-    """Fail loudly when the shipped artifact is not the candidate the recipe describes."""
+def _retime(target, request, artifact: Path) -> float | None:
+    """The shipped artifact's decode ratio timed again, latency only, with more rounds."""
+    protocol = replace(request.latency, repeats=request.latency.repeats * RETIME_REPEATS)
+    timing = replace(request, latency=protocol, evaluators=frozenset({"latency"}), scorers=())
+    return target.measure_shipped(timing, artifact).row.get("decode_ratio")
+
+
+def check(recipe: Recipe, row: dict, out: Path, artifact: Path, target: str,
+          retime: Callable[[], float | None] | None = None) -> ApplyResult:
+    """Fail loudly when the shipped artifact is not the candidate the recipe describes. `retime()` times the
+    artifact's decode ratio again: a first timing over the tolerance is confirmed before it fails."""
     recorded = recipe.metrics.get("summary") or {}
     # Bytes as stored: the artifact's own figure, exact in every target (what a runtime holds once loaded may
     # differ from what it holds before its first forward, e.g. compressed-tensors decompressing on the fly).
@@ -141,11 +159,22 @@ def check(recipe: Recipe, row: dict, out: Path, artifact: Path, target: str) -> 
         raise PlannerError(f"the shipped {artifact.name} scores perplexity {perplexity:.3f}, the recipe "
                            f"{recorded_ppl:.3f}: more than {PERPLEXITY_TOLERANCE:.0%} apart")
     ratio, recorded_ratio = row.get("decode_ratio"), recorded.get("decode_ratio")
-    if ratio is not None and recorded_ratio is not None and ratio > recorded_ratio * (1 + DECODE_RATIO_TOLERANCE):
-        raise PlannerError(f"the shipped {artifact.name} decodes at {ratio:.3f}x the reference, the recipe recorded "
-                           f"{recorded_ratio:.3f}x: more than {DECODE_RATIO_TOLERANCE:.0%} slower")
+    ratios = [] if ratio is None else [ratio]
+    if ratio is not None and recorded_ratio is not None:
+        limit = recorded_ratio * (1 + DECODE_RATIO_TOLERANCE)
+        while ratio > limit and retime is not None and len(ratios) <= RETIMES:
+            again = retime()
+            if again is None:
+                break
+            ratios.append(again)
+            ratio = statistics.median(ratios)
+        if ratio > limit:
+            timings = "" if len(ratios) == 1 else f" (median of {len(ratios)} timings: " \
+                f"{', '.join(f'{r:.3f}' for r in ratios)})"
+            raise PlannerError(f"the shipped {artifact.name} decodes at {ratio:.3f}x the reference{timings}, the "
+                               f"recipe recorded {recorded_ratio:.3f}x: more than {DECODE_RATIO_TOLERANCE:.0%} slower")
     return ApplyResult(out, artifact, target, perplexity, recorded_ppl, size, recorded_size, ratio, recorded_ratio,
-                       row.get("decode_ms_p50"), _budget_note(recipe, row))
+                       row.get("decode_ms_p50"), ratios, _budget_note(recipe, {**row, "decode_ratio": ratio}))
 
 
 def _budget_note(recipe: Recipe, row: dict) -> str:

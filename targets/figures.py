@@ -27,6 +27,8 @@ def scored(request: Request, measured: Measured, runtime) -> Measured:
     """`measured` with the request's accuracy figures, unless the request's own rule says the candidate is not
     worth scoring (then `skipped` says why and the runtime is never opened). `runtime()` is a context manager
     yielding (windows, device, dtype): `windows(ids)` gives the runtime's logits of each held-out window."""
+    if not request.scorers:  # nothing asked of the logits (e.g. a latency-only re-timing): no runtime opened
+        return measured
     skipped = request.hopeless(measured.row)
     if skipped:
         return Measured(measured.row, measured.details, skipped)
