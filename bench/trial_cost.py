@@ -12,6 +12,17 @@ spec (memory budget) under 1 s, a trial whose student comes from the cache with 
 under 2 s. Scaling: the same candidates on a smaller and a larger random-initialised Llama (the built-in
 model's tokenizer and corpus; random weights give nonsense perplexity but the same work per token).
 Each trial's figures are appended to bench/results/trial_cost.jsonl, so an interrupted run continues.
+
+    nice -n 10 .venv/bin/python bench/trial_cost.py --llama-1b
+
+The size people deploy, on the llama.cpp target: a model of Llama-3.2-1B's configuration (16 x 2048, GQA 32/8,
+MLP 8192, rotary scaling "llama3", tied 128256-token embedding; random weights made here, 1.24 B parameters,
+the built-in tokenizer padded to that vocabulary, so the GGUF goes through llama.cpp's converter as Llama 3.2
+does). Each case runs in a fresh process (its peak memory is its own): the study's one-off costs (the random
+model, the reference GGUF, the baseline's measurement), then one trial, with seconds per stage (conversion,
+quantization, pruning, latency, perplexity) and the peak resident memory of the process and of the converter
+subprocess. Targets: a quantization-only trial under 3 minutes on 2 cores, peak memory under 3x the model's
+float32 size.
 """
 from __future__ import annotations
 
@@ -270,6 +281,125 @@ def scaling_part(done: dict) -> None:
         del model, bench
 
 
+# Llama-3.2-1B's config.json, less what does not shape the work (vocabulary from there, tokenizer built in).
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
+                rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+ONE_B = "llama-3.2-1b config (random)"
+ONE_B_CASES = {
+    "quant only: rtn Q4_0, tied F16": {"distillation.enabled": False, "pruning.enabled": False,
+                                       "quantization.method": "rtn", "quantization.rtn.attn_bits": 4,
+                                       "quantization.rtn.mlp_bits": 4, "quantization.rtn.head_bits": 16,
+                                       "quantization.rtn.group_size": 32, "quantization.rtn.symmetric": True},
+    "pruned: depth 0.9 mlp 0.75 + rtn Q4_0": {"distillation.enabled": False, "pruning.enabled": True,
+                                              "pruning.depth_keep": 0.9, "pruning.mlp_keep": 0.75,
+                                              "pruning.heads_keep": 1.0, "pruning.heal": False,
+                                              "quantization.method": "rtn", "quantization.rtn.attn_bits": 4,
+                                              "quantization.rtn.mlp_bits": 4, "quantization.rtn.head_bits": 16,
+                                              "quantization.rtn.group_size": 32, "quantization.rtn.symmetric": True},
+}
+
+
+class PeakMemory:
+    """The process's resident memory sampled every 50 ms on a thread (what the trial's stages hold at once;
+    pages of llama.cpp's memory-mapped GGUF files count, as the kernel counts them)."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self):
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self):
+        self.peak = self.rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def one_b_child(case_name: str) -> dict:
+    """One case of the 1B part, in this (fresh) process."""
+    import resource
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from planner import assets
+    from planner.study import prepare, resolve_spaces
+
+    started = time.perf_counter()
+    base = prepare(settings_for(study="bench-cost-1b", latency_budget=None, target="llama.cpp"))
+    config = AutoConfig.from_pretrained(assets.cache_root() / "models" / "smollm2-135m")
+    for key, value in LLAMA_1B.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    made = time.perf_counter()
+    parameters = sum(p.numel() for p in model.parameters())
+    float_bytes = 4 * parameters
+    target = base.target
+    spaces = target.fit_spaces(resolve_spaces(base.settings, model, target.space_defaults()), model)
+    bench = replace(base, model=model, spaces=spaces, context=replace(base.context, model_id=f"random:{ONE_B}"),
+                    baseline={})
+    with PeakMemory() as study_peak:
+        study = new_study(bench)  # writes the reference GGUF and measures the baseline
+    joined = time.perf_counter()
+    baseline = study.user_attrs.get("baseline_measurements") or {}
+    rss_before = PeakMemory.rss()
+    with PeakMemory() as trial_peak:
+        row = run_trial(bench, study, ONE_B_CASES[case_name])
+    attrs = study.trials[-1].user_attrs
+    written = attrs.get("measurements", {}).get("runtime", {})
+    row["seconds"]["conversion"] = written.get("write_seconds")
+    row.update(parameters=parameters, float32_bytes=float_bytes, writer=written.get("writer"),
+               rss_before_trial=rss_before, peak_rss_trial=trial_peak.peak, peak_rss_study_setup=study_peak.peak,
+               peak_rss_children=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+               peak_rss_process=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+               setup_seconds={"random model": made - started, "reference GGUF + baseline": joined - made},
+               cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads())
+    return row
+
+
+def one_b_part(done: dict) -> None:
+    import subprocess
+
+    print(f"\n{ONE_B}: one case per fresh process (llama.cpp target, demo.toml protocol)")
+    for name in ONE_B_CASES:
+        if (ONE_B, name) not in done:
+            out = subprocess.run([sys.executable, __file__, "--llama-1b-case", name], capture_output=True, text=True)
+            if out.returncode != 0:
+                print(out.stderr[-3000:])
+                raise SystemExit(f"the 1B case '{name}' failed")
+            done = load_log()
+        row = done[(ONE_B, name)]
+        gb = row["float32_bytes"] / 1e9
+        print(f"  {name:<40} {fmt(row['seconds'])}  conversion {row['seconds']['conversion']:.1f}"
+              f"   [{row['label']}]")
+        print(f"    peak memory: trial {row['peak_rss_trial'] / 1e9:.1f} GB ({row['peak_rss_trial'] / row['float32_bytes']:.2f}x "
+              f"the float32 model's {gb:.2f} GB; {row['rss_before_trial'] / 1e9:.1f} GB held before it), converter "
+              f"subprocess {row['peak_rss_children'] / 1e9:.1f} GB; study setup once: "
+              + ", ".join(f"{k} {v:.0f} s" for k, v in row["setup_seconds"].items())
+              + f" (peak {row['peak_rss_study_setup'] / 1e9:.1f} GB); {row['parameters'] / 1e9:.2f} B parameters, "
+              f"{row['cpu_capability']}, {row['threads']} threads, load {row['load_average']:.2f}")
+
+
 def summary(done: dict) -> None:
     print("\nscaling, total seconds per trial (planner objective):")
     models = ["small (random, 12 x 256)", "builtin smollm2-135m", "large (random, 32 x 960)"]
@@ -283,7 +413,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--skip-student", action="store_true")
+    parser.add_argument("--llama-1b", action="store_true", help="only the Llama-3.2-1B-sized cases")
+    parser.add_argument("--llama-1b-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.llama_1b_case:
+        from planner.quiet import quiet_libraries
+
+        quiet_libraries()
+        case(load_log(), ONE_B, args.llama_1b_case, lambda: one_b_child(args.llama_1b_case))
+        return
     import torch
 
     from planner.quiet import quiet_libraries
@@ -291,6 +429,9 @@ def main() -> None:
     quiet_libraries()
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads, "
           f"load {os.getloadavg()[0]:.2f}")
+    if args.llama_1b:
+        one_b_part(load_log())
+        return
     builtin_part(load_log(), args.skip_student)
     if not args.skip_scaling:
         scaling_part(load_log())

@@ -10,6 +10,7 @@ StableLM, GPT-NeoX, GPT-2, ...). Either way a layer the planner stored on a GGUF
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from targets.llamacpp.convert import architectures, check_vocab, convert, converter_supports, hf_architecture
@@ -47,12 +48,14 @@ def gguf_arch(model) -> str | None:
 
 
 def write(model, tokenizer, path: Path, name: str = "planner candidate") -> dict:
-    """Write the GGUF; returns what wrote it (recorded with the candidate's figures and in its recipe)."""
+    """Write the GGUF; returns what wrote it and its seconds (recorded with the candidate's figures; the recipe
+    keeps the writer)."""
+    started = time.perf_counter()
     if hand_written_serves(model, tokenizer):
         write_gguf(model, tokenizer, path, name=name)
-        return {"writer": HAND_WRITTEN}
+        return {"writer": HAND_WRITTEN, "write_seconds": time.perf_counter() - started}
     info = convert(model, tokenizer, path, name=name)
-    return {"writer": "llama.cpp converter", "converter": info.converter}
+    return {"writer": "llama.cpp converter", "converter": info.converter, "write_seconds": time.perf_counter() - started}
 
 
 __all__ = ["FREE_HEAD_SPLIT", "converter_supports", "gguf_arch", "unsupported", "write"]
