@@ -1,15 +1,16 @@
-"""Per-tensor types from measured sensitivity against llama.cpp's presets, at each preset's own bytes (issue 21).
+"""The planner's per-tensor allocation (method `llama-quant`) against llama.cpp's presets, at each preset's bytes.
 
-    .venv/bin/python bench/llamacpp_allocation.py [--threads 2] [--presets Q4_K_M,Q4_0,...] [--calibration 64]
+    .venv/bin/python bench/llamacpp_allocation.py [--threads 2] [--presets Q4_K_M,Q4_0,...] [--rounds 5]
 
-For the float built-in model: the planner's importance matrix (as bench/llamacpp_presets.py computes it), then
-every quantizable tensor's importance-weighted squared rounding error in every type of the allocation menu
-(targets/llamacpp/sensitivity.py: llama.cpp quantizes, gguf-py dequantizes), then for each preset the
-Lagrangian allocation (search_spaces/quantization/allocation.py) under that preset-with-imatrix's own tensor
-bytes, written by llama.cpp's quantizer with per-tensor overrides and the same importance matrix, and measured
-by the presets' harness (`llamacpp_presets.measure_gguf`: full-vocabulary KL against the F32 GGUF, top-1,
-perplexity, A/B decode ratio). Two menus: every type, and without the Q4_1-like grids (Q4_1, Q5_1 and the
-K-quants' own fallbacks to them) on which the built-in weights (from a Q4_1 file) sit almost losslessly.
+For the float built-in model, the method's own pipeline (targets/llamacpp/allocated.py): its importance matrix
+and sensitivity tables from the calibration split (16 x 256 tokens, as a study computes them), then for each
+preset the allocation under that preset-with-imatrix's own bytes for the quantizable tensors, written by
+llama.cpp's quantizer with per-tensor overrides and the planner's importance matrix, and measured by the
+presets' harness (`llamacpp_presets.measure_gguf`: full-vocabulary KL against the F32 GGUF over 4096 held-out
+positions, top-1, perplexity, A/B decode ratio). The presets get the same importance matrix. Two menus:
+every type, and without the Q4_1-like grids (Q4_1, Q5_1, and Q4_K / Q5_K, which fall back to Q5_0 / Q5_1 on
+576-wide rows) on which the built-in weights (from a Q4_1 file) sit almost losslessly. Predicted KL (the
+allocation's sum of gain x error) is stored beside the measured one.
 Raw rows: bench/results/llamacpp_allocation.jsonl; table: .txt. Figures, not assertions.
 """
 from __future__ import annotations
@@ -27,22 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from llamacpp_presets import LATENCY, Reference, calibration_imatrix, gguf_size, measure_gguf, table  # noqa: E402
-from search_spaces.quantization.allocation import allocate  # noqa: E402
-from targets.llamacpp.quantize import quantize_gguf  # noqa: E402
-from targets.llamacpp.sensitivity import ALLOCATION_MENU, type_errors  # noqa: E402
+from llamacpp_presets import LATENCY, Reference, gguf_size, measure_gguf, table  # noqa: E402
 
 PRESETS = ("Q3_K_M", "Q4_0", "IQ4_XS", "Q4_K_M", "Q5_K_M")
-# Grids the Q4_1 origin of the built-in weights favours: Q4_1 and Q5_1 themselves, and Q4_K / Q5_K, which fall
-# back to Q5_0 / Q5_1 on 576-wide rows and on 1536-wide rows keep a min-offset per sub-block like Q4_1.
 ORIGIN_LIKE = ("Q4_1", "Q5_1", "Q4_K", "Q5_K")
+MENUS = {"all types": "all", "no Q4_1-like": "all", "legacy (fastest)": "legacy"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--presets", default=",".join(PRESETS))
-    parser.add_argument("--calibration", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=LATENCY.repeats)
     parser.add_argument("--out", type=Path, default=Path("bench/results/llamacpp_allocation"))
     args = parser.parse_args()
@@ -50,14 +46,22 @@ def main() -> None:
     from evaluators.latency import LatencyProtocol
     from planner.quiet import quiet_libraries
     from planner.sources import DataSource, ModelSource, load_corpus, load_model
+    from search_spaces.base import BuildContext
+    from search_spaces.calibration import calibration_batches
+    from search_spaces.quantization.spec import AllocationSettings
+    from targets.llamacpp import sensitivity
+    from targets.llamacpp.allocated import choose_types, sensitivity_tables
     from targets.llamacpp.gguf_file import write_gguf
+    from targets.llamacpp.imatrix import quantize_metadata
+    from targets.llamacpp.quantize import quantize_gguf
 
     quiet_libraries()
     torch.set_num_threads(args.threads)
     machine = {"threads": args.threads, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    latency = LatencyProtocol(**{**LATENCY.to_dict(), "repeats": args.rounds})
+    latency = LatencyProtocol(**{**LATENCY.to_dict(), "repeats": args.rounds}) if args.rounds else None
     model, tokenizer = load_model(ModelSource.parse("builtin:smollm2-135m"), torch.device("cpu"))
     corpus = load_corpus(DataSource.parse("builtin:shakespeare"))
+    settings = AllocationSettings()
     jsonl = args.out.with_suffix(".jsonl")
     jsonl.write_text("")
     rows = []
@@ -66,22 +70,24 @@ def main() -> None:
         f32 = work / "f32.gguf"
         write_gguf(model, tokenizer, f32, name="SmolLM2-135M-Instruct F32")
         reference = Reference.compute(f32, tokenizer, corpus.eval, args.threads)
-        matrix, metadata, _ = calibration_imatrix(model, tokenizer, corpus, args.calibration, work)
-        del model
+        windows = calibration_batches(tokenizer, corpus.train, settings.samples, settings.seq_len, 0)
+        context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, cache_dir=None)
         started = time.perf_counter()
-        errors = type_errors(f32, matrix, ALLOCATION_MENU, args.threads)
-        print(f"sensitivity: {len(errors)} tensors x {len(ALLOCATION_MENU)} types in "
-              f"{time.perf_counter() - started:.0f} s", flush=True)
+        tables = sensitivity_tables(model, windows, context, settings)
+        seconds = time.perf_counter() - started
+        print(f"importance matrix and sensitivity of {len(tables['tensors'])} tensors: {seconds:.0f} s", flush=True)
+        matrix = tables["imatrix"]
+        metadata = quantize_metadata(matrix, "imatrix.gguf", ["planner calibration"], settings.samples)
         from gguf import GGUFReader
 
-        fixed = sum(int(t.n_bytes) for t in GGUFReader(str(f32)).tensors if t.name not in errors)
+        fixed = sum(int(t.n_bytes) for t in GGUFReader(str(f32)).tensors if t.name not in tables["tensors"])
 
         def record(row: dict) -> None:
             rows.append(row)
             with jsonl.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            print(f"{row['artifact']}: {row['mb']:.1f} MB, KL {row['kl']:.4f}, top-1 {row['top1']:.3f}, "
-                  f"decode x {row.get('decode_ratio', float('nan')):.3f}", flush=True)
+            print(f"{row['artifact']}: {row['mb']:.1f} MB, KL {row['kl']:.4f} (predicted {row.get('predicted_kl', 0):.4f}),"
+                  f" top-1 {row['top1']:.3f}, decode x {row.get('decode_ratio', float('nan')):.3f}", flush=True)
 
         for preset in args.presets.split(","):
             path = work / f"{preset}.gguf"
@@ -90,21 +96,23 @@ def main() -> None:
                     **measure_gguf(path, reference, args.threads, latency), **machine})
             target = gguf_size(path)["tensor_bytes"] - fixed
             path.unlink()
-            for menu_name, excluded in (("all types", ()), ("no Q4_1-like", ORIGIN_LIKE)):
-                options = {name: [o for o in opts if o.kind not in excluded] for name, opts in errors.items()}
-                chosen = allocate(options, target)
-                predicted = sum(o.error for o in chosen.values())
-                path = work / f"alloc-{preset}-{len(excluded)}.gguf"
+            for label, family in MENUS.items():
+                menu = [k for k in sensitivity.MENUS[family] if label != "no Q4_1-like" or k not in ORIGIN_LIKE]
+                chosen = choose_types(tables, menu, target)
+                if label == "no Q4_1-like":
+                    assert not {o.kind for o in chosen.values()} & {"Q4_1", "Q5_1"}, "a Q4_1-like type was chosen"
+                path = work / f"alloc-{preset}.gguf"
                 quantize_gguf(f32, path, "Q8_0", overrides={n: o.kind for n, o in chosen.items()}, imatrix=matrix,
                               metadata=metadata, threads=args.threads)
-                record({"artifact": f"planner alloc @{preset} ({menu_name})", "preset": preset, "menu": menu_name,
-                        "predicted_error": predicted, **measure_gguf(path, reference, args.threads, latency),
-                        **machine})
+                record({"artifact": f"planner alloc @{preset} ({label})", "preset": preset, "menu": label,
+                        "predicted_kl": sum(o.error for o in chosen.values()),
+                        **measure_gguf(path, reference, args.threads, latency), **machine})
                 path.unlink()
     notes = (f"\nthreads {args.threads}, CPU capability {machine['cpu_capability']}, load {os.getloadavg()[0]:.2f}; "
-             "each 'planner alloc @P' row is allocated under preset P's own tensor bytes (with imatrix); KL over the "
-             "full vocabulary against the F32 GGUF. The built-in weights come from a Q4_1 file: 'all types' may use "
-             "the Q4_1-like grids it favours, 'no Q4_1-like' may not.\n")
+             "each 'planner alloc @P' row is allocated under preset P's own bytes (with imatrix) for the quantizable "
+             "tensors; KL over the full vocabulary against the F32 GGUF. The built-in weights come from a Q4_1 file: "
+             "'all types' may use the Q4_1-like grids it favours, 'no Q4_1-like' may not, 'legacy' uses only "
+             f"Q4_0/Q4_1/Q5_0/Q5_1/Q8_0. Sensitivity tables: {seconds:.0f} s.\n")
     text = table(rows)
     print(text + notes)
     args.out.with_suffix(".txt").write_text(text + "\n" + notes)

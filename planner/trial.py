@@ -92,9 +92,20 @@ def hopeless(budgets: list[Budget], row: dict) -> str | None:
 
 def measure(bench: Workbench, model, stages: list[Stage], trial=None, label: str | None = None) -> tuple[dict, dict]:
     """(metrics row, full evaluator dicts) of a built model as the study's target serves it (targets/); on
-    `trial`, why scoring was skipped."""
+    `trial`, why scoring was skipped. `model` may be a BuiltCandidate: its model is then handed over, and the
+    target may free it once written as its artifact (`Request.release`)."""
     request = bench.request(may_skip=trial is not None)
-    measured: Measured = bench.target.measure(request, model, label or bench.steps.describe(stages))
+    if isinstance(model, candidates.BuiltCandidate):
+        built = model
+
+        def release() -> None:
+            built.model = None
+            gc.collect()
+        request.release = release
+        model = None  # from here on only the BuiltCandidate and the target hold the candidate
+        measured: Measured = bench.target.measure(request, built.model, label or bench.steps.describe(stages))
+    else:
+        measured = bench.target.measure(request, model, label or bench.steps.describe(stages))
     if measured.skipped and trial is not None:
         trial.set_user_attr("skipped_perplexity", measured.skipped)
     return measured.row, measured.details
@@ -175,7 +186,7 @@ def objective(bench: Workbench):
         built = steps.build(bench.model, stages, bench.context)
         try:
             measure_started = time.perf_counter()
-            row, details = measure(bench, built.model, stages, trial, label)
+            row, details = measure(bench, built, stages, trial, label)
             seconds = {**built.stage_seconds, "measure": time.perf_counter() - measure_started}
             if built.training:  # steps trained, resumed from a cached run, seconds: what a rung cost
                 trial.set_user_attr("training", built.training)

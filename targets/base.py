@@ -39,6 +39,9 @@ class Request:
     scorers: tuple[ScorerFactory, ...] = ()
     device: object = "cpu"
     hopeless: Callable[[dict], str | None] = field(default=lambda row: None)
+    # Called by a target that no longer needs the built candidate (its artifact is written): the caller drops
+    # its reference, so the float candidate is freed before the runtime loads the artifact and the reference.
+    release: Callable[[], None] = field(default=lambda: None)
 
     @property
     def threads(self) -> int:

@@ -92,7 +92,8 @@ def test_targets_offer_the_toy_method_only_on_a_scheme_it_rounds_onto(toys):
     assert "toy-clipped" in space.methods  # registered methods are searched by default
     assert VLLM.fit_spaces({"quantization": space}, model)["quantization"].methods == (
         "none", "rtn", "gptq", "toy-clipped")  # compressed-tensors: the toy rounds onto it
-    assert LLAMA_CPP.fit_spaces({"quantization": space}, model)["quantization"].methods == ("none", "rtn", "gptq")
+    assert LLAMA_CPP.fit_spaces({"quantization": space}, model)["quantization"].methods == (
+        "none", "rtn", "gptq", "llama-quant")  # gguf: and llama.cpp's own quantizer, not the toy
     assert TRANSFORMERS.fit_spaces({"quantization": space}, model)["quantization"] == space  # every method, as before
     toy = fit_to_scheme(QuantSpace.from_dict(scheme_space_defaults("toy-int6")), "toy-int6")
     assert toy.methods == ("none", "rtn", "gptq", "toy-clipped") and toy.grid == "toy-int6"

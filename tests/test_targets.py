@@ -60,7 +60,7 @@ def test_the_llama_cpp_space_holds_only_what_gguf_serves():
     assert defaults.grid == "gguf" and defaults.bits == (4, 5, 8, 16) and defaults.group_sizes == (32,)
     spaces = LLAMA_CPP.fit_spaces({"quantization": QuantSpace(), "pruning": None}, make_tiny_llama())
     quant = spaces["quantization"]
-    assert quant.methods == ("none", "rtn", "gptq") and quant.grid == "gguf" and quant.group_sizes == (32,)
+    assert quant.methods == ("none", "rtn", "gptq", "llama-quant") and quant.grid == "gguf" and quant.group_sizes == (32,)
     assert quant.bits == (4, 8, 16) and all(b in (None, 4, 8, 16) for b in quant.head_bits)
     with pytest.raises(SpecError, match=r"QuantSpace.bits\[0\]"):  # a study file asking GGUF for 3 bits
         QuantSpace.from_dict({**LLAMA_CPP.space_defaults()["quantization"], "bits": [3, 4]})

@@ -74,6 +74,41 @@ class GPTQSettings(DictSpec):
         check_bool("GPTQSettings.act_order", self.act_order)
 
 
+# Which GGML types a per-tensor allocation may choose from (methods that store each tensor in a runtime's own
+# type, e.g. llama.cpp's quantizer): every type, the 32-wide legacy ones only (the fastest to decode on a CPU),
+# or the 256-wide K-quants (with Q8_0).
+ALLOCATION_TYPES = ("all", "legacy", "k")
+
+
+@dataclass(frozen=True)
+class AllocationSettings(DictSpec):
+    bpw: float = 5.0  # bits per weight over the tensors allocated (what the bytes may reach, never more)
+    types: str = "all"  # ALLOCATION_TYPES
+    samples: int = 16  # calibration windows for the importance matrix and the sensitivities
+    seq_len: int = 256
+
+    def __post_init__(self):
+        check_float(1.0, 32.0)("AllocationSettings.bpw", self.bpw)
+        check_member(ALLOCATION_TYPES)("AllocationSettings.types", self.types)
+        check_int(1)("AllocationSettings.samples", self.samples)
+        check_int(8)("AllocationSettings.seq_len", self.seq_len)
+
+
+@dataclass(frozen=True)
+class AllocationSpace(DictSpec):
+    """The allocation's knobs a study searches: its byte target and the type family it chooses from."""
+
+    bpw: tuple[float, ...] = (4.5, 4.75, 5.0, 5.25, 5.5, 6.0, 6.5, 7.0)
+    types: tuple[str, ...] = ALLOCATION_TYPES
+    samples: int = 16
+    seq_len: int = 256
+
+    def __post_init__(self):
+        check_choices("AllocationSpace.bpw", self.bpw, check_float(1.0, 32.0))
+        check_choices("AllocationSpace.types", self.types, check_member(ALLOCATION_TYPES))
+        AllocationSettings(samples=self.samples, seq_len=self.seq_len)
+
+
 def _default_bits() -> dict[str, int]:
     return {"attn": 4, "mlp": 4}
 
@@ -86,6 +121,7 @@ class QuantSpec(DictSpec):
     symmetric: bool = True  # grid methods
     bnb_4bit_type: str = "nf4"
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
+    allocation: AllocationSettings = field(default_factory=AllocationSettings)  # per-tensor allocating methods
     overrides: tuple[LayerOverride, ...] = ()
     # The storage scheme the grid methods round onto, by its registered name (schemes/): compressed-tensors
     # (transformers, vLLM) or gguf (llama.cpp: fixed blocks of 32, fp16 scales); the deployment target chooses it.
@@ -112,6 +148,8 @@ class QuantSpec(DictSpec):
         check_member(BNB_4BIT_TYPES)("QuantSpec.bnb_4bit_type", self.bnb_4bit_type)
         if not isinstance(self.gptq, GPTQSettings):
             _fail("QuantSpec.gptq", f"expected GPTQSettings, got {type(self.gptq).__name__}")
+        if not isinstance(self.allocation, AllocationSettings):
+            _fail("QuantSpec.allocation", f"expected AllocationSettings, got {type(self.allocation).__name__}")
         if not isinstance(self.overrides, tuple) or not all(isinstance(o, LayerOverride) for o in self.overrides):
             _fail("QuantSpec.overrides", "expected a list of {pattern, bits} overrides")
         for index, override in enumerate(self.overrides):
@@ -122,7 +160,7 @@ class QuantSpec(DictSpec):
 
     def _check_rounds_onto(self, method: QuantMethod) -> None:
         # A library method (bnb, dynamic-int8) stores its own layers: its specs keep the default grid.
-        if method.rounds_onto(self.storage_scheme) or (not method.grid and self.grid == DEFAULT_GRID):
+        if method.accepts(self.storage_scheme):
             return
         onto = ", ".join(name for name, scheme in STORAGE_SCHEMES.items() if method.rounds_onto(scheme))
         why = f"it rounds onto {onto}" if onto else "it stores its own layers"
@@ -164,7 +202,7 @@ class QuantSpec(DictSpec):
         """A short label such as 'quant(gptq 4/4/h16 g128)' or 'quant(rtn Q4_0/Q8_0/hF16)' for tables and logs;
         `grid_fallback` marks a group size some layers cannot use ('g128*': those use another)."""
         method = self.quant_method
-        grid = self.storage_scheme.spec_label(self, grid_fallback) if method.grid else [self.bits_label()]
+        grid = self.storage_scheme.spec_label(self, grid_fallback) if method.grid else method.storage_label(self)
         parts = [self.method, *method.mode_label(self), *grid]
         if self.overrides:
             parts.append(f"+{len(self.overrides)} overrides")
@@ -196,6 +234,7 @@ class QuantSpace(DictSpec):
     symmetric: tuple[bool, ...] = (True,)
     bnb_modes: tuple[str, ...] = BNB_MODES
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
+    allocation: AllocationSpace = field(default_factory=AllocationSpace)
     grid: str = DEFAULT_GRID  # the storage scheme; set by the deployment target (fit_to_scheme), not searched
 
     def __post_init__(self):
@@ -221,8 +260,11 @@ def method_runs_on(method: str, device: str) -> bool:
 
 
 def available_methods(space: QuantSpace) -> tuple[str, ...]:
-    """The space's methods that can run on its device, in the space's order ("none" always can)."""
-    return tuple(m for m in space.methods if m == NO_QUANTIZATION or method_runs_on(m, space.device))
+    """The space's methods that can run on its device and store on its grid, in the space's order ("none"
+    always can)."""
+    scheme = scheme_named(space.grid)
+    return tuple(m for m in space.methods if m == NO_QUANTIZATION
+                 or (method_runs_on(m, space.device) and QUANT_METHODS[m].accepts(scheme)))
 
 
 def fit_to_scheme(space: QuantSpace, scheme: str) -> QuantSpace:

@@ -1,64 +1,181 @@
 """How much each tensor of a model loses in each llama.cpp type: the table a per-tensor allocation chooses from.
 
-For every type of a menu, the whole float GGUF is quantized once by llama.cpp itself (every quantizable tensor
-overridden to that type, with the importance matrix), read back and dequantized by gguf-py; a tensor's error
-in that type is its importance-weighted squared rounding error, ``sum_rows sum_j imatrix_j (w_ij - q_ij)^2``:
-the expected squared error of that projection's output when its inputs have the calibration text's mean squared
-activations (the quantity llama.cpp's quantizer itself minimises, and what llama.cpp PR #15550's --target-bpw
-allocates on). Bytes are read from the written file, so a type that falls back on a row width (a 256-wide
-K-quant on 576-wide rows) is sized and scored as the type really written.
+Two measurements, both on the candidate actually quantized (a pruned model or a student has its own):
+- `type_options`: every quantizable tensor stored in every type of a menu by llama.cpp's own quantizer
+  (`ggml_quants`: the same C function llama-quantize calls, with the importance matrix) and read back; its
+  error is the importance-weighted squared rounding error ``sum_rows sum_j imatrix_j (w_ij - q_ij)^2``, the
+  expected squared error of that projection's output under the calibration text's mean squared activations
+  (what llama.cpp's quantizer itself minimises, and what llama.cpp PR #15550's --target-bpw allocates on).
+  A type whose blocks do not fit a row width is sized and scored as the type llama.cpp writes instead.
+- `kl_gains`: that error is not comparable across tensors (an error in a value projection and the same in
+  a gate projection move the output distribution by different amounts), so each role (attn_v, ffn_down, ...)
+  in each band of layers is quantized in a probe type, in torch, the rest of the model left in float, and the
+  KL divergence of the model's next-token distribution from the float model's is measured on calibration
+  windows: gain = KL / error (about 30 forward passes, whatever the depth). The allocation then minimises the
+  predicted KL ``sum gain_t * error_t(type_t)``, assuming the tensors' contributions add up (the benchmark
+  compares predicted and measured KL).
 """
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
+import time
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from search_spaces.quantization.allocation import Option
-from targets.llamacpp.quantize import _quantizable, quantize_gguf, requires_imatrix
+from targets.llamacpp import ggml_quants
+from targets.llamacpp.imatrix import gguf_linear_names
+from targets.llamacpp.quantize import fallback_type, quant_type, type_bytes
 
-# Types worth allocating for a dense decoder: 2 to 8 bits (the 1-2 bit IQ types need a trained-for-it model).
-ALLOCATION_MENU = ("Q2_K", "Q3_K", "IQ3_S", "IQ4_XS", "Q4_0", "IQ4_NL", "Q4_K", "Q4_1", "Q5_0", "Q5_K", "Q5_1",
-                   "Q6_K", "Q8_0")
+# Types a dense decoder's allocation chooses from, per family (search_spaces' ALLOCATION_TYPES): 2 to 8 bits.
+# Left out: the 1-2 bit IQ types (for models trained for them; seconds per tensor to quantize) and IQ3_S
+# (slow to quantize, and no better than Q3_K per byte on the built-in model).
+MENUS = {
+    "all": ("Q2_K", "Q3_K", "IQ4_XS", "Q4_0", "IQ4_NL", "Q4_K", "Q4_1", "Q5_0", "Q5_K", "Q5_1", "Q6_K", "Q8_0"),
+    "legacy": ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"),
+    "k": ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"),
+}
+PROBE = "Q4_0"  # every row width the planner quantizes is a multiple of 32: the probe never falls back
+BUCKETS = 4  # bands of layers whose tensors of one role share a measured KL gain (4 x 7 roles + 2 forwards)
+ROWS = 128  # rows per tensor on which each type's error is measured (a vocabulary embedding has 49k-128k)
 
 
-def _float_tensors(path: Path) -> dict[str, np.ndarray]:
-    from gguf import GGUFReader, quants
+@dataclass(frozen=True)
+class Tensor:
+    """One weight llama.cpp quantizes: its GGUF name, the module(s) holding it, and its importance values."""
 
-    reader = GGUFReader(str(path))
+    gguf_name: str
+    modules: tuple[str, ...]  # a tied embedding: the head and the input embedding share it
+    importance: np.ndarray | None  # mean squared input activation per column; None weighs columns equally
+
+
+def quantizable(model: nn.Module, imatrix: Mapping[str, np.ndarray]) -> list[Tensor]:
+    """The weights llama.cpp quantizes in the candidate's GGUF: the decoder blocks' linear layers, the LM head
+    (`output.weight`) and the token embedding (`token_embd.weight`, in place and still shared when tied)."""
+    names = gguf_linear_names(model, head=True)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    modules = dict(model.named_modules())
+    embed_name = next(n for n, m in modules.items() if m is embedding)
+    tensors = []
+    for module_name, gguf_name in names.items():
+        if gguf_name == "token_embd.weight":  # the tied head: one tensor, used by both
+            tensors.append(Tensor(gguf_name, (embed_name, module_name), imatrix.get(gguf_name)))
+        else:
+            tensors.append(Tensor(gguf_name, (module_name,), imatrix.get(gguf_name)))
+    if head is None or "token_embd.weight" not in names.values():  # untied: the embedding on its own
+        tensors.append(Tensor("token_embd.weight", (embed_name,), None))
+    return tensors
+
+
+def _weight(model: nn.Module, tensor: Tensor) -> torch.Tensor:
+    return dict(model.named_modules())[tensor.modules[0]].weight
+
+
+def _error(weight: np.ndarray, restored: np.ndarray, importance: np.ndarray | None) -> float:
+    squared = np.square(weight.astype(np.float64) - restored).sum(axis=0)
+    return float(squared @ importance if importance is not None else squared.sum())
+
+
+def sampled_rows(rows: int, most: int) -> np.ndarray:
+    """Evenly spaced row indices, at most `most` of them (all rows when there are fewer)."""
+    return np.arange(rows) if rows <= most else np.linspace(0, rows - 1, most).round().astype(int)
+
+
+def type_options(model: nn.Module, tensors: Sequence[Tensor], menu: Sequence[str], rows: int = ROWS,
+                 threads: int | None = None) -> dict[str, list[Option]]:
+    """{GGUF name: [Option(type written, exact bytes, importance-weighted squared error)]}; a type falling back
+    on a row width appears as the type written (once). Each type quantizes rows independently, so the error is
+    measured on `rows` evenly spaced rows and scaled to the whole tensor (seconds instead of minutes)."""
+    table = {}
+    for tensor in tensors:
+        full = _weight(model, tensor).detach()
+        picked = sampled_rows(full.shape[0], rows)
+        weight = full[torch.from_numpy(picked)].float().cpu().numpy()
+        scale = full.shape[0] / len(picked)
+        written = dict.fromkeys(fallback_type(kind, weight.shape[1]) for kind in menu)
+        options = []
+        for kind in written:
+            stored = type_bytes(kind, full.shape)
+            if not quant_type(kind).quantized:
+                options.append(Option(kind, stored, 0.0))
+                continue
+            restored, _ = ggml_quants.roundtrip(kind, weight, tensor.importance, threads)
+            options.append(Option(kind, stored, scale * _error(weight, restored, tensor.importance)))
+        table[tensor.gguf_name] = options
+    return table
+
+
+def _kl(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over positions of KL(reference || candidate), full vocabulary."""
+    return float(F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(reference.float(), -1),
+                          log_target=True, reduction="none").sum(-1).mean())
+
+
+def gain_groups(tensors: Sequence[Tensor], buckets: int = BUCKETS) -> dict[str, list[Tensor]]:
+    """Tensors measured together for their KL gain: one role (attn_v, ffn_down, ...) in one band of
+    consecutive layers (`buckets` bands), and the embedding and head each on their own."""
+    layers = [int(t.gguf_name.split(".")[1]) for t in tensors if t.gguf_name.startswith("blk.")]
+    count = max(layers) + 1 if layers else 1
+    groups: dict[str, list[Tensor]] = {}
+    for tensor in tensors:
+        parts = tensor.gguf_name.split(".")
+        key = tensor.gguf_name if parts[0] != "blk" else f"{parts[2]}@{int(parts[1]) * buckets // count}"
+        groups.setdefault(key, []).append(tensor)
+    return groups
+
+
+@torch.inference_mode()
+def kl_gains(model: nn.Module, tensors: Sequence[Tensor], windows: torch.Tensor, probe: str = PROBE,
+             buckets: int = BUCKETS, threads: int | None = None) -> dict[str, tuple[float, float]]:
+    """{GGUF name: (KL, importance-weighted error)} of the tensor's group (`gain_groups`) stored in `probe`
+    together, the rest of the model in float: a tensor's gain is its group's KL per unit of error."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    windows = windows.to(device)
+    reference = model(input_ids=windows, use_cache=False).logits
     out = {}
-    for tensor in reader.tensors:
-        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-        if _quantizable(tensor.name, shape):
-            out[tensor.name] = quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1, shape[-1])
+    try:
+        for members in gain_groups(tensors, buckets).values():
+            originals, error = [], 0.0
+            try:
+                for tensor in members:
+                    weight = _weight(model, tensor)
+                    kind = fallback_type(probe, weight.shape[1])
+                    if not quant_type(kind).quantized:  # a width no block fits: llama.cpp keeps it in F16
+                        continue
+                    originals.append((weight, weight.detach().clone()))
+                    array = originals[-1][1].float().cpu().numpy()
+                    restored, _ = ggml_quants.roundtrip(kind, array, tensor.importance, threads)
+                    error += _error(array, restored, tensor.importance)
+                    weight.copy_(torch.from_numpy(restored).to(weight.dtype))
+                kl = _kl(model(input_ids=windows, use_cache=False).logits, reference)
+            finally:
+                for weight, original in originals:
+                    weight.copy_(original)
+            for tensor in members:
+                out[tensor.gguf_name] = (kl, error)
+    finally:
+        model.train(was_training)
     return out
 
 
-def type_errors(float_gguf: Path, imatrix: Mapping[str, np.ndarray], menu: Sequence[str] = ALLOCATION_MENU,
-                threads: int | None = None) -> dict[str, list[Option]]:
-    """{tensor: [Option(asked type, bytes written, importance-weighted squared error)]} for every quantizable
-    tensor of `float_gguf`; a tensor without importance values (an input embedding) weighs columns equally."""
-    from gguf import GGUFReader, quants
+def predicted_kl_options(options: Mapping[str, list[Option]], gains: Mapping[str, tuple[float, float]]
+                         ) -> dict[str, list[Option]]:
+    """The options with their error turned into predicted KL (gain x error; a tensor whose probe error is 0,
+    e.g. all-zero weights, costs nothing in any type)."""
+    scaled = {}
+    for name, opts in options.items():
+        kl, error = gains[name]
+        gain = kl / error if error > 0 else 0.0
+        scaled[name] = [Option(o.kind, o.bytes, max(gain, 0.0) * o.error) for o in opts]
+    return scaled
 
-    weights = _float_tensors(float_gguf)
-    table: dict[str, list[Option]] = {name: [] for name in weights}
-    with tempfile.TemporaryDirectory(prefix="planner-sensitivity-") as work:
-        for kind in menu:
-            if any(requires_imatrix(kind, name) and name not in imatrix for name in weights):
-                continue
-            path = Path(work) / f"{kind}.gguf"
-            quantize_gguf(float_gguf, path, ftype="Q8_0", overrides={name: kind for name in weights},
-                          imatrix={n: v for n, v in imatrix.items() if n in weights}, threads=threads, pure=True)
-            for tensor in GGUFReader(str(path)).tensors:
-                if tensor.name not in weights:
-                    continue
-                original = weights[tensor.name]
-                restored = quants.dequantize(tensor.data, tensor.tensor_type).reshape(original.shape)
-                importance = imatrix.get(tensor.name)
-                squared = np.square(original.astype(np.float64) - restored)
-                error = float(squared.sum(axis=0) @ (importance if importance is not None else np.ones(original.shape[1])))
-                table[tensor.name].append(Option(kind, int(tensor.n_bytes), error))
-            path.unlink()
-    return table
+
+def timed(fn, *args, **kwargs):
+    started = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - started

@@ -119,6 +119,8 @@ class LlamaCppTarget(Target):
         path = self._workdir() / f"candidate-{os.getpid()}-{time.monotonic_ns()}.gguf"
         try:
             written = writer.write(model, request.tokenizer, path)
+            del model  # the file is what is measured: the float candidate is freed before the runtime loads it
+            request.release()
             measured = self.measure_file(request, path, label)
             measured.details["runtime"].update(written)
             return measured
@@ -153,6 +155,7 @@ class LlamaCppTarget(Target):
     def ship(self, model, tokenizer, stages: list, out: Path) -> Path:
         path = Path(out) / ARTIFACT
         writer.write(model, tokenizer, path)
+        writer.write_imatrix(model, out)  # the importance matrix it was quantized with, for llama-quantize
         return path
 
     def measure_shipped(self, request: Request, artifact: Path) -> Measured:

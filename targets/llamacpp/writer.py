@@ -14,10 +14,14 @@ import time
 from pathlib import Path
 
 from targets.llamacpp.convert import architectures, check_vocab, convert, converter_supports, hf_architecture
+from targets.llamacpp.allocated import PLAN_ATTRIBUTE
 from targets.llamacpp.errors import UnsupportedForGGUF
+from targets.llamacpp.imatrix import quantize_metadata, write_imatrix_file
+from targets.llamacpp.quantize import quantize_gguf
 from targets.llamacpp.gguf_file import gguf_architecture, vocab_of, write_gguf
 
 HAND_WRITTEN = "planner GGUF writer"
+IMATRIX_FILE = "imatrix.gguf"  # shipped beside a candidate quantized with the planner's importance matrix
 # GGUF architectures whose llama.cpp graph takes attention narrower than the hidden size (pruned heads):
 # checked by loading a converted head-pruned model; Qwen2, Phi-3 and OLMo-2 convert but do not load.
 FREE_HEAD_SPLIT = frozenset({"llama", "qwen3"})
@@ -49,7 +53,41 @@ def gguf_arch(model) -> str | None:
 
 def write(model, tokenizer, path: Path, name: str = "planner candidate") -> dict:
     """Write the GGUF; returns what wrote it and its seconds (recorded with the candidate's figures; the recipe
-    keeps the writer)."""
+    keeps the writer). A candidate carrying a llama.cpp type plan (allocated.TypePlan) is written in float,
+    then quantized by llama.cpp to the planned type per tensor with its importance matrix."""
+    plan = getattr(model, PLAN_ATTRIBUTE, None)
+    if plan is None:
+        return _write_float(model, tokenizer, Path(path), name)
+    path = Path(path)
+    float_path = path.with_name(f"{path.stem}.float.gguf")
+    try:
+        info = _write_float(model, tokenizer, float_path, name)
+        started = time.perf_counter()
+        written = quantize_gguf(float_path, path, ftype=plan.ftype(), overrides=plan.types, imatrix=plan.imatrix,
+                                metadata=quantize_metadata(plan.imatrix, IMATRIX_FILE, [plan.dataset],
+                                                           plan.calibration_tokens // plan.chunk_size))
+    finally:
+        float_path.unlink(missing_ok=True)
+    counts: dict[str, int] = {}
+    for kind in written.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    return {**info, "quantizer": "llama.cpp", "quantize_seconds": time.perf_counter() - started,
+            "file_type": plan.ftype(), "tensor_types": written, "type_counts": counts,
+            "predicted_kl": plan.predicted_kl, "allocated_bytes": plan.bytes}
+
+
+def write_imatrix(model, folder: Path) -> Path | None:
+    """The importance matrix a type-planned candidate was quantized with, as llama-imatrix's file beside the
+    artifact (`llama-quantize --imatrix` reads it); None for a candidate without one."""
+    plan = getattr(model, PLAN_ATTRIBUTE, None)
+    if plan is None:
+        return None
+    path = Path(folder) / IMATRIX_FILE
+    write_imatrix_file(path, plan.imatrix, plan.calibration_tokens, plan.chunk_size, [plan.dataset])
+    return path
+
+
+def _write_float(model, tokenizer, path: Path, name: str) -> dict:
     started = time.perf_counter()
     if hand_written_serves(model, tokenizer):
         write_gguf(model, tokenizer, path, name=name)

@@ -17,7 +17,7 @@ import abc
 from typing import TYPE_CHECKING, ClassVar
 
 from search_spaces.base import Registry
-from search_spaces.quantization.constants import FLOAT_BITS
+from search_spaces.quantization.constants import DEFAULT_GRID, FLOAT_BITS
 from search_spaces.quantization.schemes import STORAGE_SCHEMES, StorageScheme
 
 if TYPE_CHECKING:  # annotations only: the spec module validates against this registry
@@ -47,6 +47,11 @@ class QuantMethod(abc.ABC):
     def rounds_onto(self, scheme: StorageScheme) -> bool:
         """Whether it can store a candidate on `scheme`'s grids (a library method stores its own layers: never)."""
         return self.grid and (self.schemes is None or scheme.name in self.schemes)
+
+    def accepts(self, scheme: StorageScheme) -> bool:
+        """Whether a spec of this method may name `scheme` as its grid: one it rounds onto, or the default
+        for a library method (its specs keep the default grid, unused)."""
+        return self.rounds_onto(scheme) or (not self.grid and scheme.name == DEFAULT_GRID)
 
     def bits_on(self, scheme: StorageScheme) -> tuple[int, ...]:
         """The bit-widths a spec of this method may use when `scheme` is its grid (a library method's own)."""
@@ -86,6 +91,10 @@ class QuantMethod(abc.ABC):
     def mode_label(self, spec: "QuantSpec") -> list[str]:
         """Words for the spec's label after the method name (e.g. 'nf4')."""
         return []
+
+    def storage_label(self, spec: "QuantSpec") -> list[str]:
+        """Words for how a library method's candidate is stored (a grid method's come from its scheme)."""
+        return [spec.bits_label()]
 
     def export_blocker(self, model, spec: "QuantSpec") -> str | None:
         """Why a candidate cannot be saved as a transformers-loadable checkpoint (None: it can)."""

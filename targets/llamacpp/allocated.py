@@ -1,0 +1,189 @@
+"""`llama-quant`: llama.cpp's own quantizer with a type per tensor, chosen by an allocation under a byte target.
+
+A candidate of this method is built in three steps:
+1. here, on the candidate actually quantized (after pruning or distillation), from the study's calibration text:
+   its importance matrix (imatrix.importance_matrix, what llama-imatrix collects), each tensor's error in
+   every type of the spec's family (sensitivity.type_options, through llama.cpp's quantizer) and each
+   tensor's KL gain (sensitivity.kl_gains); then the allocation (search_spaces.quantization.allocation) picks
+   the type per tensor with the least predicted KL whose bytes stay within ``bpw`` bits per weight. The
+   weights in torch are not changed: the plan rides on the model (`PLAN_ATTRIBUTE`).
+2. the llama.cpp target writes the float GGUF and has llama.cpp quantize it: the planned type per tensor
+   (tt_overrides), the importance matrix, llama-quantize's metadata (writer.write).
+3. the target measures the written file like any candidate (latency A/B, KL, perplexity); the types read back
+   from it are what the recipe and the review show.
+
+The tied embedding is quantized in place and stays shared, as llama.cpp does. Sensitivities and importance
+matrix are cached per source model, upstream stages and calibration protocol (the slow part: seconds per
+tensor on a large model; every later trial of that shape reuses them).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from search_spaces.base import BuildContext, Params
+from search_spaces.calibration import calibration_batches
+from search_spaces.quantization.allocation import Option, allocate
+from search_spaces.quantization.methods.base import QuantMethod, register_method
+from search_spaces.quantization.spec import AllocationSettings, QuantSpace, QuantSpec
+from search_spaces.quantization.plan import LayerPlan
+from targets.llamacpp import sensitivity
+from targets.llamacpp.imatrix import importance_matrix
+from targets.llamacpp.quantize import fallback_type, type_bytes
+
+PLAN_ATTRIBUTE = "llama_quant_plan"  # on the built model: what the writer hands llama.cpp's quantizer
+NOMINAL_BITS = 4  # spec.bits of an allocation (checked like any spec; the types themselves are per tensor)
+# spec.bits["head"]: the head and embedding are allocated too; 16 keeps a tied head shared in the layer plan
+HEAD_BITS = 16
+KL_WINDOWS = 2  # calibration windows each tensor's KL gain is measured on (one forward pass per tensor)
+# the llama-quantize preset a file whose tensors are mostly of a type is named after
+FILE_TYPES = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "IQ4_XS": "IQ4_XS", "Q4_0": "Q4_0", "IQ4_NL": "IQ4_NL",
+              "Q4_K": "Q4_K_M", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_K": "Q5_K_M", "Q5_1": "Q5_1", "Q6_K": "Q6_K",
+              "Q8_0": "Q8_0"}
+
+
+@dataclass
+class TypePlan:
+    """What llama.cpp is asked for: a type per GGUF tensor, the importance matrix, and what was predicted."""
+
+    types: dict[str, str]
+    imatrix: dict[str, np.ndarray]
+    calibration_tokens: int
+    chunk_size: int
+    predicted_kl: float
+    bytes: int
+    dataset: str = "planner calibration windows"
+    settings: dict = field(default_factory=dict)
+
+    def ftype(self) -> str:
+        """llama-quantize's file type naming the mixture (`general.file_type`): that of the type most tensors
+        hold. Every quantizable tensor is named by an override, so it types nothing itself."""
+        counts: dict[str, int] = {}
+        for kind in self.types.values():
+            counts[kind] = counts.get(kind, 0) + 1
+        return FILE_TYPES[max(counts, key=counts.get)]
+
+
+class LlamaQuant(QuantMethod):
+    name = "llama-quant"
+    bits = (NOMINAL_BITS, HEAD_BITS)
+    sets_head = True
+
+    def rounds_onto(self, scheme) -> bool:
+        return scheme.name == "gguf"  # it writes llama.cpp's own types: only where the artifact is a GGUF
+
+    def accepts(self, scheme) -> bool:
+        return self.rounds_onto(scheme)
+
+    def suggest(self, trial, space: QuantSpace, choose) -> QuantSpec:
+        options = space.allocation
+        bpw = choose(trial, self.param("bpw"), options.bpw)
+        types = choose(trial, self.param("types"), options.types)
+        return QuantSpec(method=self.name, bits={"attn": NOMINAL_BITS, "mlp": NOMINAL_BITS, "head": HEAD_BITS}, grid=space.grid,
+                         group_size=32, allocation=AllocationSettings(bpw=bpw, types=types, samples=options.samples,
+                                                                      seq_len=options.seq_len))
+
+    def presets(self, space: QuantSpace) -> list[Params]:
+        """Allocations at the sizes of llama.cpp's Q4_K_M and Q5_K_M on a 576-wide model (about 6.2 and 6.6
+        bits per weight) and of Q4_0 (4.5): the presets a llama.cpp user compares against."""
+        chosen = []
+        for target in (4.5, 5.5, 6.5):
+            bpw = min(space.allocation.bpw, key=lambda b: abs(b - target))
+            params = {self.param("bpw"): bpw, self.param("types"): space.allocation.types[0]}
+            if params not in chosen:
+                chosen.append(params)
+        return chosen
+
+    def smallest(self, space: QuantSpace) -> list[Params]:
+        return [{self.param("bpw"): min(space.allocation.bpw), self.param("types"): t} for t in space.allocation.types]
+
+    def mode_label(self, spec: QuantSpec) -> list[str]:
+        return [f"{spec.allocation.bpw:g}bpw", spec.allocation.types]
+
+    def storage_label(self, spec: QuantSpec) -> list[str]:
+        return []  # the types are per tensor, read back from the written file (measurements.runtime)
+
+    def quantized_layers(self, layers: tuple[LayerPlan, ...], spec: QuantSpec, device) -> list[LayerPlan]:
+        """Every decoder linear layer, the head and the embedding: llama.cpp quantizes them all."""
+        return [p for p in layers if p.group in ("attn", "mlp", "head", "embed")]
+
+    def layer_bytes(self, plan: LayerPlan, spec: QuantSpec, device) -> int:
+        """At most ``bpw`` bits per weight (the allocation's byte target), and never less than the family's
+        smallest type: an upper bound of the bytes written, so a memory budget rejects nothing that fits
+        for a reason other than this bound. A tied head is the embedding: counted once."""
+        if plan.shared_with is not None:
+            return 0
+        shape = (plan.out_features, plan.in_features)
+        smallest = min(type_bytes(fallback_type(k, shape[1]), shape) for k in sensitivity.MENUS[spec.allocation.types])
+        return max(int(np.ceil(spec.allocation.bpw * shape[0] * shape[1] / 8)), smallest) + plan.bias_bytes
+
+    def export_blocker(self, model, spec: QuantSpec) -> str | None:
+        return "llama-quant stores llama.cpp types, which only a GGUF holds"
+
+    def build(self, model: nn.Module, spec: QuantSpec, context: BuildContext) -> nn.Module:
+        settings = spec.allocation
+        windows = calibration_batches(context.tokenizer, context.calibration, settings.samples, settings.seq_len,
+                                      context.seed)
+        tables = sensitivity_tables(model, windows, context, settings)
+        weights = sum(t["size"] for t in tables["tensors"].values())
+        chosen = choose_types(tables, sensitivity.MENUS[settings.types], settings.bpw * weights / 8)
+        setattr(model, PLAN_ATTRIBUTE, TypePlan(
+            types={name: o.kind for name, o in chosen.items()}, imatrix=tables["imatrix"],
+            calibration_tokens=int(windows.numel()), chunk_size=settings.seq_len,
+            predicted_kl=float(sum(o.error for o in chosen.values())), bytes=sum(o.bytes for o in chosen.values()),
+            dataset=f"planner: {settings.samples} x {settings.seq_len} tokens of the calibration (training) split",
+            settings=settings.to_dict()))
+        return model
+
+
+def choose_types(tables: dict, menu, byte_target: float) -> dict[str, Option]:
+    """Per tensor the option (type written, bytes, predicted KL) of the least predicted KL within
+    `byte_target` bytes, among `menu`'s types as llama.cpp writes them on each tensor's row width."""
+    allowed = {}
+    for name, opts in tables["options"].items():
+        written = {fallback_type(kind, tables["tensors"][name]["width"]) for kind in menu}
+        allowed[name] = [o for o in opts if o.kind in written]
+    return allocate(allowed, byte_target)
+
+
+def _cache_file(context: BuildContext, settings: AllocationSettings) -> Path | None:
+    if context.cache_dir is None or not context.model_id:
+        return None
+    key = json.dumps({"model": context.model_id, "upstream": list(context.upstream), "seed": context.seed,
+                      "samples": settings.samples, "seq_len": settings.seq_len, "menu": sensitivity.MENUS["all"],
+                      "probe": sensitivity.PROBE, "version": 1}, sort_keys=True, default=str)
+    return Path(context.cache_dir) / "llama-sensitivity" / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def sensitivity_tables(model: nn.Module, windows, context: BuildContext, settings: AllocationSettings) -> dict:
+    """{"imatrix", "options" (predicted-KL options per tensor, every type of the full menu), "tensors"
+    (row width and size)}: computed once per candidate shape, then read from the cache."""
+    folder = _cache_file(context, settings)
+    if folder is not None and (folder / "table.json").is_file():
+        table = json.loads((folder / "table.json").read_text())
+        with np.load(folder / "imatrix.npz") as stored:
+            imatrix = {name: stored[name] for name in stored.files}
+        options = {n: [Option(*o) for o in opts] for n, opts in table["options"].items()}
+        return {"imatrix": imatrix, "options": options, "tensors": table["tensors"]}
+    imatrix = importance_matrix(model, windows, head=True)
+    tensors = sensitivity.quantizable(model, imatrix)
+    raw = sensitivity.type_options(model, tensors, sensitivity.MENUS["all"] + ("Q4_0",))
+    gains = sensitivity.kl_gains(model, tensors, windows[:KL_WINDOWS])
+    options = sensitivity.predicted_kl_options(raw, gains)
+    shapes = {t.gguf_name: dict(model.named_modules())[t.modules[0]].weight.shape for t in tensors}
+    info = {name: {"width": int(shape[1]), "size": int(shape[0] * shape[1])} for name, shape in shapes.items()}
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / "imatrix.npz", **imatrix)
+        (folder / "table.json").write_text(json.dumps({
+            "options": {n: [[o.kind, o.bytes, o.error] for o in opts] for n, opts in options.items()},
+            "tensors": info, "gains": gains}))
+    return {"imatrix": imatrix, "options": options, "tensors": info}
+
+
+METHOD = register_method(LlamaQuant())

@@ -1,0 +1,203 @@
+"""`llama-quant`: llama.cpp's own quantizer with a type per tensor chosen by the planner's allocation.
+
+Checked against llama.cpp itself: the in-process quantizer (ggml_quants) writes the bytes llama-quantize
+writes; the allocation keeps within its byte target and its type menu; a built candidate is written with the
+planned type per tensor (or llama.cpp's stated fallback), its tied embedding quantized in place, the importance
+matrix and llama-quantize's metadata in the file; a study on the llama.cpp target searches it under a memory
+budget at a preset's size and ships the GGUF with its imatrix file; the transformers target leaves it out.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import optuna
+import pytest
+import torch
+import yaml
+
+import cli
+import targets  # noqa: F401  (registers llama-quant)
+from planner.storage import open_storage
+from search_spaces import TECHNIQUES
+from search_spaces.base import BuildContext
+from search_spaces.quantization import QuantSpace, QuantSpec, fit_to_scheme
+from search_spaces.quantization.allocation import Option
+from search_spaces.quantization.spec import AllocationSettings
+from search_spaces.specs import SpecError
+from targets.llamacpp import ggml_quants, sensitivity, writer
+from targets.llamacpp.allocated import PLAN_ATTRIBUTE, choose_types, sensitivity_tables
+from targets.llamacpp.imatrix import importance_matrix, read_imatrix_file
+from targets.llamacpp.quantize import fallback_type, quantize_gguf, tensor_types
+from targets.llamacpp.runtime import loaded
+from tests.conftest import SAMPLE_TEXT, make_tiny_llama, make_tiny_tokenizer
+
+WIDE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+
+
+class Doc:
+    def __init__(self, text):
+        self.text = text
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def context(tokenizer, tmp_path_factory):
+    return BuildContext(tokenizer=tokenizer, calibration=[Doc(SAMPLE_TEXT * 4)], seed=0,
+                        cache_dir=tmp_path_factory.mktemp("cache"), model_id="tiny-wide", progress=False)
+
+
+def spec(bpw=5.0, types="all") -> QuantSpec:
+    return QuantSpec(method="llama-quant", bits={"attn": 4, "mlp": 4, "head": 16}, grid="gguf", group_size=32,
+                     allocation=AllocationSettings(bpw=bpw, types=types, samples=4, seq_len=32))
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K", "IQ4_XS", "Q2_K"])
+def test_the_in_process_quantizer_writes_the_bytes_llama_quantize_writes(tokenizer, tmp_path, kind):
+    model = make_tiny_llama(vocab_size=len(tokenizer), **WIDE)
+    windows = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    matrix = importance_matrix(model, windows, head=True)
+    source = tmp_path / "f32.gguf"
+    writer.write(model, tokenizer, source)
+    out = tmp_path / "q.gguf"
+    quantize_gguf(source, out, "Q8_0", overrides={"blk.0.ffn_down.weight": kind, "blk.1.ffn_gate.weight": kind},
+                  imatrix=matrix)
+    from gguf import GGUFReader
+
+    stored = {t.name: np.asarray(t.data).view(np.uint8).reshape(-1) for t in GGUFReader(str(out)).tensors}
+    for name, module in (("blk.0.ffn_down.weight", model.model.layers[0].mlp.down_proj),
+                         ("blk.1.ffn_gate.weight", model.model.layers[1].mlp.gate_proj)):
+        mine = ggml_quants.quantize(kind, module.weight.detach().numpy(), matrix[name])
+        assert np.array_equal(mine.reshape(-1), stored[name]), name
+        restored = ggml_quants.dequantize(kind, mine, module.weight.shape[1])
+        from gguf import quants
+
+        assert np.array_equal(restored, quants.dequantize(mine, getattr(__import__("gguf").GGMLQuantizationType, kind)))
+
+
+def test_the_in_process_quantizer_refuses_what_ggml_would_abort_on():
+    weight = np.ones((4, 256), dtype=np.float32)
+    with pytest.raises(ValueError, match="IQ2_XXS needs an importance matrix"):
+        ggml_quants.quantize("IQ2_XXS", weight)
+    with pytest.raises(ValueError, match="blocks of 256; a 96-wide row does not fit"):
+        ggml_quants.quantize("Q4_K", np.ones((4, 96), dtype=np.float32))
+    with pytest.raises(ValueError, match="3 values for 256 columns"):
+        ggml_quants.quantize("Q4_0", weight, np.ones(3, dtype=np.float32))
+
+
+def test_sampled_rows_estimate_the_whole_tensors_error():
+    rng = np.random.default_rng(0)
+    weight = torch.from_numpy(rng.standard_normal((2048, 256)).astype(np.float32))
+    model = torch.nn.Module()
+    model.proj = torch.nn.Linear(256, 2048, bias=False)
+    model.proj.weight.data = weight
+    tensor = sensitivity.Tensor("blk.0.ffn_up.weight", ("proj",), None)
+    full = sensitivity.type_options(model, [tensor], ["Q4_0"], rows=2048)["blk.0.ffn_up.weight"][0]
+    sampled = sensitivity.type_options(model, [tensor], ["Q4_0"], rows=256)["blk.0.ffn_up.weight"][0]
+    assert full.bytes == sampled.bytes == 2048 * 256 // 32 * 18
+    assert sampled.error == pytest.approx(full.error, rel=0.05) and sampled.error != full.error
+
+
+def test_choose_types_keeps_to_the_menu_as_written_and_the_byte_target():
+    tables = {"tensors": {"a": {"width": 576, "size": 576 * 64}, "b": {"width": 512, "size": 512 * 64}},
+              "options": {"a": [Option("Q4_0", 100, 5.0), Option("Q5_0", 120, 2.0), Option("Q8_0", 200, 0.1)],
+                          "b": [Option("Q4_K", 90, 4.0), Option("Q4_0", 100, 4.5), Option("Q8_0", 200, 0.2)]}}
+    chosen = choose_types(tables, ["Q4_K", "Q8_0"], 250)  # on 576-wide rows Q4_K is written as Q5_0
+    assert {n: o.kind for n, o in chosen.items()} == {"a": "Q5_0", "b": "Q4_K"}
+    chosen = choose_types(tables, ["Q4_K", "Q8_0"], 1000)
+    assert {n: o.kind for n, o in chosen.items()} == {"a": "Q8_0", "b": "Q8_0"}
+    assert sum(o.bytes for o in choose_types(tables, ["Q4_0", "Q5_0", "Q8_0"], 250).values()) <= 250
+
+
+def test_gain_groups_are_one_role_in_one_band_of_layers():
+    names = [f"blk.{i}.{role}.weight" for i in range(8) for role in ("attn_v", "ffn_down")] + ["token_embd.weight"]
+    groups = sensitivity.gain_groups([sensitivity.Tensor(n, (n,), None) for n in names], buckets=4)
+    assert sorted(groups) == sorted([f"{r}@{b}" for r in ("attn_v", "ffn_down") for b in range(4)] + ["token_embd.weight"])
+    assert [t.gguf_name for t in groups["attn_v@1"]] == ["blk.2.attn_v.weight", "blk.3.attn_v.weight"]
+
+
+def test_a_built_candidate_is_written_with_the_planned_types_and_its_imatrix(tokenizer, context, tmp_path):
+    model = make_tiny_llama(vocab_size=len(tokenizer), **WIDE)
+    chosen = spec(bpw=5.0)
+    estimate = TECHNIQUES["quantization"].weight_bytes(model, chosen)
+    built = TECHNIQUES["quantization"].apply(model, chosen, context)
+    plan = getattr(built, PLAN_ATTRIBUTE)
+    weights = sum(p.numel() for n, p in built.named_parameters() if n.endswith("proj.weight")) + \
+        built.model.embed_tokens.weight.numel()
+    assert plan.bytes <= 5.0 * weights / 8  # the byte target
+    assert "token_embd.weight" in plan.types and "output.weight" not in plan.types  # tied: one tensor, in place
+    assert set(plan.types.values()) <= set(sensitivity.MENUS["all"]) | {"F16"}
+    path = tmp_path / "model.gguf"
+    info = writer.write(built, tokenizer, path)
+    written = tensor_types(path)
+    assert "output.weight" not in written
+    assert {n: written[n] for n in plan.types} == plan.types
+    assert info["tensor_types"] == written and info["predicted_kl"] == plan.predicted_kl
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    assert fields["quantize.imatrix.entries_count"] == len(plan.imatrix)
+    assert fields["general.quantization_version"] == 2
+    tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    assert tensor_bytes <= estimate  # the spec's size is an upper bound: a memory budget never lets one through
+    with loaded(path, 64, 1) as llm:
+        generated = list(itertools.islice(llm.generate([1, 2, 3], temp=0.0), 8))
+        assert len(generated) == 8 and all(0 <= t < len(tokenizer) for t in generated)
+    imatrix_path = writer.write_imatrix(built, tmp_path)
+    matrix, info = read_imatrix_file(imatrix_path)
+    assert set(matrix) == set(plan.imatrix) and info["chunk_size"] == 32
+    assert all(np.allclose(matrix[n], plan.imatrix[n], rtol=1e-5) for n in matrix)
+
+
+def test_a_family_restricts_the_types_and_the_cache_serves_the_second_build(tokenizer, context, tmp_path):
+    model = make_tiny_llama(vocab_size=len(tokenizer), **WIDE)
+    built = TECHNIQUES["quantization"].apply(model, spec(bpw=6.0, types="legacy"), context)
+    types = set(getattr(built, PLAN_ATTRIBUTE).types.values())
+    assert types <= {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}, types
+    windows = torch.zeros((4, 32), dtype=torch.long)
+    settings = spec().allocation
+    first = sensitivity_tables(model, windows, context, settings)
+    again = sensitivity_tables(model, windows, context, settings)  # same key: read from the cache
+    assert first["options"] == again["options"]
+
+
+def test_the_specs_checks_and_labels():
+    assert spec(bpw=5.5, types="k").summary() == "quant(llama-quant 5.5bpw k)"
+    with pytest.raises(SpecError, match="AllocationSettings.types"):
+        AllocationSettings(types="fancy")
+    with pytest.raises(SpecError, match="does not round onto compressed-tensors"):
+        QuantSpec(method="llama-quant", bits={"attn": 4, "mlp": 4})
+    space = QuantSpace(methods=("none", "rtn", "llama-quant"))
+    assert "llama-quant" not in fit_to_scheme(space, "compressed-tensors").methods
+    assert "llama-quant" in fit_to_scheme(space, "gguf").methods
+
+
+def test_a_memory_budgeted_study_at_a_presets_size_ships_an_allocated_gguf(tiny_study_file, tmp_path, capsys):
+    """The tiny model's Q4_K_M file size as the memory budget: llama-quant candidates fit under it (no
+    "nothing fits"), and apply ships model.gguf with imatrix.gguf beside it."""
+    text = tiny_study_file.read_text().replace('methods = ["none", "rtn", "dynamic-int8"]',
+                                               'methods = ["llama-quant"]\n[space.quantization.allocation]\n'
+                                               'bpw = [4.5, 5.0, 6.0]\nsamples = 4\nseq_len = 32\n')
+    tiny_study_file.write_text(text + '\ntarget = "llama.cpp"\n' if "target" not in text else text)
+    code = cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "3", "--target", "llama.cpp",
+                     "--memory-budget", "0.3x", "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    study = optuna.load_study(study_name="tiny", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db"))
+    measured = [t for t in study.trials if "measurements" in t.user_attrs]
+    assert measured
+    for trial in measured:
+        runtime = trial.user_attrs["measurements"]["runtime"]
+        assert runtime["quantizer"] == "llama.cpp" and runtime["type_counts"], runtime
+        assert trial.user_attrs["metrics"]["weight_bytes"] <= trial.user_attrs["estimated_weight_bytes"]
+    recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    assert recipe["stages"][-1]["spec"]["method"] == "llama-quant"
+    code = cli.main(["apply", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "deploy")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert (tmp_path / "deploy" / "model.gguf").is_file() and (tmp_path / "deploy" / "imatrix.gguf").is_file()
