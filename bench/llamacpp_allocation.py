@@ -32,7 +32,10 @@ from llamacpp_presets import LATENCY, Reference, gguf_size, measure_gguf, table 
 
 PRESETS = ("Q3_K_M", "Q4_0", "IQ4_XS", "Q4_K_M", "Q5_K_M")
 ORIGIN_LIKE = ("Q4_1", "Q5_1", "Q4_K", "Q5_K")
-MENUS = {"all types": "all", "no Q4_1-like": "all", "legacy (fastest)": "legacy"}
+# (label, type family, types left out, speed): the allocation's knobs as a study samples them
+MENUS = (("all types", "all", (), 0.0), ("no Q4_1-like", "all", ORIGIN_LIKE, 0.0),
+         ("no Q4_1-like, speed 1", "all", ORIGIN_LIKE, 1.0),
+         ("legacy no Q4_1-like, speed 1", "legacy", ORIGIN_LIKE, 1.0))
 
 
 def main() -> None:
@@ -50,7 +53,7 @@ def main() -> None:
     from search_spaces.calibration import calibration_batches
     from search_spaces.quantization.spec import AllocationSettings
     from targets.llamacpp import sensitivity
-    from targets.llamacpp.allocated import choose_types, sensitivity_tables
+    from targets.llamacpp.allocated import choose_types, decode_costs, predicted_decode, sensitivity_tables, tables_kl
     from targets.llamacpp.gguf_file import write_gguf
     from targets.llamacpp.imatrix import quantize_metadata
     from targets.llamacpp.quantize import quantize_gguf
@@ -76,6 +79,11 @@ def main() -> None:
         tables = sensitivity_tables(model, windows, context, settings)
         seconds = time.perf_counter() - started
         print(f"importance matrix and sensitivity of {len(tables['tensors'])} tensors: {seconds:.0f} s", flush=True)
+        started = time.perf_counter()
+        costs = decode_costs(model, context, settings)
+        cost_seconds = time.perf_counter() - started
+        print(f"decode ratio per type (whole model): {json.dumps({k: round(v, 3) for k, v in costs.items()})} "
+              f"in {cost_seconds:.0f} s", flush=True)
         matrix = tables["imatrix"]
         metadata = quantize_metadata(matrix, "imatrix.gguf", ["planner calibration"], settings.samples)
         from gguf import GGUFReader
@@ -96,23 +104,25 @@ def main() -> None:
                     **measure_gguf(path, reference, args.threads, latency), **machine})
             target = gguf_size(path)["tensor_bytes"] - fixed
             path.unlink()
-            for label, family in MENUS.items():
-                menu = [k for k in sensitivity.MENUS[family] if label != "no Q4_1-like" or k not in ORIGIN_LIKE]
-                chosen = choose_types(tables, menu, target)
-                if label == "no Q4_1-like":
+            for label, family, excluded, speed in MENUS:
+                menu = [k for k in sensitivity.MENUS[family] if k not in excluded]
+                chosen = choose_types(tables, menu, target, costs, speed)
+                if excluded:
                     assert not {o.kind for o in chosen.values()} & {"Q4_1", "Q5_1"}, "a Q4_1-like type was chosen"
                 path = work / f"alloc-{preset}.gguf"
                 quantize_gguf(f32, path, "Q8_0", overrides={n: o.kind for n, o in chosen.items()}, imatrix=matrix,
                               metadata=metadata, threads=args.threads)
                 record({"artifact": f"planner alloc @{preset} ({label})", "preset": preset, "menu": label,
-                        "predicted_kl": sum(o.error for o in chosen.values()),
+                        "predicted_kl": sum(tables_kl(tables, chosen)), "speed": speed,
+                        "predicted_decode": predicted_decode(tables, chosen, costs),
                         **measure_gguf(path, reference, args.threads, latency), **machine})
                 path.unlink()
     notes = (f"\nthreads {args.threads}, CPU capability {machine['cpu_capability']}, load {os.getloadavg()[0]:.2f}; "
              "each 'planner alloc @P' row is allocated under preset P's own bytes (with imatrix) for the quantizable "
              "tensors; KL over the full vocabulary against the F32 GGUF. The built-in weights come from a Q4_1 file: "
              "'all types' may use the Q4_1-like grids it favours, 'no Q4_1-like' may not, 'legacy' uses only "
-             f"Q4_0/Q4_1/Q5_0/Q5_1/Q8_0. Sensitivity tables: {seconds:.0f} s.\n")
+             f"Q4_0/Q4_1/Q5_0/Q5_1/Q8_0; 'speed 1' weighs the predicted decode ratio (per-type costs timed once, "
+             f"{cost_seconds:.0f} s) one-for-one against predicted KL. Sensitivity tables: {seconds:.0f} s.\n")
     text = table(rows)
     print(text + notes)
     args.out.with_suffix(".txt").write_text(text + "\n" + notes)

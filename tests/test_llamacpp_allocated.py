@@ -9,6 +9,7 @@ budget at a preset's size and ships the GGUF with its imatrix file; the transfor
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import optuna
@@ -26,7 +27,7 @@ from search_spaces.quantization.allocation import Option
 from search_spaces.quantization.spec import AllocationSettings
 from search_spaces.specs import SpecError
 from targets.llamacpp import ggml_quants, sensitivity, writer
-from targets.llamacpp.allocated import PLAN_ATTRIBUTE, choose_types, sensitivity_tables
+from targets.llamacpp.allocated import PLAN_ATTRIBUTE, choose_types, predicted_decode, sensitivity_tables, tables_kl
 from targets.llamacpp.imatrix import importance_matrix, read_imatrix_file
 from targets.llamacpp.quantize import fallback_type, quantize_gguf, tensor_types
 from targets.llamacpp.runtime import loaded
@@ -113,6 +114,19 @@ def test_choose_types_keeps_to_the_menu_as_written_and_the_byte_target():
     assert sum(o.bytes for o in choose_types(tables, ["Q4_0", "Q5_0", "Q8_0"], 250).values()) <= 250
 
 
+def test_a_speed_weight_buys_faster_types_with_predicted_kl():
+    tables = {"tensors": {"a": {"width": 512, "size": 100}, "b": {"width": 512, "size": 300}},
+              "options": {"a": [Option("Q4_0", 50, 1.0), Option("Q4_K", 50, 0.5)],
+                          "b": [Option("Q4_0", 150, 1.0), Option("Q4_K", 150, 0.9)]}}
+    costs = {"Q4_0": 0.2, "Q4_K": 0.6}  # decode ratio of the whole model in each type
+    assert {n: o.kind for n, o in choose_types(tables, ["Q4_0", "Q4_K"], 200).items()} == {"a": "Q4_K", "b": "Q4_K"}
+    # speed 1: b's 0.1 KL is worth less than its 3/4 x 0.4 decode; a's 0.5 KL more than its 1/4 x 0.4
+    fast = choose_types(tables, ["Q4_0", "Q4_K"], 200, costs, speed=1.0)
+    assert {n: o.kind for n, o in fast.items()} == {"a": "Q4_K", "b": "Q4_0"}
+    assert sum(tables_kl(tables, fast)) == pytest.approx(1.5)  # the KL alone, without the decode term
+    assert predicted_decode(tables, fast, costs) == pytest.approx(0.25 * 0.6 + 0.75 * 0.2)
+
+
 def test_gain_groups_are_one_role_in_one_band_of_layers():
     names = [f"blk.{i}.{role}.weight" for i in range(8) for role in ("attn_v", "ffn_down")] + ["token_embd.weight"]
     groups = sensitivity.gain_groups([sensitivity.Tensor(n, (n,), None) for n in names], buckets=4)
@@ -122,7 +136,7 @@ def test_gain_groups_are_one_role_in_one_band_of_layers():
 
 def test_a_built_candidate_is_written_with_the_planned_types_and_its_imatrix(tokenizer, context, tmp_path):
     model = make_tiny_llama(vocab_size=len(tokenizer), **WIDE)
-    chosen = spec(bpw=5.0)
+    chosen = replace(spec(bpw=5.0), allocation=AllocationSettings(bpw=5.0, speed=0.5, samples=4, seq_len=32))
     estimate = TECHNIQUES["quantization"].weight_bytes(model, chosen)
     built = TECHNIQUES["quantization"].apply(model, chosen, context)
     plan = getattr(built, PLAN_ATTRIBUTE)
@@ -137,6 +151,7 @@ def test_a_built_candidate_is_written_with_the_planned_types_and_its_imatrix(tok
     assert "output.weight" not in written
     assert {n: written[n] for n in plan.types} == plan.types
     assert info["tensor_types"] == written and info["predicted_kl"] == plan.predicted_kl
+    assert 0 < plan.predicted_decode < 2  # per-type decode ratios were timed for the speed term
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
@@ -168,6 +183,9 @@ def test_a_family_restricts_the_types_and_the_cache_serves_the_second_build(toke
 
 def test_the_specs_checks_and_labels():
     assert spec(bpw=5.5, types="k").summary() == "quant(llama-quant 5.5bpw k)"
+    fast = QuantSpec(method="llama-quant", bits={"attn": 4, "mlp": 4, "head": 16}, grid="gguf", group_size=32,
+                     allocation=AllocationSettings(bpw=4.5, types="legacy", speed=0.3))
+    assert fast.summary() == "quant(llama-quant 4.5bpw legacy speed 0.3)"
     with pytest.raises(SpecError, match="AllocationSettings.types"):
         AllocationSettings(types="fancy")
     with pytest.raises(SpecError, match="does not round onto compressed-tensors"):
@@ -177,15 +195,26 @@ def test_the_specs_checks_and_labels():
     assert "llama-quant" in fit_to_scheme(space, "gguf").methods
 
 
-def test_a_memory_budgeted_study_at_a_presets_size_ships_an_allocated_gguf(tiny_study_file, tmp_path, capsys):
-    """The tiny model's Q4_K_M file size as the memory budget: llama-quant candidates fit under it (no
-    "nothing fits"), and apply ships model.gguf with imatrix.gguf beside it."""
+def test_a_memory_budgeted_study_at_a_presets_size_ships_an_allocated_gguf(tiny_study_file, tiny_model_dir, tmp_path,
+                                                                          capsys):
+    """The size of the tiny model's Q4_K_M file (llama-quantize's preset, written here) as the memory budget:
+    llama-quant candidates fit under it (no "nothing fits"), and apply ships model.gguf with imatrix.gguf."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gguf import GGUFReader
+
+    float_file, preset_file = tmp_path / "f32.gguf", tmp_path / "q4km.gguf"
+    writer.write(AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir),
+                 float_file)
+    quantize_gguf(float_file, preset_file, "Q4_K_M")
+    preset_bytes = sum(int(t.n_bytes) for t in GGUFReader(str(preset_file)).tensors)
     text = tiny_study_file.read_text().replace('methods = ["none", "rtn", "dynamic-int8"]',
                                                'methods = ["llama-quant"]\n[space.quantization.allocation]\n'
                                                'bpw = [4.5, 5.0, 6.0]\nsamples = 4\nseq_len = 32\n')
-    tiny_study_file.write_text(text + '\ntarget = "llama.cpp"\n' if "target" not in text else text)
+    tiny_study_file.write_text(text)
+    # bytes and accuracy only: a 2-layer model's decode ratio is timer noise, and apply would re-time it
     code = cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "3", "--target", "llama.cpp",
-                     "--memory-budget", "0.3x", "-q"])
+                     "--memory-budget", f"{preset_bytes / 1e6}MB", "--objectives", "perplexity,weight_mb", "-q"])
     out, err = capsys.readouterr()
     assert code == 0, err
     study = optuna.load_study(study_name="tiny", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db"))
@@ -194,7 +223,7 @@ def test_a_memory_budgeted_study_at_a_presets_size_ships_an_allocated_gguf(tiny_
     for trial in measured:
         runtime = trial.user_attrs["measurements"]["runtime"]
         assert runtime["quantizer"] == "llama.cpp" and runtime["type_counts"], runtime
-        assert trial.user_attrs["metrics"]["weight_bytes"] <= trial.user_attrs["estimated_weight_bytes"]
+        assert trial.user_attrs["metrics"]["weight_bytes"] <= trial.user_attrs["estimated_weight_bytes"] <= preset_bytes
     recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
     assert recipe["stages"][-1]["spec"]["method"] == "llama-quant"
     code = cli.main(["apply", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "deploy")])

@@ -84,11 +84,15 @@ ALLOCATION_TYPES = ("all", "legacy", "k")
 class AllocationSettings(DictSpec):
     bpw: float = 5.0  # bits per weight over the tensors allocated (what the bytes may reach, never more)
     types: str = "all"  # ALLOCATION_TYPES
+    # Weight of the predicted decode time against the predicted KL (KL per unit of decode ratio): 0 spends the
+    # bytes on accuracy alone; higher values buy speed with accuracy (faster types where they cost little).
+    speed: float = 0.0
     samples: int = 16  # calibration windows for the importance matrix and the sensitivities
     seq_len: int = 256
 
     def __post_init__(self):
         check_float(1.0, 32.0)("AllocationSettings.bpw", self.bpw)
+        check_float(0.0, 1e6)("AllocationSettings.speed", self.speed)
         check_member(ALLOCATION_TYPES)("AllocationSettings.types", self.types)
         check_int(1)("AllocationSettings.samples", self.samples)
         check_int(8)("AllocationSettings.seq_len", self.seq_len)
@@ -96,15 +100,18 @@ class AllocationSettings(DictSpec):
 
 @dataclass(frozen=True)
 class AllocationSpace(DictSpec):
-    """The allocation's knobs a study searches: its byte target and the type family it chooses from."""
+    """The allocation's knobs a study searches: its byte target, the type family it chooses from, and how much
+    predicted decode time weighs against predicted KL."""
 
     bpw: tuple[float, ...] = (4.5, 4.75, 5.0, 5.25, 5.5, 6.0, 6.5, 7.0)
     types: tuple[str, ...] = ALLOCATION_TYPES
+    speed: tuple[float, ...] = (0.0, 0.1, 1.0)
     samples: int = 16
     seq_len: int = 256
 
     def __post_init__(self):
         check_choices("AllocationSpace.bpw", self.bpw, check_float(1.0, 32.0))
+        check_choices("AllocationSpace.speed", self.speed, check_float(0.0, 1e6))
         check_choices("AllocationSpace.types", self.types, check_member(ALLOCATION_TYPES))
         AllocationSettings(samples=self.samples, seq_len=self.seq_len)
 

@@ -57,6 +57,7 @@ class TypePlan:
     chunk_size: int
     predicted_kl: float
     bytes: int
+    predicted_decode: float | None = None  # the decode ratio to the float GGUF the cost model predicts
     dataset: str = "planner calibration windows"
     settings: dict = field(default_factory=dict)
 
@@ -84,9 +85,11 @@ class LlamaQuant(QuantMethod):
         options = space.allocation
         bpw = choose(trial, self.param("bpw"), options.bpw)
         types = choose(trial, self.param("types"), options.types)
-        return QuantSpec(method=self.name, bits={"attn": NOMINAL_BITS, "mlp": NOMINAL_BITS, "head": HEAD_BITS}, grid=space.grid,
-                         group_size=32, allocation=AllocationSettings(bpw=bpw, types=types, samples=options.samples,
-                                                                      seq_len=options.seq_len))
+        speed = choose(trial, self.param("speed"), options.speed)
+        return QuantSpec(method=self.name, bits={"attn": NOMINAL_BITS, "mlp": NOMINAL_BITS, "head": HEAD_BITS},
+                         grid=space.grid, group_size=32,
+                         allocation=AllocationSettings(bpw=bpw, types=types, speed=speed, samples=options.samples,
+                                                       seq_len=options.seq_len))
 
     def presets(self, space: QuantSpace) -> list[Params]:
         """Allocations at the sizes of llama.cpp's Q4_K_M and Q5_K_M on a 576-wide model (about 6.2 and 6.6
@@ -94,16 +97,19 @@ class LlamaQuant(QuantMethod):
         chosen = []
         for target in (4.5, 5.5, 6.5):
             bpw = min(space.allocation.bpw, key=lambda b: abs(b - target))
-            params = {self.param("bpw"): bpw, self.param("types"): space.allocation.types[0]}
+            params = {self.param("bpw"): bpw, self.param("types"): space.allocation.types[0],
+                      self.param("speed"): min(space.allocation.speed)}
             if params not in chosen:
                 chosen.append(params)
         return chosen
 
     def smallest(self, space: QuantSpace) -> list[Params]:
-        return [{self.param("bpw"): min(space.allocation.bpw), self.param("types"): t} for t in space.allocation.types]
+        return [{self.param("bpw"): min(space.allocation.bpw), self.param("types"): t,
+                 self.param("speed"): min(space.allocation.speed)} for t in space.allocation.types]
 
     def mode_label(self, spec: QuantSpec) -> list[str]:
-        return [f"{spec.allocation.bpw:g}bpw", spec.allocation.types]
+        speed = [f"speed {spec.allocation.speed:g}"] if spec.allocation.speed else []
+        return [f"{spec.allocation.bpw:g}bpw", spec.allocation.types, *speed]
 
     def storage_label(self, spec: QuantSpec) -> list[str]:
         return []  # the types are per tensor, read back from the written file (measurements.runtime)
@@ -131,24 +137,87 @@ class LlamaQuant(QuantMethod):
                                       context.seed)
         tables = sensitivity_tables(model, windows, context, settings)
         weights = sum(t["size"] for t in tables["tensors"].values())
-        chosen = choose_types(tables, sensitivity.MENUS[settings.types], settings.bpw * weights / 8)
+        costs = decode_costs(model, context, settings) if settings.speed else None
+        chosen = choose_types(tables, sensitivity.MENUS[settings.types], settings.bpw * weights / 8,
+                              costs, settings.speed)
         setattr(model, PLAN_ATTRIBUTE, TypePlan(
             types={name: o.kind for name, o in chosen.items()}, imatrix=tables["imatrix"],
             calibration_tokens=int(windows.numel()), chunk_size=settings.seq_len,
-            predicted_kl=float(sum(o.error for o in chosen.values())), bytes=sum(o.bytes for o in chosen.values()),
+            predicted_kl=float(sum(tables_kl(tables, chosen))), bytes=sum(o.bytes for o in chosen.values()),
+            predicted_decode=None if costs is None else predicted_decode(tables, chosen, costs),
             dataset=f"planner: {settings.samples} x {settings.seq_len} tokens of the calibration (training) split",
             settings=settings.to_dict()))
         return model
 
 
-def choose_types(tables: dict, menu, byte_target: float) -> dict[str, Option]:
-    """Per tensor the option (type written, bytes, predicted KL) of the least predicted KL within
-    `byte_target` bytes, among `menu`'s types as llama.cpp writes them on each tensor's row width."""
+def choose_types(tables: dict, menu, byte_target: float, costs: dict[str, float] | None = None,
+                 speed: float = 0.0) -> dict[str, Option]:
+    """Per tensor the option (type written, bytes, score) of the least predicted KL + `speed` x predicted
+    decode ratio within `byte_target` bytes, among `menu`'s types as llama.cpp writes them on each tensor's
+    row width. `costs`: the decode ratio of the whole model in each type (decode_costs); a tensor's share of
+    it is its share of the weights."""
+    total = sum(t["size"] for t in tables["tensors"].values())
     allowed = {}
     for name, opts in tables["options"].items():
         written = {fallback_type(kind, tables["tensors"][name]["width"]) for kind in menu}
-        allowed[name] = [o for o in opts if o.kind in written]
+        share = tables["tensors"][name]["size"] / total
+        # a type never timed (F16, on a row width no block fits) adds nothing: it is the only choice there
+        allowed[name] = [Option(o.kind, o.bytes, o.error + speed * share * (costs or {}).get(o.kind, 0.0))
+                         for o in opts if o.kind in written]
     return allocate(allowed, byte_target)
+
+
+def tables_kl(tables: dict, chosen: dict[str, Option]) -> list[float]:
+    """The predicted KL of each chosen option (without the decode term the choice may have weighed)."""
+    kl = {(n, o.kind): o.error for n, opts in tables["options"].items() for o in opts}
+    return [kl[(n, o.kind)] for n, o in chosen.items()]
+
+
+def predicted_decode(tables: dict, chosen: dict[str, Option], costs: dict[str, float]) -> float:
+    total = sum(t["size"] for t in tables["tensors"].values())
+    return float(sum(tables["tensors"][n]["size"] / total * costs.get(o.kind, 1.0) for n, o in chosen.items()))
+
+
+# What the per-type decode costs are timed with: short, a few rounds (a cost model, not a verdict).
+COST_PROTOCOL = dict(prompt_tokens=32, new_tokens=16, warmup=1, repeats=3, seed=0)
+
+
+def decode_costs(model: nn.Module, context: BuildContext, settings: AllocationSettings) -> dict[str, float]:
+    """{type: decode ratio to the float GGUF of the candidate with every quantizable tensor in that type (as
+    llama.cpp writes it on each row width)}, timed A/B in llama.cpp; cached with the sensitivities."""
+    import tempfile
+
+    from evaluators.latency import LatencyProtocol
+    from targets.llamacpp import writer
+    from targets.llamacpp.quantize import default_threads, quantize_gguf
+    from targets.llamacpp.runtime import time_ab
+
+    folder = _cache_file(context, settings)
+    if folder is not None and (folder / "decode.json").is_file():
+        return json.loads((folder / "decode.json").read_text())
+    names = sensitivity.quantizable(model, {})
+    costs = {}
+    with tempfile.TemporaryDirectory(prefix="planner-decode-costs-") as work:
+        source = Path(work) / "float.gguf"
+        writer.write(_without_plan(model), context.tokenizer, source)
+        widths = {t.gguf_name: dict(model.named_modules())[t.modules[0]].weight.shape[1] for t in names}
+        for kind in sensitivity.MENUS["all"]:
+            if kind in sensitivity.NEEDS_IMATRIX:
+                continue
+            path = Path(work) / f"{kind}.gguf"
+            quantize_gguf(source, path, "Q8_0", overrides={n: fallback_type(kind, w) for n, w in widths.items()})
+            costs[kind] = time_ab(path, source, LatencyProtocol(**COST_PROTOCOL), default_threads()).decode_ratio
+            path.unlink()
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "decode.json").write_text(json.dumps(costs))
+    return costs
+
+
+def _without_plan(model: nn.Module) -> nn.Module:
+    if hasattr(model, PLAN_ATTRIBUTE):
+        delattr(model, PLAN_ATTRIBUTE)
+    return model
 
 
 def _cache_file(context: BuildContext, settings: AllocationSettings) -> Path | None:

@@ -39,6 +39,7 @@ MENUS = {
     "legacy": ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"),
     "k": ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"),
 }
+NEEDS_IMATRIX = frozenset()  # none of the menus' types: their whole-model decode files need no importance values
 PROBE = "Q4_0"  # every row width the planner quantizes is a multiple of 32: the probe never falls back
 BUCKETS = 4  # bands of layers whose tensors of one role share a measured KL gain (4 x 7 roles + 2 forwards)
 ROWS = 128  # rows per tensor on which each type's error is measured (a vocabulary embedding has 49k-128k)
