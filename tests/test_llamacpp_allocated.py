@@ -174,6 +174,11 @@ def test_a_family_restricts_the_types_and_the_cache_serves_the_second_build(toke
     built = TECHNIQUES["quantization"].apply(model, spec(bpw=6.0, types="legacy"), context)
     types = set(getattr(built, PLAN_ATTRIBUTE).types.values())
     assert types <= {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}, types
+    excluded = replace(spec(), allocation=AllocationSettings(bpw=6.0, types="legacy", exclude=("Q4_1", "Q5_1", "Q8_0"),
+                                                             samples=4, seq_len=32))
+    model = make_tiny_llama(vocab_size=len(tokenizer), **WIDE)
+    types = set(getattr(TECHNIQUES["quantization"].apply(model, excluded, context), PLAN_ATTRIBUTE).types.values())
+    assert types <= {"Q4_0", "Q5_0"}, types
     windows = torch.zeros((4, 32), dtype=torch.long)
     settings = spec().allocation
     first = sensitivity_tables(model, windows, context, settings)
@@ -186,6 +191,12 @@ def test_the_specs_checks_and_labels():
     fast = QuantSpec(method="llama-quant", bits={"attn": 4, "mlp": 4, "head": 16}, grid="gguf", group_size=32,
                      allocation=AllocationSettings(bpw=4.5, types="legacy", speed=0.3))
     assert fast.summary() == "quant(llama-quant 4.5bpw legacy speed 0.3)"
+    without = AllocationSettings(types="legacy", exclude=("Q4_1", "Q5_1"))
+    assert QuantSpec(method="llama-quant", bits={"attn": 4, "mlp": 4, "head": 16}, grid="gguf", group_size=32,
+                     allocation=without).summary() == "quant(llama-quant 5bpw legacy -Q4_1,Q5_1)"
+    with pytest.raises(SpecError, match="exclude: leaves no type of the legacy family"):
+        QuantSpec(method="llama-quant", bits={"attn": 4, "mlp": 4, "head": 16}, grid="gguf", group_size=32,
+                  allocation=AllocationSettings(types="legacy", exclude=("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")))
     with pytest.raises(SpecError, match="AllocationSettings.types"):
         AllocationSettings(types="fancy")
     with pytest.raises(SpecError, match="does not round onto compressed-tensors"):

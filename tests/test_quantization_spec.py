@@ -14,7 +14,8 @@ from search_spaces.quantization import (
     QUANT_METHODS, GPTQSettings, LayerOverride, QuantSpace, QuantSpec, available_methods, estimate_weight_bytes, presets,
     suggest,
 )
-from search_spaces.quantization.spec import method_runs_on
+from search_spaces.quantization.spec import AllocationSettings, method_runs_on
+import targets  # noqa: E402,F401  (registers llama.cpp's own quantizer, llama-quant)
 
 METHODS = tuple(QUANT_METHODS)
 QUANTIZATION = TECHNIQUES["quantization"]
@@ -28,6 +29,8 @@ EXAMPLES = [
     QuantSpec(method="bnb", bits={"attn": 8, "mlp": 16}),
     QuantSpec(method="bnb", bits={"attn": 4, "mlp": 4}, bnb_4bit_type="fp4"),
     QuantSpec(method="dynamic-int8", bits={"attn": 8, "mlp": 8}, overrides=(LayerOverride("*.o_proj", 16),)),
+    QuantSpec(method="llama-quant", bits={"attn": 4, "mlp": 4, "head": 16}, grid="gguf", group_size=32,
+              allocation=AllocationSettings(bpw=5.5, types="k", speed=0.1, exclude=("Q2_K",))),
 ]
 
 
@@ -107,6 +110,7 @@ def test_summaries_are_short_and_say_what_matters():
         "quant(bnb int8 8/16)",
         "quant(bnb fp4 4/4)",
         "quant(dynamic-int8 8/8 +1 overrides)",
+        "quant(llama-quant 5.5bpw k -Q2_K speed 0.1)",
     ]
 
 
@@ -129,7 +133,10 @@ def test_suggest_draws_only_valid_specs_that_run_on_the_device():
     space = QuantSpace()
     drawn = _sample(space)
     specs = [spec for _, spec in drawn if spec is not None]
-    assert {s.method for s in specs} == set(METHODS)  # every method is reachable on the CPU
+    # every method that stores on the default grid is reachable on the CPU (llama-quant: on gguf only)
+    assert {s.method for s in specs} == set(METHODS) - {"llama-quant"}
+    gguf = _sample(QuantSpace(grid="gguf", bits=(4, 5, 8, 16), group_sizes=(32,), head_bits=(None, 16, 8, 4)), 60)
+    assert "llama-quant" in {spec.method for _, spec in gguf if spec is not None}
     assert any(spec is None for _, spec in drawn)  # and so is "no quantization"
     for trial, spec in drawn:
         if spec is None:

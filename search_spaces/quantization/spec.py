@@ -87,12 +87,15 @@ class AllocationSettings(DictSpec):
     # Weight of the predicted decode time against the predicted KL (KL per unit of decode ratio): 0 spends the
     # bytes on accuracy alone; higher values buy speed with accuracy (faster types where they cost little).
     speed: float = 0.0
+    exclude: tuple[str, ...] = ()  # type names never chosen (e.g. the grids a model's weights came from)
     samples: int = 16  # calibration windows for the importance matrix and the sensitivities
     seq_len: int = 256
 
     def __post_init__(self):
         check_float(1.0, 32.0)("AllocationSettings.bpw", self.bpw)
         check_float(0.0, 1e6)("AllocationSettings.speed", self.speed)
+        if not isinstance(self.exclude, tuple) or not all(isinstance(k, str) and k for k in self.exclude):
+            _fail("AllocationSettings.exclude", "expected a list of type names, e.g. ['Q4_1']")
         check_member(ALLOCATION_TYPES)("AllocationSettings.types", self.types)
         check_int(1)("AllocationSettings.samples", self.samples)
         check_int(8)("AllocationSettings.seq_len", self.seq_len)
@@ -106,6 +109,7 @@ class AllocationSpace(DictSpec):
     bpw: tuple[float, ...] = (4.5, 4.75, 5.0, 5.25, 5.5, 6.0, 6.5, 7.0)
     types: tuple[str, ...] = ALLOCATION_TYPES
     speed: tuple[float, ...] = (0.0, 0.1, 1.0)
+    exclude: tuple[str, ...] = ()  # not searched: every candidate leaves these types out
     samples: int = 16
     seq_len: int = 256
 
@@ -113,7 +117,7 @@ class AllocationSpace(DictSpec):
         check_choices("AllocationSpace.bpw", self.bpw, check_float(1.0, 32.0))
         check_choices("AllocationSpace.speed", self.speed, check_float(0.0, 1e6))
         check_choices("AllocationSpace.types", self.types, check_member(ALLOCATION_TYPES))
-        AllocationSettings(samples=self.samples, seq_len=self.seq_len)
+        AllocationSettings(exclude=self.exclude, samples=self.samples, seq_len=self.seq_len)
 
 
 def _default_bits() -> dict[str, int]:

@@ -31,6 +31,7 @@ from search_spaces.calibration import calibration_batches
 from search_spaces.quantization.allocation import Option, allocate
 from search_spaces.quantization.methods.base import QuantMethod, register_method
 from search_spaces.quantization.spec import AllocationSettings, QuantSpace, QuantSpec
+from search_spaces.specs import SpecError
 from search_spaces.quantization.plan import LayerPlan
 from targets.llamacpp import sensitivity
 from targets.llamacpp.imatrix import importance_matrix
@@ -88,8 +89,8 @@ class LlamaQuant(QuantMethod):
         speed = choose(trial, self.param("speed"), options.speed)
         return QuantSpec(method=self.name, bits={"attn": NOMINAL_BITS, "mlp": NOMINAL_BITS, "head": HEAD_BITS},
                          grid=space.grid, group_size=32,
-                         allocation=AllocationSettings(bpw=bpw, types=types, speed=speed, samples=options.samples,
-                                                       seq_len=options.seq_len))
+                         allocation=AllocationSettings(bpw=bpw, types=types, speed=speed, exclude=options.exclude,
+                                                       samples=options.samples, seq_len=options.seq_len))
 
     def presets(self, space: QuantSpace) -> list[Params]:
         """Allocations at the sizes of llama.cpp's Q4_K_M and Q5_K_M on a 576-wide model (about 6.2 and 6.6
@@ -109,7 +110,12 @@ class LlamaQuant(QuantMethod):
 
     def mode_label(self, spec: QuantSpec) -> list[str]:
         speed = [f"speed {spec.allocation.speed:g}"] if spec.allocation.speed else []
-        return [f"{spec.allocation.bpw:g}bpw", spec.allocation.types, *speed]
+        exclude = [f"-{','.join(spec.allocation.exclude)}"] if spec.allocation.exclude else []
+        return [f"{spec.allocation.bpw:g}bpw", spec.allocation.types, *exclude, *speed]
+
+    def check(self, spec: QuantSpec) -> None:
+        if not menu_of(spec.allocation):
+            raise SpecError(f"QuantSpec.allocation.exclude: leaves no type of the {spec.allocation.types} family")
 
     def storage_label(self, spec: QuantSpec) -> list[str]:
         return []  # the types are per tensor, read back from the written file (measurements.runtime)
@@ -125,7 +131,7 @@ class LlamaQuant(QuantMethod):
         if plan.shared_with is not None:
             return 0
         shape = (plan.out_features, plan.in_features)
-        smallest = min(type_bytes(fallback_type(k, shape[1]), shape) for k in sensitivity.MENUS[spec.allocation.types])
+        smallest = min(type_bytes(fallback_type(k, shape[1]), shape) for k in menu_of(spec.allocation))
         return max(int(np.ceil(spec.allocation.bpw * shape[0] * shape[1] / 8)), smallest) + plan.bias_bytes
 
     def export_blocker(self, model, spec: QuantSpec) -> str | None:
@@ -138,8 +144,7 @@ class LlamaQuant(QuantMethod):
         tables = sensitivity_tables(model, windows, context, settings)
         weights = sum(t["size"] for t in tables["tensors"].values())
         costs = decode_costs(model, context, settings) if settings.speed else None
-        chosen = choose_types(tables, sensitivity.MENUS[settings.types], settings.bpw * weights / 8,
-                              costs, settings.speed)
+        chosen = choose_types(tables, menu_of(settings), settings.bpw * weights / 8, costs, settings.speed)
         setattr(model, PLAN_ATTRIBUTE, TypePlan(
             types={name: o.kind for name, o in chosen.items()}, imatrix=tables["imatrix"],
             calibration_tokens=int(windows.numel()), chunk_size=settings.seq_len,
@@ -148,6 +153,11 @@ class LlamaQuant(QuantMethod):
             dataset=f"planner: {settings.samples} x {settings.seq_len} tokens of the calibration (training) split",
             settings=settings.to_dict()))
         return model
+
+
+def menu_of(settings: AllocationSettings) -> list[str]:
+    """The types an allocation chooses from: its family's, less those excluded."""
+    return [k for k in sensitivity.MENUS[settings.types] if k not in settings.exclude]
 
 
 def choose_types(tables: dict, menu, byte_target: float, costs: dict[str, float] | None = None,
