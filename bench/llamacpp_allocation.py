@@ -8,8 +8,8 @@ preset the allocation under that preset-with-imatrix's own bytes for the quantiz
 llama.cpp's quantizer with per-tensor overrides and the planner's importance matrix, and measured by the
 presets' harness (`llamacpp_presets.measure_gguf`: full-vocabulary KL against the F32 GGUF over 4096 held-out
 positions, top-1, perplexity, A/B decode ratio). The presets get the same importance matrix. Two menus:
-every type, and without the Q4_1-like grids (Q4_1, Q5_1, and Q4_K / Q5_K, which fall back to Q5_0 / Q5_1 on
-576-wide rows) on which the built-in weights (from a Q4_1 file) sit almost losslessly. Predicted KL (the
+every type, and without Q4_1 and Q5_1 (also where a K-quant falls back to them: Q5_K on 576-wide rows), on
+which the built-in weights (from a Q4_1 file) sit almost losslessly. Predicted KL (the
 allocation's sum of gain x error) is stored beside the measured one.
 Raw rows: bench/results/llamacpp_allocation.jsonl; table: .txt. Figures, not assertions.
 """
@@ -31,11 +31,11 @@ import torch  # noqa: E402
 from llamacpp_presets import LATENCY, Reference, gguf_size, measure_gguf, table  # noqa: E402
 
 PRESETS = ("Q3_K_M", "Q4_0", "IQ4_XS", "Q4_K_M", "Q5_K_M")
-ORIGIN_LIKE = ("Q4_1", "Q5_1", "Q4_K", "Q5_K")
+ORIGIN_LIKE = ("Q4_1", "Q5_1")  # the built-in weights' own grids (excluded also where a K-quant falls back to them)
 # (label, type family, types left out, speed): the allocation's knobs as a study samples them
-MENUS = (("all types", "all", (), 0.0), ("no Q4_1-like", "all", ORIGIN_LIKE, 0.0),
-         ("no Q4_1-like, speed 1", "all", ORIGIN_LIKE, 1.0),
-         ("legacy no Q4_1-like, speed 1", "legacy", ORIGIN_LIKE, 1.0))
+MENUS = (("all types", "all", (), 0.0), ("no Q4_1/Q5_1", "all", ORIGIN_LIKE, 0.0),
+         ("no Q4_1/Q5_1, speed 0.3", "all", ORIGIN_LIKE, 0.3),
+         ("legacy no Q4_1/Q5_1, speed 1", "legacy", ORIGIN_LIKE, 1.0))
 
 
 def main() -> None:
@@ -106,9 +106,9 @@ def main() -> None:
             path.unlink()
             for label, family, excluded, speed in MENUS:
                 menu = [k for k in sensitivity.MENUS[family] if k not in excluded]
-                chosen = choose_types(tables, menu, target, costs, speed)
+                chosen = choose_types(tables, menu, target, costs, speed, excluded)
                 if excluded:
-                    assert not {o.kind for o in chosen.values()} & {"Q4_1", "Q5_1"}, "a Q4_1-like type was chosen"
+                    assert not {o.kind for o in chosen.values()} & {"Q4_1", "Q5_1"}, "Q4_1 or Q5_1 was chosen"
                 path = work / f"alloc-{preset}.gguf"
                 quantize_gguf(f32, path, "Q8_0", overrides={n: o.kind for n, o in chosen.items()}, imatrix=matrix,
                               metadata=metadata, threads=args.threads)
@@ -120,9 +120,9 @@ def main() -> None:
     notes = (f"\nthreads {args.threads}, CPU capability {machine['cpu_capability']}, load {os.getloadavg()[0]:.2f}; "
              "each 'planner alloc @P' row is allocated under preset P's own bytes (with imatrix) for the quantizable "
              "tensors; KL over the full vocabulary against the F32 GGUF. The built-in weights come from a Q4_1 file: "
-             "'all types' may use the Q4_1-like grids it favours, 'no Q4_1-like' may not, 'legacy' uses only "
-             f"Q4_0/Q4_1/Q5_0/Q5_1/Q8_0; 'speed 1' weighs the predicted decode ratio (per-type costs timed once, "
-             f"{cost_seconds:.0f} s) one-for-one against predicted KL. Sensitivity tables: {seconds:.0f} s.\n")
+             "'all types' may use the Q4_1/Q5_1 grids it favours, 'no Q4_1/Q5_1' may not, 'legacy' uses only "
+             f"Q4_0/Q4_1/Q5_0/Q5_1/Q8_0; 'speed' weighs the predicted decode ratio (per-type costs timed once, "
+             f"{cost_seconds:.0f} s) against predicted KL (1: one-for-one). Sensitivity tables: {seconds:.0f} s.\n")
     text = table(rows)
     print(text + notes)
     args.out.with_suffix(".txt").write_text(text + "\n" + notes)

@@ -112,6 +112,8 @@ def test_choose_types_keeps_to_the_menu_as_written_and_the_byte_target():
     chosen = choose_types(tables, ["Q4_K", "Q8_0"], 1000)
     assert {n: o.kind for n, o in chosen.items()} == {"a": "Q8_0", "b": "Q8_0"}
     assert sum(o.bytes for o in choose_types(tables, ["Q4_0", "Q5_0", "Q8_0"], 250).values()) <= 250
+    # an excluded type is not chosen where another type falls back to it (Q4_K -> Q5_0 on 576-wide rows)
+    assert choose_types(tables, ["Q4_K", "Q8_0"], 250, exclude=("Q5_0",))["a"].kind == "Q8_0"
 
 
 def test_a_speed_weight_buys_faster_types_with_predicted_kl():

@@ -144,7 +144,8 @@ class LlamaQuant(QuantMethod):
         tables = sensitivity_tables(model, windows, context, settings)
         weights = sum(t["size"] for t in tables["tensors"].values())
         costs = decode_costs(model, context, settings) if settings.speed else None
-        chosen = choose_types(tables, menu_of(settings), settings.bpw * weights / 8, costs, settings.speed)
+        chosen = choose_types(tables, menu_of(settings), settings.bpw * weights / 8, costs, settings.speed,
+                              settings.exclude)
         setattr(model, PLAN_ATTRIBUTE, TypePlan(
             types={name: o.kind for name, o in chosen.items()}, imatrix=tables["imatrix"],
             calibration_tokens=int(windows.numel()), chunk_size=settings.seq_len,
@@ -161,15 +162,17 @@ def menu_of(settings: AllocationSettings) -> list[str]:
 
 
 def choose_types(tables: dict, menu, byte_target: float, costs: dict[str, float] | None = None,
-                 speed: float = 0.0) -> dict[str, Option]:
+                 speed: float = 0.0, exclude=()) -> dict[str, Option]:
     """Per tensor the option (type written, bytes, score) of the least predicted KL + `speed` x predicted
     decode ratio within `byte_target` bytes, among `menu`'s types as llama.cpp writes them on each tensor's
-    row width. `costs`: the decode ratio of the whole model in each type (decode_costs); a tensor's share of
-    it is its share of the weights."""
+    row width, less the `exclude`d types also where llama.cpp would fall back to them (Q5_K is written as
+    Q5_1 on 576-wide rows); a tensor left with no type keeps its written ones. `costs`: the decode ratio of
+    the whole model in each type (decode_costs); a tensor's share of it is its share of the weights."""
     total = sum(t["size"] for t in tables["tensors"].values())
     allowed = {}
     for name, opts in tables["options"].items():
         written = {fallback_type(kind, tables["tensors"][name]["width"]) for kind in menu}
+        written = (written - set(exclude)) or written
         share = tables["tensors"][name]["size"] / total
         # a type never timed (F16, on a row width no block fits) adds nothing: it is the only choice there
         allowed[name] = [Option(o.kind, o.bytes, o.error + speed * share * (costs or {}).get(o.kind, 0.0))
