@@ -196,6 +196,9 @@ def objective(bench: Workbench):
         if not all(math.isfinite(row[name]) for name in objective_registry.OBJECTIVES if name in row):
             raise FloatingPointError(f"non-finite metrics {row}")
         trial.set_user_attr("measurements", details)
+        stored = details.get("runtime", {}).get("stored")
+        if stored:  # what the target's artifact really holds, read back from it (llama-quant's types per tensor)
+            trial.set_user_attr("label", f"{label} [{stored}]")
         return finish(trial, started, row, seconds)
 
     return run

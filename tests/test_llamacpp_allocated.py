@@ -236,6 +236,11 @@ def test_a_memory_budgeted_study_at_a_presets_size_ships_an_allocated_gguf(tiny_
     for trial in measured:
         runtime = trial.user_attrs["measurements"]["runtime"]
         assert runtime["quantizer"] == "llama.cpp" and runtime["type_counts"], runtime
+        # the label says what the file holds, read back from it: e.g. "quant(llama-quant 5bpw all) [Q8_0x9 Q4_Kx5]"
+        shown = dict((kind, int(count)) for kind, count in
+                     (part.split("x") for part in trial.user_attrs["label"].split("[")[1].rstrip("]").split()))
+        assert shown == {k: n for k, n in runtime["type_counts"].items() if k not in ("F32", "F16", "BF16")}, \
+            trial.user_attrs["label"]
         assert trial.user_attrs["metrics"]["weight_bytes"] <= trial.user_attrs["estimated_weight_bytes"] <= preset_bytes
     recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
     assert recipe["stages"][-1]["spec"]["method"] == "llama-quant"

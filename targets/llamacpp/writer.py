@@ -71,8 +71,10 @@ def write(model, tokenizer, path: Path, name: str = "planner candidate") -> dict
     counts: dict[str, int] = {}
     for kind in written.values():
         counts[kind] = counts.get(kind, 0) + 1
+    quantized = sorted(((n, k) for k, n in counts.items() if k not in ("F32", "F16", "BF16")), reverse=True)
     return {**info, "quantizer": "llama.cpp", "quantize_seconds": time.perf_counter() - started,
             "file_type": plan.ftype(), "tensor_types": written, "type_counts": counts,
+            "stored": " ".join(f"{k}x{n}" for n, k in quantized),  # read back: what labels and reviews show
             "predicted_kl": plan.predicted_kl, "allocated_bytes": plan.bytes}
 
 
