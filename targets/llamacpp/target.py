@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from search_spaces.quantization import fit_to_scheme, scheme_space_defaults
+from search_spaces.quantization.constants import FLOAT_BITS
 from search_spaces.quantization.grid import GGUF_GRID
 from targets.base import Measured, Request, Target, register_target
 from targets.figures import metrics_row, scored
@@ -97,7 +98,11 @@ class LlamaCppTarget(Target):
         quant = spaces.get("quantization")
         if quant is None:
             return spaces
-        return {**spaces, "quantization": fit_to_scheme(quant, GGUF_GRID)}
+        quant = fit_to_scheme(quant, GGUF_GRID)
+        if not _has_output_tensor(writer.gguf_arch(model)):
+            # e.g. gemma2: llama.cpp's graph has no separate LM head; a quantized head (untied) has no place
+            quant = replace(quant, head_bits=tuple(b for b in quant.head_bits if b is None or b >= FLOAT_BITS))
+        return {**spaces, "quantization": quant}
 
     def _workdir(self) -> Path:
         if self._work is None:
@@ -163,6 +168,14 @@ class LlamaCppTarget(Target):
 
     def how_to_load(self, artifact: Path) -> str:
         return f"serve it with llama.cpp, e.g. llama_cpp.Llama('{artifact}')"
+
+
+def _has_output_tensor(arch: str | None) -> bool:
+    """Whether a GGUF architecture has a separate LM head tensor (`output.weight`) llama.cpp can load."""
+    import gguf
+
+    found = next((a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch), None)
+    return found is None or gguf.MODEL_TENSOR.OUTPUT in gguf.MODEL_TENSORS.get(found, ())
 
 
 LLAMA_CPP = register_target(LlamaCppTarget())
