@@ -160,6 +160,14 @@ def test_a_built_candidate_is_written_with_the_planned_types_and_its_imatrix(tok
     fields = {name: field.contents() for name, field in reader.fields.items()}
     assert fields["quantize.imatrix.entries_count"] == len(plan.imatrix)
     assert fields["general.quantization_version"] == 2
+    # quantized with the plan's importance matrix: the bytes are what ggml writes given those values
+    # (an MLP tensor, whose rows the writer does not permute, in a type whose bytes depend on those values)
+    mlp = {f"blk.{i}.ffn_{part}.weight": getattr(built.model.layers[i].mlp, f"{part}_proj")
+           for i in range(2) for part in ("gate", "up", "down")}
+    name = next(n for n in mlp if plan.types[n] not in ("Q8_0", "F16"))
+    stored = next(t for t in reader.tensors if t.name == name)
+    assert np.array_equal(np.asarray(stored.data).view(np.uint8).reshape(-1), ggml_quants.quantize(
+        plan.types[name], mlp[name].weight.detach().numpy(), plan.imatrix[name]).reshape(-1))
     tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
     assert tensor_bytes <= estimate  # the spec's size is an upper bound: a memory budget never lets one through
     with loaded(path, 64, 1) as llm:
