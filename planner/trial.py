@@ -79,6 +79,11 @@ class Workbench:
                        (lambda row: hopeless(self.budgets, row)) if may_skip else (lambda row: None))
 
 
+def _release(built: candidates.BuiltCandidate) -> None:
+    built.model = None
+    gc.collect()
+
+
 def hopeless(budgets: list[Budget], row: dict) -> str | None:
     """Why scoring a candidate is not worth it: a latency figure more than LATENCY_SKIP_FACTOR over its budget."""
     budget = next((b for b in budgets if b.kind in ("latency", "prefill") and b.limit is not None
@@ -95,17 +100,12 @@ def measure(bench: Workbench, model, stages: list[Stage], trial=None, label: str
     `trial`, why scoring was skipped. `model` may be a BuiltCandidate: its model is then handed over, and the
     target may free it once written as its artifact (`Request.release`)."""
     request = bench.request(may_skip=trial is not None)
-    if isinstance(model, candidates.BuiltCandidate):
-        built = model
-
-        def release() -> None:
-            built.model = None
-            gc.collect()
-        request.release = release
-        model = None  # from here on only the BuiltCandidate and the target hold the candidate
-        measured: Measured = bench.target.measure(request, built.model, label or bench.steps.describe(stages))
-    else:
-        measured = bench.target.measure(request, model, label or bench.steps.describe(stages))
+    handed_over = isinstance(model, candidates.BuiltCandidate)
+    if handed_over:
+        request.release = lambda: _release(model)
+    # no local name holds a handed-over model: once released, only the target's frame had it
+    measured: Measured = bench.target.measure(request, model.model if handed_over else model,
+                                              label or bench.steps.describe(stages))
     if measured.skipped and trial is not None:
         trial.set_user_attr("skipped_perplexity", measured.skipped)
     return measured.row, measured.details

@@ -210,3 +210,40 @@ def test_apply_of_a_recipe_whose_bytes_were_edited_fails_in_one_line(tiny_model_
     assert len(said) == 1 and re.fullmatch(r"planner: error: the shipped \S+ stores \d+ bytes, the recipe recorded 1",
                                            said[0]), err
     assert err.endswith(said[0] + "\n")
+
+
+def test_a_target_may_free_the_built_candidate_once_written():
+    """planner.trial.measure hands a BuiltCandidate's model over: after the target's `request.release()` no
+    reference is left but the target's own (the float candidate is freed before the runtime loads its file)."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    import torch
+
+    from evaluators.latency import LatencyProtocol
+    from evaluators.perplexity import PerplexityProtocol
+    from planner.candidates import BuiltCandidate
+    from planner.trial import measure
+    from targets.base import Measured, Request
+
+    seen = {}
+
+    class Target:
+        def measure(self, request, model, label):
+            seen["model"] = weakref.ref(model)
+            del model  # "written": the target needs it no more
+            request.release()
+            gc.collect()
+            seen["alive after release"] = seen["model"]() is not None
+            return Measured({"weight_bytes": 1}, {})
+
+    request = Request(None, None, [], PerplexityProtocol(), LatencyProtocol(), frozenset())
+    bench = SimpleNamespace(request=lambda may_skip: request, target=Target(),
+                            steps=SimpleNamespace(describe=lambda stages: "label"))
+    built = BuiltCandidate(torch.nn.Linear(4, 4), {})
+    measure(bench, built, [])
+    assert seen["alive after release"] is False and built.model is None
+    kept = torch.nn.Linear(4, 4)  # a plain model (the baseline) is never released
+    measure(bench, kept, [])
+    assert seen["model"]() is kept

@@ -96,7 +96,7 @@ def test_sampled_rows_estimate_the_whole_tensors_error():
     model = torch.nn.Module()
     model.proj = torch.nn.Linear(256, 2048, bias=False)
     model.proj.weight.data = weight
-    tensor = sensitivity.Tensor("blk.0.ffn_up.weight", ("proj",), None)
+    tensor = sensitivity.Tensor("blk.0.ffn_up.weight", ("proj",), None, (2048, 256))
     full = sensitivity.type_options(model, [tensor], ["Q4_0"], rows=2048)["blk.0.ffn_up.weight"][0]
     sampled = sensitivity.type_options(model, [tensor], ["Q4_0"], rows=256)["blk.0.ffn_up.weight"][0]
     assert full.bytes == sampled.bytes == 2048 * 256 // 32 * 18
@@ -131,7 +131,7 @@ def test_a_speed_weight_buys_faster_types_with_predicted_kl():
 
 def test_gain_groups_are_one_role_in_one_band_of_layers():
     names = [f"blk.{i}.{role}.weight" for i in range(8) for role in ("attn_v", "ffn_down")] + ["token_embd.weight"]
-    groups = sensitivity.gain_groups([sensitivity.Tensor(n, (n,), None) for n in names], buckets=4)
+    groups = sensitivity.gain_groups([sensitivity.Tensor(n, (n,), None, (32, 32)) for n in names], buckets=4)
     assert sorted(groups) == sorted([f"{r}@{b}" for r in ("attn_v", "ffn_down") for b in range(4)] + ["token_embd.weight"])
     assert [t.gguf_name for t in groups["attn_v@1"]] == ["blk.2.attn_v.weight", "blk.3.attn_v.weight"]
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,15 +61,11 @@ class TypePlan:
     bytes: int
     predicted_decode: float | None = None  # the decode ratio to the float GGUF the cost model predicts
     dataset: str = "planner calibration windows"
-    settings: dict = field(default_factory=dict)
 
     def ftype(self) -> str:
         """llama-quantize's file type naming the mixture (`general.file_type`): that of the type most tensors
         hold. Every quantizable tensor is named by an override, so it types nothing itself."""
-        counts: dict[str, int] = {}
-        for kind in self.types.values():
-            counts[kind] = counts.get(kind, 0) + 1
-        return FILE_TYPES[max(counts, key=counts.get)]
+        return FILE_TYPES[Counter(self.types.values()).most_common(1)[0][0]]
 
 
 class LlamaQuant(QuantMethod):
@@ -151,8 +148,7 @@ class LlamaQuant(QuantMethod):
             calibration_tokens=int(windows.numel()), chunk_size=settings.seq_len,
             predicted_kl=float(sum(tables_kl(tables, chosen))), bytes=sum(o.bytes for o in chosen.values()),
             predicted_decode=None if costs is None else predicted_decode(tables, chosen, costs),
-            dataset=f"planner: {settings.samples} x {settings.seq_len} tokens of the calibration (training) split",
-            settings=settings.to_dict()))
+            dataset=f"planner: {settings.samples} x {settings.seq_len} tokens of the calibration (training) split"))
         return model
 
 
@@ -208,15 +204,12 @@ def decode_costs(model: nn.Module, context: BuildContext, settings: AllocationSe
     folder = _cache_file(context, settings)
     if folder is not None and (folder / "decode.json").is_file():
         return json.loads((folder / "decode.json").read_text())
-    names = sensitivity.quantizable(model, {})
+    widths = {t.gguf_name: t.shape[1] for t in sensitivity.quantizable(model, {})}
     costs = {}
     with tempfile.TemporaryDirectory(prefix="planner-decode-costs-") as work:
         source = Path(work) / "float.gguf"
-        writer.write(_without_plan(model), context.tokenizer, source)
-        widths = {t.gguf_name: dict(model.named_modules())[t.modules[0]].weight.shape[1] for t in names}
+        writer.write(model, context.tokenizer, source)  # built before the plan is set: written in float
         for kind in sensitivity.MENUS["all"]:
-            if kind in sensitivity.NEEDS_IMATRIX:
-                continue
             path = Path(work) / f"{kind}.gguf"
             quantize_gguf(source, path, "Q8_0", overrides={n: fallback_type(kind, w) for n, w in widths.items()})
             costs[kind] = time_ab(path, source, LatencyProtocol(**COST_PROTOCOL), default_threads()).decode_ratio
@@ -225,12 +218,6 @@ def decode_costs(model: nn.Module, context: BuildContext, settings: AllocationSe
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "decode.json").write_text(json.dumps(costs))
     return costs
-
-
-def _without_plan(model: nn.Module) -> nn.Module:
-    if hasattr(model, PLAN_ATTRIBUTE):
-        delattr(model, PLAN_ATTRIBUTE)
-    return model
 
 
 def _cache_file(context: BuildContext, settings: AllocationSettings) -> Path | None:
@@ -254,11 +241,10 @@ def sensitivity_tables(model: nn.Module, windows, context: BuildContext, setting
         return {"imatrix": imatrix, "options": options, "tensors": table["tensors"]}
     imatrix = importance_matrix(model, windows, head=True)
     tensors = sensitivity.quantizable(model, imatrix)
-    raw = sensitivity.type_options(model, tensors, sensitivity.MENUS["all"] + ("Q4_0",))
+    raw = sensitivity.type_options(model, tensors, sensitivity.MENUS["all"])  # the probe (Q4_0) is among them
     gains = sensitivity.kl_gains(model, tensors, windows[:KL_WINDOWS])
     options = sensitivity.predicted_kl_options(raw, gains)
-    shapes = {t.gguf_name: dict(model.named_modules())[t.modules[0]].weight.shape for t in tensors}
-    info = {name: {"width": int(shape[1]), "size": int(shape[0] * shape[1])} for name, shape in shapes.items()}
+    info = {t.gguf_name: {"width": t.shape[1], "size": t.size} for t in tensors}
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         np.savez(folder / "imatrix.npz", **imatrix)

@@ -17,7 +17,6 @@ Two measurements, both on the candidate actually quantized (a pruned model or a 
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -39,7 +38,6 @@ MENUS = {
     "legacy": ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"),
     "k": ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"),
 }
-NEEDS_IMATRIX = frozenset()  # none of the menus' types: their whole-model decode files need no importance values
 PROBE = "Q4_0"  # every row width the planner quantizes is a multiple of 32: the probe never falls back
 BUCKETS = 4  # bands of layers whose tensors of one role share a measured KL gain (4 x 7 roles + 2 forwards)
 ROWS = 128  # rows per tensor on which each type's error is measured (a vocabulary embedding has 49k-128k)
@@ -52,6 +50,11 @@ class Tensor:
     gguf_name: str
     modules: tuple[str, ...]  # a tied embedding: the head and the input embedding share it
     importance: np.ndarray | None  # mean squared input activation per column; None weighs columns equally
+    shape: tuple[int, int]  # (rows, row width) as torch holds the weight
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
 
 
 def quantizable(model: nn.Module, imatrix: Mapping[str, np.ndarray]) -> list[Tensor]:
@@ -61,19 +64,25 @@ def quantizable(model: nn.Module, imatrix: Mapping[str, np.ndarray]) -> list[Ten
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     modules = dict(model.named_modules())
     embed_name = next(n for n, m in modules.items() if m is embedding)
+
+    def tensor(gguf_name: str, held_by: tuple[str, ...], importance) -> Tensor:
+        return Tensor(gguf_name, held_by, importance, tuple(modules[held_by[0]].weight.shape))
+
     tensors = []
     for module_name, gguf_name in names.items():
         if gguf_name == "token_embd.weight":  # the tied head: one tensor, used by both
-            tensors.append(Tensor(gguf_name, (embed_name, module_name), imatrix.get(gguf_name)))
+            tensors.append(tensor(gguf_name, (embed_name, module_name), imatrix.get(gguf_name)))
         else:
-            tensors.append(Tensor(gguf_name, (module_name,), imatrix.get(gguf_name)))
+            tensors.append(tensor(gguf_name, (module_name,), imatrix.get(gguf_name)))
     if head is None or "token_embd.weight" not in names.values():  # untied: the embedding on its own
-        tensors.append(Tensor("token_embd.weight", (embed_name,), None))
+        tensors.append(tensor("token_embd.weight", (embed_name,), None))
     return tensors
 
 
-def _weight(model: nn.Module, tensor: Tensor) -> torch.Tensor:
-    return dict(model.named_modules())[tensor.modules[0]].weight
+def weights_of(model: nn.Module, tensors: Sequence[Tensor]) -> dict[str, torch.Tensor]:
+    """{GGUF name: the model's weight parameter} of `tensors`."""
+    modules = dict(model.named_modules())
+    return {t.gguf_name: modules[t.modules[0]].weight for t in tensors}
 
 
 def _error(weight: np.ndarray, restored: np.ndarray, importance: np.ndarray | None) -> float:
@@ -92,8 +101,9 @@ def type_options(model: nn.Module, tensors: Sequence[Tensor], menu: Sequence[str
     on a row width appears as the type written (once). Each type quantizes rows independently, so the error is
     measured on `rows` evenly spaced rows and scaled to the whole tensor (seconds instead of minutes)."""
     table = {}
+    weights = weights_of(model, tensors)
     for tensor in tensors:
-        full = _weight(model, tensor).detach()
+        full = weights[tensor.gguf_name].detach()
         picked = sampled_rows(full.shape[0], rows)
         weight = full[torch.from_numpy(picked)].float().cpu().numpy()
         scale = full.shape[0] / len(picked)
@@ -139,13 +149,14 @@ def kl_gains(model: nn.Module, tensors: Sequence[Tensor], windows: torch.Tensor,
     device = next(model.parameters()).device
     windows = windows.to(device)
     reference = model(input_ids=windows, use_cache=False).logits
+    weights = weights_of(model, tensors)
     out = {}
     try:
         for members in gain_groups(tensors, buckets).values():
             originals, error = [], 0.0
             try:
                 for tensor in members:
-                    weight = _weight(model, tensor)
+                    weight = weights[tensor.gguf_name]
                     kind = fallback_type(probe, weight.shape[1])
                     if not quant_type(kind).quantized:  # a width no block fits: llama.cpp keeps it in F16
                         continue
@@ -176,7 +187,3 @@ def predicted_kl_options(options: Mapping[str, list[Option]], gains: Mapping[str
         scaled[name] = [Option(o.kind, o.bytes, max(gain, 0.0) * o.error) for o in opts]
     return scaled
 
-
-def timed(fn, *args, **kwargs):
-    started = time.perf_counter()
-    return fn(*args, **kwargs), time.perf_counter() - started

@@ -11,6 +11,7 @@ StableLM, GPT-NeoX, GPT-2, ...). Either way a layer the planner stored on a GGUF
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 
 from targets.llamacpp.convert import architectures, check_vocab, convert, converter_supports, hf_architecture
@@ -68,12 +69,10 @@ def write(model, tokenizer, path: Path, name: str = "planner candidate") -> dict
                                                            plan.calibration_tokens // plan.chunk_size))
     finally:
         float_path.unlink(missing_ok=True)
-    counts: dict[str, int] = {}
-    for kind in written.values():
-        counts[kind] = counts.get(kind, 0) + 1
+    counts = Counter(written.values())
     quantized = sorted(((n, k) for k, n in counts.items() if k not in ("F32", "F16", "BF16")), reverse=True)
     return {**info, "quantizer": "llama.cpp", "quantize_seconds": time.perf_counter() - started,
-            "file_type": plan.ftype(), "tensor_types": written, "type_counts": counts,
+            "file_type": plan.ftype(), "tensor_types": written, "type_counts": dict(counts),
             "stored": " ".join(f"{k}x{n}" for n, k in quantized),  # read back: what labels and reviews show
             "predicted_kl": plan.predicted_kl, "allocated_bytes": plan.bytes}
 
