@@ -66,6 +66,8 @@ def add_study_flags(parser: argparse.ArgumentParser) -> None:
                                              "(default: perplexity,decode_ms_p50,weight_mb)")
     parser.add_argument("--target", help="where candidates ship and are measured: auto (default: llama.cpp on a CPU "
                                          "for the models it serves, else transformers), llama.cpp, transformers, vllm")
+    parser.add_argument("--compare", help="the target's stock tool measured beside the candidates, comma-separated: "
+                        "llama-quantize presets on llama.cpp, e.g. Q4_K_M,Q4_0 (with the study's importance matrix)")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", help="auto (default), float32, float16, bfloat16")
     parser.add_argument("--trust-remote-code", action="store_true", default=None, help="allow a hub model's own code")
@@ -198,16 +200,19 @@ def cmd_assets(args) -> int:
     return 0
 
 
-STUDY_FLAGS = ("model", "data", "study", "storage", "sampler", "seed", "trials", "timeout", "latency_budget",
-               "prefill_budget", "memory_budget", "objectives", "target", "device", "dtype", "trust_remote_code", "recipe")
+# Every study setting has its flag (add_study_flags), except the tables only a study file holds.
+FILE_ONLY_SETTINGS = ("space", "evaluation")
 
 
 def _study_settings(args):
-    from planner.settings import make_settings, read_study_file
+    from dataclasses import fields
+
+    from planner.settings import StudySettings, make_settings, read_study_file
     from planner.study import check_recipe_path
 
     file_values = read_study_file(args.study_file) if args.study_file else {}
-    settings = make_settings(file_values, {name: getattr(args, name) for name in STUDY_FLAGS})
+    flags = [f.name for f in fields(StudySettings) if f.name not in FILE_ONLY_SETTINGS]
+    settings = make_settings(file_values, {name: getattr(args, name) for name in flags})
     settings.budgets()  # a malformed budget fails here, before anything is loaded or stored
     if args.command == "search":
         check_recipe_path(settings)

@@ -3,17 +3,30 @@ the budget, the recommended one (best first objective: the accuracy), the closes
 the budget, the best trial per objective, and which trial `export` writes by default."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import optuna
 
-from planner.budgets import Budget
+from planner.budgets import RATIOS, Budget
 from planner.errors import PlannerError
-from planner.objectives import DEFAULT, minimised
+from planner.objectives import DEFAULT, OBJECTIVES, minimised
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 CLOSEST_SHOWN = 3
+
+
+@dataclass
+class Compared:
+    """A stock setting the study compared against (its `compare`), measured as every candidate, and which of the
+    study's measured candidates dominate it."""
+
+    name: str
+    label: str
+    row: dict  # its metrics ({} when it could not be made)
+    failure: str | None
+    meets_budget: bool
+    dominated_by: list[int]  # trial numbers: no worse in every objective, better in one (budget-meeting first)
 
 
 @dataclass
@@ -25,6 +38,7 @@ class Outcome:
     recommended: optuna.trial.FrozenTrial | None
     closest: list[optuna.trial.FrozenTrial]
     objectives: tuple[str, ...] = DEFAULT
+    compared: list[Compared] = field(default_factory=list)
 
 
 def measured(trial: optuna.trial.FrozenTrial) -> bool:
@@ -69,7 +83,40 @@ def decide(study: optuna.Study, budgets: list[Budget], baseline: dict) -> Outcom
         sized = [t for t in trials if t.state == COMPLETE and "metrics" in t.user_attrs
                  and "duplicate_of" not in t.user_attrs]
         closest = sorted(sized, key=lambda t: (total_excess(t), t.number))[:CLOSEST_SHOWN]
-    return Outcome(study, budgets, baseline, front, recommended, closest, objectives)
+    return Outcome(study, budgets, baseline, front, recommended, closest, objectives,
+                   compare_stock(study, budgets, baseline, objectives))
+
+
+def comparable(objectives: tuple[str, ...], row: dict, baseline: dict) -> tuple[float, ...]:
+    """A row's objective values as minimised quantities for comparing rows measured at different times: a
+    latency is taken from its same-run ratio to the reference times the baseline's figure where the row has
+    one (the ms of two runs on a shared machine differ by more than the candidates do)."""
+    values = []
+    for name in objectives:
+        ratio = RATIOS.get(OBJECTIVES[name].budget or "")
+        if ratio in row and name in baseline:
+            values.append(row[ratio] * baseline[name])
+        else:
+            values.append(row[name] if name in row else OBJECTIVES[name].unmeasured(baseline))
+    return minimised(objectives, tuple(values))
+
+
+def compare_stock(study: optuna.Study, budgets: list[Budget], baseline: dict,
+                  objectives: tuple[str, ...]) -> list[Compared]:
+    """Each stock setting the study measured (`compare`) against its measured candidates (twins once)."""
+    candidates = [t for t in study.get_trials(deepcopy=False) if measured(t) and "duplicate_of" not in t.user_attrs]
+    out = []
+    for name, entry in study.user_attrs.get("stock", {}).items():
+        row = entry.get("metrics") or {}
+        if not row:
+            out.append(Compared(name, entry.get("label", name), {}, entry.get("failure", "not measured"), False, []))
+            continue
+        own = comparable(objectives, row, baseline)
+        beaten = [t for t in candidates if dominates(comparable(objectives, t.user_attrs["metrics"], baseline), own)]
+        beaten.sort(key=lambda t: (not feasible(t), t.number))
+        out.append(Compared(name, entry.get("label", name), row, None,
+                            all(b.violation(row) <= 0 for b in budgets), [t.number for t in beaten]))
+    return out
 
 
 def stored_outcome(study: optuna.Study) -> Outcome:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import optuna
 
 from planner.objectives import FIGURES, MINIMIZE, OBJECTIVES, column_order, metric
-from planner.outcome import Outcome, best_trials, feasible
+from planner.outcome import Compared, Outcome, best_trials, feasible
 from planner.workers import answered, finished, repeat
 
 
@@ -123,7 +123,7 @@ def trials_line(outcome: Outcome) -> str:
             + (f"; not counted: {extra}" if extra else ""))
 
 
-def format_outcome(outcome: Outcome) -> str:
+def _format_front(outcome: Outcome) -> str:
     lines = [trials_line(outcome), objectives_line(outcome), budget_line(outcome), baseline_line(outcome), ""]
     first = metric(outcome.objectives[0]).label
     if outcome.recommended is not None:
@@ -132,6 +132,34 @@ def format_outcome(outcome: Outcome) -> str:
     else:
         lines += ["No measured candidate meets the budget. Closest (least total excess over the budget):",
                   table([trial_row(t) for t in outcome.closest])]
+    return "\n".join(lines)
+
+
+def compared_verdict(item: Compared, recommended: int | None) -> str:
+    """In words: whether a stock setting meets the budget and which measured candidates dominate it."""
+    if item.failure:
+        return f"not measured: {item.failure}"
+    budget = "meets the budget" if item.meets_budget else "over the budget"
+    if not item.dominated_by:
+        return f"{budget}; no candidate dominates it"
+    shown = ", ".join(f"{n}{'*' if n == recommended else ''}" for n in item.dominated_by[:6])
+    more = f" (+{len(item.dominated_by) - 6})" if len(item.dominated_by) > 6 else ""
+    return f"{budget}; dominated by trial {shown}{more}"
+
+
+def compared_table(outcome: Outcome) -> str:
+    """The stock settings the study measured (`compare`) in the trials' columns, each with its verdict."""
+    recommended = outcome.recommended.number if outcome.recommended is not None else None
+    rows = [{"trial": "-", **{n: item.row.get(n) for n in column_order()},
+             "label": f"{item.label}: {compared_verdict(item, recommended)}"} for item in outcome.compared]
+    return table(rows, first=("compared", [item.name for item in outcome.compared]))
+
+
+def format_outcome(outcome: Outcome) -> str:
+    lines = [_format_front(outcome)]
+    if outcome.compared:
+        lines += ["", "Compared with the target's stock tool, measured as the candidates (objectives compared; "
+                      "latency as its same-run ratio; * = recommended):", compared_table(outcome)]
     return "\n".join(lines)
 
 
@@ -151,4 +179,7 @@ def outcome_to_dict(outcome: Outcome) -> dict:
         "recommended": outcome.recommended.number if outcome.recommended is not None else None,
         "closest": [trial_row(t) for t in outcome.closest],
         "best_per_objective": best_per_objective_rows(outcome),
+        "compared": [{"name": c.name, "label": c.label, **{n: c.row.get(n) for n in column_order()},
+                      "meets_budget": c.meets_budget, "dominated_by": c.dominated_by, "failure": c.failure}
+                     for c in outcome.compared],
     }

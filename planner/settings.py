@@ -45,6 +45,8 @@ class StudySettings:
     recipe: str | None = None  # default: studies/<study>-recipe.yaml
     objectives: str | list | None = None  # names, e.g. "perplexity,kl,weight_mb" (default: planner.objectives.DEFAULT)
     target: str = "auto"  # where candidates ship: llama.cpp, transformers, vllm, or auto (targets/)
+    # the target's stock tool settings measured beside the candidates, e.g. "Q4_K_M,Q4_0" (llama-quantize presets)
+    compare: str | list | None = None
     space: dict = field(default_factory=dict)  # technique -> dict of ranges, or False (stage off)
     evaluation: dict = field(default_factory=dict)  # perplexity / latency protocol fields
 
@@ -56,6 +58,7 @@ class StudySettings:
         if not 0 <= self.seed < 2**32:  # what every sampler's random generator accepts
             raise PlannerError(f"seed must be from 0 to {2**32 - 1}, got {self.seed}")
         parse_objectives(self.objectives)  # an unknown or repeated objective fails before anything loads
+        self.compare_names()
         from targets import AUTO, TARGETS
 
         if self.target != AUTO and self.target not in TARGETS:
@@ -65,6 +68,19 @@ class StudySettings:
 
     def objective_names(self) -> tuple[str, ...]:
         return parse_objectives(self.objectives)
+
+    def compare_names(self) -> tuple[str, ...]:
+        """The stock settings named by `compare` (checked against the target once it is chosen)."""
+        if self.compare is None:
+            return ()
+        names = [n.strip() for n in self.compare.split(",")] if isinstance(self.compare, str) else list(self.compare)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise PlannerError(f"compare must be a comma-separated list of the target's stock settings "
+                               f"(e.g. Q4_K_M,Q4_0), got {self.compare!r}")
+        repeated = next((n for n in names if names.count(n) > 1), None)
+        if repeated:
+            raise PlannerError(f"compare: '{repeated}' is listed twice")
+        return tuple(names)
 
     def budgets(self) -> list[Budget]:
         given = {"latency": self.latency_budget, "prefill": self.prefill_budget, "memory": self.memory_budget}

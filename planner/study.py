@@ -29,7 +29,7 @@ from planner.settings import StudySettings, make_settings
 from planner.sources import (DataSource, ModelSource, content_hash, load_corpus, load_model, resolve_device,
                              resolve_dtype)
 from planner.storage import default_storage_url, open_storage
-from planner.trial import Workbench, measure_baseline, objective
+from planner.trial import Workbench, measure_baseline, measure_stock, objective
 from search_spaces import TECHNIQUES, BuildContext, SpecError
 from targets import TargetError
 from targets import choose as choose_target
@@ -149,6 +149,7 @@ def prepare(settings: StudySettings, study: optuna.Study | None = None, verbose:
         target = choose_target(settings.target, device.type, model, tokenizer)
     except TargetError as exc:
         raise PlannerError(str(exc)) from None
+    check_compare(settings.compare_names(), target)
     spaces = target.fit_spaces(resolve_spaces(settings, model, target.space_defaults()), model)
     context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, device=device, seed=settings.seed,
                            cache_dir=assets.cache_root(), model_id=f"{settings.model}@{model_hash}",
@@ -163,6 +164,28 @@ def prepare(settings: StudySettings, study: optuna.Study | None = None, verbose:
     if study is not None:
         join(bench, study)
     return bench
+
+
+def check_compare(names: tuple[str, ...], target) -> None:
+    """Every stock setting a study compares against is one its target offers."""
+    known = target.stock()
+    if names and not known:
+        raise PlannerError(f"compare: the {target.name} target has no stock tool to compare against")
+    unknown = next((n for n in names if n not in known), None)
+    if unknown is not None:
+        raise PlannerError(f"compare: '{unknown}' is not one of the {target.name} target's settings "
+                           f"({', '.join(known)})")
+
+
+def measure_comparisons(bench: Workbench, study: optuna.Study) -> None:
+    """The stock settings the study compares against, each measured once (a rerun measures only those missing)."""
+    stored = dict(study.user_attrs.get("stock", {}))
+    for name in bench.settings.compare_names():
+        if name in stored:
+            continue
+        tqdm.write(f"planner: measuring {name} for comparison ({bench.target.stock()[name]})")
+        stored[name] = measure_stock(bench, name)
+        study.set_user_attr("stock", stored)
 
 
 def reference_distributions(bench: Workbench) -> ReferenceDistributions:
@@ -250,6 +273,7 @@ def open_study(settings: StudySettings, verbose: bool = False) -> tuple[optuna.S
     bench = prepare(settings, verbose=verbose)  # bad input fails here, before the study is created
     study = create_or_load(settings)
     join(bench, study)
+    measure_comparisons(bench, study)
     if not study.get_trials(deepcopy=False):
         memory = of_kind(bench.budgets, "memory")
         for params in starting_points(bench.model, bench.spaces, memory and memory.limit, settings.trials):

@@ -117,6 +117,19 @@ def measure_baseline(bench: Workbench) -> tuple[dict, dict]:
     return measure(bench, bench.model, [])
 
 
+def measure_stock(bench: Workbench, name: str) -> dict:
+    """The target's stock setting `name` (a study's `compare`) applied to the source model and measured as every
+    candidate is: {"label", "metrics", "measurements"}, or {"label", "failure"} when it cannot be made."""
+    label = f"{bench.target.name} {name}"
+    try:
+        measured = bench.target.measure_stock(bench.request(may_skip=False), name, bench.context)
+    except Exception as exc:  # recorded and shown, as a failed trial is; the study goes on
+        return {"label": label, "failure": f"{type(exc).__name__}: {first_line(exc, 500)}"}
+    finally:
+        release_memory()
+    return {"label": measured.row.get("stages", label), "metrics": measured.row, "measurements": measured.details}
+
+
 def constrain(trial, budgets: list[Budget], row: dict) -> bool:
     """Report each budget to Optuna as a constraint (<= 0: met); a figure that was not measured counts as
     violated. True when every budget is met."""

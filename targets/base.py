@@ -96,6 +96,16 @@ class Target(abc.ABC):
     def measure_shipped(self, request: Request, artifact: Path) -> Measured:
         """The figures of a shipped artifact, loaded fresh from disk in the target's runtime."""
 
+    def stock(self) -> dict[str, str]:
+        """The field's own tool for this runtime as named settings a study can measure beside its candidates
+        (a study's `compare`, e.g. llama-quantize's presets): name -> what it is. Empty: none."""
+        return {}
+
+    def measure_stock(self, request: Request, name: str, context) -> Measured:
+        """The figures of the stock tool's setting `name` applied to `request.model` (with the study's build
+        context, e.g. its calibration text), measured as every candidate is."""
+        raise NotImplementedError(f"{self.name} has no stock tool to compare against")
+
     def how_to_load(self, artifact: Path) -> str:
         """One line telling a user how to serve the shipped artifact."""
         return f"load {artifact} with {self.runtime}"

@@ -157,6 +157,10 @@ CASES = [
      "target llama.cpp cannot be used here: llama.cpp's converter (llama.cpp "),
     (["apply", "{recipe}", "--out", "{root}/out", "--target", "llama.cpp"],
      "was measured for target transformers, not llama.cpp (run a search with --target llama.cpp"),
+    (SEARCH + ["--compare", "Q4_0"], "compare: the transformers target has no stock tool to compare against"),
+    (SEARCH + ["--compare", "Q4_K_M,Q4_K_M"], "compare: 'Q4_K_M' is listed twice"),
+    (SEARCH + ["--target", "llama.cpp", "--study", "presets", "--compare", "Q4_0,Q9_K"],
+     "compare: 'Q9_K' is not one of the llama.cpp target's settings (Q8_0, Q6_K, "),
 ] + ([] if __import__("torch").cuda.is_available() else [
     (SEARCH + ["--target", "vllm", "--study", "gpu"], "target vllm cannot be used here: vLLM needs a CUDA GPU"),
 ])

@@ -8,6 +8,8 @@ budget at a preset's size and ships the GGUF with its imatrix file; the transfor
 """
 from __future__ import annotations
 
+import json
+
 import itertools
 from dataclasses import replace
 
@@ -235,10 +237,25 @@ def test_a_memory_budgeted_study_at_a_presets_size_ships_an_allocated_gguf(tiny_
     tiny_study_file.write_text(text)
     # bytes and accuracy only: a 2-layer model's decode ratio is timer noise, and apply would re-time it
     code = cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "3", "--target", "llama.cpp",
-                     "--memory-budget", f"{preset_bytes / 1e6}MB", "--objectives", "perplexity,weight_mb", "-q"])
+                     "--memory-budget", f"{preset_bytes / 1e6}MB", "--objectives", "perplexity,weight_mb",
+                     "--compare", "Q4_K_M,Q2_K", "-q"])
     out, err = capsys.readouterr()
     assert code == 0, err
     study = optuna.load_study(study_name="tiny", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db"))
+    # the presets compared against: written by llama-quantize with the study's importance matrix, measured as
+    # the candidates (the same bytes as the preset written above: the importance matrix changes values, not types)
+    stock = study.user_attrs["stock"]
+    assert set(stock) == {"Q4_K_M", "Q2_K"} and all("failure" not in e for e in stock.values()), stock
+    assert stock["Q4_K_M"]["metrics"]["weight_bytes"] == preset_bytes
+    assert stock["Q2_K"]["metrics"]["weight_bytes"] < preset_bytes
+    for name, entry in stock.items():
+        runtime = entry["measurements"]["runtime"]
+        assert runtime["file_type"] == name and runtime["type_counts"] and entry["metrics"]["perplexity"] > 1
+        assert entry["label"].startswith(f"llama.cpp {name} + imatrix [")
+    assert "Compared with the target's stock tool" in out and "llama.cpp Q4_K_M + imatrix [" in out
+    shown = json.loads(_review_json(tmp_path, capsys))["compared"]
+    q2k = next(c for c in shown if c["name"] == "Q2_K")
+    assert q2k["meets_budget"] and q2k["weight_mb"] == stock["Q2_K"]["metrics"]["weight_mb"]
     measured = [t for t in study.trials if "measurements" in t.user_attrs]
     assert measured
     for trial in measured:
@@ -256,3 +273,8 @@ def test_a_memory_budgeted_study_at_a_presets_size_ships_an_allocated_gguf(tiny_
     out, err = capsys.readouterr()
     assert code == 0, err
     assert (tmp_path / "deploy" / "model.gguf").is_file() and (tmp_path / "deploy" / "imatrix.gguf").is_file()
+
+
+def _review_json(tmp_path, capsys) -> str:
+    assert cli.main(["review", "--study", "tiny", "--storage", f"sqlite:///{tmp_path}/tiny.db", "--json"]) == 0
+    return capsys.readouterr().out

@@ -35,7 +35,7 @@ from search_spaces.quantization.spec import AllocationSettings, QuantSpace, Quan
 from search_spaces.specs import SpecError
 from search_spaces.quantization.plan import LayerPlan
 from targets.llamacpp import sensitivity
-from targets.llamacpp.imatrix import importance_matrix
+from targets.llamacpp.imatrix import CALIBRATION_DATASET, importance_matrix
 from targets.llamacpp.quantize import fallback_type, type_bytes
 
 PLAN_ATTRIBUTE = "llama_quant_plan"  # on the built model: what the writer hands llama.cpp's quantizer
@@ -148,7 +148,7 @@ class LlamaQuant(QuantMethod):
             calibration_tokens=int(windows.numel()), chunk_size=settings.seq_len,
             predicted_kl=float(sum(tables_kl(tables, chosen))), bytes=sum(o.bytes for o in chosen.values()),
             predicted_decode=None if costs is None else predicted_decode(tables, chosen, costs),
-            dataset=f"planner: {settings.samples} x {settings.seq_len} tokens of the calibration (training) split"))
+            dataset=CALIBRATION_DATASET.format(samples=settings.samples, seq_len=settings.seq_len)))
         return model
 
 

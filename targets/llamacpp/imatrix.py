@@ -31,6 +31,9 @@ from targets.llamacpp.gguf_file import ARCHITECTURES
 from targets.llamacpp.quantize import IMATRIX_ENTRIES_KEY
 
 IMATRIX_TYPE = "imatrix"
+IMATRIX_FILE = "imatrix.gguf"  # shipped beside a model quantized with the planner's importance matrix
+# the dataset words an importance matrix computed by the planner carries (imatrix.datasets, quantize.imatrix.dataset)
+CALIBRATION_DATASET = "planner: {samples} x {seq_len} tokens of the calibration (training) split"
 # the keys llama-quantize adds to a model quantized with an importance matrix (tools/quantize/quantize.cpp)
 QUANTIZE_KEYS = {"file": "quantize.imatrix.file", "dataset": "quantize.imatrix.dataset",
                  "entries": IMATRIX_ENTRIES_KEY, "chunks": "quantize.imatrix.chunks_count"}

@@ -26,7 +26,7 @@ from search_spaces.quantization.constants import FLOAT_BITS
 from search_spaces.quantization.grid import GGUF_GRID
 from targets.base import Measured, Request, Target, register_target
 from targets.figures import metrics_row, scored
-from targets.llamacpp import writer
+from targets.llamacpp import stock, writer
 from targets.llamacpp.runtime import RUNTIME, loaded, runtime_version, time_ab, window_logits
 
 ARTIFACT = "model.gguf"
@@ -156,6 +156,23 @@ class LlamaCppTarget(Target):
                 yield window_logits(llm, context, request.perplexity.stride), "cpu", "gguf"
 
         return scored(request, measured, runtime)
+
+    def stock(self) -> dict[str, str]:
+        return stock.presets()
+
+    def measure_stock(self, request: Request, name: str, context) -> Measured:
+        """llama-quantize's preset `name` on the source model with the study's importance matrix, written from
+        the latency reference (the float GGUF) and measured like a candidate."""
+        path = self._workdir() / f"stock-{name}-{time.monotonic_ns()}.gguf"
+        try:
+            written = stock.quantize_preset(request.model, context, self.prepare(request), path, name)
+            measured = self.measure_file(request, path, stock.label(name))
+            types = writer.types_written(written)
+            measured.details["runtime"].update(quantizer="llama.cpp", file_type=name, **types)
+            measured.row["stages"] = f"{measured.row['stages']} [{types['stored']}]"
+            return measured
+        finally:
+            path.unlink(missing_ok=True)
 
     def ship(self, model, tokenizer, stages: list, out: Path) -> Path:
         path = Path(out) / ARTIFACT

@@ -17,12 +17,11 @@ from pathlib import Path
 from targets.llamacpp.convert import architectures, check_vocab, convert, converter_supports, hf_architecture
 from targets.llamacpp.allocated import PLAN_ATTRIBUTE
 from targets.llamacpp.errors import UnsupportedForGGUF
-from targets.llamacpp.imatrix import quantize_metadata, write_imatrix_file
+from targets.llamacpp.imatrix import IMATRIX_FILE, quantize_metadata, write_imatrix_file
 from targets.llamacpp.quantize import quantize_gguf
 from targets.llamacpp.gguf_file import gguf_architecture, vocab_of, write_gguf
 
 HAND_WRITTEN = "planner GGUF writer"
-IMATRIX_FILE = "imatrix.gguf"  # shipped beside a candidate quantized with the planner's importance matrix
 # GGUF architectures whose llama.cpp graph takes attention narrower than the hidden size (pruned heads):
 # checked by loading a converted head-pruned model; Qwen2, Phi-3 and OLMo-2 convert but do not load.
 FREE_HEAD_SPLIT = frozenset({"llama", "qwen3"})
@@ -69,12 +68,17 @@ def write(model, tokenizer, path: Path, name: str = "planner candidate") -> dict
                                                            plan.calibration_tokens // plan.chunk_size))
     finally:
         float_path.unlink(missing_ok=True)
+    return {**info, "quantizer": "llama.cpp", "quantize_seconds": time.perf_counter() - started,
+            "file_type": plan.ftype(), **types_written(written), "predicted_kl": plan.predicted_kl,
+            "allocated_bytes": plan.bytes}
+
+
+def types_written(written: dict[str, str]) -> dict:
+    """What a llama.cpp-quantized file holds, read back: its type per tensor, the count per type, and the
+    quantized types by count (`stored`, e.g. "Q5_0x112 Q8_0x44": what labels and reviews show)."""
     counts = Counter(written.values())
     quantized = sorted(((n, k) for k, n in counts.items() if k not in ("F32", "F16", "BF16")), reverse=True)
-    return {**info, "quantizer": "llama.cpp", "quantize_seconds": time.perf_counter() - started,
-            "file_type": plan.ftype(), "tensor_types": written, "type_counts": dict(counts),
-            "stored": " ".join(f"{k}x{n}" for n, k in quantized),  # read back: what labels and reviews show
-            "predicted_kl": plan.predicted_kl, "allocated_bytes": plan.bytes}
+    return {"tensor_types": written, "type_counts": dict(counts), "stored": " ".join(f"{k}x{n}" for n, k in quantized)}
 
 
 def write_imatrix(model, folder: Path) -> Path | None:
