@@ -29,6 +29,9 @@ from evaluators.runtime import check_context, inference_eval, model_device, rand
 # ---------------------------------------------------------------------------------------------------
 
 
+EXTENSION = 4  # an unclear A/B verdict may be timed for up to this many times the protocol's rounds
+
+
 @dataclass(frozen=True)
 class LatencyProtocol:
     prompt_tokens: int = 128
@@ -37,6 +40,9 @@ class LatencyProtocol:
     repeats: int = 7
     threads: int | None = None  # None: leave torch's current intra-op thread count alone
     seed: int = 0
+    # Rounds an A/B timing may run to while its verdict against a budget is unclear (its interval straddles
+    # the budget); None: EXTENSION x repeats. Runtimes that time A/B use it (targets/llamacpp).
+    max_repeats: int | None = None
 
     def __post_init__(self) -> None:
         require_int("prompt_tokens", self.prompt_tokens, 1)
@@ -46,6 +52,12 @@ class LatencyProtocol:
         if self.threads is not None:
             require_int("threads", self.threads, 1)
         require_int("seed", self.seed, 0)
+        if self.max_repeats is not None:
+            require_int("max_repeats", self.max_repeats, self.repeats)
+
+    @property
+    def most_repeats(self) -> int:
+        return self.max_repeats if self.max_repeats is not None else EXTENSION * self.repeats
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
 from dataclasses import dataclass, field, replace
 from typing import Callable
 from pathlib import Path
 
 from planner import assets
 from planner.candidates import build
+from planner.budgets import INTERVALS
 from planner.errors import PlannerError
 from planner.recipes import Recipe, load_recipe
 from planner.settings import StudySettings
@@ -21,12 +21,12 @@ from targets import TargetError, check_usable
 # Rebuilding is deterministic (fixed seeds), but kernels may sum in another order on another machine, and
 # a runtime reads its artifact with its own kernels.
 PERPLEXITY_TOLERANCE = 0.01  # relative
-# The same-run decode ratio to the reference varies with the machine's load: a re-timed ratio this much
-# (relative) above the recorded one fails; below it is simply faster.
+# The same-run decode ratio to the reference varies with the machine's load: a re-timed ratio whose whole
+# confidence interval lies this much (relative) above the recorded ratio fails; anything less does not.
 DECODE_RATIO_TOLERANCE = 0.25
-# A ratio over the tolerance is confirmed before apply fails: the artifact is re-timed this many more times
-# (latency only, RETIME_REPEATS times the study's rounds each) and the median of all timings is judged, so one
-# timing taken while another job held the cores does not fail a deployment.
+# A clear slowdown is confirmed before apply fails: the artifact is re-timed up to this many more times
+# (latency only, RETIME_REPEATS times the study's rounds each) and the last timing is judged, so one timing
+# taken while another job held the cores does not fail a deployment.
 RETIMES = 2
 RETIME_REPEATS = 3
 
@@ -46,6 +46,7 @@ class ApplyResult:
     decode_ratios: list = field(default_factory=list)  # every timing taken (more than one when re-timed)
     budget_note: str = ""
     how_to_load: str = ""  # the target's line telling how to serve the artifact
+    decode_interval: tuple | None = None  # the judged ratio's confidence interval (low, high)
 
 
 def check_output(folder: Path, force: bool) -> None:
@@ -118,7 +119,7 @@ def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool
     settings = StudySettings(model=recipe.model_source, data=data, evaluation=recipe.provenance.get("evaluation") or {},
                              objectives=list(objectives), target=chosen.name)
     bench = Workbench(settings, model, tokenizer, corpus, context, {}, [], {}, objectives=objectives, target=chosen)
-    request = bench.request()
+    request = replace(bench.request(), unclear=unclear_rule(recipe))  # time on while a verdict is unclear
     row = chosen.measure_shipped(request, artifact).row
     result = check(recipe, row, out, artifact, chosen.name, retime=lambda: _retime(chosen, request, artifact))
     result.how_to_load = chosen.how_to_load(artifact)
@@ -135,17 +136,49 @@ def readable_by_all(folder: Path) -> None:
             path.chmod(0o666 & ~umask)
 
 
-def _retime(target, request, artifact: Path) -> float | None:
-    """The shipped artifact's decode ratio timed again, latency only, with more rounds."""
-    protocol = replace(request.latency, repeats=request.latency.repeats * RETIME_REPEATS)
+def _retime(target, request, artifact: Path) -> dict:
+    """The shipped artifact's decode figures timed again, latency only, with more rounds (a metrics row)."""
+    protocol = replace(request.latency, repeats=request.latency.repeats * RETIME_REPEATS,
+                       max_repeats=request.latency.most_repeats * RETIME_REPEATS)
     timing = replace(request, latency=protocol, evaluators=frozenset({"latency"}), scorers=())
-    return target.measure_shipped(timing, artifact).row.get("decode_ratio")
+    return target.measure_shipped(timing, artifact).row
+
+
+def decode_timing(row: dict) -> tuple[float, float, float] | None:
+    """(ratio, low, high): a row's same-run decode ratio and its confidence interval (a point where the target
+    measured none), or None when it timed no ratio."""
+    ratio = row.get("decode_ratio")
+    if ratio is None:
+        return None
+    low, high = row.get("decode_interval") or (ratio, ratio)
+    return ratio, low, high
+
+
+def slowdown_limit(recipe: Recipe) -> float | None:
+    """The decode ratio past which a shipped artifact is slower than the recipe says (None: nothing recorded)."""
+    recorded = (recipe.metrics.get("summary") or {}).get("decode_ratio")
+    return None if recorded is None else recorded * (1 + DECODE_RATIO_TOLERANCE)
+
+
+def unclear_rule(recipe: Recipe):
+    """apply's rule for timing longer (targets.Request.unclear): the interval straddles the recipe's latency
+    budgets or the slowdown limit, so neither verdict is clear yet."""
+    from planner.budgets import Budget, unclear
+
+    budgets = unclear([Budget(**b) for b in recipe.budget])
+    limit = slowdown_limit(recipe)
+
+    def rule(intervals: dict) -> bool:
+        decode = intervals.get("decode_ratio")
+        return budgets(intervals) or (limit is not None and decode is not None and decode.low <= limit < decode.high)
+    return rule
 
 
 def check(recipe: Recipe, row: dict, out: Path, artifact: Path, target: str,
-          retime: Callable[[], float | None] | None = None) -> ApplyResult:
-    """Fail loudly when the shipped artifact is not the candidate the recipe describes. `retime()` times the
-    artifact's decode ratio again: a first timing over the tolerance is confirmed before it fails."""
+          retime: Callable[[], dict] | None = None) -> ApplyResult:
+    """Fail loudly when the shipped artifact is not the candidate the recipe describes. A decode ratio fails only
+    when it is clearly slower than recorded: its whole confidence interval past the tolerance, confirmed by
+    `retime()` (a fresh, longer timing; up to RETIMES of them, the last judged)."""
     recorded = recipe.metrics.get("summary") or {}
     # Bytes as stored: the artifact's own figure, exact in every target (what a runtime holds once loaded may
     # differ from what it holds before its first forward, e.g. compressed-tensors decompressing on the fly).
@@ -158,34 +191,50 @@ def check(recipe: Recipe, row: dict, out: Path, artifact: Path, target: str,
     if recorded_ppl is not None and abs(perplexity - recorded_ppl) > PERPLEXITY_TOLERANCE * recorded_ppl:
         raise PlannerError(f"the shipped {artifact.name} scores perplexity {perplexity:.3f}, the recipe "
                            f"{recorded_ppl:.3f}: more than {PERPLEXITY_TOLERANCE:.0%} apart")
-    ratio, recorded_ratio = row.get("decode_ratio"), recorded.get("decode_ratio")
-    ratios = [] if ratio is None else [ratio]
-    if ratio is not None and recorded_ratio is not None:
-        limit = recorded_ratio * (1 + DECODE_RATIO_TOLERANCE)
-        while ratio > limit and retime is not None and len(ratios) <= RETIMES:
+    timed, limit = decode_timing(row), slowdown_limit(recipe)
+    timings = [] if timed is None else [timed]
+    if timed is not None and limit is not None:
+        while timings[-1][1] > limit and retime is not None and len(timings) <= RETIMES:
             again = retime()
-            if again is None:
+            if decode_timing(again) is None:
                 break
-            ratios.append(again)
-            ratio = statistics.median(ratios)
-        if ratio > limit:
-            timings = "" if len(ratios) == 1 else f" (median of {len(ratios)} timings: " \
-                f"{', '.join(f'{r:.3f}' for r in ratios)})"
-            raise PlannerError(f"the shipped {artifact.name} decodes at {ratio:.3f}x the reference{timings}, the "
-                               f"recipe recorded {recorded_ratio:.3f}x: more than {DECODE_RATIO_TOLERANCE:.0%} slower")
-    return ApplyResult(out, artifact, target, perplexity, recorded_ppl, size, recorded_size, ratio, recorded_ratio,
-                       row.get("decode_ms_p50"), ratios, _budget_note(recipe, {**row, "decode_ratio": ratio}))
+            row = {**row, **{k: again[k] for k in ("decode_ratio", "decode_interval", "decode_ms_p50") if k in again}}
+            timings.append(decode_timing(again))
+        if timings[-1][1] > limit:
+            earlier = "" if len(timings) == 1 else \
+                f"; earlier timings {', '.join(f'{r:.3f}x' for r, _, _ in timings[:-1])}"
+            raise PlannerError(f"the shipped {artifact.name} decodes at {_shown_timing(timings[-1])} the reference"
+                               f"{earlier}; the recipe recorded {recorded['decode_ratio']:.3f}x: clearly more than "
+                               f"{DECODE_RATIO_TOLERANCE:.0%} slower")
+    ratio, interval = (timings[-1][0], timings[-1][1:]) if timings else (None, None)
+    return ApplyResult(out, artifact, target, perplexity, recorded_ppl, size, recorded_size, ratio,
+                       recorded.get("decode_ratio"), row.get("decode_ms_p50"), [t[0] for t in timings],
+                       _budget_note(recipe, row), decode_interval=interval)
+
+
+def _shown_timing(timing: tuple[float, float, float]) -> str:
+    ratio, low, high = timing
+    return f"{ratio:.3f}x" if low == high else f"{ratio:.3f}x (95% interval {low:.3f}-{high:.3f})"
 
 
 def _budget_note(recipe: Recipe, row: dict) -> str:
-    """The re-timed artifact against the recipe's latency budgets (its bytes are checked exactly above; what a
-    runtime holds resident is the study's figure, not re-read from a freshly loaded artifact)."""
-    from planner.budgets import Budget
+    """The re-timed artifact against the recipe's latency budgets, on the statistic the study judged them by:
+    MEETS, OVER, or WITHIN NOISE where the ratio's interval straddles a relative budget (its bytes are checked
+    exactly above; what a runtime holds resident is the study's figure, not re-read from a fresh artifact)."""
+    from planner.budgets import MEETS, UNDECIDED, Budget
 
     notes = []
     for stored in recipe.budget:
         budget = Budget(**stored)
-        if budget.kind in ("latency", "prefill") and budget.metric in row:
-            verdict = "within" if budget.violation(row) <= 0 else "OVER"
-            notes.append(f"{verdict} {budget.describe()}")
+        if budget.kind not in ("latency", "prefill") or budget.metric not in row:
+            continue
+        verdict = budget.verdict(row)
+        word = {MEETS: "MEETS", UNDECIDED: "WITHIN NOISE of"}.get(verdict, "OVER")
+        if budget.uses_ratio(row):
+            timing = decode_timing({"decode_ratio": row[budget.ratio_metric],
+                                    "decode_interval": row.get(INTERVALS[budget.ratio_metric])})
+            notes.append(f"{word} {budget.kind} <= {budget.relative:g}x the uncompressed model: "
+                         f"{_shown_timing(timing)} in the same run")
+        else:
+            notes.append(f"{word} {budget.kind} <= {budget.limit:.2f} ms: {row[budget.metric]:.2f} ms")
     return "; ".join(notes)

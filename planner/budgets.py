@@ -15,8 +15,11 @@ METRICS = {
     "memory": ("weight_bytes", "bytes"),
 }
 
-# Same-run ratios to the target's reference, where it times candidates A/B (targets/llamacpp).
+# Same-run ratios to the target's reference, where it times candidates A/B (targets/llamacpp), and the row
+# keys of their confidence intervals ([low, high]: evaluators.paired).
 RATIOS = {"latency": "decode_ratio", "prefill": "prefill_ratio"}
+INTERVALS = {"decode_ratio": "decode_interval", "prefill_ratio": "prefill_interval"}
+MEETS, OVER, UNDECIDED = "meets", "over", "undecided"
 
 TIME_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -60,6 +63,16 @@ class Budget:
             return metrics[self.ratio_metric] / self.relative - 1.0
         return metrics[self.metric] / self.limit - 1.0
 
+    def verdict(self, metrics: dict) -> str:
+        """MEETS or OVER, or UNDECIDED where the budget is judged on a same-run ratio whose confidence interval
+        straddles it (then neither side is clear: timing longer, or another run, could land on either)."""
+        interval = metrics.get(INTERVALS.get(self.ratio_metric or "", ""))
+        if self.uses_ratio(metrics) and interval:
+            low, high = interval
+            if low <= self.relative < high:
+                return UNDECIDED
+        return MEETS if self.violation(metrics) <= 0 else OVER
+
     def describe(self) -> str:
         unit = METRICS[self.kind][1]
         if self.limit is None:
@@ -69,6 +82,14 @@ class Budget:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "limit": self.limit, "relative": self.relative, "text": self.text}
+
+
+def unclear(budgets: list[Budget]):
+    """A target's rule for timing longer (targets.Request.unclear): some ratio budget's interval straddles it."""
+    def rule(intervals: dict) -> bool:
+        return any(b.relative is not None and b.ratio_metric in intervals
+                   and intervals[b.ratio_metric].low <= b.relative < intervals[b.ratio_metric].high for b in budgets)
+    return rule
 
 
 def of_kind(budgets: list[Budget], kind: str) -> Budget | None:

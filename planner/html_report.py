@@ -17,7 +17,7 @@ from planner.report import best_table, format_outcome, target_of
 
 IMPORTANCE_FLOOR = 0.01  # importances below this say nothing: left out of the plot
 COLOURS = {"feasible": "#1f77b4", "infeasible": "#b0b0b0", "front": "#1f77b4", "recommended": "#d62728",
-           "baseline": "#2ca02c", "budget": "rgba(214, 39, 40, 0.08)"}
+           "baseline": "#2ca02c", "stock": "#9467bd", "budget": "rgba(214, 39, 40, 0.08)"}
 
 
 def axis_name(name: str) -> str:
@@ -87,6 +87,14 @@ def trade_off_figure(outcome: Outcome, x: str, y: str):
             text=["baseline"], textposition="top center", marker={"symbol": "diamond", "size": 13,
                                                                     "color": COLOURS["baseline"]},
             hovertemplate=f"baseline<br>{metric(x).label}: %{{x}}<br>{metric(y).label}: %{{y}}<extra></extra>"))
+    stock = [c for c in outcome.compared if x in c.row and y in c.row]
+    if stock:  # the target's stock tool (`compare`), measured as the candidates
+        figure.add_trace(go.Scatter(
+            x=[c.row[x] for c in stock], y=[c.row[y] for c in stock], mode="markers+text", name="stock tool (compare)",
+            text=[c.name for c in stock], textposition="top center",
+            marker={"symbol": "x", "size": 11, "color": COLOURS["stock"]}, hovertemplate="%{customdata}<extra></extra>",
+            customdata=[f"{html.escape(c.label)}<br>{metric(x).label}: {metric(x).shown(c.row[x])}<br>"
+                        f"{metric(y).label}: {metric(y).shown(c.row[y])}" for c in stock]))
     if outcome.recommended is not None and x in outcome.recommended.user_attrs["metrics"]:
         chosen = outcome.recommended
         figure.add_trace(go.Scatter(
@@ -129,10 +137,12 @@ def is_uniform(trial) -> bool:
 
 
 def comparison_rows(outcome: Outcome) -> list[tuple[str, dict]]:
-    """(name, metrics row) of the baseline, the recommended candidate and the best uniform recipe."""
+    """(name, metrics row) of the baseline, the recommended candidate, each stock setting compared against
+    (`compare`) and the best uniform recipe."""
     rows = [("baseline (uncompressed)", outcome.baseline)]
     if outcome.recommended is not None:
         rows.append((f"recommended: trial {outcome.recommended.number}", outcome.recommended.user_attrs["metrics"]))
+    rows += [(f"stock: {c.label}", c.row) for c in outcome.compared if c.row]
     uniform = [t for t in _shown_trials(outcome.study) if feasible(t) and is_uniform(t)]
     if uniform:
         best = min(uniform, key=lambda t: (minimised(outcome.objectives, t.values)[0], t.number))

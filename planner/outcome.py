@@ -46,6 +46,11 @@ def measured(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.state == COMPLETE and "perplexity" in trial.user_attrs.get("metrics", {})
 
 
+def undecided(trial: optuna.trial.FrozenTrial) -> bool:
+    """Its latency interval straddles a budget (planner.budgets.Budget.verdict): it may meet it or not."""
+    return bool(trial.user_attrs.get("undecided"))
+
+
 def feasible(trial: optuna.trial.FrozenTrial) -> bool:
     return all(v <= 0 for v in trial.constraints.values())
 
@@ -74,8 +79,14 @@ def decide(study: optuna.Study, budgets: list[Budget], baseline: dict) -> Outcom
     objectives = study_objectives(study)
     good = [t for t in trials if measured(t) and feasible(t) and "duplicate_of" not in t.user_attrs]  # twins once
     score = lambda t: minimised(objectives, t.values)  # noqa: E731
-    front = sorted(pareto_front(good, score), key=lambda t: (score(t)[0], t.number))
-    recommended = front[0] if front else None
+    # A candidate whose latency interval straddles its budget is never recommended over one that clearly
+    # meets it: the front is that of the clear candidates, with the undecided ones that would sit on it beside.
+    clear = [t for t in good if not undecided(t)]
+    front_clear = pareto_front(clear, score)
+    front = sorted(front_clear + [t for t in pareto_front(good, score) if undecided(t)],
+                   key=lambda t: (score(t)[0], t.number))
+    ranked = sorted(front_clear, key=lambda t: (score(t)[0], t.number)) or front
+    recommended = ranked[0] if ranked else None
     closest = []
     if recommended is None:
         # From every trial with figures, measured in full or not (a latency miss skips perplexity); a twin is

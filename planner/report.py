@@ -7,6 +7,7 @@ import optuna
 
 from planner.objectives import FIGURES, MINIMIZE, OBJECTIVES, column_order, metric
 from planner.outcome import Compared, Outcome, best_trials, feasible
+from planner.outcome import undecided as undecided_trial
 from planner.workers import answered, finished, repeat
 
 
@@ -40,6 +41,7 @@ def trial_row(trial) -> dict:
         "label": trial.user_attrs.get("label", ""),
         "constraints": dict(trial.constraints),
         "meets_budget": feasible(trial),
+        "undecided": trial.user_attrs.get("undecided", []),  # budgets whose latency interval straddles them
     }
 
 
@@ -64,7 +66,8 @@ def table(rows: list[dict], marked: int | None = None, first: tuple[str, list[st
 
     lines = [line("  ", lead_name, headings, "stages")]
     for lead_cell, row, values in zip(lead, rows, cells):
-        lines.append(line("* " if row["trial"] == marked else "  ", lead_cell, values, row["label"]))
+        mark = "* " if row["trial"] == marked else "? " if row.get("undecided") else "  "
+        lines.append(line(mark, lead_cell, values, row["label"]))
     return "\n".join(lines)
 
 
@@ -127,7 +130,10 @@ def _format_front(outcome: Outcome) -> str:
     lines = [trials_line(outcome), objectives_line(outcome), budget_line(outcome), baseline_line(outcome), ""]
     first = metric(outcome.objectives[0]).label
     if outcome.recommended is not None:
-        lines += [f"Pareto front of the candidates that meet the budget (* = recommended: best {first}):",
+        undecided = any(undecided_trial(t) for t in outcome.front)
+        lines += [f"Pareto front of the candidates that meet the budget (* = recommended: best {first}"
+                  + ("; ? = undecided: its latency interval straddles the budget, never recommended over a "
+                     "candidate that clearly meets it" if undecided else "") + "):",
                   table([trial_row(t) for t in outcome.front], outcome.recommended.number)]
     else:
         lines += ["No measured candidate meets the budget. Closest (least total excess over the budget):",

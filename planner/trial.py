@@ -14,6 +14,7 @@ from evaluators.scoring import ScoringSetup
 from planner import candidates
 from planner import objectives as objective_registry
 from planner import rungs
+from planner import budgets as budget_rules
 from planner.budgets import Budget, of_kind
 from planner.errors import first_line
 from planner.recipes import Stage, plain_stages
@@ -76,7 +77,8 @@ class Workbench:
         return Request(self.model, self.tokenizer, self.corpus.eval, self.settings.perplexity_protocol(),
                        self.settings.latency_protocol(), frozenset(needed),
                        objective_registry.scorers(needed, setup), self.context.device,
-                       (lambda row: hopeless(self.budgets, row)) if may_skip else (lambda row: None))
+                       (lambda row: hopeless(self.budgets, row)) if may_skip else (lambda row: None),
+                       unclear=budget_rules.unclear(self.budgets))
 
 
 def _release(built: candidates.BuiltCandidate) -> None:
@@ -134,10 +136,15 @@ def constrain(trial, budgets: list[Budget], row: dict) -> bool:
     """Report each budget to Optuna as a constraint (<= 0: met); a figure that was not measured counts as
     violated. True when every budget is met."""
     feasible = True
+    undecided = []
     for budget in budgets:
         value = budget.violation(row) if budget.metric in row else 1.0
         trial.set_constraint(budget.kind, value)
         feasible = feasible and value <= 0
+        if budget.metric in row and budget.verdict(row) == budget_rules.UNDECIDED:
+            undecided.append(budget.kind)
+    if undecided:  # its interval straddles the budget even after timing longer: never recommended over a clear one
+        trial.set_user_attr("undecided", undecided)
     return feasible
 
 

@@ -39,6 +39,9 @@ class Request:
     scorers: tuple[ScorerFactory, ...] = ()
     device: object = "cpu"
     hopeless: Callable[[dict], str | None] = field(default=lambda row: None)
+    # The caller's rule for timing longer: given a same-run ratio's intervals ({"decode_ratio": PairedRatio,
+    # ...}), whether a verdict is still open (e.g. an interval straddles a budget). Targets that time A/B use it.
+    unclear: Callable[[dict], bool] = field(default=lambda intervals: False)
     # Called by a target that no longer needs the built candidate (its artifact is written): the caller drops
     # its reference, so the float candidate is freed before the runtime loads the artifact and the reference.
     release: Callable[[], None] = field(default=lambda: None)

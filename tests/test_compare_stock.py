@@ -79,3 +79,13 @@ def test_compare_names_are_checked():
         StudySettings(compare="Q4_0,Q4_0")
     with pytest.raises(PlannerError, match="comma-separated list"):
         StudySettings(compare="Q4_0,,Q8_0")
+
+
+def test_the_html_report_draws_and_tabulates_the_stock_settings(tmp_path):
+    from planner.html_report import write_html_report
+
+    budgets = [parse_budget("memory", "110MB").resolve(BASELINE)]
+    stock = {"Q4_K_M": {"label": "llama.cpp Q4_K_M + imatrix", "metrics": row(0.05, 3.4, 0.35, 103.7)}}
+    outcome = decide(study_with([row(0.03, 3.0, 0.33, 101.0)], stock, budgets), budgets, BASELINE)
+    page = write_html_report(outcome, tmp_path / "r.html").read_text()
+    assert "stock tool (compare)" in page and "<th>stock: llama.cpp Q4_K_M + imatrix</th>" in page

@@ -70,7 +70,8 @@ def test_protocol_rejects_bad_values(field, value):
 def test_protocol_defaults_and_round_trip():
     default = LatencyProtocol()
     assert default.to_dict() == {
-        "prompt_tokens": 128, "new_tokens": 32, "warmup": 2, "repeats": 7, "threads": None, "seed": 0
+        "prompt_tokens": 128, "new_tokens": 32, "warmup": 2, "repeats": 7, "threads": None, "seed": 0,
+        "max_repeats": None
     }
     custom = LatencyProtocol(prompt_tokens=8, new_tokens=2, warmup=0, repeats=1, threads=1, seed=9)
     data = json.loads(json.dumps(custom.to_dict()))

@@ -1,27 +1,29 @@
 """llama.cpp through llama-cpp-python: load a GGUF, time prefill and decode in A/B rounds against a reference
 GGUF, and read the runtime's own logits over the held-out windows.
 
-Latency protocol (`time_ab`): both models load once; each round runs the reference, then the candidate
-(the order alternates every round so neither always runs on a warmer cache), each a prefill of the
-protocol's random prompt followed by greedy one-token decode steps through llama.cpp's KV cache. A
-candidate's figure is the median over its decode steps; its ratio is the median over rounds of
-candidate / reference in that round, so load on a shared machine that slows a whole round cancels out.
-Threads are set for both (``n_threads`` and ``n_threads_batch``) and recorded.
+Latency protocol (`time_ab`): both models load once; each round prefills the protocol's random prompt in
+both, then makes greedy one-token decode steps through each model's own KV cache, interleaved one by one
+(the order flips every step and every round, so neither always runs on a warmer cache). A candidate's
+figure is the median over its decode steps; its ratio is the median over step pairs of candidate /
+reference, with a bootstrap confidence interval (evaluators.paired), so load on a shared machine that slows
+a stretch of time cancels in each pair. Where a caller's verdict is still open (the interval straddles its
+budget) the timing goes on, round by round, up to the protocol's limit. Threads are set for both
+(``n_threads`` and ``n_threads_batch``) and recorded.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from evaluators.latency import LatencyProtocol, timing_stats
+from evaluators.paired import paired_ratio
 from evaluators.runtime import random_token_ids
 
 RUNTIME = "llama.cpp"
@@ -59,36 +61,54 @@ def _last_logits(llm) -> np.ndarray:
     return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
 
 
-def _run(llm, prompt: list[int], new_tokens: int) -> tuple[float, list[float]]:
-    """Prefill then `new_tokens` greedy decode steps; (prefill ms, per-step ms)."""
+def _prefill(llm, prompt: list[int]) -> tuple[float, int]:
+    """Prefill from an empty cache; (ms, the greedy next token)."""
     llm.reset()
     start = time.perf_counter()
     llm.eval(prompt)
     token = int(np.argmax(_last_logits(llm)))
-    prefill = (time.perf_counter() - start) * 1e3
-    steps = []
-    for _ in range(new_tokens):
-        start = time.perf_counter()
-        llm.eval([token])
-        token = int(np.argmax(_last_logits(llm)))
-        steps.append((time.perf_counter() - start) * 1e3)
-    return prefill, steps
+    return (time.perf_counter() - start) * 1e3, token
+
+
+def _step(llm, token: int) -> tuple[float, int]:
+    """One greedy decode step through the KV cache; (ms, the next token)."""
+    start = time.perf_counter()
+    llm.eval([token])
+    next_token = int(np.argmax(_last_logits(llm)))
+    return (time.perf_counter() - start) * 1e3, next_token
+
+
+def _round(models: dict, prompt: list[int], new_tokens: int, first: str) -> dict[str, tuple[float, list[float]]]:
+    """One A/B round, paired as finely as llama.cpp allows: both prefills back to back, then the decode steps
+    interleaved one by one (the order flipping every step), each model through its own KV cache.
+    {name: (prefill ms, per-step ms)}."""
+    order = [first] + [n for n in models if n != first]
+    prefill, token, steps = {}, {}, {name: [] for name in models}
+    for name in order:
+        prefill[name], token[name] = _prefill(models[name], prompt)
+    for index in range(new_tokens):
+        for name in (order if index % 2 == 0 else order[::-1]):
+            ms, token[name] = _step(models[name], token[name])
+            steps[name].append(ms)
+    return {name: (prefill[name], steps[name]) for name in models}
 
 
 @dataclass(frozen=True)
 class ABLatency:
-    """A candidate timed against a reference in the same runtime, rounds interleaved."""
+    """A candidate timed against a reference in the same runtime, rounds and decode steps interleaved."""
 
     protocol: dict
     runtime: str
     threads: int
-    rounds: int
+    rounds: int  # measured rounds: the protocol's repeats, more where the verdict was unclear
     decode: dict  # the candidate's TimingStats (ms per decode step)
     prefill: dict
     reference_decode: dict
     reference_prefill: dict
-    decode_ratio: float  # median over rounds of candidate / reference (decode p50)
-    prefill_ratio: float
+    decode_ratio: float  # median over decode-step pairs of candidate / reference
+    prefill_ratio: float  # median over rounds' prefill pairs
+    decode_interval: dict  # evaluators.paired.PairedRatio: the ratio, its confidence interval, the pairs
+    prefill_interval: dict
     load_average_before: tuple[float, float, float]
     load_average_after: tuple[float, float, float]
     wall_seconds: float
@@ -97,30 +117,41 @@ class ABLatency:
         return asdict(self)
 
 
-def time_ab(candidate: Path, reference: Path, protocol: LatencyProtocol, threads: int) -> ABLatency:
+def time_ab(candidate: Path, reference: Path, protocol: LatencyProtocol, threads: int,
+            unclear: Callable[[dict], bool] | None = None) -> ABLatency:
+    """Time `candidate` against `reference`: warm-up rounds, then the protocol's repeats; while `unclear`
+    says the intervals ({"decode_ratio": PairedRatio, "prefill_ratio": ...}) leave a verdict open, more
+    rounds, up to the protocol's `max_repeats`."""
     n_ctx = protocol.prompt_tokens + protocol.new_tokens
     load_before = os.getloadavg()
     started = time.perf_counter()
     with loaded(candidate, n_ctx, threads) as cand, loaded(reference, n_ctx, threads) as ref:
+        models = {"ref": ref, "cand": cand}
         prompt = random_token_ids(cand.n_vocab(), protocol.prompt_tokens, protocol.seed).tolist()
-        samples = {"cand": ([], []), "ref": ([], [])}
-        ratios = ([], [])
-        for index in range(protocol.warmup + protocol.repeats):
-            order = (("ref", ref), ("cand", cand)) if index % 2 == 0 else (("cand", cand), ("ref", ref))
-            this_round = {name: _run(llm, prompt, protocol.new_tokens) for name, llm in order}
-            if index < protocol.warmup:
+        samples = {name: ([], []) for name in models}
+        index, measured = 0, 0
+        while True:
+            this_round = _round(models, prompt, protocol.new_tokens, "ref" if index % 2 == 0 else "cand")
+            index += 1
+            if index <= protocol.warmup:
                 continue
+            measured += 1
             for name, (prefill, steps) in this_round.items():
                 samples[name][0].append(prefill)
                 samples[name][1].extend(steps)
-            ratios[0].append(statistics.median(this_round["cand"][1]) / statistics.median(this_round["ref"][1]))
-            ratios[1].append(this_round["cand"][0] / this_round["ref"][0])
+            if measured < protocol.repeats:
+                continue
+            intervals = {"decode_ratio": paired_ratio(samples["cand"][1], samples["ref"][1]),
+                         "prefill_ratio": paired_ratio(samples["cand"][0], samples["ref"][0])}
+            if measured >= protocol.most_repeats or unclear is None or not unclear(intervals):
+                break
     return ABLatency(
-        protocol=protocol.to_dict(), runtime=runtime_version(), threads=threads, rounds=protocol.repeats,
+        protocol=protocol.to_dict(), runtime=runtime_version(), threads=threads, rounds=measured,
         decode=timing_stats(samples["cand"][1]).to_dict(), prefill=timing_stats(samples["cand"][0]).to_dict(),
         reference_decode=timing_stats(samples["ref"][1]).to_dict(),
         reference_prefill=timing_stats(samples["ref"][0]).to_dict(),
-        decode_ratio=statistics.median(ratios[0]), prefill_ratio=statistics.median(ratios[1]),
+        decode_ratio=intervals["decode_ratio"].ratio, prefill_ratio=intervals["prefill_ratio"].ratio,
+        decode_interval=intervals["decode_ratio"].to_dict(), prefill_interval=intervals["prefill_ratio"].to_dict(),
         load_average_before=tuple(load_before), load_average_after=tuple(os.getloadavg()),
         wall_seconds=time.perf_counter() - started)
 

@@ -144,10 +144,13 @@ class LlamaCppTarget(Target):
                    "runtime": {"target": self.name, "runtime": runtime_version()}}
         figures = {"disk_bytes": facts["file_bytes"], "kv_cache_bytes": kv}
         if "latency" in request.evaluators:
-            ab = time_ab(path, reference, request.latency, request.threads)
+            ab = time_ab(path, reference, request.latency, request.threads, request.unclear)
             details["latency"] = ab.to_dict()
             figures.update(decode_ms_p50=ab.decode["p50_ms"], prefill_ms_p50=ab.prefill["p50_ms"],
-                           decode_ratio=ab.decode_ratio, prefill_ratio=ab.prefill_ratio)
+                           decode_ratio=ab.decode_ratio, prefill_ratio=ab.prefill_ratio,
+                           decode_interval=[ab.decode_interval["low"], ab.decode_interval["high"]],
+                           prefill_interval=[ab.prefill_interval["low"], ab.prefill_interval["high"]],
+                           latency_rounds=ab.rounds)
         measured = Measured(metrics_row(label, tensor_bytes, **figures), details)
 
         @contextmanager

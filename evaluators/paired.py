@@ -1,0 +1,56 @@
+"""A same-run latency ratio with its uncertainty, from paired samples of a candidate and a reference.
+
+Each pair is one step of the candidate and one of the reference timed back to back (A/B interleaved), so a
+slow drift of a shared machine (another process starting, a frequency change) moves both and cancels in the
+pair's ratio. The figure is the median of the per-pair ratios; its confidence interval is a percentile
+bootstrap of that median over the pairs (fixed seed: the same samples give the same interval).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    ratio: float  # median over pairs of candidate / reference
+    low: float  # the confidence interval of that median
+    high: float
+    pairs: int
+    confidence: float = CONFIDENCE
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def verdict(self, limit: float) -> str:
+        """Against a ratio budget: "meets" (the whole interval within it), "over" (the whole interval past it)
+        or "undecided" (the interval straddles it)."""
+        if self.high <= limit:
+            return MEETS
+        if self.low > limit:
+            return OVER
+        return UNDECIDED
+
+
+MEETS, OVER, UNDECIDED = "meets", "over", "undecided"
+
+
+def paired_ratio(candidate: Sequence[float], reference: Sequence[float], confidence: float = CONFIDENCE,
+                 resamples: int = RESAMPLES, seed: int = 0) -> PairedRatio:
+    """The median ratio of paired samples (candidate[i] with reference[i]) and its bootstrap interval."""
+    cand, ref = np.asarray(candidate, dtype=float), np.asarray(reference, dtype=float)
+    if cand.shape != ref.shape or cand.ndim != 1 or cand.size == 0:
+        raise ValueError(f"paired samples need two equal, non-empty lists, got {cand.shape} and {ref.shape}")
+    if not (np.all(cand > 0) and np.all(ref > 0)):
+        raise ValueError("paired samples must be positive times")
+    ratios = cand / ref
+    rng = np.random.default_rng(seed)
+    medians = np.median(ratios[rng.integers(0, ratios.size, size=(resamples, ratios.size))], axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(medians, [tail, 100 - tail])
+    return PairedRatio(float(np.median(ratios)), float(low), float(high), int(ratios.size), confidence)

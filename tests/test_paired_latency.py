@@ -1,0 +1,137 @@
+"""Latency ratios with their uncertainty: paired samples, a bootstrap interval of the median ratio, verdicts
+against a budget with a margin, and llama.cpp's A/B timing interleaved step by step and timed longer while a
+caller's verdict is open."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from evaluators.latency import LatencyProtocol
+from evaluators.paired import MEETS, OVER, UNDECIDED, PairedRatio, paired_ratio
+from planner.budgets import Budget, parse_budget, unclear
+from tests.conftest import make_tiny_llama, make_tiny_tokenizer
+
+
+def test_the_ratio_is_the_median_of_the_pairs_and_its_interval_narrows_with_more_pairs():
+    rng = np.random.default_rng(1)
+    drift = np.exp(rng.normal(0, 0.3, 400))  # the machine slows and speeds up: both of a pair move together
+    reference = 10.0 * drift
+    candidate = 3.0 * drift * np.exp(rng.normal(0, 0.05, 400))
+    few, many = paired_ratio(candidate[:20], reference[:20]), paired_ratio(candidate, reference)
+    assert many.ratio == pytest.approx(float(np.median(candidate / reference)))
+    assert many.low < 0.3 < many.high and many.high - many.low < 0.015  # the drift cancels in each pair
+    assert (few.high - few.low) > 2 * (many.high - many.low)
+    assert (many.pairs, few.pairs) == (400, 20)
+    assert paired_ratio(candidate, reference) == paired_ratio(list(candidate), list(reference))  # seeded bootstrap
+
+
+def test_identical_samples_give_a_point_and_bad_samples_are_refused():
+    same = paired_ratio([2.0, 2.0, 2.0], [4.0, 4.0, 4.0])
+    assert (same.ratio, same.low, same.high) == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="two equal, non-empty"):
+        paired_ratio([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="positive"):
+        paired_ratio([1.0, 0.0], [1.0, 1.0])
+
+
+@pytest.mark.parametrize("low, high, verdict", [(0.26, 0.29, MEETS), (0.26, 0.30, MEETS), (0.31, 0.33, OVER),
+                                                (0.29, 0.31, UNDECIDED), (0.30, 0.31, UNDECIDED)])
+def test_a_verdict_is_clear_only_when_the_whole_interval_is_on_one_side(low, high, verdict):
+    assert PairedRatio((low + high) / 2, low, high, 48).verdict(0.3) == verdict
+    budget = parse_budget("latency", "0.3x").resolve({"decode_ms_p50": 10.0})
+    row = {"decode_ms_p50": 3.0, "decode_ratio": (low + high) / 2, "decode_interval": [low, high]}
+    assert budget.verdict(row) == verdict
+    assert unclear([budget])({"decode_ratio": PairedRatio((low + high) / 2, low, high, 48)}) is (verdict == UNDECIDED)
+
+
+def test_without_an_interval_or_on_an_absolute_budget_the_point_decides():
+    budget = parse_budget("latency", "0.3x").resolve({"decode_ms_p50": 10.0})
+    assert budget.verdict({"decode_ms_p50": 3.1, "decode_ratio": 0.29}) == MEETS
+    absolute = Budget("latency", limit=3.0, text="3ms")
+    assert absolute.verdict({"decode_ms_p50": 3.1, "decode_ratio": 0.29, "decode_interval": [0.28, 0.31]}) == OVER
+    assert not unclear([absolute])({"decode_ratio": PairedRatio(0.3, 0.2, 0.4, 9)})
+
+
+@pytest.fixture(scope="module")
+def two_ggufs(tmp_path_factory):
+    from targets.llamacpp.gguf_file import write_gguf
+
+    folder = tmp_path_factory.mktemp("ab")
+    tokenizer = make_tiny_tokenizer()
+    torch.manual_seed(0)
+    paths = []
+    for name in ("a", "b"):
+        path = folder / f"{name}.gguf"
+        write_gguf(make_tiny_llama(vocab_size=len(tokenizer)), tokenizer, path)
+        paths.append(path)
+    return paths
+
+
+def test_llama_cpp_times_pairs_of_steps_and_times_longer_only_while_the_caller_is_unclear(two_ggufs):
+    from targets.llamacpp.runtime import time_ab
+
+    protocol = LatencyProtocol(prompt_tokens=8, new_tokens=4, warmup=1, repeats=2, max_repeats=5)
+    asked = []
+
+    def always(intervals):
+        asked.append(intervals["decode_ratio"].pairs)
+        return True
+
+    settled = time_ab(*two_ggufs, protocol, threads=1)
+    assert settled.rounds == 2 and settled.decode["n"] == 2 * 4 == settled.decode_interval["pairs"]
+    assert settled.decode_interval["low"] <= settled.decode_ratio <= settled.decode_interval["high"]
+    assert settled.prefill_interval["pairs"] == 2
+    longer = time_ab(*two_ggufs, protocol, threads=1, unclear=always)
+    assert longer.rounds == 5 and longer.decode["n"] == 5 * 4 == longer.reference_decode["n"]
+    assert asked == [8, 12, 16]  # asked after each round from the protocol's repeats on; at the limit it stops
+    assert LatencyProtocol(repeats=3).most_repeats == 12
+    with pytest.raises(ValueError, match="max_repeats must be an integer >= 3"):
+        LatencyProtocol(repeats=3, max_repeats=2)
+
+
+def _study(trials):
+    import optuna
+
+    study = optuna.create_study(directions=["minimize"] * 2)
+    study.set_metric_names(["kl", "decode_ms_p50"])
+    for kl, ratio, interval in trials:
+        metrics = {"kl": kl, "decode_ms_p50": 10 * ratio, "decode_ratio": ratio, "decode_interval": interval,
+                   "perplexity": 20.0, "weight_mb": 90.0}
+        budget = parse_budget("latency", "0.3x").resolve({"decode_ms_p50": 10.0})
+        attrs = {"metrics": metrics, "label": f"kl {kl}", "stages": []}
+        if budget.verdict(metrics) == UNDECIDED:
+            attrs["undecided"] = ["latency"]
+        study.add_trial(optuna.trial.create_trial(values=[kl, 10 * ratio], user_attrs=attrs,
+                                                  constraints={"latency": budget.violation(metrics)}))
+    return study, [budget]
+
+
+def test_an_undecided_candidate_is_never_recommended_over_one_that_clearly_meets_the_budget():
+    from planner.outcome import decide
+    from planner.report import format_outcome
+
+    # trial 0: best KL, interval straddles 0.3x; trial 1: clear, worse KL and dominated by trial 0
+    study, budgets = _study([(0.02, 0.29, [0.28, 0.31]), (0.05, 0.295, [0.29, 0.299])])
+    outcome = decide(study, budgets, {"decode_ms_p50": 10.0})
+    assert outcome.recommended.number == 1 and [t.number for t in outcome.front] == [0, 1]
+    text = format_outcome(outcome)
+    assert "? = undecided: its latency interval straddles the budget" in text
+    assert any(line.startswith("? ") and "kl 0.02" in line for line in text.splitlines())
+    assert any(line.startswith("* ") and "kl 0.05" in line for line in text.splitlines())
+    # with no clear candidate, the best undecided one is recommended (and still marked in its row)
+    study, budgets = _study([(0.02, 0.29, [0.28, 0.31])])
+    assert decide(study, budgets, {"decode_ms_p50": 10.0}).recommended.number == 0
+
+
+@pytest.mark.parametrize("interval, undecided", [([0.28, 0.31], ["latency"]), ([0.27, 0.29], None), (None, None)])
+def test_a_trial_records_which_budgets_its_interval_leaves_undecided(interval, undecided):
+    import optuna
+
+    from planner.trial import constrain
+
+    budget = parse_budget("latency", "0.3x").resolve({"decode_ms_p50": 10.0})
+    trial = optuna.create_study().ask()
+    row = {"decode_ms_p50": 2.9, "decode_ratio": 0.29, **({"decode_interval": interval} if interval else {})}
+    assert constrain(trial, [budget], row) is True
+    assert trial.user_attrs.get("undecided") == undecided
