@@ -6,15 +6,19 @@ stage; and parameter importances where they say something."""
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 
+from planner.budgets import INTERVALS, METRICS, RATIOS
 from planner.errors import PlannerError, check_writable
 from planner.objectives import OBJECTIVES, accuracy_objectives, column_order, metric, minimised
 from planner.outcome import Outcome, feasible, measured, pareto_front
 from planner.report import best_table, format_outcome, target_of
 
+# latency figure -> its same-run ratio to the reference (decode_ms_p50 -> decode_ratio), where a target times A/B
+SAME_RUN = {METRICS[kind][0]: ratio for kind, ratio in RATIOS.items()}
 IMPORTANCE_FLOOR = 0.01  # importances below this say nothing: left out of the plot
 COLOURS = {"feasible": "#1f77b4", "infeasible": "#b0b0b0", "front": "#1f77b4", "recommended": "#d62728",
            "baseline": "#2ca02c", "stock": "#9467bd", "budget": "rgba(214, 39, 40, 0.08)"}
@@ -56,73 +60,105 @@ def budget_limit(outcome: Outcome, name: str) -> float | None:
     return budget.limit * objective.budget_scale
 
 
+@dataclass(frozen=True)
+class Axis:
+    """What an objective's axis plots: the figure its budget's verdict uses (a relative latency budget is judged
+    on the same-run ratio, so that is drawn, with its confidence interval as error bars), and the budget's
+    line in that figure's unit."""
+
+    name: str  # the metrics-row key plotted
+    limit: float | None
+    interval: str | None = None  # the row key of [low, high] error bars
+
+
+def axis_of(outcome: Outcome, name: str, trials) -> Axis:
+    objective = OBJECTIVES.get(name)
+    budget = next((b for b in outcome.budgets if objective is not None and b.kind == objective.budget), None)
+    if (budget is not None and budget.relative is not None and budget.ratio_metric
+            and any(budget.ratio_metric in t.user_attrs["metrics"] for t in trials)):
+        return Axis(budget.ratio_metric, budget.relative, INTERVALS.get(budget.ratio_metric))
+    return Axis(name, budget_limit(outcome, name))
+
+
+def _error_bars(rows: list[dict], axis: Axis) -> dict | None:
+    if axis.interval is None or not any(row.get(axis.interval) for row in rows):
+        return None
+    low = [row[axis.name] - (row.get(axis.interval) or [row[axis.name]] * 2)[0] for row in rows]
+    high = [(row.get(axis.interval) or [row[axis.name]] * 2)[1] - row[axis.name] for row in rows]
+    return {"type": "data", "symmetric": False, "array": high, "arrayminus": low, "thickness": 1}
+
+
 def trade_off_figure(outcome: Outcome, x: str, y: str):
     import plotly.graph_objects as go
 
     names = outcome.objectives
     trials = _shown_trials(outcome.study)
-    value = lambda t, n: t.user_attrs["metrics"][n]  # noqa: E731
+    ax, ay = axis_of(outcome, x, trials), axis_of(outcome, y, trials)
+    trials = [t for t in trials if ax.name in t.user_attrs["metrics"] and ay.name in t.user_attrs["metrics"]]
+    value = lambda t, a: t.user_attrs["metrics"][a.name]  # noqa: E731
     figure = go.Figure()
     for label, group, symbol in (("meets the budget", [t for t in trials if feasible(t)], "circle"),
                                  ("over the budget", [t for t in trials if not feasible(t)], "circle-open")):
         if group:
             colour = COLOURS["feasible" if symbol == "circle" else "infeasible"]
+            rows = [t.user_attrs["metrics"] for t in group]
             figure.add_trace(go.Scatter(
-                x=[value(t, x) for t in group], y=[value(t, y) for t in group], mode="markers", name=label,
+                x=[value(t, ax) for t in group], y=[value(t, ay) for t in group], mode="markers", name=label,
                 marker={"symbol": symbol, "size": 9, "color": colour}, hovertemplate="%{text}<extra></extra>",
+                error_x=_error_bars(rows, ax), error_y=_error_bars(rows, ay),
                 text=[_hover(t, names) for t in group]))
     # The front of this view: feasible candidates no other beats on both of its axes (the study's front is
     # over every objective, and its projection is not a front).
-    feasible_here = [t for t in trials if feasible(t) and x in t.user_attrs["metrics"]]
-    front = sorted(pareto_front(feasible_here, values=lambda t: (value(t, x), value(t, y))),
-                   key=lambda t: (value(t, x), value(t, y)))
+    feasible_here = [t for t in trials if feasible(t)]
+    front = sorted(pareto_front(feasible_here, values=lambda t: (value(t, ax), value(t, ay))),
+                   key=lambda t: (value(t, ax), value(t, ay)))
     if front:
-        figure.add_trace(go.Scatter(x=[value(t, x) for t in front], y=[value(t, y) for t in front], mode="lines",
+        figure.add_trace(go.Scatter(x=[value(t, ax) for t in front], y=[value(t, ay) for t in front], mode="lines",
                                     name="trade-off front (meets the budget)", hoverinfo="skip",
                                     line={"color": COLOURS["front"], "dash": "dot", "shape": "hv"}))
     baseline = outcome.baseline
-    if baseline.get(x) is not None and baseline.get(y) is not None:
+    if baseline.get(ax.name) is not None and baseline.get(ay.name) is not None:
         figure.add_trace(go.Scatter(
-            x=[baseline[x]], y=[baseline[y]], mode="markers+text", name="baseline (uncompressed)",
+            x=[baseline[ax.name]], y=[baseline[ay.name]], mode="markers+text", name="baseline (uncompressed)",
             text=["baseline"], textposition="top center", marker={"symbol": "diamond", "size": 13,
                                                                     "color": COLOURS["baseline"]},
-            hovertemplate=f"baseline<br>{metric(x).label}: %{{x}}<br>{metric(y).label}: %{{y}}<extra></extra>"))
-    stock = [c for c in outcome.compared if x in c.row and y in c.row]
+            hovertemplate=f"baseline<br>{metric(ax.name).label}: %{{x}}<br>{metric(ay.name).label}: %{{y}}"
+                          "<extra></extra>"))
+    stock = [c for c in outcome.compared if ax.name in c.row and ay.name in c.row]
     if stock:  # the target's stock tool (`compare`), measured as the candidates
         figure.add_trace(go.Scatter(
-            x=[c.row[x] for c in stock], y=[c.row[y] for c in stock], mode="markers+text", name="stock tool (compare)",
-            text=[c.name for c in stock], textposition="top center",
+            x=[c.row[ax.name] for c in stock], y=[c.row[ay.name] for c in stock], mode="markers+text",
+            name="stock tool (compare)", text=[c.name for c in stock], textposition="top center",
+            error_x=_error_bars([c.row for c in stock], ax), error_y=_error_bars([c.row for c in stock], ay),
             marker={"symbol": "x", "size": 11, "color": COLOURS["stock"]}, hovertemplate="%{customdata}<extra></extra>",
-            customdata=[f"{html.escape(c.label)}<br>{metric(x).label}: {metric(x).shown(c.row[x])}<br>"
-                        f"{metric(y).label}: {metric(y).shown(c.row[y])}" for c in stock]))
-    if outcome.recommended is not None and x in outcome.recommended.user_attrs["metrics"]:
+            customdata=[f"{html.escape(c.label)}<br>{metric(ax.name).label}: {metric(ax.name).shown(c.row[ax.name])}"
+                        f"<br>{metric(ay.name).label}: {metric(ay.name).shown(c.row[ay.name])}" for c in stock]))
+    if outcome.recommended is not None and outcome.recommended in trials:
         chosen = outcome.recommended
         figure.add_trace(go.Scatter(
-            x=[value(chosen, x)], y=[value(chosen, y)], mode="markers+text", name="recommended",
+            x=[value(chosen, ax)], y=[value(chosen, ay)], mode="markers+text", name="recommended",
             text=[f"recommended: trial {chosen.number}"], textposition="bottom right",
             marker={"symbol": "star", "size": 20, "color": COLOURS["recommended"],
                     "line": {"width": 1, "color": "black"}},
             hovertemplate="%{customdata}<extra></extra>", customdata=[_hover(chosen, names)]))
-    for axis, name in (("x", x), ("y", y)):
-        limit = budget_limit(outcome, name)
-        if limit is None:
+    for axis, shown in (("x", ax), ("y", ay)):
+        if shown.limit is None:
             continue
         # The budget as a dashed line, the region past it shaded: what lies there is not recommendable.
         region = {"fillcolor": COLOURS["budget"], "line": {"width": 0}, "layer": "below"}
+        far = max([shown.limit, baseline.get(shown.name) or 0.0]
+                  + [t.user_attrs["metrics"][shown.name] for t in trials])
+        text = f"budget {metric(shown.name).shown(shown.limit)}"
         if axis == "x":
-            figure.add_vline(x=limit, line_dash="dash", line_color=COLOURS["recommended"],
-                             annotation_text=f"budget {metric(name).shown(limit)}")
-            far = max([limit, baseline.get(x) or 0.0] + [value(t, x) for t in trials])
-            figure.add_vrect(x0=limit, x1=far * 1.05, **region)
+            figure.add_vline(x=shown.limit, line_dash="dash", line_color=COLOURS["recommended"], annotation_text=text)
+            figure.add_vrect(x0=shown.limit, x1=far * 1.05, **region)
         else:
-            figure.add_hline(y=limit, line_dash="dash", line_color=COLOURS["recommended"],
-                             annotation_text=f"budget {metric(name).shown(limit)}")
-            far = max([limit, baseline.get(y) or 0.0] + [value(t, y) for t in trials])
-            figure.add_hrect(y0=limit, y1=far * 1.05, **region)
+            figure.add_hline(y=shown.limit, line_dash="dash", line_color=COLOURS["recommended"], annotation_text=text)
+            figure.add_hrect(y0=shown.limit, y1=far * 1.05, **region)
     better = "lower" if OBJECTIVES[y].direction == "minimize" else "higher"
-    figure.update_layout(xaxis_title=axis_name(x), yaxis_title=f"{axis_name(y)} ({better} is better)",
+    figure.update_layout(xaxis_title=axis_name(ax.name), yaxis_title=f"{axis_name(ay.name)} ({better} is better)",
                          legend={"orientation": "h", "y": -0.2}, margin={"t": 30}, height=520)
-    if y == "perplexity" and trials and max(value(t, y) for t in trials) > 10 * min(value(t, y) for t in trials):
+    if ay.name == "perplexity" and trials and max(value(t, ay) for t in trials) > 10 * min(value(t, ay) for t in trials):
         figure.update_yaxes(type="log")  # a few broken candidates would squash the useful range
     return figure
 
@@ -159,12 +195,17 @@ def comparison_table(outcome: Outcome) -> str:
         cells = []
         for n in names:
             value, base = row.get(n), outcome.baseline.get(n)
-            ratio = f" <small>({value / base:.2f}x)</small>" if value is not None and base else ""
+            same_run = row.get(SAME_RUN.get(n, ""))  # the ratio a relative budget's verdict used, where timed
+            if same_run is not None and row is not outcome.baseline:
+                ratio = f" <small>({same_run:.2f}x same run)</small>"
+            else:
+                ratio = f" <small>({value / base:.2f}x)</small>" if value is not None and base else ""
             cells.append(f"<td>{metric(n).shown(value)}{ratio}</td>")
         stages = html.escape(row.get("stages", "")) if row is not outcome.baseline else "baseline"
         body.append(f"<tr><th>{html.escape(label)}</th>{''.join(cells)}<td>{stages}</td></tr>")
     return (f"<table class='compare'><tr><th></th>{head}<th>stages</th></tr>{''.join(body)}</table>"
-            "<p><small>Ratios are to the baseline's figure.</small></p>")
+            "<p><small>Ratios are to the baseline's figure; a latency timed A/B shows its same-run ratio to the "
+            "uncompressed model (what a relative budget is judged on).</small></p>")
 
 
 def timeline_figure(study: optuna.Study):
