@@ -78,6 +78,10 @@ class Budget:
         if self.limit is None:
             return f"{self.kind} <= {self.relative:g}x baseline"
         shown = f"{self.limit / 1e6:.1f} MB" if unit == "bytes" else f"{self.limit:.2f} ms"
+        if self.relative is not None and self.ratio_metric:
+            # judged on the same-run ratio where the target times A/B: the ms are the baseline's, for scale
+            return f"{self.kind} <= {self.relative:g}x baseline (same-run ratio where timed A/B; {shown} at the " \
+                   "baseline's figure)"
         return f"{self.kind} <= {shown}" + (f" ({self.relative:g}x baseline)" if self.relative is not None else "")
 
     def to_dict(self) -> dict:

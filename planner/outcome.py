@@ -8,7 +8,7 @@ from typing import Sequence
 
 import optuna
 
-from planner.budgets import RATIOS, Budget
+from planner.budgets import MEETS, RATIOS, Budget
 from planner.errors import PlannerError
 from planner.objectives import DEFAULT, OBJECTIVES, minimised
 
@@ -39,6 +39,7 @@ class Outcome:
     closest: list[optuna.trial.FrozenTrial]
     objectives: tuple[str, ...] = DEFAULT
     compared: list[Compared] = field(default_factory=list)
+    doubtful: set[int] = field(default_factory=set)  # trials not clearly within their latency budgets
 
 
 def measured(trial: optuna.trial.FrozenTrial) -> bool:
@@ -46,8 +47,20 @@ def measured(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.state == COMPLETE and "perplexity" in trial.user_attrs.get("metrics", {})
 
 
-def undecided(trial: optuna.trial.FrozenTrial) -> bool:
-    """Its latency interval straddles a budget (planner.budgets.Budget.verdict): it may meet it or not."""
+CONFIRMATIONS = "confirmations"  # study attribute: trial number -> its re-timing (planner.confirm)
+
+
+def confirmation(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict | None:
+    """The trial's re-timing by the confirmation stage (planner.confirm), if it had one."""
+    return study.user_attrs.get(CONFIRMATIONS, {}).get(str(trial.number))
+
+
+def doubtful(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+    """Not clearly within its latency budgets: re-timed and not clearly meeting them, or (never re-timed) its
+    interval straddles one (planner.budgets.Budget.verdict). A re-timing that clearly meets them clears it."""
+    confirmed = confirmation(study, trial)
+    if confirmed and not confirmed.get("failure"):
+        return any(v != MEETS for v in confirmed["verdicts"].values())
     return bool(trial.user_attrs.get("undecided"))
 
 
@@ -81,9 +94,9 @@ def decide(study: optuna.Study, budgets: list[Budget], baseline: dict) -> Outcom
     score = lambda t: minimised(objectives, t.values)  # noqa: E731
     # A candidate whose latency interval straddles its budget is never recommended over one that clearly
     # meets it: the front is that of the clear candidates, with the undecided ones that would sit on it beside.
-    clear = [t for t in good if not undecided(t)]
-    front_clear = pareto_front(clear, score)
-    front = sorted(front_clear + [t for t in pareto_front(good, score) if undecided(t)],
+    unclear = {t.number for t in good if doubtful(study, t)}
+    front_clear = pareto_front([t for t in good if t.number not in unclear], score)
+    front = sorted(front_clear + [t for t in pareto_front(good, score) if t.number in unclear],
                    key=lambda t: (score(t)[0], t.number))
     ranked = sorted(front_clear, key=lambda t: (score(t)[0], t.number)) or front
     recommended = ranked[0] if ranked else None
@@ -95,7 +108,7 @@ def decide(study: optuna.Study, budgets: list[Budget], baseline: dict) -> Outcom
                  and "duplicate_of" not in t.user_attrs]
         closest = sorted(sized, key=lambda t: (total_excess(t), t.number))[:CLOSEST_SHOWN]
     return Outcome(study, budgets, baseline, front, recommended, closest, objectives,
-                   compare_stock(study, budgets, baseline, objectives))
+                   compare_stock(study, budgets, baseline, objectives), unclear)
 
 
 def comparable(objectives: tuple[str, ...], row: dict, baseline: dict) -> tuple[float, ...]:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import optuna
 
 from planner.objectives import FIGURES, MINIMIZE, OBJECTIVES, column_order, metric
-from planner.outcome import Compared, Outcome, best_trials, feasible
-from planner.outcome import undecided as undecided_trial
+from planner.outcome import CONFIRMATIONS, Compared, Outcome, best_trials, feasible
 from planner.workers import answered, finished, repeat
 
 
@@ -50,8 +49,10 @@ def columns(rows: list[dict]) -> list[str]:
     return [name for name in column_order() if any(row.get(name) is not None for row in rows)]
 
 
-def table(rows: list[dict], marked: int | None = None, first: tuple[str, list[str]] | None = None) -> str:
-    """Rows of trials; `first` adds a leading column (its name and one cell per row)."""
+def table(rows: list[dict], marked: int | None = None, first: tuple[str, list[str]] | None = None,
+          doubtful: set[int] = frozenset()) -> str:
+    """Rows of trials; `first` adds a leading column (its name and one cell per row); `marked` gets a *, the
+    `doubtful` trials a ?."""
     names = columns(rows)
     cells = [[str(row["trial"])] + [metric(n).shown(row.get(n)) for n in names] for row in rows]
     headings = ["trial"] + [metric(n).label for n in names]
@@ -66,7 +67,7 @@ def table(rows: list[dict], marked: int | None = None, first: tuple[str, list[st
 
     lines = [line("  ", lead_name, headings, "stages")]
     for lead_cell, row, values in zip(lead, rows, cells):
-        mark = "* " if row["trial"] == marked else "? " if row.get("undecided") else "  "
+        mark = "* " if row["trial"] == marked else "? " if row["trial"] in doubtful else "  "
         lines.append(line(mark, lead_cell, values, row["label"]))
     return "\n".join(lines)
 
@@ -130,11 +131,11 @@ def _format_front(outcome: Outcome) -> str:
     lines = [trials_line(outcome), objectives_line(outcome), budget_line(outcome), baseline_line(outcome), ""]
     first = metric(outcome.objectives[0]).label
     if outcome.recommended is not None:
-        undecided = any(undecided_trial(t) for t in outcome.front)
+        doubt = outcome.doubtful & {t.number for t in outcome.front}
         lines += [f"Pareto front of the candidates that meet the budget (* = recommended: best {first}"
-                  + ("; ? = undecided: its latency interval straddles the budget, never recommended over a "
-                     "candidate that clearly meets it" if undecided else "") + "):",
-                  table([trial_row(t) for t in outcome.front], outcome.recommended.number)]
+                  + ("; ? = not clearly within the latency budget: its interval straddles it, or it did not hold "
+                     "when re-timed; never recommended over a candidate that clearly meets it" if doubt else "")
+                  + "):", table([trial_row(t) for t in outcome.front], outcome.recommended.number, doubtful=doubt)]
     else:
         lines += ["No measured candidate meets the budget. Closest (least total excess over the budget):",
                   table([trial_row(t) for t in outcome.closest])]
@@ -185,6 +186,8 @@ def outcome_to_dict(outcome: Outcome) -> dict:
         "recommended": outcome.recommended.number if outcome.recommended is not None else None,
         "closest": [trial_row(t) for t in outcome.closest],
         "best_per_objective": best_per_objective_rows(outcome),
+        "doubtful": sorted(outcome.doubtful),
+        "confirmations": outcome.study.user_attrs.get(CONFIRMATIONS, {}),
         "compared": [{"name": c.name, "label": c.label, **{n: c.row.get(n) for n in column_order()},
                       "meets_budget": c.meets_budget, "dominated_by": c.dominated_by, "failure": c.failure}
                      for c in outcome.compared],

@@ -21,6 +21,7 @@ from planner import assets, workers
 from planner import objectives as objective_registry
 from planner.budgets import Budget, of_kind
 from planner.candidates import describe, smallest_candidate, starting_points
+from planner.confirm import confirm
 from planner.errors import Interrupted, PlannerError, SearchStopped, check_writable
 from planner.outcome import Outcome, decide
 from planner.report import not_counted, trial_line
@@ -346,6 +347,7 @@ def run_study(study: optuna.Study, bench: Workbench, quiet: bool = False) -> Out
         if result.failed_in_a_row >= workers.MAX_CONSECUTIVE_FAILURES:
             raise SearchStopped(f"stopped: the last {result.failed_in_a_row} trials all failed "
                                f"(last: {result.last_failure}); see `planner review` for each trial's reason")
+    confirm(study, bench, say=(lambda line: None) if quiet else tqdm.write)
     return decide(study, bench.budgets, bench.baseline)
 
 

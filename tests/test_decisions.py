@@ -367,7 +367,8 @@ def test_parse_budget_messages(kind, text, message):
 @pytest.mark.parametrize("budget, shown", [
     (Budget("memory", relative=0.5), "memory <= 0.5x baseline"),
     (Budget("latency", 12.5), "latency <= 12.50 ms"),
-    (Budget("latency", 5.0, 0.5), "latency <= 5.00 ms (0.5x baseline)"),
+    (Budget("latency", 5.0, 0.5),
+     "latency <= 0.5x baseline (same-run ratio where timed A/B; 5.00 ms at the baseline's figure)"),
     (Budget("memory", 269_030_016, 0.5), "memory <= 269.0 MB (0.5x baseline)"),
     (Budget("memory", 300e6), "memory <= 300.0 MB"),
     (Budget("prefill", 1.5), "prefill <= 1.50 ms"),
