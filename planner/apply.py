@@ -9,7 +9,7 @@ from typing import Callable
 from pathlib import Path
 
 from planner import assets
-from planner.candidates import build
+from planner.candidates import build, shipped_stages
 from planner.budgets import INTERVALS
 from planner.errors import PlannerError
 from planner.recipes import Recipe, load_recipe
@@ -100,7 +100,7 @@ def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool
     context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, device=torch_device,
                            seed=int(recipe.provenance.get("seed", 0)), cache_dir=assets.cache_root(),
                            model_id=f"{recipe.model_source}@{recipe.model_hash}", progress=verbose)
-    candidate = build(model, list(recipe.stages), context).model
+    candidate = build(model, shipped_stages(list(recipe.stages)), context).model
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -182,7 +182,8 @@ def check(recipe: Recipe, row: dict, out: Path, artifact: Path, target: str,
     recorded = recipe.metrics.get("summary") or {}
     # Bytes as stored: the artifact's own figure, exact in every target (what a runtime holds once loaded may
     # differ from what it holds before its first forward, e.g. compressed-tensors decompressing on the fly).
-    size_key = "disk_bytes" if "disk_bytes" in recorded else "weight_bytes"
+    # A stage applied at load ships the model before it: what it serves is the resident figure after loading.
+    size_key = "disk_bytes" if "disk_bytes" in recorded and not row.get("applied_at_load") else "weight_bytes"
     perplexity, size = row["perplexity"], row[size_key]
     recorded_ppl = recorded.get("perplexity") or (recipe.metrics.get("perplexity") or {}).get("perplexity")
     recorded_size = recorded.get(size_key)

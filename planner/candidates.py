@@ -186,6 +186,14 @@ def build(base_model: torch.nn.Module, stages: list[Stage], context: BuildContex
     return BuiltCandidate(model.eval(), seconds, training)
 
 
+def shipped_stages(stages: list[Stage]) -> list[Stage]:
+    """The stages a shipped artifact is built from: all, less a last stage applied again at load time (dynamic
+    int8 on transformers ships the model before it, with its spec beside it)."""
+    if stages and TECHNIQUES[stages[-1].technique].applied_at_load(stages[-1].spec):
+        return stages[:-1]
+    return stages
+
+
 def describe(stages: list[Stage], notes: dict | None = None) -> str:
     """A short label such as 'prune(mlp 0.75) + quant(gptq 4/4 g128*)' for tables and logs; with the stages'
     storage notes, what the label would hide is marked (see `Technique.describe`)."""

@@ -123,6 +123,20 @@ def resolve_spaces(settings: StudySettings, model, defaults: dict | None = None)
     return spaces
 
 
+def methods_left_out(target, given: dict, fitted: dict) -> list[str]:
+    """One line per technique whose methods the target left out of its space: what it cannot ship."""
+    lines = []
+    for name, space in given.items():
+        kept = fitted.get(name)
+        methods, kept_methods = getattr(space, "methods", None), getattr(kept, "methods", None)
+        if isinstance(methods, tuple) and isinstance(kept_methods, tuple):
+            dropped = [m for m in methods if m not in kept_methods]
+            if dropped:
+                lines.append(f"planner: space.{name}.methods: {', '.join(dropped)} left out: the {target.name} "
+                             f"target ships {target.artifact}, which cannot hold them")
+    return lines
+
+
 def left_out(name: str, space, fitted, reasons: dict[str, str]) -> list[str]:
     """One line per space field whose choices fitting dropped for this model, saying why where it is known."""
     lines = []
@@ -151,7 +165,10 @@ def prepare(settings: StudySettings, study: optuna.Study | None = None, verbose:
     except TargetError as exc:
         raise PlannerError(str(exc)) from None
     check_compare(settings.compare_names(), target)
-    spaces = target.fit_spaces(resolve_spaces(settings, model, target.space_defaults()), model)
+    resolved = resolve_spaces(settings, model, target.space_defaults())
+    spaces = target.fit_spaces(resolved, model)
+    for line in methods_left_out(target, resolved, spaces):
+        tqdm.write(line)
     context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, device=device, seed=settings.seed,
                            cache_dir=assets.cache_root(), model_id=f"{settings.model}@{model_hash}",
                            progress=verbose)

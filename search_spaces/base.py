@@ -155,6 +155,11 @@ class Technique(abc.ABC):
         """Presets worth trying on every reduced shape (storage stages)."""
         return []
 
+    def applied_at_load(self, spec) -> bool:
+        """Whether this stage is shipped as the model before it plus its spec, applied again once the checkpoint is
+        loaded (its result cannot be saved, and applying it needs no calibration data)."""
+        return False
+
     def save(self, model, spec, folder: Path) -> None:
         """Write a built model as a checkpoint plain transformers loads (the caller saves the tokenizer)."""
         model.save_pretrained(folder)

@@ -8,7 +8,9 @@ transformers decompresses to float on load, so their latency is the float graph'
 """
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
@@ -17,7 +19,10 @@ from evaluators.kl import torch_windows
 from evaluators.latency import measure_latency
 from evaluators.memory import weight_bytes
 from evaluators.runtime import inference_eval, model_device, model_dtype
+from search_spaces.quantization.methods.base import QUANT_METHODS
 from search_spaces.quantization.modules import FLOAT, PACKED, StoredWeights
+from search_spaces.quantization.schemes import scheme_named
+from search_spaces.quantization.spec import NO_QUANTIZATION
 from targets.base import Measured, Request, Target, register_target
 from targets.figures import metrics_row, scored
 
@@ -63,6 +68,15 @@ class TransformersTarget(Target):
     runtime = "transformers (PyTorch)"
     artifact = "a checkpoint folder for from_pretrained (compressed-tensors for rtn/gptq)"
 
+    def fit_spaces(self, spaces: dict, model) -> dict:
+        """Methods that store their layers in a checkpoint transformers loads (e.g. not llama.cpp's own types)."""
+        quant = spaces.get("quantization")
+        if quant is None:
+            return spaces
+        scheme = scheme_named(quant.grid)
+        kept = tuple(m for m in quant.methods if m == NO_QUANTIZATION or QUANT_METHODS[m].accepts(scheme))
+        return {**spaces, "quantization": replace(quant, methods=kept or (NO_QUANTIZATION,))}
+
     def prepare(self, request: Request) -> None:
         # The first model timed in a fresh process decodes slowly (the fidelity benchmark found a stored
         # baseline ~45% slow), which would loosen relative latency budgets: one untimed pass first.
@@ -73,10 +87,16 @@ class TransformersTarget(Target):
         return measure_torch(request, model, label)
 
     def ship(self, model, tokenizer, stages: list, out: Path) -> Path:
+        """The checkpoint; a last stage applied at load (dynamic int8) is shipped as `model`, the model before it
+        (the caller builds it so), with the stage's spec beside it in AT_LOAD_FILE."""
         from search_spaces import TECHNIQUES
 
-        if stages:
-            last = stages[-1]
+        last = stages[-1] if stages else None
+        if last is not None and TECHNIQUES[last.technique].applied_at_load(last.spec):
+            model.save_pretrained(out)
+            (Path(out) / AT_LOAD_FILE).write_text(json.dumps({"technique": last.technique,
+                                                              "spec": last.spec.to_dict()}, indent=2) + "\n")
+        elif last is not None:
             TECHNIQUES[last.technique].save(model, last.spec, out)  # ValueError: no loadable format
         else:
             model.save_pretrained(out)
@@ -84,16 +104,40 @@ class TransformersTarget(Target):
         return out
 
     def measure_shipped(self, request: Request, artifact: Path) -> Measured:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(artifact).to(request.device).eval()
+        model = load_shipped(artifact, request.device)
         measured = measure_torch(request, model, "shipped")
         # As stored: the checkpoint files' tensors (loading casts 16-bit copies to the config's dtype).
         measured.row["disk_bytes"] = checkpoint_tensor_bytes(artifact)
+        if (Path(artifact) / AT_LOAD_FILE).is_file():  # what it serves is the re-applied stage's: resident bytes
+            measured.row["applied_at_load"] = True
         return measured
 
     def how_to_load(self, artifact: Path) -> str:
+        if (Path(artifact) / AT_LOAD_FILE).is_file():
+            return (f"load it with targets.transformers_target.load_shipped('{artifact}') (from_pretrained, then "
+                    f"the stage in {AT_LOAD_FILE} applied again)")
         return f"load it with AutoModelForCausalLM.from_pretrained('{artifact}')"
+
+
+AT_LOAD_FILE = "planner-at-load.json"  # a stage applied again once the checkpoint is loaded (dynamic int8)
+
+
+def load_shipped(folder: Path, device="cpu"):
+    """A shipped checkpoint as it serves: from_pretrained, then the stage in AT_LOAD_FILE (if any) applied to it
+    (deterministic, no calibration data: e.g. torch's dynamic int8 on the CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from search_spaces import TECHNIQUES, BuildContext
+
+    model = AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
+    at_load = Path(folder) / AT_LOAD_FILE
+    if at_load.is_file():
+        stage = json.loads(at_load.read_text())
+        technique = TECHNIQUES[stage["technique"]]
+        spec = technique.spec_type.from_dict(stage["spec"], AT_LOAD_FILE)
+        model = technique.apply(model, spec, BuildContext(tokenizer=None, calibration=[], device=torch.device(device)))
+    return model.eval()
 
 
 def checkpoint_tensor_bytes(folder: Path) -> int:

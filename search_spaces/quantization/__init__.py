@@ -132,6 +132,9 @@ class Quantization(Technique):
             return [{}]
         return [p for m in self._methods(space) for p in self._with_method(m, m.smallest(space))] or [{}]
 
+    def applied_at_load(self, spec: QuantSpec) -> bool:
+        return spec.quant_method.applied_at_load
+
     def save(self, model: nn.Module, spec: QuantSpec, folder) -> None:
         export(model, spec, folder)
 

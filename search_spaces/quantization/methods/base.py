@@ -35,6 +35,9 @@ class QuantMethod(abc.ABC):
     sets_head: ClassVar[bool] = False  # can quantize the LM head and embedding group
     # Format of the transformers-loadable checkpoint it saves as (None: there is none).
     checkpoint: ClassVar[str | None] = None
+    # Its layers cannot be saved, but it is re-applied to the loaded float checkpoint, deterministically and
+    # without calibration (a checkpoint target ships the model before it, with the spec beside).
+    applied_at_load: ClassVar[bool] = False
 
     def param(self, name: str) -> str:
         """The method's own trial parameter, relative to the quantization technique's prefix."""

@@ -81,6 +81,7 @@ def dynamic_layer_bytes(plan: LayerPlan) -> int:
 class DynamicInt8(WholeGroupMethod):
     name = "dynamic-int8"
     bits = (8, 16)
+    applied_at_load = True  # quantize_dynamic on the loaded float checkpoint: no calibration, deterministic
 
     def runs_on(self, device: str) -> bool:
         # torch's dynamic quantized linear kernels exist for the CPU only
