@@ -47,6 +47,8 @@ class ApplyResult:
     budget_note: str = ""
     how_to_load: str = ""  # the target's line telling how to serve the artifact
     decode_interval: tuple | None = None  # the judged ratio's confidence interval (low, high)
+    # times the shipped artifact again as apply first timed it (latency only): a metrics row (benchmarks)
+    timing: Callable[[], dict] | None = field(default=None, repr=False)
 
 
 def check_output(folder: Path, force: bool) -> None:
@@ -123,6 +125,8 @@ def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool
     row = chosen.measure_shipped(request, artifact).row
     result = check(recipe, row, out, artifact, chosen.name, retime=lambda: _retime(chosen, request, artifact))
     result.how_to_load = chosen.how_to_load(artifact)
+    latency_only = replace(request, evaluators=frozenset({"latency"}), scorers=())
+    result.timing = lambda: chosen.measure_shipped(latency_only, artifact).row
     return result
 
 

@@ -19,9 +19,8 @@ from tqdm import tqdm
 
 from planner.budgets import INTERVALS, MEETS, Budget
 from planner.outcome import CONFIRMATIONS, confirmation, decide
-from planner.recipes import Stage
+from planner.recipes import stored_stages
 from planner.trial import Workbench, release_memory
-from search_spaces import TECHNIQUES
 
 CONFIRM_NEAR = 0.85  # a candidate whose interval reaches past this fraction of a ratio budget is confirmed
 CONFIRM_REPEATS = 2  # times the study's rounds
@@ -59,8 +58,7 @@ def confirm(study: optuna.Study, bench: Workbench, say=tqdm.write) -> None:
 
 def _confirm_one(study: optuna.Study, bench: Workbench, trial: optuna.trial.FrozenTrial, say) -> None:
     started = time.perf_counter()
-    stages = [Stage(s["technique"], TECHNIQUES[s["technique"]].spec_type.from_dict(s["spec"], "stages"))
-              for s in trial.user_attrs["stages"]]
+    stages = list(stored_stages(trial.user_attrs["stages"]))
     row = trial.user_attrs["metrics"]
     shown = ", ".join(_timing(row, b) for b in ratio_budgets(bench.budgets) if b.ratio_metric in row)
     say(f"planner: confirming trial {trial.number} ({shown}): rebuilt and re-timed in fresh A/B rounds")

@@ -134,6 +134,13 @@ def load_recipe(path: Path, techniques: dict) -> Recipe:
         raise RecipeError(f"recipe {path}: {exc}") from None
 
 
+def stored_stages(plain: list[dict]) -> tuple[Stage, ...]:
+    """Stages from their plain stored form (a trial's `stages`, a recipe's)."""
+    from search_spaces import TECHNIQUES
+
+    return tuple(Stage(s["technique"], TECHNIQUES[s["technique"]].spec_type.from_dict(s["spec"])) for s in plain)
+
+
 def recipe_for(study, trial) -> Recipe:
     """The recipe of a measured trial of an Optuna study, from what the study stored (no model needed)."""
     import optuna
@@ -141,21 +148,21 @@ def recipe_for(study, trial) -> Recipe:
     import transformers
 
     import planner
-    from search_spaces import TECHNIQUES
 
     model = study.user_attrs.get("model")
     if not model:
         raise PlannerError(f"study '{study.study_name}' has no baseline yet (no search has run in it)")
-    stages = tuple(Stage(s["technique"], TECHNIQUES[s["technique"]].spec_type.from_dict(s["spec"]))
-                   for s in trial.user_attrs.get("stages", []))
+    stages = stored_stages(trial.user_attrs.get("stages", []))
     settings = study.user_attrs.get("settings", {})
+    confirmed = study.user_attrs.get("confirmations", {}).get(str(trial.number))
     return Recipe(
         model_source=model["source"],
         model_hash=model["content_hash"],
         stages=stages,
         budget=tuple(study.user_attrs.get("budgets", [])),
         metrics={"summary": trial.user_attrs.get("metrics", {}), **trial.user_attrs.get("measurements", {}),
-                 **({"storage_notes": trial.user_attrs["storage_notes"]} if "storage_notes" in trial.user_attrs else {})},
+                 **({"storage_notes": trial.user_attrs["storage_notes"]} if "storage_notes" in trial.user_attrs else {}),
+                 **({"confirmation": confirmed} if confirmed else {})},  # its re-timing before the outcome
         provenance={
             "study": study.study_name,
             "trial": trial.number,
