@@ -3,8 +3,9 @@
 registry's small queries, a non-finite budget, the skip message on a same-run ratio, what a workbench's request
 carries (the device, the skip rule), a handed-over candidate freed on the target's word, the wiring of a trial's
 steps (rungs, shaped model, storage notes, size estimate), a training record and the stored types on the label,
-and the stock comparison (`compare`): comparable rows, which candidates dominate a setting, a setting measured
-or failed.
+the stock comparison (`compare`: comparable rows, which candidates dominate a setting, a setting measured or
+failed), and latency verdicts with their uncertainty (a ratio interval straddling a budget: undecided, timed
+longer, marked on the trial, never recommended over a clear candidate).
 
 Fast, as test_decisions.py: hand-made trials and its table-driven Lab, no model, no corpus, no storage file.
 These tests are part of the mutation run's test command (`[tool.mutmut]` in pyproject.toml).
@@ -18,7 +19,7 @@ from types import SimpleNamespace
 
 import optuna
 import pytest
-from test_decisions import BASELINE, COMPLETE, Lab, LabTarget, RecordingTrial, numbers
+from test_decisions import BASELINE, COMPLETE, Lab, LabTarget, RecordingTrial, numbers, study_of
 
 from planner import objectives as registry
 from planner.budgets import parse_budget
@@ -125,6 +126,14 @@ def test_a_maximised_objective_decides_the_front_and_the_best(throughput):
     assert {name: t.number for name, t in best_trials(study).items()} == {"perplexity": 3, "tokens_per_s": 3}
     study = throughput_study(((10.0, 50.0), -0.1), ((10.0, 30.0), -0.1), ((9.0, 20.0), -0.1))
     assert {name: t.number for name, t in best_trials(study).items()} == {"perplexity": 2, "tokens_per_s": 0}
+
+
+def test_an_undecided_candidate_beside_the_front_is_ranked_by_a_maximised_objective_too(throughput):
+    # trial 1 (50 tokens/s) would dominate trial 0 (30): shown beside it, undecided; trial 0 recommended
+    study = throughput_study(((10.0, 30.0), -0.1), ((10.0, 50.0), -0.1))
+    study.set_user_attr("confirmations", {"1": {"verdicts": {"latency": "undecided"}}})
+    outcome = decide(study, [], BASELINE)
+    assert numbers(outcome.front) == [0, 1] and outcome.recommended.number == 0 and outcome.doubtful == {1}
 
 
 @pytest.mark.parametrize("objectives, accuracy", [
@@ -475,3 +484,148 @@ def test_measure_stock(lab, name, expected):
     assert measure_stock(bench, name) == expected
     # the study's build context, and never a skip: a stock setting is measured in full
     assert bench.target.asked == (name, bench.context, None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Latency verdicts with their uncertainty: a same-run ratio's interval straddling a relative budget
+# ---------------------------------------------------------------------------------------------------
+
+RATIO_BASELINE = {"decode_ms_p50": 10.0, "prefill_ms_p50": 10.0, "weight_bytes": 500_000_000}
+
+
+def ratio_budget(text: str = "latency:0.3x"):
+    return parse_budget(*text.split(":")).resolve(RATIO_BASELINE)
+
+
+@pytest.mark.parametrize("budget, row, verdict", [
+    ("latency:0.3x", {"decode_ms_p50": 3.1, "decode_ratio": 0.29, "decode_interval": [0.28, 0.31]}, "undecided"),
+    ("latency:0.3x", {"decode_ms_p50": 3.1, "decode_ratio": 0.31, "decode_interval": [0.30, 0.33]}, "undecided"),
+    ("latency:0.3x", {"decode_ms_p50": 3.1, "decode_ratio": 0.29, "decode_interval": [0.26, 0.30]}, "meets"),
+    ("latency:0.3x", {"decode_ms_p50": 2.0, "decode_ratio": 0.32, "decode_interval": [0.31, 0.33]}, "over"),
+    ("latency:0.3x", {"decode_ms_p50": 3.1, "decode_ratio": 0.30}, "meets"),  # no interval: the point, at the budget
+    ("latency:0.3x", {"decode_ms_p50": 2.0, "decode_ratio": 0.31}, "over"),
+    ("latency:0.3x", {"decode_ms_p50": 2.0, "decode_ratio": 0.31, "decode_interval": []}, "over"),
+    ("latency:0.3x", {"decode_ms_p50": 3.0}, "meets"),  # no ratio: the ms against the resolved 3 ms
+    ("latency:0.3x", {"decode_ms_p50": 2.0, "decode_ratio": 0.29, "prefill_interval": [0.28, 0.31]}, "meets"),
+    ("latency:3ms", {"decode_ms_p50": 3.1, "decode_ratio": 0.29, "decode_interval": [0.28, 0.31]}, "over"),  # ms
+    ("prefill:0.5x", {"prefill_ms_p50": 9.0, "prefill_ratio": 0.45, "prefill_interval": [0.4, 0.6],
+                      "decode_interval": [0.1, 0.2]}, "undecided"),
+    ("memory:0.5x", {"weight_bytes": 250_000_000, "decode_ratio": 0.5, "decode_interval": [0.4, 0.6]}, "meets"),
+])
+def test_a_budget_verdict_is_undecided_only_where_its_ratio_interval_straddles_it(budget, row, verdict):
+    assert ratio_budget(budget).verdict(row) == verdict
+
+
+def paired(low: float, high: float):
+    from evaluators.paired import PairedRatio
+
+    return PairedRatio((low + high) / 2, low, high, 48)
+
+
+@pytest.mark.parametrize("budgets, intervals, unclear_now", [
+    (["latency:0.3x"], {"decode_ratio": (0.28, 0.31)}, True),
+    (["latency:0.3x"], {"decode_ratio": (0.30, 0.33)}, True),  # from the budget up: still open
+    (["latency:0.3x"], {"decode_ratio": (0.26, 0.30)}, False),  # up to the budget: clearly within it
+    (["latency:0.3x"], {"decode_ratio": (0.31, 0.33)}, False),  # clearly over
+    (["latency:0.3x"], {"prefill_ratio": (0.28, 0.31)}, False),  # another figure's interval
+    (["latency:3ms"], {"decode_ratio": (0.28, 0.31)}, False),  # an absolute budget is judged on the ms
+    (["memory:0.5x"], {"decode_ratio": (0.4, 0.6)}, False),
+    (["latency:0.3x", "prefill:0.5x"], {"decode_ratio": (0.2, 0.25), "prefill_ratio": (0.4, 0.6)}, True),
+    ([], {"decode_ratio": (0.28, 0.31)}, False),
+])
+def test_a_target_times_longer_while_a_ratio_interval_straddles_a_budget(lab, budgets, intervals, unclear_now):
+    from planner.budgets import unclear
+
+    parsed = [ratio_budget(b) for b in budgets]
+    given = {name: paired(*bounds) for name, bounds in intervals.items()}
+    assert unclear(parsed)(given) is unclear_now
+    bench = replace(lab.bench(), budgets=parsed)
+    assert bench.request().unclear(given) is unclear_now  # the rule a workbench hands its target
+    assert bench.request(may_skip=False).unclear(given) is unclear_now
+
+
+@pytest.mark.parametrize("row, undecided, constraints", [
+    ({"decode_ms_p50": 3.1, "decode_ratio": 0.29, "decode_interval": [0.28, 0.31], "prefill_ms_p50": 9.0,
+      "prefill_ratio": 0.45, "prefill_interval": [0.4, 0.6], "weight_bytes": 100},
+     ["latency", "prefill"], {"latency": 0.29 / 0.3 - 1, "prefill": 0.45 / 0.5 - 1, "memory": 100 / 1e9 - 1}),
+    ({"decode_ms_p50": 3.1, "decode_ratio": 0.29, "decode_interval": [0.26, 0.30], "prefill_ms_p50": 9.0,
+      "prefill_ratio": 0.45, "weight_bytes": 100}, None, {"latency": 0.29 / 0.3 - 1, "prefill": 0.45 / 0.5 - 1,
+                                                           "memory": 100 / 1e9 - 1}),
+    # the budget's own figure not measured: violated, never undecided, whatever intervals the row holds
+    ({"decode_ratio": 0.29, "decode_interval": [0.28, 0.31], "prefill_ms_p50": 9.0, "prefill_ratio": 0.45,
+      "prefill_interval": [0.40, 0.5], "weight_bytes": 100}, None,
+     {"latency": 1.0, "prefill": 0.45 / 0.5 - 1, "memory": 100 / 1e9 - 1}),
+])
+def test_a_trial_records_the_budgets_its_intervals_leave_undecided(row, undecided, constraints):
+    from planner.trial import constrain
+
+    trial = RecordingTrial()
+    budgets = [ratio_budget("latency:0.3x"), ratio_budget("prefill:0.5x"), ratio_budget("memory:1GB")]
+    assert constrain(trial, budgets, row) is (constraints["latency"] <= 0)
+    assert trial.constraints == pytest.approx(constraints)
+    assert trial.user_attrs.get("undecided") == undecided
+    assert set(trial.user_attrs) <= {"undecided"}
+
+
+UNDECIDED = {"undecided": ["latency"]}
+
+UNDECIDED_CASES = {
+    # trial 1 would dominate trial 0, but its interval straddles the budget: both shown, the clear one recommended
+    "clear one recommended": ([("ok", (10, 10, 100)), ("ok", (9, 9, 90), -0.5, UNDECIDED)], [1, 0], 0),
+    "only undecided: the best of them": ([("ok", (10, 10, 100), -0.5, UNDECIDED), ("ok", (9, 12, 100), -0.5, UNDECIDED),
+                                          ("ok", (11, 12, 100), -0.5, UNDECIDED)], [1, 0], 1),
+    "undecided and dominated: out": ([("ok", (9, 9, 90)), ("ok", (10, 10, 100), -0.5, UNDECIDED)], [0], 0),
+    "an empty mark is no mark": ([("ok", (10, 10, 100)), ("ok", (9, 9, 90), -0.5, {"undecided": []})], [1], 1),
+    "ties by number": ([("ok", (10, 10, 100), -0.5, UNDECIDED), ("ok", (10, 9, 110)), ("ok", (10, 8, 120))],
+                       [0, 1, 2], 1),
+    "clear front among themselves": ([("ok", (10, 10, 100)), ("ok", (11, 9, 100)), ("ok", (12, 12, 120)),
+                                      ("ok", (8, 8, 80), -0.5, UNDECIDED)], [3, 0, 1], 0),
+}
+
+
+@pytest.mark.parametrize("specs, front, recommended", UNDECIDED_CASES.values(), ids=UNDECIDED_CASES.keys())
+def test_an_undecided_candidate_is_never_recommended_over_a_clear_one(specs, front, recommended):
+    outcome = decide(study_of(*specs), [], BASELINE)
+    assert numbers(outcome.front) == front
+    assert outcome.recommended.number == recommended and outcome.closest == []
+
+
+def confirmed(**verdicts_by_trial):
+    """The study's confirmations (planner.confirm): trial number -> its re-timing's verdicts, or a failure."""
+    return {"confirmations": {number[1:]: ({"failure": "RuntimeError: no"} if verdicts == "failed" else
+                                           {"verdicts": verdicts, "ratio": 0.29})
+                              for number, verdicts in verdicts_by_trial.items()}}
+
+
+CONFIRMED_CASES = {
+    # trial 1 was undecided; re-timed, it clearly meets the budget: no longer in doubt, recommended
+    "a re-timing that meets clears it": ([("ok", (10, 10, 100)), ("ok", (9, 9, 90), -0.5, UNDECIDED)],
+                                         confirmed(t1={"latency": "meets"}), [1], 1, set()),
+    # trial 1 was clear from its interval; re-timed, it did not hold: in doubt, the clear trial 0 recommended
+    "a re-timing over the budget puts it in doubt": ([("ok", (10, 10, 100)), ("ok", (9, 9, 90))],
+                                                     confirmed(t1={"latency": "over"}), [1, 0], 0, {1}),
+    "every budget must be met": ([("ok", (10, 10, 100)), ("ok", (9, 9, 90), -0.5, UNDECIDED)],
+                                 confirmed(t1={"latency": "meets", "prefill": "undecided"}), [1, 0], 0, {1}),
+    # a re-timing that failed says nothing: the trial's own mark stands
+    "a failed re-timing leaves the mark": ([("ok", (10, 10, 100)), ("ok", (9, 9, 90), -0.5, UNDECIDED)],
+                                           confirmed(t1="failed"), [1, 0], 0, {1}),
+    "a failed re-timing of a clear one": ([("ok", (10, 10, 100)), ("ok", (9, 9, 90))], confirmed(t1="failed"),
+                                          [1], 1, set()),
+    "another trial's re-timing": ([("ok", (10, 10, 100)), ("ok", (9, 9, 90), -0.5, UNDECIDED)],
+                                  confirmed(t0={"latency": "meets"}), [1, 0], 0, {1}),
+}
+
+
+@pytest.mark.parametrize("specs, attrs, front, recommended, doubtful", CONFIRMED_CASES.values(),
+                         ids=CONFIRMED_CASES.keys())
+def test_a_confirmation_decides_whether_a_candidate_is_in_doubt(specs, attrs, front, recommended, doubtful):
+    outcome = decide(study_of(*specs, user_attrs=attrs), [], BASELINE)
+    assert numbers(outcome.front) == front and outcome.recommended.number == recommended
+    assert outcome.doubtful == doubtful
+
+
+def test_the_doubtful_are_the_measured_candidates_in_doubt():
+    specs = [("ok", (10, 10, 100), -0.5, UNDECIDED), ("ok", (12, 12, 120), -0.5, UNDECIDED),  # dominated: still
+             ("ok", (9, 9, 90), 0.5, UNDECIDED), ("rejected", (2000, 10, 60), -0.5, UNDECIDED), ("ok", (11, 8, 100))]
+    outcome = decide(study_of(*specs), [], BASELINE)
+    assert outcome.doubtful == {0, 1} and numbers(outcome.front) == [0, 4] and outcome.recommended.number == 4
