@@ -1,5 +1,5 @@
 """Latency ratios with their uncertainty: paired samples, a bootstrap interval of the median ratio, verdicts
-against a budget with a margin, and llama.cpp's A/B timing interleaved step by step and timed longer while a
+against a budget with a margin, and llama.cpp's A/B timing paired step by step and timed longer while a
 caller's verdict is open."""
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def two_ggufs(tmp_path_factory):
     return paths
 
 
-def test_llama_cpp_times_pairs_of_steps_and_times_longer_only_while_the_caller_is_unclear(two_ggufs):
+def test_llama_cpp_pairs_steps_and_times_longer_only_while_the_caller_is_unclear(two_ggufs):
     from targets.llamacpp.runtime import time_ab
 
     protocol = LatencyProtocol(prompt_tokens=8, new_tokens=4, warmup=1, repeats=2, max_repeats=5)

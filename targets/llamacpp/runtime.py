@@ -1,11 +1,12 @@
 """llama.cpp through llama-cpp-python: load a GGUF, time prefill and decode in A/B rounds against a reference
 GGUF, and read the runtime's own logits over the held-out windows.
 
-Latency protocol (`time_ab`): both models load once; each round prefills the protocol's random prompt in
-both, then makes greedy one-token decode steps through each model's own KV cache, interleaved one by one
-(the order flips every step and every round, so neither always runs on a warmer cache). A candidate's
-figure is the median over its decode steps; its ratio is the median over step pairs of candidate /
-reference, with a bootstrap confidence interval (evaluators.paired), so load on a shared machine that slows
+Latency protocol (`time_ab`): both models load once; each round runs the reference, then the candidate (the
+order alternates every round so neither always runs on a warmer machine), each a prefill of the protocol's
+random prompt followed by greedy one-token decode steps back to back through llama.cpp's KV cache, as a
+server runs them. A candidate's figure is the median over its decode steps; its ratio is the median over step
+pairs (step i of a round of each model: the same cache position, a fraction of a second apart) of candidate
+/ reference, with a bootstrap confidence interval (evaluators.paired), so load on a shared machine that slows
 a stretch of time cancels in each pair. Where a caller's verdict is still open (the interval straddles its
 budget) the timing goes on, round by round, up to the protocol's limit. Threads are set for both
 (``n_threads`` and ``n_threads_batch``) and recorded.
@@ -78,24 +79,29 @@ def _step(llm, token: int) -> tuple[float, int]:
     return (time.perf_counter() - start) * 1e3, next_token
 
 
+def _run(llm, prompt: list[int], new_tokens: int) -> tuple[float, list[float]]:
+    """Prefill, then `new_tokens` greedy decode steps back to back, as a server runs them; (prefill ms, step ms)."""
+    prefill, token = _prefill(llm, prompt)
+    steps = []
+    for _ in range(new_tokens):
+        ms, token = _step(llm, token)
+        steps.append(ms)
+    return prefill, steps
+
+
 def _round(models: dict, prompt: list[int], new_tokens: int, first: str) -> dict[str, tuple[float, list[float]]]:
-    """One A/B round, paired as finely as llama.cpp allows: both prefills back to back, then the decode steps
-    interleaved one by one (the order flipping every step), each model through its own KV cache.
-    {name: (prefill ms, per-step ms)}."""
+    """One A/B round: each model in turn (`first` first) prefills and decodes its steps back to back.
+    {name: (prefill ms, per-step ms)}. Step i of one model is paired with step i of the other: the same position
+    in the KV cache, the same place in a run of steps, a fraction of a second apart. (Interleaving single steps
+    of the two models was tried and is biased: each step then runs after the other model's, colder than a
+    server's steps, and the same file timed against itself read 0.93.)"""
     order = [first] + [n for n in models if n != first]
-    prefill, token, steps = {}, {}, {name: [] for name in models}
-    for name in order:
-        prefill[name], token[name] = _prefill(models[name], prompt)
-    for index in range(new_tokens):
-        for name in (order if index % 2 == 0 else order[::-1]):
-            ms, token[name] = _step(models[name], token[name])
-            steps[name].append(ms)
-    return {name: (prefill[name], steps[name]) for name in models}
+    return {name: _run(models[name], prompt, new_tokens) for name in order}
 
 
 @dataclass(frozen=True)
 class ABLatency:
-    """A candidate timed against a reference in the same runtime, rounds and decode steps interleaved."""
+    """A candidate timed against a reference in the same runtime, rounds interleaved, steps paired."""
 
     protocol: dict
     runtime: str
@@ -105,7 +111,7 @@ class ABLatency:
     prefill: dict
     reference_decode: dict
     reference_prefill: dict
-    decode_ratio: float  # median over decode-step pairs of candidate / reference
+    decode_ratio: float  # median over decode-step pairs (step i of a round, each model) of candidate / reference
     prefill_ratio: float  # median over rounds' prefill pairs
     decode_interval: dict  # evaluators.paired.PairedRatio: the ratio, its confidence interval, the pairs
     prefill_interval: dict
