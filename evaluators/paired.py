@@ -3,7 +3,8 @@
 Each pair is one step of the candidate and one of the reference timed back to back (A/B interleaved), so a
 slow drift of a shared machine (another process starting, a frequency change) moves both and cancels in the
 pair's ratio. The figure is the median of the per-pair ratios; its confidence interval is a percentile
-bootstrap of that median over the pairs (fixed seed: the same samples give the same interval).
+bootstrap of that median, over the pairs or over groups of them (the rounds they were timed in; fixed seed:
+the same samples give the same interval).
 """
 from __future__ import annotations
 
@@ -41,8 +42,11 @@ MEETS, OVER, UNDECIDED = "meets", "over", "undecided"
 
 
 def paired_ratio(candidate: Sequence[float], reference: Sequence[float], confidence: float = CONFIDENCE,
-                 resamples: int = RESAMPLES, seed: int = 0) -> PairedRatio:
-    """The median ratio of paired samples (candidate[i] with reference[i]) and its bootstrap interval."""
+                 resamples: int = RESAMPLES, seed: int = 0, groups: Sequence[int] | None = None) -> PairedRatio:
+    """The median ratio of paired samples (candidate[i] with reference[i]) and its bootstrap interval. With
+    `groups` (e.g. the round each pair was timed in), whole groups are resampled (a cluster bootstrap): pairs of
+    one round share that round's conditions, so the interval says how much the rounds disagree, not only the
+    steps within them."""
     cand, ref = np.asarray(candidate, dtype=float), np.asarray(reference, dtype=float)
     if cand.shape != ref.shape or cand.ndim != 1 or cand.size == 0:
         raise ValueError(f"paired samples need two equal, non-empty lists, got {cand.shape} and {ref.shape}")
@@ -50,7 +54,15 @@ def paired_ratio(candidate: Sequence[float], reference: Sequence[float], confide
         raise ValueError("paired samples must be positive times")
     ratios = cand / ref
     rng = np.random.default_rng(seed)
-    medians = np.median(ratios[rng.integers(0, ratios.size, size=(resamples, ratios.size))], axis=1)
+    if groups is None:
+        medians = np.median(ratios[rng.integers(0, ratios.size, size=(resamples, ratios.size))], axis=1)
+    else:
+        labels = np.asarray(groups)
+        if labels.shape != ratios.shape:
+            raise ValueError(f"one group per pair: {labels.shape} groups for {ratios.shape} pairs")
+        members = [ratios[labels == g] for g in np.unique(labels)]
+        picks = rng.integers(0, len(members), size=(resamples, len(members)))
+        medians = np.array([np.median(np.concatenate([members[i] for i in row])) for row in picks])
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(medians, [tail, 100 - tail])
     return PairedRatio(float(np.median(ratios)), float(low), float(high), int(ratios.size), confidence)

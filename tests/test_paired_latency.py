@@ -83,7 +83,7 @@ def test_llama_cpp_pairs_steps_and_times_longer_only_while_the_caller_is_unclear
     assert settled.decode_interval["low"] <= settled.decode_ratio <= settled.decode_interval["high"]
     assert settled.prefill_interval["pairs"] == 2
     longer = time_ab(*two_ggufs, protocol, threads=1, unclear=always)
-    assert longer.rounds == 5 and longer.decode["n"] == 5 * 4 == longer.reference_decode["n"]
+    assert longer.rounds == 5 and longer.decode["n"] == 5 * 4 and longer.reference_decode["n"] == 6 * 4
     assert asked == [8, 12, 16]  # asked after each round from the protocol's repeats on; at the limit it stops
     assert LatencyProtocol(repeats=3).most_repeats == 12
     with pytest.raises(ValueError, match="max_repeats must be an integer >= 3"):
@@ -240,3 +240,18 @@ def test_a_llama_cpp_study_confirms_its_recommendation_near_a_ratio_budget(tiny_
     chosen = outcome.recommended
     if chosen is not None and near(chosen, outcome.budgets):
         assert confirmed[str(chosen.number)]["verdicts"] == {"latency": "meets"} or len(confirmed) == 3
+
+
+def test_a_bootstrap_over_rounds_says_how_much_the_rounds_disagree():
+    rng = np.random.default_rng(3)
+    # three rounds of 16 steps; the second round's conditions made the candidate 8% slower for all its steps
+    shift = np.repeat([1.0, 1.08, 1.0], 16)
+    reference = 10 * np.exp(rng.normal(0, 0.02, 48))
+    candidate = 3 * shift * np.exp(rng.normal(0, 0.02, 48))
+    by_pair = paired_ratio(candidate, reference)
+    by_round = paired_ratio(candidate, reference, groups=np.repeat([0, 1, 2], 16))
+    assert by_round.ratio == by_pair.ratio
+    assert by_round.high - by_round.low > 2 * (by_pair.high - by_pair.low)
+    assert by_round.high > 0.31  # a round may be like the slow one: the interval reaches it
+    with pytest.raises(ValueError, match="one group per pair"):
+        paired_ratio([1.0, 2.0], [1.0, 1.0], groups=[0])

@@ -1,13 +1,17 @@
 """llama.cpp through llama-cpp-python: load a GGUF, time prefill and decode in A/B rounds against a reference
 GGUF, and read the runtime's own logits over the held-out windows.
 
-Latency protocol (`time_ab`): both models load once; each round runs the reference, then the candidate (the
-order alternates every round so neither always runs on a warmer machine), each a prefill of the protocol's
-random prompt followed by greedy one-token decode steps back to back through llama.cpp's KV cache, as a
-server runs them. A candidate's figure is the median over its decode steps; its ratio is the median over step
-pairs (step i of a round of each model: the same cache position, a fraction of a second apart) of candidate
-/ reference, with a bootstrap confidence interval (evaluators.paired), so load on a shared machine that slows
-a stretch of time cancels in each pair. Where a caller's verdict is still open (the interval straddles its
+Latency protocol (`time_ab`): both models load once; after the warm-up the runs alternate reference,
+candidate, reference, ..., reference, so every run follows one of the other model (a model run twice in a
+row is faster the second time: flipping the order each round, as this did before, gave that to one model
+more often, and the same file timed against itself read 0.93) and every candidate run is bracketed by two
+reference runs. A run is a prefill of the protocol's random prompt followed by greedy one-token decode steps
+back to back through llama.cpp's KV cache, as a server runs them. A candidate's figure is the median over its
+decode steps; its ratio is the median over step pairs (candidate step i against the geometric mean of step i
+of the reference runs before and after it: the same cache position, drifts of the machine cancelling) of
+candidate / reference, with a confidence interval from a bootstrap over the rounds (evaluators.paired: a round's
+pairs share its conditions), so load on a shared machine that slows a stretch of time cancels in each pair
+and shows in the interval. Where a caller's verdict is still open (the interval straddles its
 budget) the timing goes on, round by round, up to the protocol's limit. Threads are set for both
 (``n_threads`` and ``n_threads_batch``) and recorded.
 """
@@ -89,14 +93,18 @@ def _run(llm, prompt: list[int], new_tokens: int) -> tuple[float, list[float]]:
     return prefill, steps
 
 
-def _round(models: dict, prompt: list[int], new_tokens: int, first: str) -> dict[str, tuple[float, list[float]]]:
-    """One A/B round: each model in turn (`first` first) prefills and decodes its steps back to back.
-    {name: (prefill ms, per-step ms)}. Step i of one model is paired with step i of the other: the same position
-    in the KV cache, the same place in a run of steps, a fraction of a second apart. (Interleaving single steps
-    of the two models was tried and is biased: each step then runs after the other model's, colder than a
-    server's steps, and the same file timed against itself read 0.93.)"""
-    order = [first] + [n for n in models if n != first]
-    return {name: _run(models[name], prompt, new_tokens) for name in order}
+def _bracketed(reference_runs: list, candidate_runs: list) -> tuple[list[float], list[float], list[float], list[float]]:
+    """(candidate steps, reference steps, candidate prefills, reference prefills) as pairs: candidate run k
+    against the geometric mean of the reference runs just before and just after it, step by step (the same
+    position in the KV cache), so a machine drifting slower or faster across the timing cancels."""
+    steps_c, steps_r, prefill_c, prefill_r = [], [], [], []
+    for k, (prefill, steps) in enumerate(candidate_runs):
+        (before_p, before), (after_p, after) = reference_runs[k], reference_runs[k + 1]
+        steps_c.extend(steps)
+        steps_r.extend(float(np.sqrt(a * b)) for a, b in zip(before, after))
+        prefill_c.append(prefill)
+        prefill_r.append(float(np.sqrt(before_p * after_p)))
+    return steps_c, steps_r, prefill_c, prefill_r
 
 
 @dataclass(frozen=True)
@@ -132,30 +140,29 @@ def time_ab(candidate: Path, reference: Path, protocol: LatencyProtocol, threads
     load_before = os.getloadavg()
     started = time.perf_counter()
     with loaded(candidate, n_ctx, threads) as cand, loaded(reference, n_ctx, threads) as ref:
-        models = {"ref": ref, "cand": cand}
         prompt = random_token_ids(cand.n_vocab(), protocol.prompt_tokens, protocol.seed).tolist()
-        samples = {name: ([], []) for name in models}
-        index, measured = 0, 0
-        while True:
-            this_round = _round(models, prompt, protocol.new_tokens, "ref" if index % 2 == 0 else "cand")
-            index += 1
-            if index <= protocol.warmup:
-                continue
-            measured += 1
-            for name, (prefill, steps) in this_round.items():
-                samples[name][0].append(prefill)
-                samples[name][1].extend(steps)
+        for _ in range(protocol.warmup):
+            _run(ref, prompt, protocol.new_tokens)
+            _run(cand, prompt, protocol.new_tokens)
+        reference_runs, candidate_runs = [_run(ref, prompt, protocol.new_tokens)], []
+        while True:  # R C R C ... R: every run follows one of the other model, every candidate run bracketed
+            candidate_runs.append(_run(cand, prompt, protocol.new_tokens))
+            reference_runs.append(_run(ref, prompt, protocol.new_tokens))
+            measured = len(candidate_runs)
             if measured < protocol.repeats:
                 continue
-            intervals = {"decode_ratio": paired_ratio(samples["cand"][1], samples["ref"][1]),
-                         "prefill_ratio": paired_ratio(samples["cand"][0], samples["ref"][0])}
+            steps_c, steps_r, prefill_c, prefill_r = _bracketed(reference_runs, candidate_runs)
+            rounds = np.repeat(np.arange(measured), protocol.new_tokens)  # the round of each step pair
+            intervals = {"decode_ratio": paired_ratio(steps_c, steps_r, groups=rounds),
+                         "prefill_ratio": paired_ratio(prefill_c, prefill_r)}
             if measured >= protocol.most_repeats or unclear is None or not unclear(intervals):
                 break
+    ref_steps = [ms for _, steps in reference_runs for ms in steps]
+    ref_prefills = [prefill for prefill, _ in reference_runs]
     return ABLatency(
         protocol=protocol.to_dict(), runtime=runtime_version(), threads=threads, rounds=measured,
-        decode=timing_stats(samples["cand"][1]).to_dict(), prefill=timing_stats(samples["cand"][0]).to_dict(),
-        reference_decode=timing_stats(samples["ref"][1]).to_dict(),
-        reference_prefill=timing_stats(samples["ref"][0]).to_dict(),
+        decode=timing_stats(steps_c).to_dict(), prefill=timing_stats(prefill_c).to_dict(),
+        reference_decode=timing_stats(ref_steps).to_dict(), reference_prefill=timing_stats(ref_prefills).to_dict(),
         decode_ratio=intervals["decode_ratio"].ratio, prefill_ratio=intervals["prefill_ratio"].ratio,
         decode_interval=intervals["decode_ratio"].to_dict(), prefill_interval=intervals["prefill_ratio"].to_dict(),
         load_average_before=tuple(load_before), load_average_after=tuple(os.getloadavg()),
