@@ -53,18 +53,25 @@ def hand_picked(spaces: dict) -> list[dict]:
     return [off] + [{**off, **preset} for preset in presets]
 
 
-def on_shapes(spaces: dict) -> list[dict]:
+def on_shapes(spaces: dict, smallest: bool = False) -> list[dict]:
     """Trial parameters of the shape presets (e.g. GPTQ 4-bit, dynamic int8) on each reduced shape (e.g.
-    pruned depth or MLP width), every other stage off."""
+    pruned depth or MLP width), every other stage off; with `smallest`, the storage stages' smallest candidates
+    instead (e.g. 4-bit with the tied head left shared: what fits a tight memory budget)."""
+    return [seed for group in _shape_groups(spaces, smallest) for seed in group]
+
+
+def _shape_groups(spaces: dict, smallest: bool = False) -> list[list[dict]]:
     off = hand_picked(spaces)[0]
     shapes = [t.qualified(p) for t, space in _enabled(spaces) for p in t.shapes(space)]
-    presets = [t.qualified(p) for t, space in _enabled(spaces) for p in t.shape_presets(space)]
-    return [{**off, **shape, **preset} for shape in shapes for preset in presets]
+    storage = [(t, space) for t, space in _enabled(spaces) if t.shape_presets(space)]
+    presets = [t.qualified(p) for t, space in storage for p in (t.smallest(space) if smallest else t.shape_presets(space))]
+    return [[{**off, **shape, **preset} for preset in presets] for shape in shapes]
 
 
 def starting_points(base_model: torch.nn.Module, spaces: dict, memory_limit: float | None, trials: int,
                     say: Callable[[str], None] = tqdm.write) -> list[dict]:
-    """What a study is seeded with: the hand-picked candidates, then the shape presets, leaving out those
+    """What a study is seeded with: the hand-picked candidates, then the shape presets (on a shape where none
+    fits the memory budget, the storage stages' smallest candidates), leaving out those
     whose spec alone is over the memory budget (each would spend a trial being rejected), and the shape
     presets only up to three quarters of the study's trials (the sampler gets the rest). In the
     search-quality benchmark (docs/benchmarks.md) these seeds carry a 20-trial study from 81% to 96% of
@@ -72,13 +79,17 @@ def starting_points(base_model: torch.nn.Module, spaces: dict, memory_limit: flo
 
     A seed that gives a parameter a value outside the choices the spaces offer it (Optuna would fail its
     trial) is left out too, with one line through `say`."""
+    said = set()
+
     def admitted(candidates: list[dict]) -> list[dict]:
         kept = []
         for params in candidates:
             try:
                 stages = suggest_stages(SeedTrial(params), spaces)
             except OutsideSpace as exc:
-                say(f"planner: a seed left out: {exc}")
+                if str(exc) not in said:  # a shape outside the space is named once
+                    said.add(str(exc))
+                    say(f"planner: a seed left out: {exc}")
                 continue
             if memory_limit is None or estimate_weight_bytes(base_model, stages) <= memory_limit:
                 kept.append(params)
@@ -86,8 +97,11 @@ def starting_points(base_model: torch.nn.Module, spaces: dict, memory_limit: flo
 
     chosen = admitted(hand_picked(spaces))
     room = max(0, trials * 3 // 4 - len(chosen))
-    chosen += admitted(on_shapes(spaces))[:room]
-    return chosen
+    shaped = []
+    # a shape none of whose presets fits the memory budget is tried with the storage stages' smallest instead
+    for presets, smallest in zip(_shape_groups(spaces), _shape_groups(spaces, smallest=True)):
+        shaped += admitted(presets) or (admitted(smallest) if memory_limit is not None else [])
+    return chosen + shaped[:room]
 
 
 class CornerTrial:

@@ -72,11 +72,14 @@ class Axis:
 
 
 def axis_of(outcome: Outcome, name: str, trials) -> Axis:
+    """A latency timed A/B is drawn as its same-run ratio (comparable across the study's timings), with the
+    budget's line at its ratio, unless the budget is absolute (ms): then in ms, as it is judged."""
     objective = OBJECTIVES.get(name)
     budget = next((b for b in outcome.budgets if objective is not None and b.kind == objective.budget), None)
-    if (budget is not None and budget.relative is not None and budget.ratio_metric
-            and any(budget.ratio_metric in t.user_attrs["metrics"] for t in trials)):
-        return Axis(budget.ratio_metric, budget.relative, INTERVALS.get(budget.ratio_metric))
+    ratio = SAME_RUN.get(name)
+    if ratio and (budget is None or budget.relative is not None) \
+            and any(ratio in t.user_attrs["metrics"] for t in trials):
+        return Axis(ratio, budget.relative if budget is not None else None, INTERVALS.get(ratio))
     return Axis(name, budget_limit(outcome, name))
 
 
@@ -272,8 +275,10 @@ def write_html_report(outcome: Outcome, path: Path) -> Path:
     if len(_shown_trials(outcome.study)) < 1:
         parts.append("<p>No measured trial yet: nothing to plot.</p>")
     else:
+        shown = _shown_trials(outcome.study)
         for x, y in pareto_views(outcome.objectives):
-            figures.append((f"What {metric(y).label} costs in {metric(x).label}", trade_off_figure(outcome, x, y)))
+            drawn = metric(axis_of(outcome, x, shown).name).label  # e.g. decode x where timed A/B
+            figures.append((f"What {metric(y).label} costs in {drawn}", trade_off_figure(outcome, x, y)))
     parts.append("<h2>Recommended against the baseline and the best uniform recipe</h2>" + comparison_table(outcome))
     inline_js = True  # plotly.js once, inline: no network when the page is opened
 

@@ -158,3 +158,6 @@ def test_a_relative_latency_budget_is_plotted_on_the_ratio_an_absolute_one_in_ms
     assert axis_of(absolute, "decode_ms_p50", [trial]) == Axis("decode_ms_p50", 3.0)
     untimed = optuna.trial.create_trial(values=[1.0], user_attrs={"metrics": {"decode_ms_p50": 3.0}})
     assert axis_of(relative, "decode_ms_p50", [untimed]) == Axis("decode_ms_p50", 3.0)
+    unbudgeted = Outcome(None, [parse_budget("memory", "100MB")], baseline, [], None, [])
+    assert axis_of(unbudgeted, "decode_ms_p50", [trial]) == Axis("decode_ratio", None, "decode_interval")
+    assert axis_of(unbudgeted, "weight_mb", [trial]) == Axis("weight_mb", 100.0)
