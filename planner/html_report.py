@@ -201,6 +201,8 @@ def comparison_table(outcome: Outcome) -> str:
             same_run = row.get(SAME_RUN.get(n, ""))  # the ratio a relative budget's verdict used, where timed
             if same_run is not None and row is not outcome.baseline:
                 ratio = f" <small>({same_run:.2f}x same run)</small>"
+            elif getattr(OBJECTIVES.get(n), "uses_reference", False):
+                ratio = ""  # a divergence from the baseline itself (kl): its ratio to the baseline's ~0 says nothing
             else:
                 ratio = f" <small>({value / base:.2f}x)</small>" if value is not None and base else ""
             cells.append(f"<td>{metric(n).shown(value)}{ratio}</td>")
