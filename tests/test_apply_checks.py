@@ -276,3 +276,12 @@ def test_a_target_may_free_the_built_candidate_once_written():
     kept = torch.nn.Linear(4, 4)  # a plain model (the baseline) is never released
     measure(bench, kept, [])
     assert seen["model"]() is kept
+
+
+def test_the_slowdown_limit_starts_from_the_top_of_the_recorded_interval(tmp_path):
+    # recorded 0.5x (0.45-0.6): a fresh 0.7x (0.68-0.72) is within 25% of 0.6, so not clearly slower
+    recorded = {**RECORDED, "decode_interval": [0.45, 0.6]}
+    fresh = measured(decode_ratio=0.7, decode_interval=[0.68, 0.72])
+    assert run_check(make_recipe(recorded), fresh, tmp_path).decode_ratio == 0.7
+    with pytest.raises(PlannerError, match="clearly more than 25% slower"):
+        run_check(make_recipe(RECORDED), fresh, tmp_path)  # against a point 0.5x it is

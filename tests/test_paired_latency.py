@@ -220,7 +220,7 @@ def test_a_llama_cpp_study_confirms_its_recommendation_near_a_ratio_budget(tiny_
     import optuna
 
     import cli
-    from planner.confirm import near
+    from planner.confirm import CONFIRM_MOST, near
     from planner.outcome import CONFIRMATIONS, stored_outcome
     from planner.storage import open_storage
 
@@ -238,8 +238,12 @@ def test_a_llama_cpp_study_confirms_its_recommendation_near_a_ratio_budget(tiny_
         assert entry["verdicts"]["latency"] in ("meets", "over", "undecided") and entry["latency_rounds"] >= 4
         assert f"planner: confirming trial {number} (latency " in err + out
     chosen = outcome.recommended
+    assert confirmed or chosen is None or not near(chosen, outcome.budgets)
     if chosen is not None and near(chosen, outcome.budgets):
-        assert confirmed[str(chosen.number)]["verdicts"] == {"latency": "meets"} or len(confirmed) == 3
+        # it held on re-timing; or no candidate did (then the best one is recommended, marked not clear); or
+        # the stage re-timed as many as it may
+        held = confirmed.get(str(chosen.number), {}).get("verdicts") == {"latency": "meets"}
+        assert held or chosen.number in outcome.doubtful or len(confirmed) == CONFIRM_MOST
 
 
 def test_a_bootstrap_over_rounds_says_how_much_the_rounds_disagree():
