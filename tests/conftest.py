@@ -137,3 +137,12 @@ def tiny_study_file(tmp_path, tiny_model_dir, text_corpus_dir, monkeypatch) -> P
                     f'storage = "sqlite:///{tmp_path}/tiny.db"\nrecipe = "{tmp_path}/recipe.yaml"\n'
                     + TINY_STUDY_SPACE)
     return path
+
+
+def interruptible():
+    """For subprocess.Popen(preexec_fn=...): in the child, SIGINT as a terminal delivers it. A test run started in
+    the background by a shell inherits SIGINT ignored, and so would every process it starts (Python then never
+    turns Ctrl-C into KeyboardInterrupt), which tests of Ctrl-C must not depend on."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -11,6 +11,7 @@ import optuna
 import optuna_dashboard  # noqa: F401  (the dashboard extra, required: make test installs it)
 
 import cli
+from conftest import interruptible
 from planner.storage import open_storage
 
 
@@ -33,7 +34,7 @@ def test_the_dashboard_serves_the_study_with_the_planners_attributes(tiny_study_
                                               user_attrs={"failure": "OutOfMemoryError: out of memory", "label": "x"}))
     process = subprocess.Popen([sys.executable, "-m", "cli", "review", "--study", "tiny", "--storage", url,
                                 "--dashboard", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=interruptible)  # Ctrl-C delivered, however pytest was started
     try:
         hint = process.stdout.readline()
         assert hint.startswith("optuna-dashboard: http://127.0.0.1:") and hint.rstrip().endswith("(Ctrl-C stops it)"), \

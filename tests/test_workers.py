@@ -12,6 +12,7 @@ import optuna
 import pytest
 
 import cli
+from conftest import interruptible
 from planner import workers
 from planner.storage import open_storage
 from planner.study import finished
@@ -31,7 +32,7 @@ def slow(study_file):
 
 def planner(*argv, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cli", *map(str, argv)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible, **kwargs)
 
 
 def load(url: str) -> optuna.Study:
