@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from planner.apply import apply_recipe  # noqa: E402
-from planner.budgets import Budget  # noqa: E402
+from planner.budgets import Budget, timed_ratio  # noqa: E402
 from planner.recipes import load_recipe  # noqa: E402
 from search_spaces import TECHNIQUES  # noqa: E402
 
@@ -63,7 +63,7 @@ def main() -> int:
                           "cpus": os.cpu_count()}
                 out.write(json.dumps(record) + "\n")
                 out.flush()
-                low, high = row.get("decode_interval") or (row["decode_ratio"],) * 2
+                _, low, high = timed_ratio(row, "decode_ratio")
                 print(f"{index + 1:2d}/{args.times}  {row['decode_ratio']:.3f}x  [{low:.3f}, {high:.3f}]  "
                       f"{row.get('latency_rounds')} rounds  {verdict:9s}  load {load[0]:.1f}", flush=True)
     print(f"{agree} of {args.times} re-timings agree with the study's verdict ({study_verdict}) on "

@@ -31,14 +31,22 @@ class PairedRatio:
     def verdict(self, limit: float) -> str:
         """Against a ratio budget: "meets" (the whole interval within it), "over" (the whole interval past it)
         or "undecided" (the interval straddles it)."""
-        if self.high <= limit:
-            return MEETS
-        if self.low > limit:
-            return OVER
-        return UNDECIDED
+        if straddles(self.low, self.high, limit):
+            return UNDECIDED
+        return MEETS if self.high <= limit else OVER
 
 
 MEETS, OVER, UNDECIDED = "meets", "over", "undecided"
+
+
+def straddles(low: float, high: float, limit: float) -> bool:
+    """An interval with the limit inside it: the side of the limit a figure lies on is not clear."""
+    return low <= limit < high
+
+
+def shown(ratio: float, low: float, high: float) -> str:
+    """A ratio with its interval as the planner prints it ("0.390x (95% interval 0.373-0.416)")."""
+    return f"{ratio:.3f}x" if low == high else f"{ratio:.3f}x (95% interval {low:.3f}-{high:.3f})"
 
 
 def paired_ratio(candidate: Sequence[float], reference: Sequence[float], confidence: float = CONFIDENCE,

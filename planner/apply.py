@@ -10,7 +10,8 @@ from pathlib import Path
 
 from planner import assets
 from planner.candidates import build, shipped_stages
-from planner.budgets import INTERVALS
+from evaluators.paired import shown
+from planner.budgets import MEETS, UNDECIDED, Budget, timed_ratio, unclear
 from planner.errors import PlannerError
 from planner.recipes import Recipe, load_recipe
 from planner.settings import StudySettings
@@ -125,8 +126,7 @@ def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool
     row = chosen.measure_shipped(request, artifact).row
     result = check(recipe, row, out, artifact, chosen.name, retime=lambda: _retime(chosen, request, artifact))
     result.how_to_load = chosen.how_to_load(artifact)
-    latency_only = replace(request, evaluators=frozenset({"latency"}), scorers=())
-    result.timing = lambda: chosen.measure_shipped(latency_only, artifact).row
+    result.timing = lambda: chosen.measure_shipped(request.latency_only(), artifact).row
     return result
 
 
@@ -142,44 +142,26 @@ def readable_by_all(folder: Path) -> None:
 
 def _retime(target, request, artifact: Path) -> dict:
     """The shipped artifact's decode figures timed again, latency only, with more rounds (a metrics row)."""
-    protocol = replace(request.latency, repeats=request.latency.repeats * RETIME_REPEATS,
-                       max_repeats=request.latency.most_repeats * RETIME_REPEATS)
-    timing = replace(request, latency=protocol, evaluators=frozenset({"latency"}), scorers=())
-    return target.measure_shipped(timing, artifact).row
-
-
-def decode_timing(row: dict) -> tuple[float, float, float] | None:
-    """(ratio, low, high): a row's same-run decode ratio and its confidence interval (a point where the target
-    measured none), or None when it timed no ratio."""
-    ratio = row.get("decode_ratio")
-    if ratio is None:
-        return None
-    low, high = row.get("decode_interval") or (ratio, ratio)
-    return ratio, low, high
+    return target.measure_shipped(request.latency_only(RETIME_REPEATS), artifact).row
 
 
 def slowdown_limit(recipe: Recipe) -> float | None:
     """The decode ratio past which a shipped artifact is slower than the recipe says: the tolerance over the top
     of the recorded ratio's interval (the recorded ratio was one noisy timing too), None when nothing was
     recorded."""
-    summary = recipe.metrics.get("summary") or {}
-    recorded = summary.get("decode_ratio")
-    if recorded is None:
-        return None
-    return (summary.get("decode_interval") or [recorded, recorded])[1] * (1 + DECODE_RATIO_TOLERANCE)
+    recorded = timed_ratio(recipe.metrics.get("summary") or {}, "decode_ratio")
+    return None if recorded is None else recorded[2] * (1 + DECODE_RATIO_TOLERANCE)
 
 
 def unclear_rule(recipe: Recipe):
     """apply's rule for timing longer (targets.Request.unclear): the interval straddles the recipe's latency
     budgets or the slowdown limit, so neither verdict is clear yet."""
-    from planner.budgets import Budget, unclear
-
     budgets = unclear([Budget(**b) for b in recipe.budget])
     limit = slowdown_limit(recipe)
 
     def rule(intervals: dict) -> bool:
         decode = intervals.get("decode_ratio")
-        return budgets(intervals) or (limit is not None and decode is not None and decode.low <= limit < decode.high)
+        return budgets(intervals) or (limit is not None and decode is not None and decode.verdict(limit) == UNDECIDED)
     return rule
 
 
@@ -201,19 +183,19 @@ def check(recipe: Recipe, row: dict, out: Path, artifact: Path, target: str,
     if recorded_ppl is not None and abs(perplexity - recorded_ppl) > PERPLEXITY_TOLERANCE * recorded_ppl:
         raise PlannerError(f"the shipped {artifact.name} scores perplexity {perplexity:.3f}, the recipe "
                            f"{recorded_ppl:.3f}: more than {PERPLEXITY_TOLERANCE:.0%} apart")
-    timed, limit = decode_timing(row), slowdown_limit(recipe)
+    timed, limit = timed_ratio(row, "decode_ratio"), slowdown_limit(recipe)
     timings = [] if timed is None else [timed]
     if timed is not None and limit is not None:
         while timings[-1][1] > limit and retime is not None and len(timings) <= RETIMES:
             again = retime()
-            if decode_timing(again) is None:
+            if timed_ratio(again, "decode_ratio") is None:
                 break
             row = {**row, **{k: again[k] for k in ("decode_ratio", "decode_interval", "decode_ms_p50") if k in again}}
-            timings.append(decode_timing(again))
+            timings.append(timed_ratio(again, "decode_ratio"))
         if timings[-1][1] > limit:
             earlier = "" if len(timings) == 1 else \
                 f"; earlier timings {', '.join(f'{r:.3f}x' for r, _, _ in timings[:-1])}"
-            raise PlannerError(f"the shipped {artifact.name} decodes at {_shown_timing(timings[-1])} the reference"
+            raise PlannerError(f"the shipped {artifact.name} decodes at {shown(*timings[-1])} the reference"
                                f"{earlier}; the recipe recorded {recorded['decode_ratio']:.3f}x: clearly more than "
                                f"{DECODE_RATIO_TOLERANCE:.0%} slower")
     ratio, interval = (timings[-1][0], timings[-1][1:]) if timings else (None, None)
@@ -222,17 +204,10 @@ def check(recipe: Recipe, row: dict, out: Path, artifact: Path, target: str,
                        _budget_note(recipe, row), decode_interval=interval)
 
 
-def _shown_timing(timing: tuple[float, float, float]) -> str:
-    ratio, low, high = timing
-    return f"{ratio:.3f}x" if low == high else f"{ratio:.3f}x (95% interval {low:.3f}-{high:.3f})"
-
-
 def _budget_note(recipe: Recipe, row: dict) -> str:
     """The re-timed artifact against the recipe's latency budgets, on the statistic the study judged them by:
     MEETS, OVER, or WITHIN NOISE where the ratio's interval straddles a relative budget (its bytes are checked
     exactly above; what a runtime holds resident is the study's figure, not re-read from a fresh artifact)."""
-    from planner.budgets import MEETS, UNDECIDED, Budget
-
     notes = []
     for stored in recipe.budget:
         budget = Budget(**stored)
@@ -241,10 +216,8 @@ def _budget_note(recipe: Recipe, row: dict) -> str:
         verdict = budget.verdict(row)
         word = {MEETS: "MEETS", UNDECIDED: "WITHIN NOISE of"}.get(verdict, "OVER")
         if budget.uses_ratio(row):
-            timing = decode_timing({"decode_ratio": row[budget.ratio_metric],
-                                    "decode_interval": row.get(INTERVALS[budget.ratio_metric])})
             notes.append(f"{word} {budget.kind} <= {budget.relative:g}x the uncompressed model: "
-                         f"{_shown_timing(timing)} in the same run")
+                         f"{shown(*timed_ratio(row, budget.ratio_metric))} in the same run")
         else:
             notes.append(f"{word} {budget.kind} <= {budget.limit:.2f} ms: {row[budget.metric]:.2f} ms")
     return "; ".join(notes)

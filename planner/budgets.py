@@ -6,6 +6,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from evaluators.paired import MEETS, OVER, UNDECIDED, straddles  # noqa: F401 (the verdicts, re-exported)
 from planner.errors import PlannerError
 
 # What each budget limits, and the metric (stored on every trial) it is checked against.
@@ -19,7 +20,16 @@ METRICS = {
 # keys of their confidence intervals ([low, high]: evaluators.paired).
 RATIOS = {"latency": "decode_ratio", "prefill": "prefill_ratio"}
 INTERVALS = {"decode_ratio": "decode_interval", "prefill_ratio": "prefill_interval"}
-MEETS, OVER, UNDECIDED = "meets", "over", "undecided"
+
+
+def timed_ratio(row: dict, ratio_metric: str) -> tuple[float, float, float] | None:
+    """(ratio, low, high): a row's same-run ratio and its confidence interval (a point where the target measured
+    none), or None when the row holds no such ratio."""
+    ratio = row.get(ratio_metric)
+    if ratio is None:
+        return None
+    low, high = row.get(INTERVALS[ratio_metric]) or (ratio, ratio)
+    return ratio, low, high
 
 TIME_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -66,10 +76,9 @@ class Budget:
     def verdict(self, metrics: dict) -> str:
         """MEETS or OVER, or UNDECIDED where the budget is judged on a same-run ratio whose confidence interval
         straddles it (then neither side is clear: timing longer, or another run, could land on either)."""
-        interval = metrics.get(INTERVALS.get(self.ratio_metric or "", ""))
-        if self.uses_ratio(metrics) and interval:
-            low, high = interval
-            if low <= self.relative < high:
+        if self.uses_ratio(metrics):
+            _, low, high = timed_ratio(metrics, self.ratio_metric)
+            if straddles(low, high, self.relative):
                 return UNDECIDED
         return MEETS if self.violation(metrics) <= 0 else OVER
 
@@ -92,7 +101,7 @@ def unclear(budgets: list[Budget]):
     """A target's rule for timing longer (targets.Request.unclear): some ratio budget's interval straddles it."""
     def rule(intervals: dict) -> bool:
         return any(b.relative is not None and b.ratio_metric in intervals
-                   and intervals[b.ratio_metric].low <= b.relative < intervals[b.ratio_metric].high for b in budgets)
+                   and intervals[b.ratio_metric].verdict(b.relative) == UNDECIDED for b in budgets)
     return rule
 
 

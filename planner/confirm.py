@@ -12,12 +12,13 @@ it: a candidate that did not hold is never recommended over one that did. Candid
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import optuna
 from tqdm import tqdm
 
-from planner.budgets import INTERVALS, MEETS, Budget
+from evaluators.paired import shown
+from planner.budgets import MEETS, Budget, timed_ratio
+from planner.errors import first_line
 from planner.outcome import CONFIRMATIONS, confirmation, decide
 from planner.recipes import stored_stages
 from planner.trial import Workbench, release_memory
@@ -37,7 +38,7 @@ def near(trial: optuna.trial.FrozenTrial, budgets: list[Budget]) -> bool:
     for budget in ratio_budgets(budgets):
         if budget.ratio_metric not in row:
             continue
-        high = (row.get(INTERVALS[budget.ratio_metric]) or [row[budget.ratio_metric]] * 2)[1]
+        _, _, high = timed_ratio(row, budget.ratio_metric)
         if high >= CONFIRM_NEAR * budget.relative:
             return True
     return False
@@ -62,11 +63,7 @@ def _confirm_one(study: optuna.Study, bench: Workbench, trial: optuna.trial.Froz
     row = trial.user_attrs["metrics"]
     shown = ", ".join(_timing(row, b) for b in ratio_budgets(bench.budgets) if b.ratio_metric in row)
     say(f"planner: confirming trial {trial.number} ({shown}): rebuilt and re-timed in fresh A/B rounds")
-    request = bench.request(may_skip=False)
-    protocol = request.latency
-    request = replace(request, evaluators=frozenset({"latency"}), scorers=(),
-                      latency=replace(protocol, repeats=protocol.repeats * CONFIRM_REPEATS,
-                                      max_repeats=protocol.most_repeats * CONFIRM_REPEATS))
+    request = bench.request(may_skip=False).latency_only(CONFIRM_REPEATS)
     try:
         built = bench.steps.build(bench.model, stages, bench.context)
         request.release = lambda: setattr(built, "model", None)
@@ -77,7 +74,7 @@ def _confirm_one(study: optuna.Study, bench: Workbench, trial: optuna.trial.Froz
                                         "latency_rounds") if k in fresh}
         entry.update(verdicts=verdicts, seconds=time.perf_counter() - started)
     except Exception as exc:  # a confirmation that cannot run leaves the trial as it was measured
-        entry = {"failure": f"{type(exc).__name__}: {exc}"[:500], "verdicts": {}}
+        entry = {"failure": f"{type(exc).__name__}: {first_line(exc, 500)}", "verdicts": {}}
     finally:
         release_memory()
     stored = dict(study.user_attrs.get(CONFIRMATIONS, {}))
@@ -93,7 +90,4 @@ def _confirm_one(study: optuna.Study, bench: Workbench, trial: optuna.trial.Froz
 
 
 def _timing(row: dict, budget: Budget) -> str:
-    ratio = row[budget.ratio_metric]
-    interval = row.get(INTERVALS[budget.ratio_metric])
-    within = f" (95% interval {interval[0]:.3f}-{interval[1]:.3f})" if interval else ""
-    return f"{budget.kind} {ratio:.3f}x{within} against {budget.relative:g}x"
+    return f"{budget.kind} {shown(*timed_ratio(row, budget.ratio_metric))} against {budget.relative:g}x"

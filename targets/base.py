@@ -12,7 +12,7 @@ checklist in search_spaces/README.md).
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, ClassVar, Sequence
 
@@ -45,6 +45,13 @@ class Request:
     # Called by a target that no longer needs the built candidate (its artifact is written): the caller drops
     # its reference, so the float candidate is freed before the runtime loads the artifact and the reference.
     release: Callable[[], None] = field(default=lambda: None)
+
+    def latency_only(self, times: int = 1) -> "Request":
+        """The same request timing latency alone (no scorers: no runtime opened for logits), with `times` the
+        rounds (a re-timing wants more than a trial's)."""
+        protocol = replace(self.latency, repeats=self.latency.repeats * times,
+                           max_repeats=self.latency.most_repeats * times)
+        return replace(self, latency=protocol, evaluators=frozenset({"latency"}), scorers=())
 
     @property
     def threads(self) -> int:
