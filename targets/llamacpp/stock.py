@@ -39,9 +39,10 @@ def study_imatrix(model, context: BuildContext) -> tuple[dict, int, int, str]:
     return importance_matrix(model, windows, head=True), int(windows.numel()), settings.seq_len, dataset
 
 
-def quantize_preset(model, context: BuildContext, source: Path, out: Path, preset: str) -> dict[str, str]:
-    """Quantize the float GGUF `source` of `model` into `out` with the preset and the study's importance matrix,
-    with llama-quantize's metadata; returns the types written per tensor."""
-    imatrix, tokens, chunk, dataset = study_imatrix(model, context)
+def quantize_preset(imatrix_of_study: tuple, source: Path, out: Path, preset: str) -> dict[str, str]:
+    """Quantize the float GGUF `source` into `out` with the preset and the study's importance matrix (what
+    study_imatrix gave for the model `source` holds), with llama-quantize's metadata; returns the types written
+    per tensor."""
+    imatrix, tokens, chunk, dataset = imatrix_of_study
     return quantize_gguf(source, out, ftype=preset, imatrix=imatrix,
                          metadata=quantize_metadata(imatrix, IMATRIX_FILE, [dataset], tokens // chunk))

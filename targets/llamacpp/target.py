@@ -71,6 +71,7 @@ class LlamaCppTarget(Target):
         # (the uncompressed model, its GGUF): held with the model so a process that measures several models
         # (tests, apply after search) never times a candidate against another model's reference.
         self._reference: tuple[object, Path] | None = None
+        self._imatrix: tuple[object, tuple] | None = None  # (the model, stock.study_imatrix of it)
 
     def unavailable(self, device: str) -> str | None:
         try:
@@ -168,7 +169,8 @@ class LlamaCppTarget(Target):
         the latency reference (the float GGUF) and measured like a candidate."""
         path = self._workdir() / f"stock-{name}-{time.monotonic_ns()}.gguf"
         try:
-            written = stock.quantize_preset(request.model, context, self.prepare(request), path, name)
+            written = stock.quantize_preset(self._study_imatrix(request.model, context), self.prepare(request),
+                                            path, name)
             measured = self.measure_file(request, path, stock.label(name))
             types = writer.types_written(written)
             measured.details["runtime"].update(quantizer="llama.cpp", file_type=name, **types)
@@ -176,6 +178,13 @@ class LlamaCppTarget(Target):
             return measured
         finally:
             path.unlink(missing_ok=True)
+
+    def _study_imatrix(self, model, context) -> tuple:
+        """The study's importance matrix of `model`, computed once per model and process (every preset compared
+        against uses it), held with its model as the reference GGUF is."""
+        if self._imatrix is None or self._imatrix[0] is not model:
+            self._imatrix = (model, stock.study_imatrix(model, context))
+        return self._imatrix[1]
 
     def ship(self, model, tokenizer, stages: list, out: Path) -> Path:
         path = Path(out) / ARTIFACT
