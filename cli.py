@@ -94,7 +94,9 @@ def build_parser() -> Parser:
     ev.add_argument("--new-tokens", type=positive_int, default=32, help="latency: decoded tokens per repeat")
     ev.add_argument("--repeats", type=positive_int, default=7, help="latency: measured repeats")
     ev.add_argument("--warmup", type=int, default=2, help="latency: unrecorded warm-up runs")
-    ev.add_argument("--threads", type=positive_int, default=None, help="torch threads while timing (default: torch's)")
+    ev.add_argument("--threads", type=positive_int, default=None,
+                    help="threads while timing: torch's intra-op count, or llama.cpp's decode and prefill counts "
+                         "(default: torch's current count; llama-cpp-python's defaults, half the CPUs for decode)")
     ev.add_argument("--skip", action="append", default=[], choices=["perplexity", "latency", "memory"],
                     help="skip an evaluator (repeatable)")
     ev.add_argument("--json", type=Path, help="also write the figures to this JSON file")

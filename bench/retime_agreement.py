@@ -2,7 +2,7 @@
 re-timed N times in fresh A/B rounds as `apply` first times it (the study's protocol, longer while the interval
 straddles the budget), each timing judged against the study's relative latency budget.
 
-    .venv/bin/python bench/retime_agreement.py --recipe studies/demo-recipe.yaml --times 20
+    .venv/bin/python bench/retime_agreement.py --recipe studies/demo-recipe.yaml --times 20 [--threads N]
 
 Run it beside other work (the issue's target: with the test suite running beside it, at least 19 of 20
 re-timings agree with the study's verdict). Each timing's ratio, its 95% interval, the rounds it took, its
@@ -25,16 +25,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from planner.apply import apply_recipe  # noqa: E402
 from planner.budgets import Budget, timed_ratio  # noqa: E402
 from planner.recipes import load_recipe  # noqa: E402
+from targets.llamacpp.runtime import serving_threads  # noqa: E402
 from search_spaces import TECHNIQUES  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "retime_agreement.jsonl"
+
+
+def with_threads(path: Path, threads: int) -> Path:
+    """A copy of the recipe whose latency protocol sets `threads` (beside the original, which stays as it is)."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    data["provenance"].setdefault("evaluation", {}).setdefault("latency", {})["threads"] = threads
+    copy = path.with_name(f"{path.stem}-{threads}-threads.yaml")
+    copy.write_text(yaml.safe_dump(data, sort_keys=False))
+    return copy
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path, default=Path("studies/demo-recipe.yaml"))
     parser.add_argument("--times", type=int, default=20)
+    parser.add_argument("--threads", type=int, help="time with this many llama.cpp threads instead of the recipe's "
+                        "(e.g. every core, to see what the serving runtime's default decode count is for)")
     args = parser.parse_args()
+    if args.threads:
+        args.recipe = with_threads(args.recipe, args.threads)
     recipe = load_recipe(args.recipe, TECHNIQUES)
     budget = next((Budget(**b) for b in recipe.budget if b["kind"] == "latency" and b.get("relative")), None)
     if budget is None:
@@ -44,6 +60,12 @@ def main() -> int:
     study_verdict = budget.verdict(recorded)
     confirmed = (recipe.metrics.get("confirmation") or {}).get("verdicts", {}).get("latency")
     study_verdict = confirmed or study_verdict
+    import torch
+
+    threads = serving_threads(((recipe.provenance.get("evaluation") or {}).get("latency") or {}).get("threads"))
+    machine = {"cpus": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "decode_threads": threads.decode, "batch_threads": threads.batch}
+    print(f"{machine['cpus']} CPUs ({machine['cpu_capability']}), llama.cpp threads: {threads.as_kwargs()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="planner-retime-") as folder:
         result = apply_recipe(args.recipe, Path(folder) / "deploy")
         print(f"shipped {result.artifact.name}: decode {result.decode_ratio:.3f}x at apply; the study's verdict on "
@@ -60,7 +82,7 @@ def main() -> int:
                           "interval": row.get("decode_interval"), "rounds": row.get("latency_rounds"),
                           "verdict": verdict, "study_verdict": study_verdict, "load_before": load,
                           "load_after": os.getloadavg(), "seconds": time.perf_counter() - started,
-                          "cpus": os.cpu_count()}
+                          **machine}
                 out.write(json.dumps(record) + "\n")
                 out.flush()
                 _, low, high = timed_ratio(row, "decode_ratio")

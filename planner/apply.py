@@ -125,7 +125,7 @@ def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool
     request = replace(bench.request(), unclear=unclear_rule(recipe))  # time on while a verdict is unclear
     row = chosen.measure_shipped(request, artifact).row
     result = check(recipe, row, out, artifact, chosen.name, retime=lambda: _retime(chosen, request, artifact))
-    result.how_to_load = chosen.how_to_load(artifact)
+    result.how_to_load = chosen.how_to_load(artifact, request.latency)
     result.timing = lambda: chosen.measure_shipped(request.latency_only(), artifact).row
     return result
 

@@ -19,6 +19,9 @@ HEARTBEAT_SECONDS = 60
 JOURNAL_PREFIX = "journal:"
 # An unreachable database server fails in seconds rather than hanging (psycopg, PyMySQL).
 CONNECT_ARGS = {"connect_timeout": 10}
+# How long a process waits for another's SQLite transaction before "database is locked" (a busy machine can
+# hold one for seconds; pysqlite's default is 5 s).
+SQLITE_WAIT_SECONDS = 60
 RDB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2", "mysql", "mysql+pymysql")
 
 
@@ -48,16 +51,33 @@ def open_storage(url: str, must_exist: bool = False) -> optuna.storages.BaseStor
     if scheme == "postgresql":
         # SQLAlchemy's default PostgreSQL driver is psycopg2; planner installs psycopg (3).
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    sqlite = scheme == "sqlite"
     try:
-        return optuna.storages.RDBStorage(
+        storage = optuna.storages.RDBStorage(
             url,
             heartbeat_interval=HEARTBEAT_SECONDS,
             grace_period=2 * HEARTBEAT_SECONDS,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-            engine_kwargs=None if scheme == "sqlite" else {"pool_pre_ping": True, "connect_args": CONNECT_ARGS},
+            engine_kwargs={"connect_args": {"timeout": SQLITE_WAIT_SECONDS, "isolation_level": None}} if sqlite
+            else {"pool_pre_ping": True, "connect_args": CONNECT_ARGS},
         )
     except Exception as exc:  # noqa: BLE001 - driver/connection errors become one line
         raise PlannerError(f"cannot open storage {_shown(url)}: {first_line(exc)}") from None
+    if sqlite:
+        serialize_transactions(storage.engine)
+    return storage
+
+
+def serialize_transactions(engine) -> None:
+    """Begin every SQLite transaction IMMEDIATE: with the write lock, so no other process reads between its
+    reads and its writes. Optuna claims a queued trial by reading that it is WAITING and then writing RUNNING,
+    with SELECT ... FOR UPDATE to keep others out, which SQLite ignores; and pysqlite opens a transaction only at
+    the first write. So two workers could both read WAITING and both run the trial, and the second to finish
+    stopped with "Cannot tell a COMPLETE trial" (optuna/optuna#4002; seen on a busy machine). The connections are
+    opened in autocommit mode (isolation_level None) so pysqlite's own BEGIN does not come first."""
+    import sqlalchemy
+
+    sqlalchemy.event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
 
 
 def _shown(url: str) -> str:

@@ -53,12 +53,6 @@ class Request:
                            max_repeats=self.latency.most_repeats * times)
         return replace(self, latency=protocol, evaluators=frozenset({"latency"}), scorers=())
 
-    @property
-    def threads(self) -> int:
-        import torch
-
-        return self.latency.threads or torch.get_num_threads()
-
 
 @dataclass
 class Measured:
@@ -116,8 +110,9 @@ class Target(abc.ABC):
         context, e.g. its calibration text), measured as every candidate is."""
         raise NotImplementedError(f"{self.name} has no stock tool to compare against")
 
-    def how_to_load(self, artifact: Path) -> str:
-        """One line telling a user how to serve the shipped artifact."""
+    def how_to_load(self, artifact: Path, latency: LatencyProtocol) -> str:
+        """One line telling a user how to serve the shipped artifact (with the settings `latency` timed it with,
+        where the runtime takes them when it loads)."""
         return f"load {artifact} with {self.runtime}"
 
 

@@ -112,7 +112,7 @@ class TransformersTarget(Target):
             measured.row["applied_at_load"] = True
         return measured
 
-    def how_to_load(self, artifact: Path) -> str:
+    def how_to_load(self, artifact: Path, latency) -> str:
         if (Path(artifact) / AT_LOAD_FILE).is_file():
             return (f"load it with targets.transformers_target.load_shipped('{artifact}') (from_pretrained, then "
                     f"the stage in {AT_LOAD_FILE} applied again)")

@@ -72,7 +72,7 @@ class VllmTarget(Target):
         measured.details["runtime"] = {"target": self.name, "measured_in": TORCH_FIGURES}
         return measured
 
-    def how_to_load(self, artifact: Path) -> str:
+    def how_to_load(self, artifact: Path, latency) -> str:
         return f"serve it with vLLM, e.g. vllm serve {artifact}"
 
 

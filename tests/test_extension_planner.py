@@ -64,7 +64,7 @@ class ToyTarget(Target):
     def measure_shipped(self, request, artifact: Path) -> Measured:
         return TRANSFORMERS.measure_shipped(request, artifact)
 
-    def how_to_load(self, artifact: Path) -> str:
+    def how_to_load(self, artifact: Path, latency) -> str:
         return f"the toy runtime opens {artifact}"
 
 

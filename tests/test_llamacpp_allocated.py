@@ -278,3 +278,35 @@ def test_a_memory_budgeted_study_at_a_presets_size_ships_an_allocated_gguf(tiny_
 def _review_json(tmp_path, capsys) -> str:
     assert cli.main(["review", "--study", "tiny", "--storage", f"sqlite:///{tmp_path}/tiny.db", "--json"]) == 0
     return capsys.readouterr().out
+
+
+def test_decode_costs_are_timed_with_the_serving_decode_threads_and_cached_per_count(monkeypatch, tokenizer,
+                                                                                    tmp_path):
+    """The per-type decode costs are timed with the runtime's default decode threads (what a study times with
+    unless it sets threads), once per thread count: a cost measured on 2 threads is not reused for 1."""
+    import os
+    from types import SimpleNamespace
+
+    from targets.llamacpp import allocated, quantize, runtime
+
+    timed = []
+
+    def fake_time_ab(path, source, protocol, unclear=None):
+        timed.append((path.stem, protocol.threads))
+        return SimpleNamespace(decode_ratio=0.5 if path.stem == "Q4_0" else 0.75)
+
+    monkeypatch.setattr(runtime, "time_ab", fake_time_ab)
+    monkeypatch.setattr(quantize, "quantize_gguf", lambda src, dst, *a, **k: dst.write_bytes(b""))
+    context = BuildContext(tokenizer=tokenizer, calibration=[Doc(SAMPLE_TEXT)], seed=0, cache_dir=tmp_path,
+                           model_id="tiny-costs", progress=False)
+    settings = AllocationSettings(samples=2, seq_len=16)
+    model = make_tiny_llama(vocab_size=len(tokenizer))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    costs = allocated.decode_costs(model, context, settings)
+    assert set(costs) == set(sensitivity.MENUS["all"]) and costs["Q4_0"] == 0.5
+    assert {threads for _, threads in timed} == {2} and len(timed) == len(costs)
+    assert json.loads(next(tmp_path.rglob("decode-2-threads.json")).read_text()) == costs
+    assert allocated.decode_costs(model, context, settings) == costs and len(timed) == len(costs)  # cached
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # another count: timed again
+    allocated.decode_costs(model, context, settings)
+    assert len(timed) == 2 * len(costs) and {threads for _, threads in timed[len(costs):]} == {1}

@@ -11,6 +11,7 @@ import yaml
 
 import cli
 from planner.storage import open_storage
+from targets.llamacpp.runtime import serving_threads
 
 
 def test_a_latency_budgeted_llama_cpp_study_ships_a_gguf(tiny_study_file, tmp_path, capsys):
@@ -30,6 +31,8 @@ def test_a_latency_budgeted_llama_cpp_study_ships_a_gguf(tiny_study_file, tmp_pa
         assert metrics["decode_ratio"] > 0 and metrics["decode_ms_p50"] > 0 and metrics["disk_bytes"] > metrics["weight_bytes"]
         # rounds (the 2 repeats, more while the interval straddled the budget) + 1 bracketing run, x new tokens
         rounds = details["latency"]["rounds"]
+        served = serving_threads()  # the study left threads unset: llama-cpp-python's own counts, recorded
+        assert (details["latency"]["threads"], details["latency"]["batch_threads"]) == (served.decode, served.batch)
         assert rounds >= 2 and details["latency"]["reference_decode"]["n"] == (rounds + 1) * 4
         if "skipped_perplexity" in trial.user_attrs:  # over 1.5x the budget on a busy machine: rightly not scored
             continue
@@ -47,6 +50,8 @@ def test_a_latency_budgeted_llama_cpp_study_ships_a_gguf(tiny_study_file, tmp_pa
     assert (tmp_path / "deploy" / "model.gguf").is_file() and (tmp_path / "deploy" / "recipe.yaml").is_file()
     assert "shipped" in out and "model.gguf for llama.cpp, loaded fresh and re-measured" in out
     assert "the uncompressed model in the same run" in out
+    # how to serve it says the thread counts its figures were timed with
+    assert f"llama_cpp.Llama('{tmp_path / 'deploy' / 'model.gguf'}', {serving_threads().as_kwargs()})" in out
 
     code = cli.main(["review", "--study", "tiny", "--storage", f"sqlite:///{tmp_path}/tiny.db"])
     out = capsys.readouterr().out

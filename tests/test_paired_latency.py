@@ -71,23 +71,43 @@ def two_ggufs(tmp_path_factory):
 def test_llama_cpp_pairs_steps_and_times_longer_only_while_the_caller_is_unclear(two_ggufs):
     from targets.llamacpp.runtime import time_ab
 
-    protocol = LatencyProtocol(prompt_tokens=8, new_tokens=4, warmup=1, repeats=2, max_repeats=5)
+    protocol = LatencyProtocol(prompt_tokens=8, new_tokens=4, warmup=1, repeats=2, max_repeats=5, threads=1)
     asked = []
 
     def always(intervals):
         asked.append(intervals["decode_ratio"].pairs)
         return True
 
-    settled = time_ab(*two_ggufs, protocol, threads=1)
+    settled = time_ab(*two_ggufs, protocol)
     assert settled.rounds == 2 and settled.decode["n"] == 2 * 4 == settled.decode_interval["pairs"]
     assert settled.decode_interval["low"] <= settled.decode_ratio <= settled.decode_interval["high"]
     assert settled.prefill_interval["pairs"] == 2
-    longer = time_ab(*two_ggufs, protocol, threads=1, unclear=always)
+    longer = time_ab(*two_ggufs, protocol, unclear=always)
     assert longer.rounds == 5 and longer.decode["n"] == 5 * 4 and longer.reference_decode["n"] == 6 * 4
     assert asked == [8, 12, 16]  # asked after each round from the protocol's repeats on; at the limit it stops
+    assert (settled.threads, settled.batch_threads) == (1, 1)  # a protocol's threads set both counts
     assert LatencyProtocol(repeats=3).most_repeats == 12
     with pytest.raises(ValueError, match="max_repeats must be an integer >= 3"):
         LatencyProtocol(repeats=3, max_repeats=2)
+
+
+def test_llama_cpp_threads_default_to_the_serving_runtimes_own_counts(monkeypatch, two_ggufs):
+    """Unset, the counts are llama-cpp-python's defaults (half the CPUs for decode, all for batches): decode on
+    every core stalls at ggml's barriers whenever another process takes a core. Set, both follow it."""
+    import os
+
+    from targets.llamacpp.runtime import Threads, loaded, serving_threads, time_ab
+
+    for cpus, expected in [(1, Threads(1, 1)), (2, Threads(1, 2)), (5, Threads(2, 5)), (16, Threads(8, 16))]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        assert serving_threads() == expected
+        assert serving_threads(3) == Threads(3, 3)
+    assert Threads(1, 2).as_kwargs() == "n_threads=1, n_threads_batch=2"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    timed = time_ab(*two_ggufs, LatencyProtocol(prompt_tokens=8, new_tokens=2, warmup=0, repeats=1))
+    assert (timed.threads, timed.batch_threads) == (1, 2)
+    with loaded(two_ggufs[0], 16) as llm:  # what llama.cpp was given
+        assert (llm.context_params.n_threads, llm.context_params.n_threads_batch) == (1, 2)
 
 
 def _study(trials):

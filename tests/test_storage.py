@@ -50,3 +50,31 @@ def test_samplers_by_name_and_seed():
     for study in (a, b):
         study.optimize(lambda t: (t.suggest_float("x", 0, 1) - 0.3) ** 2, n_trials=12)
     assert [t.params for t in a.trials] == [t.params for t in b.trials]
+
+
+def test_a_queued_trial_is_claimed_by_one_process_only(tmp_path):
+    """Two processes' storages on one SQLite file: while one is between reading that a queued trial is WAITING
+    and claiming it, the other's claim waits for it, then finds the trial taken. (Without IMMEDIATE transactions
+    both claimed it, both ran it, and the second to finish failed with "Cannot tell a COMPLETE trial".)"""
+    import threading
+
+    from optuna.trial import TrialState
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path}/race.db"
+    first, second = open_storage(url), open_storage(url)
+    study = optuna.create_study(storage=first, study_name="race")
+    study.enqueue_trial({"x": 1.0})
+    trial_id = first.get_all_trials(study._study_id)[0]._trial_id
+    claims = {}
+    claimer = threading.Thread(target=lambda: claims.update(
+        second=second.set_trial_state_values(trial_id, TrialState.RUNNING)))
+    with first.engine.connect() as connection, connection.begin():
+        read = text("SELECT state FROM trials WHERE trial_id = :id")
+        assert connection.execute(read, {"id": trial_id}).scalar_one() == "WAITING"
+        claimer.start()
+        claimer.join(1.0)
+        assert claimer.is_alive() and claims == {}  # the other process waits for this transaction to end
+        connection.execute(text("UPDATE trials SET state = 'RUNNING' WHERE trial_id = :id"), {"id": trial_id})
+    claimer.join(30)
+    assert claims == {"second": False}  # it found the trial running: one process runs it

@@ -198,12 +198,16 @@ def decode_costs(model: nn.Module, context: BuildContext, settings: AllocationSe
 
     from evaluators.latency import LatencyProtocol
     from targets.llamacpp import writer
-    from targets.llamacpp.quantize import default_threads, quantize_gguf
-    from targets.llamacpp.runtime import time_ab
+    from targets.llamacpp.quantize import quantize_gguf
+    from targets.llamacpp.runtime import serving_threads, time_ab
 
+    # timed with the runtime's default decode threads (a study's own `threads` is not known at build time); the
+    # cost of a type differs with the thread count, so each count has its own cached file
+    threads = serving_threads().decode
     folder = _cache_file(context, settings)
-    if folder is not None and (folder / "decode.json").is_file():
-        return json.loads((folder / "decode.json").read_text())
+    cached = None if folder is None else folder / f"decode-{threads}-threads.json"
+    if cached is not None and cached.is_file():
+        return json.loads(cached.read_text())
     widths = {t.gguf_name: t.shape[1] for t in sensitivity.quantizable(model, {})}
     costs = {}
     with tempfile.TemporaryDirectory(prefix="planner-decode-costs-") as work:
@@ -212,11 +216,11 @@ def decode_costs(model: nn.Module, context: BuildContext, settings: AllocationSe
         for kind in sensitivity.MENUS["all"]:
             path = Path(work) / f"{kind}.gguf"
             quantize_gguf(source, path, "Q8_0", overrides={n: fallback_type(kind, w) for n, w in widths.items()})
-            costs[kind] = time_ab(path, source, LatencyProtocol(**COST_PROTOCOL), default_threads()).decode_ratio
+            costs[kind] = time_ab(path, source, LatencyProtocol(**COST_PROTOCOL, threads=threads)).decode_ratio
             path.unlink()
-    if folder is not None:
+    if cached is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "decode.json").write_text(json.dumps(costs))
+        cached.write_text(json.dumps(costs))
     return costs
 
 

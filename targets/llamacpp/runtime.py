@@ -12,8 +12,16 @@ of the reference runs before and after it: the same cache position, drifts of th
 candidate / reference, with a confidence interval from a bootstrap over the rounds (evaluators.paired: a round's
 pairs share its conditions), so load on a shared machine that slows a stretch of time cancels in each pair
 and shows in the interval. Where a caller's verdict is still open (the interval straddles its
-budget) the timing goes on, round by round, up to the protocol's limit. Threads are set for both
-(``n_threads`` and ``n_threads_batch``) and recorded.
+budget) the timing goes on, round by round, up to the protocol's limit.
+
+Threads (`serving_threads`): a protocol's `threads` sets both of llama.cpp's counts (``n_threads`` for decode,
+``n_threads_batch`` for prefill), as llama.cpp's ``-t`` does; left unset, the counts are llama-cpp-python's own
+defaults, the ones a plain ``Llama(path)`` serves with: half the CPUs for decode, all of them for prefill. Decode
+on every core is fragile on a machine that runs anything else: each graph node ends at a barrier of all the
+threads, so another process holding one core stalls every node, and that adds the same time per step to a small
+quantized file as to the float reference, pulling their ratio toward 1 (docs/benchmarks.md section 8: 2 threads
+on 2 busy CPUs read one candidate at 0.27-0.39x with intervals up to 0.34 wide, 1 thread at 0.32-0.35x with
+intervals under 0.03). Both counts are recorded with every timing.
 """
 from __future__ import annotations
 
@@ -47,14 +55,34 @@ def gpu_layers() -> int:
     return -1 if llama_cpp.llama_supports_gpu_offload() else 0
 
 
+@dataclass(frozen=True)
+class Threads:
+    decode: int  # n_threads: one-token steps
+    batch: int  # n_threads_batch: prefill and scoring windows
+
+    def as_kwargs(self) -> str:
+        return f"n_threads={self.decode}, n_threads_batch={self.batch}"
+
+
+def serving_threads(threads: int | None = None) -> Threads:
+    """llama.cpp's thread counts: `threads` for both where given, else llama-cpp-python's defaults (half the CPUs
+    for decode, at least one; all for batches), counted over the CPUs this process may run on."""
+    if threads is not None:
+        return Threads(threads, threads)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return Threads(max(cpus // 2, 1), cpus)
+
+
 @contextlib.contextmanager
-def loaded(path: Path, n_ctx: int, threads: int, logits_all: bool = False) -> Iterator[object]:
-    """A llama.cpp model and context for `path`, closed on exit (its memory is returned at once)."""
+def loaded(path: Path, n_ctx: int, threads: int | None = None, logits_all: bool = False) -> Iterator[object]:
+    """A llama.cpp model and context for `path` with `serving_threads(threads)`, closed on exit (its memory is
+    returned at once)."""
     from llama_cpp import Llama
 
+    counts = serving_threads(threads)
     with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):
-        llm = Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                    n_threads_batch=threads, logits_all=logits_all, n_gpu_layers=gpu_layers(), verbose=False,
+        llm = Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=counts.decode,
+                    n_threads_batch=counts.batch, logits_all=logits_all, n_gpu_layers=gpu_layers(), verbose=False,
                     seed=0)
     try:
         yield llm
@@ -113,7 +141,8 @@ class ABLatency:
 
     protocol: dict
     runtime: str
-    threads: int
+    threads: int  # decode (n_threads)
+    batch_threads: int  # prefill (n_threads_batch)
     rounds: int  # measured rounds: the protocol's repeats, more where the verdict was unclear
     decode: dict  # the candidate's TimingStats (ms per decode step)
     prefill: dict
@@ -131,15 +160,16 @@ class ABLatency:
         return asdict(self)
 
 
-def time_ab(candidate: Path, reference: Path, protocol: LatencyProtocol, threads: int,
+def time_ab(candidate: Path, reference: Path, protocol: LatencyProtocol,
             unclear: Callable[[dict], bool] | None = None) -> ABLatency:
-    """Time `candidate` against `reference`: warm-up rounds, then the protocol's repeats; while `unclear`
-    says the intervals ({"decode_ratio": PairedRatio, "prefill_ratio": ...}) leave a verdict open, more
-    rounds, up to the protocol's `max_repeats`."""
+    """Time `candidate` against `reference` with the protocol's threads (`serving_threads`): warm-up rounds, then
+    the protocol's repeats; while `unclear` says the intervals ({"decode_ratio": PairedRatio, "prefill_ratio":
+    ...}) leave a verdict open, more rounds, up to the protocol's `max_repeats`."""
+    threads = serving_threads(protocol.threads)
     n_ctx = protocol.prompt_tokens + protocol.new_tokens
     load_before = os.getloadavg()
     started = time.perf_counter()
-    with loaded(candidate, n_ctx, threads) as cand, loaded(reference, n_ctx, threads) as ref:
+    with loaded(candidate, n_ctx, protocol.threads) as cand, loaded(reference, n_ctx, protocol.threads) as ref:
         prompt = random_token_ids(cand.n_vocab(), protocol.prompt_tokens, protocol.seed).tolist()
         for _ in range(protocol.warmup):
             _run(ref, prompt, protocol.new_tokens)
@@ -160,7 +190,8 @@ def time_ab(candidate: Path, reference: Path, protocol: LatencyProtocol, threads
     ref_steps = [ms for _, steps in reference_runs for ms in steps]
     ref_prefills = [prefill for prefill, _ in reference_runs]
     return ABLatency(
-        protocol=protocol.to_dict(), runtime=runtime_version(), threads=threads, rounds=measured,
+        protocol=protocol.to_dict(), runtime=runtime_version(), threads=threads.decode,
+        batch_threads=threads.batch, rounds=measured,
         decode=timing_stats(steps_c).to_dict(), prefill=timing_stats(prefill_c).to_dict(),
         reference_decode=timing_stats(ref_steps).to_dict(), reference_prefill=timing_stats(ref_prefills).to_dict(),
         decode_ratio=intervals["decode_ratio"].ratio, prefill_ratio=intervals["prefill_ratio"].ratio,

@@ -27,7 +27,8 @@ from search_spaces.quantization.grid import GGUF_GRID
 from targets.base import Measured, Request, Target, register_target
 from targets.figures import metrics_row, scored
 from targets.llamacpp import stock, writer
-from targets.llamacpp.runtime import RUNTIME, loaded, runtime_version, time_ab, window_logits
+from evaluators.latency import LatencyProtocol
+from targets.llamacpp.runtime import RUNTIME, loaded, runtime_version, serving_threads, time_ab, window_logits
 
 ARTIFACT = "model.gguf"
 
@@ -145,7 +146,7 @@ class LlamaCppTarget(Target):
                    "runtime": {"target": self.name, "runtime": runtime_version()}}
         figures = {"disk_bytes": facts["file_bytes"], "kv_cache_bytes": kv}
         if "latency" in request.evaluators:
-            ab = time_ab(path, reference, request.latency, request.threads, request.unclear)
+            ab = time_ab(path, reference, request.latency, request.unclear)
             details["latency"] = ab.to_dict()
             figures.update(decode_ms_p50=ab.decode["p50_ms"], prefill_ms_p50=ab.prefill["p50_ms"],
                            decode_ratio=ab.decode_ratio, prefill_ratio=ab.prefill_ratio,
@@ -156,7 +157,7 @@ class LlamaCppTarget(Target):
 
         @contextmanager
         def runtime():
-            with loaded(path, context, request.threads, logits_all=True) as llm:
+            with loaded(path, context, request.latency.threads, logits_all=True) as llm:
                 yield window_logits(llm, context, request.perplexity.stride), "cpu", "gguf"
 
         return scored(request, measured, runtime)
@@ -195,8 +196,10 @@ class LlamaCppTarget(Target):
     def measure_shipped(self, request: Request, artifact: Path) -> Measured:
         return self.measure_file(request, artifact, "shipped")
 
-    def how_to_load(self, artifact: Path) -> str:
-        return f"serve it with llama.cpp, e.g. llama_cpp.Llama('{artifact}')"
+    def how_to_load(self, artifact: Path, latency: LatencyProtocol) -> str:
+        # the thread counts it was timed with, spelled out: its figures hold for those
+        threads = serving_threads(latency.threads)
+        return f"serve it with llama.cpp, e.g. llama_cpp.Llama('{artifact}', {threads.as_kwargs()})"
 
 
 def _has_output_tensor(arch: str | None) -> bool:
