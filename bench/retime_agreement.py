@@ -32,12 +32,12 @@ RESULTS = Path(__file__).parent / "results" / "retime_agreement.jsonl"
 
 
 def with_threads(path: Path, threads: int) -> Path:
-    """A copy of the recipe whose latency protocol sets `threads` (beside the original, which stays as it is)."""
+    """A copy of the recipe whose latency protocol sets `threads`, in a temporary folder (the recipe stays as it is)."""
     import yaml
 
     data = yaml.safe_load(path.read_text())
     data["provenance"].setdefault("evaluation", {}).setdefault("latency", {})["threads"] = threads
-    copy = path.with_name(f"{path.stem}-{threads}-threads.yaml")
+    copy = Path(tempfile.mkdtemp(prefix="planner-retime-recipe-")) / f"{path.stem}-{threads}-threads.yaml"
     copy.write_text(yaml.safe_dump(data, sort_keys=False))
     return copy
 
