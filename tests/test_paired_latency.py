@@ -279,3 +279,32 @@ def test_a_bootstrap_over_rounds_says_how_much_the_rounds_disagree():
     assert by_round.high > 0.31  # a round may be like the slow one: the interval reaches it
     with pytest.raises(ValueError, match="one group per pair"):
         paired_ratio([1.0, 2.0], [1.0, 1.0], groups=[0])
+
+
+def test_both_files_are_timed_as_read_back_from_disk(monkeypatch, two_ggufs):
+    """How a file's pages were written must not change its speed (a byte copy of a GGUF read up to 10% apart
+    while still in the page cache from its writing): before loading, each file is written out (fsync: dirty
+    pages are not dropped) and dropped from the page cache, so both are read back by mmap the same way."""
+    import os
+
+    from targets.llamacpp import runtime
+
+    calls = []
+    real_fsync, real_advise = os.fsync, os.posix_fadvise
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: (
+        calls.append(("advise", os.readlink(f"/proc/self/fd/{fd}"), offset, length, advice)),
+        real_advise(fd, offset, length, advice)))
+    real_loaded = runtime.loaded
+
+    def loaded(path, *args, **kwargs):
+        calls.append(("load", str(path)))
+        return real_loaded(path, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "loaded", loaded)
+    runtime.time_ab(*two_ggufs, LatencyProtocol(prompt_tokens=8, new_tokens=2, warmup=0, repeats=1, threads=1))
+    a, b = (str(p) for p in two_ggufs)
+    whole = os.POSIX_FADV_DONTNEED
+    assert calls == [("fsync", a), ("advise", a, 0, 0, whole), ("fsync", b), ("advise", b, 0, 0, whole),
+                     ("load", a), ("load", b)]
