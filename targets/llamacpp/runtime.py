@@ -19,16 +19,15 @@ Threads (`serving_threads`): a protocol's `threads` sets both of llama.cpp's cou
 defaults, the ones a plain ``Llama(path)`` serves with: half the CPUs for decode, all of them for prefill. Decode
 on every core is fragile on a machine that runs anything else: each graph node ends at a barrier of all the
 threads, so another process holding one core stalls every node, and that adds the same time per step to a small
-quantized file as to the float reference, pulling their ratio toward 1 (docs/benchmarks.md section 8: 2 threads
-on 2 busy CPUs read one candidate at 0.27-0.39x with intervals up to 0.34 wide, 1 thread at 0.32-0.35x with
-intervals under 0.03). Both counts are recorded with every timing.
+quantized file as to the float reference, and their ratio swings (docs/benchmarks.md section 8: beside the test
+suite on 2 CPUs, 2 decode threads gave intervals many times wider than 1). Both counts are recorded with every
+timing.
 
 Files (`from_disk`): both files are written out and dropped from the page cache before they load, so llama.cpp's
 mmap reads each back the same way. A file still in the page cache from being written is mapped through
 whatever pages its writer left there, and that alone moved one model's speed by up to 10%: the float GGUF
 against a byte copy of itself read 0.90-0.92 one way and 1.05-1.10 the other (the newer file faster, in either
-role); dropped first, 0.986-1.006 both ways, and the study's baseline against its reference read 0.76-0.94
-before this.
+role); dropped first, 0.986-1.006 both ways (a study's baseline against its reference had read 0.76 and 0.94).
 """
 from __future__ import annotations
 
