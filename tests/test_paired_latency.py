@@ -284,7 +284,7 @@ def test_a_bootstrap_over_rounds_says_how_much_the_rounds_disagree():
 def test_both_files_are_timed_as_read_back_from_disk(monkeypatch, two_ggufs):
     """How a file's pages were written must not change its speed (a byte copy of a GGUF read up to 10% apart
     while still in the page cache from its writing): before loading, each file is written out (fsync: dirty
-    pages are not dropped) and dropped from the page cache, so both are read back by mmap the same way."""
+    pages are not dropped), dropped from the page cache and read back in whole, so both come back the same way."""
     import os
 
     from targets.llamacpp import runtime
@@ -296,6 +296,16 @@ def test_both_files_are_timed_as_read_back_from_disk(monkeypatch, two_ggufs):
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: (
         calls.append(("advise", os.readlink(f"/proc/self/fd/{fd}"), offset, length, advice)),
         real_advise(fd, offset, length, advice)))
+    read = {}
+    real_read = os.read
+
+    def counted_read(fd, size):
+        data = real_read(fd, size)
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        read[name] = read.get(name, 0) + len(data)
+        return data
+
+    monkeypatch.setattr(os, "read", counted_read)
     real_loaded = runtime.loaded
 
     def loaded(path, *args, **kwargs):
@@ -308,3 +318,4 @@ def test_both_files_are_timed_as_read_back_from_disk(monkeypatch, two_ggufs):
     whole = os.POSIX_FADV_DONTNEED
     assert calls == [("fsync", a), ("advise", a, 0, 0, whole), ("fsync", b), ("advise", b, 0, 0, whole),
                      ("load", a), ("load", b)]
+    assert {name: read.get(name) for name in (a, b)} == {a: os.path.getsize(a), b: os.path.getsize(b)}

@@ -23,8 +23,8 @@ quantized file as to the float reference, and their ratio swings (docs/benchmark
 suite on 2 CPUs, 2 decode threads gave intervals many times wider than 1). Both counts are recorded with every
 timing.
 
-Files (`from_disk`): both files are written out and dropped from the page cache before they load, so llama.cpp's
-mmap reads each back the same way. A file still in the page cache from being written is mapped through
+Files (`from_disk`): both files are written out, dropped from the page cache and read back in whole before they
+load, so both come back the same way. A file still in the page cache from being written is mapped through
 whatever pages its writer left there, and that alone moved one model's speed by up to 10%: the float GGUF
 against a byte copy of itself read 0.90-0.92 one way and 1.05-1.10 the other (the newer file faster, in either
 role); dropped first, 0.986-1.006 both ways (a study's baseline against its reference had read 0.76 and 0.94).
@@ -46,6 +46,7 @@ from evaluators.paired import paired_ratio
 from evaluators.runtime import random_token_ids
 
 RUNTIME = "llama.cpp"
+READ_CHUNK = 1 << 24
 
 
 def runtime_version() -> str:
@@ -97,14 +98,17 @@ def loaded(path: Path, n_ctx: int, threads: int | None = None, logits_all: bool 
 
 
 def from_disk(path: Path) -> None:
-    """Write `path` out and drop it from the page cache (where the OS allows), so the next load reads it back
-    from disk as any other file is read: how a file's pages were written must not change how fast it runs."""
+    """Write `path` out, drop it from the page cache (where the OS allows) and read it back in, as any file is
+    read from disk: how a file's pages were written must not change how fast it runs, and reading it here keeps
+    the disk out of the first timed run where a protocol has no warm-up."""
     if not hasattr(os, "posix_fadvise"):
         return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)  # dirty pages are not dropped
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        while os.read(fd, READ_CHUNK):
+            pass
     finally:
         os.close(fd)
 
