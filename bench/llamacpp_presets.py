@@ -33,8 +33,7 @@ import os
 import sys
 import tempfile
 import time
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -121,7 +120,7 @@ def measure_gguf(path: Path, reference: Reference, threads: int, latency: Latenc
     types = collections.Counter(tensor_types(path).values())
     row["tensor_types"] = dict(sorted(types.items(), key=lambda kv: -kv[1]))
     if latency is not None:
-        ab = time_ab(path, reference.path, dataclasses.replace(latency, threads=threads))
+        ab = time_ab(path, reference.path, replace(latency, threads=threads))
         row.update(decode_ratio=ab.decode_ratio, prefill_ratio=ab.prefill_ratio, decode_ms=ab.decode["p50_ms"],
                    reference_decode_ms=ab.reference_decode["p50_ms"], load_average=[ab.load_average_before,
                                                                                      ab.load_average_after])
@@ -194,7 +193,7 @@ def retime(rows: list[dict], f32: Path, work: Path, imatrix, latency: LatencyPro
     for row in rows:
         path, _ = preset_file(f32, work, row["preset"], None if row["preset"] == "F32" else row["imatrix"],
                               imatrix, threads)
-        ab = time_ab(path, f32, dataclasses.replace(latency, threads=threads))
+        ab = time_ab(path, f32, replace(latency, threads=threads))
         keys = ("decode_ratio", "prefill_ratio", "decode_ms", "reference_decode_ms", "load_average", "latency")
         row["earlier_timing"] = {k: row.get(k) for k in keys}
         row.update(decode_ratio=ab.decode_ratio, prefill_ratio=ab.prefill_ratio, decode_ms=ab.decode["p50_ms"],

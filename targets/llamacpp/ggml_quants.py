@@ -16,6 +16,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from targets.llamacpp.quantize import default_threads
+
 
 class _TypeTraits(ctypes.Structure):  # ggml.h struct ggml_type_traits (checked by name and size on load)
     _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
@@ -84,7 +86,7 @@ def quantize(type_name: str, weight: np.ndarray, imatrix: np.ndarray | None = No
         lib.ggml_quantize_chunk(kind, _as_float(weight), out.ctypes.data, first * width, last - first, width,
                                 _as_float(imatrix))
 
-    workers = max(1, min(threads or len(os.sched_getaffinity(0)), rows))
+    workers = max(1, min(threads or default_threads(), rows))
     edges = np.linspace(0, rows, workers + 1).astype(int)
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(chunk, zip(edges[:-1], edges[1:])))

@@ -290,6 +290,7 @@ def _imatrix_array(imatrix: Mapping[str, np.ndarray], keep: list):
 
 
 def default_threads() -> int:
+    """The CPUs this process may run on (its affinity, where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

@@ -44,6 +44,7 @@ import torch
 from evaluators.latency import LatencyProtocol, timing_stats
 from evaluators.paired import paired_ratio
 from evaluators.runtime import random_token_ids
+from targets.llamacpp.quantize import default_threads
 
 RUNTIME = "llama.cpp"
 READ_CHUNK = 1 << 24
@@ -76,7 +77,7 @@ def serving_threads(threads: int | None = None) -> Threads:
     for decode, at least one; all for batches), counted over the CPUs this process may run on."""
     if threads is not None:
         return Threads(threads, threads)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = default_threads()
     return Threads(max(cpus // 2, 1), cpus)
 
 
