@@ -1,7 +1,8 @@
 """Study storage behind one interface: any Optuna storage URL, SQLite under studies/ by default.
 
 - `sqlite:///studies/NAME.db` (default) and other SQLAlchemy URLs such as `postgresql://user@host/db`
-  (several machines) go to Optuna's RDBStorage, with a heartbeat so a killed worker's trial is marked failed;
+  (several machines) go to Optuna's RDBStorage, with a heartbeat so a killed worker's trial is noted, failed
+  and retried once (`NotingRDBStorage`, `workers.retry_stale`);
 - `journal:PATH` (or a path ending in .log / .journal) is a journal file, safe for several processes on
   one machine.
 Every Optuna tool (optuna-dashboard included) opens these stores as they are.
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import optuna
 
+from planner import workers
 from planner.errors import PlannerError, first_line
 
 STUDIES_DIR = Path("studies")
@@ -53,11 +55,11 @@ def open_storage(url: str, must_exist: bool = False) -> optuna.storages.BaseStor
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     sqlite = scheme == "sqlite"
     try:
-        storage = optuna.storages.RDBStorage(
+        storage = NotingRDBStorage(
             url,
             heartbeat_interval=HEARTBEAT_SECONDS,
             grace_period=2 * HEARTBEAT_SECONDS,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            heartbeat_stale_trial_callback=workers.retry_stale,
             engine_kwargs={"connect_args": {"timeout": SQLITE_WAIT_SECONDS, "isolation_level": None}} if sqlite
             else {"pool_pre_ping": True, "connect_args": CONNECT_ARGS},
         )
@@ -66,6 +68,18 @@ def open_storage(url: str, must_exist: bool = False) -> optuna.storages.BaseStor
     if sqlite:
         serialize_transactions(storage.engine)
     return storage
+
+
+class NotingRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage whose stale-trial check notes each stale trial as `interrupted` while it still runs.
+
+    Optuna fails a trial whose heartbeat went stale in `fail_stale_trials`, which every process calls, and
+    Optuna's own trial loop calls it too (before each trial): a finished trial takes no attribute, so the note
+    is written here, between finding a trial stale and failing it, whichever path called the check."""
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        return [trial_id for trial_id in stale if workers.note_interrupted(self, trial_id, workers.STALE_REASON)]
 
 
 def serialize_transactions(engine) -> None:

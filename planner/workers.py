@@ -11,8 +11,12 @@ Every process (`planner search`, `planner worker`) runs the same loop over the s
 - a process whose trial would exceed the count (two workers asking at once) sees it from the trial
   numbers, records that trial as pruned (`surplus`) and stops, so the count is exact;
 - a process that finds the count reached while others still run waits for them: if one of them dies,
-  its trial is retried here. A dead process on this host is seen from its pid at once; on another host
-  from Optuna's heartbeat (RDB storages).
+  its trial is retried here. A trial cut short is found three ways, and each ends the same (`interrupted`
+  noted on the dead trial before it is failed, then exactly one retry, queued by whichever process's FAIL
+  took effect): its owner on this host is gone (seen from its pid at once); it has no owner for
+  `OWNERLESS_SECONDS` of this process's watching (the process died between Optuna creating the trial and
+  the trial recording its owner); or its heartbeat went stale (RDB storages, any host: `planner.storage`
+  notes the trial inside Optuna's own stale-trial check, and its callback is `retry_stale`).
 """
 from __future__ import annotations
 
@@ -75,27 +79,81 @@ def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> 
     study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retry_reason": reason})
 
 
-def reap_dead(study: optuna.Study) -> list[int]:
-    """Fail and retry the running trials whose process on this host has died (e.g. killed with SIGKILL)."""
-    storage, host, reaped = study._storage, socket.gethostname(), []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+def note_interrupted(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> bool:
+    """Write why a running trial was cut short, before anyone fails it (a finished trial takes no attribute).
+    False when it already finished (another process failed it first, or it ended after all)."""
+    try:
+        storage.set_trial_user_attr(trial_id, "interrupted", reason)
+        return True
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+
+
+def fail_and_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> bool:
+    """Note, fail and retry a trial cut short. Only the process whose FAIL takes effect queues the retry, so a
+    trial two processes (or two paths) find dead at once is retried exactly once."""
+    if not note_interrupted(study._storage, trial._trial_id, reason):
+        return False
+    try:
+        if not study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False  # another process got there first, and retried it
+    retry(study, trial, reason)
+    return True
+
+
+def retry_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Optuna's heartbeat callback (planner.storage): a trial its stale-trial check failed (noted just before by
+    the storage) is retried like any other cut short. Optuna calls it only in the process whose FAIL took effect."""
+    retry(study, trial, trial.user_attrs.get("interrupted", STALE_REASON))
+
+
+STALE_REASON = "its process sent no heartbeat for longer than the storage's grace period"
+# How long (this process's own clock) a running trial may go without recording its owner before its process
+# is taken for dead: a live one records it within a second of Optuna creating the trial.
+OWNERLESS_SECONDS = 30.0
+
+
+class Reaper:
+    """Finds the running trials whose process died, in every way one can be seen to have, and hands each to
+    `fail_and_retry`. One per process: it remembers when it first saw each ownerless trial."""
+
+    def __init__(self, ownerless_seconds: float | None = None, clock: Callable[[], float] = time.monotonic):
+        self.ownerless_seconds = OWNERLESS_SECONDS if ownerless_seconds is None else ownerless_seconds
+        self.clock = clock
+        self.ownerless_since: dict[int, float] = {}
+
+    def __call__(self, study: optuna.Study) -> list[int]:
+        host, reaped = socket.gethostname(), []
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            reason = self._dead(trial, host)
+            if reason and fail_and_retry(study, trial, reason):
+                reaped.append(trial.number)
+        # Any host's process that stopped sending heartbeats (RDB storages): Optuna's check, through the planner's
+        # storage, which notes each trial before failing it and retries it with `retry_stale`.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        return reaped
+
+    def _dead(self, trial: optuna.trial.FrozenTrial, host: str) -> str | None:
         worker = trial.user_attrs.get("worker")
-        if not worker or worker.get("host") != host or _alive(worker):
-            continue
-        reason = f"process {worker.get('pid')} on {host} died during the trial"
-        try:
-            storage.set_trial_user_attr(trial._trial_id, "interrupted", reason)
-            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                continue  # another process got there first
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-        retry(study, trial, reason)
-        reaped.append(trial.number)
-    # Other hosts' dead processes: Optuna's heartbeat (RDB storages) fails and retries their trials.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    return reaped
+        if worker is None:
+            first = self.ownerless_since.setdefault(trial._trial_id, self.clock())
+            if self.clock() - first >= self.ownerless_seconds:
+                return (f"its process died before the trial recorded its owner (no owner for "
+                        f"{self.ownerless_seconds:g} s)")
+            return None
+        self.ownerless_since.pop(trial._trial_id, None)
+        if worker.get("host") == host and not _alive(worker):
+            return f"process {worker.get('pid')} on {host} died during the trial"
+        return None
+
+
+def reap_dead(study: optuna.Study) -> list[int]:
+    """Fail and retry the running trials whose process has died (e.g. killed with SIGKILL), once."""
+    return Reaper()(study)
 
 
 def rank(study: optuna.Study, number: int) -> int:
@@ -119,6 +177,7 @@ def run_trials(study: optuna.Study, objective: Callable, target: int, timeout: f
     `MAX_DRAWS` draws per counted trial were made."""
     deadline = study.user_attrs.get(DEADLINE_ATTR)
     result, started, waiting_said, current = RunResult(), time.monotonic(), False, {}
+    reap = Reaper()
 
     def guarded(trial: optuna.Trial):
         current["number"] = trial.number
@@ -144,7 +203,7 @@ def run_trials(study: optuna.Study, objective: Callable, target: int, timeout: f
             callback(study_, trial)
 
     while True:
-        reaped = reap_dead(study)
+        reaped = reap(study)
         if reaped:
             say(f"planner: trial(s) {', '.join(map(str, reaped))} were cut short by a dead process; retrying")
         trials = study.get_trials(deepcopy=False)
