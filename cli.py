@@ -148,7 +148,9 @@ def build_parser() -> Parser:
 
     assets = commands.add_parser("assets", help="the built-in model and corpus")
     assets_commands = assets.add_subparsers(dest="assets_command", required=True, parser_class=Parser)
-    assets_commands.add_parser("fetch", help="fetch and prepare every built-in asset (idempotent)")
+    fetch = assets_commands.add_parser("fetch", help="fetch and prepare the built-in assets (idempotent): the "
+                                       "default model and corpus, or those named")
+    fetch.add_argument("names", nargs="*", metavar="NAME", help="e.g. builtin:smollm2-135m-float")
     assets_commands.add_parser("list", help="list the built-in assets and whether they are cached")
     return parser
 
@@ -193,11 +195,12 @@ def cmd_evaluate(args) -> int:
 def cmd_assets(args) -> int:
     from planner import assets
 
+    named = [assets.named(name) for name in getattr(args, "names", None) or []]
     for asset in assets.all_assets():
-        if args.assets_command == "fetch":
+        if args.assets_command == "fetch" and (asset in named if named else asset.default):
             assets.ensure(asset)
         state = "cached" if assets.is_ready(asset) else "not fetched"
-        print(f"builtin:{asset.name:<14} {asset.kind:<6} {state:<11} {asset.description}")
+        print(f"builtin:{asset.name:<18} {asset.kind:<6} {state:<11} {asset.description}")
     print(f"cache: {assets.cache_root()}")
     return 0
 

@@ -344,7 +344,7 @@ class Replay:
         gc.collect()
         gc.freeze()
 
-    def _build(self, base_model, stages, context):
+    def _build(self, base_model, stages, context, screen=None):  # a replay screens nothing: all is measured
         from planner.candidates import BuiltCandidate
 
         return BuiltCandidate(SimpleNamespace(bench_key=stage_key(stages)), {})

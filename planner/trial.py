@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import optuna
 
@@ -22,9 +22,10 @@ from planner.settings import StudySettings
 from search_spaces import BuildContext
 from targets import TRANSFORMERS, Measured, Request, Target
 from targets.figures import metrics_row
+from targets.transformers_target import measure_torch
 
 # What a trial that reuses a measured twin copies from it.
-TWIN_ATTRS = ("metrics", "measurements", "estimated_weight_bytes", "rejected", "skipped_perplexity")
+TWIN_ATTRS = ("metrics", "measurements", "estimated_weight_bytes", "rejected", "skipped_perplexity", "screened")
 # A candidate this far over a latency budget is not worth its perplexity run.
 LATENCY_SKIP_FACTOR = 1.5
 
@@ -39,6 +40,7 @@ class CandidateSteps:
     shaped_model: object = candidates.shaped_model
     storage_notes: object = candidates.storage_notes
     estimate_weight_bytes: object = candidates.estimate_weight_bytes
+    aim: object = candidates.aim
     build: object = candidates.build
 
 
@@ -113,6 +115,44 @@ def measure(bench: Workbench, model, stages: list[Stage], trial=None, label: str
     return measured.row, measured.details
 
 
+# A candidate whose stages before the last (a student, a pruned cut) already score this many times the best
+# measured candidate's accuracy figure, in float, is not quantized, written or timed: quantizing it will not
+# bring it back (it only adds error), and those are the minutes of a trial.
+SCREEN_FACTOR = 2.0
+
+
+def best_accuracy(study: optuna.Study, name: str) -> float | None:
+    """The best measured value of accuracy objective `name` among the study's complete, measured trials."""
+    objective = objective_registry.OBJECTIVES[name]
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    values = [t.user_attrs["metrics"][name] for t in complete if name in t.user_attrs.get("metrics", {})]
+    return min(values, key=objective.minimised) if values else None
+
+
+def screen(bench: Workbench, study: optuna.Study):
+    """The rule `candidates.build` judges a candidate by before its last stage: its float accuracy figure (the
+    study's first accuracy objective, scored in torch over the same held-out windows) against SCREEN_FACTOR x the
+    best measured one. None when nothing is measured yet (nothing to compare against)."""
+    accuracy = objective_registry.accuracy_objectives(bench.objectives)
+    name = accuracy[0] if accuracy else None
+    best = None if name is None else best_accuracy(study, name)
+    if best is None or objective_registry.OBJECTIVES[name].direction != objective_registry.MINIMIZE or best <= 0:
+        return None
+    needed = {objective_registry.OBJECTIVES[name].evaluator}
+    request = replace(bench.request(may_skip=False), evaluators=frozenset(needed),
+                      scorers=objective_registry.scorers(needed, ScoringSetup(bench.reference, str(bench.context.device))))
+
+    def judge(model) -> tuple[str, dict] | None:
+        value = measure_torch(request, model, "screen").row[name]
+        if value <= SCREEN_FACTOR * best:
+            return None
+        shown = objective_registry.OBJECTIVES[name].shown(value)
+        return (f"{name} {shown} in float before its last stage, over {SCREEN_FACTOR:g}x the best measured "
+                f"({objective_registry.OBJECTIVES[name].shown(best)}): not quantized or measured", {name: value})
+
+    return judge
+
+
 def measure_baseline(bench: Workbench) -> tuple[dict, dict]:
     """The uncompressed model's figures, after the target's own preparation (its reference, a warm-up)."""
     bench.target.prepare(bench.request())
@@ -183,9 +223,11 @@ def objective(bench: Workbench):
         started = time.perf_counter()
         steps = bench.steps
         stages = rungs.assign(trial.study, steps.suggest_stages(trial, bench.spaces), bench.spaces)
+        shaped = steps.shaped_model(bench.model, stages)
+        memory = of_kind(bench.budgets, "memory")
+        stages = steps.aim(bench.model, stages, memory and memory.limit, shaped)  # e.g. bpw that fills the budget
         stored_stages = plain_stages(stages)
         trial.set_user_attr("stages", stored_stages)
-        shaped = steps.shaped_model(bench.model, stages)
         notes = steps.storage_notes(bench.model, stages, shaped)
         label = steps.describe(stages, notes)
         trial.set_user_attr("label", label)
@@ -203,7 +245,14 @@ def objective(bench: Workbench):
         if over_memory_budget(bench.budgets, estimate):
             trial.set_user_attr("rejected", f"weights {estimate / 1e6:.1f} MB from the spec alone; over the budget")
             return finish(trial, started, metrics_row(label, estimate))
-        built = steps.build(bench.model, stages, bench.context)
+        judge = screen(bench, trial.study) if len(stages) > 1 else None  # a stage before the last to judge
+        try:
+            built = steps.build(bench.model, stages, bench.context, **({"screen": judge} if judge else {}))
+        except candidates.Screened as screened:
+            trial.set_user_attr("screened", {"reason": screened.reason, "float": screened.figures})
+            if screened.training:
+                trial.set_user_attr("training", screened.training)
+            return finish(trial, started, metrics_row(label, estimate), screened.seconds)
         try:
             measure_started = time.perf_counter()
             row, details = measure(bench, built, stages, trial, label)

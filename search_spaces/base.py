@@ -131,6 +131,18 @@ class Technique(abc.ABC):
 
         return weight_bytes(model).total_bytes
 
+    def fit_budget(self, space, memory_limit: float | None, decode_ratio: float | None = None):
+        """The space for a study whose weights must fit `memory_limit` bytes and whose decode must stay within
+        `decode_ratio` x the uncompressed model's (None: no such budget): a storage stage that can aim at a budget
+        itself (see `aim`) samples how much of it to spend, or builds within it. Default: unchanged."""
+        return space
+
+    def aim(self, spec, model, memory_limit: float):
+        """The spec with what it aims at resolved on the candidate's shapes (`model`, maybe on the meta device)
+        when this stage is the last one: e.g. a byte target that is a fraction of the memory budget becomes the
+        bits per weight that fill it. The resolved spec is what is built, stored and shipped. Default: the spec."""
+        return spec
+
     def presets(self, space) -> list[Params]:
         """What a user would try by hand (e.g. 8-bit everywhere); the study starts with them."""
         return []

@@ -141,3 +141,39 @@ def test_builtin_model_folder_is_a_plain_transformers_checkpoint():
     assert marker["parameters"] == 134_515_008
     for name, digest in marker["weights_sha256"].items():
         assert assets.sha256_file(folder / name) == digest
+
+
+def test_off_grid_moves_every_weight_within_its_own_grid_cell():
+    """The float benchmark model's rule: blocks of 32 on a 16-level grid (as Q4_1 stores them) leave it entirely,
+    each weight by less than half its block's level spacing, the same way for the same seed."""
+    import torch
+
+    torch.manual_seed(0)
+    levels = torch.randint(0, 16, (8, 64)).double()
+    scales = torch.rand(8, 2).repeat_interleave(32, dim=1) + 0.1  # a step per block of 32
+    weight = (levels * scales - 0.5).float()
+    moved = assets.off_grid(weight, torch.Generator().manual_seed(0))
+    again = assets.off_grid(weight, torch.Generator().manual_seed(0))
+    assert torch.equal(moved, again) and moved.shape == weight.shape
+    blocks, spacing = (moved - weight).reshape(-1, 32).abs(), scales.reshape(-1, 32)[:, :1]
+    assert (blocks > 0).all() and (blocks <= spacing / 2 + 1e-6).all()
+    assert all(len(set(row.tolist())) == 32 for row in moved.reshape(-1, 32))  # no block left on a grid
+    flat = torch.full((1, 32), 0.25)
+    assert torch.equal(assets.off_grid(flat, torch.Generator().manual_seed(0)), flat)  # one value: left alone
+
+
+def test_the_float_benchmark_model_is_fetched_only_when_named(capsys, monkeypatch):
+    import cli
+
+    ensured = []
+    monkeypatch.setattr(assets, "ensure", lambda asset: ensured.append(asset.name))
+    monkeypatch.setattr(assets, "is_ready", lambda asset: asset.name in ensured)
+    assert cli.main(["assets", "fetch"]) == 0
+    assert ensured == ["smollm2-135m", "shakespeare"]
+    ensured.clear()
+    assert cli.main(["assets", "fetch", "builtin:smollm2-135m-float"]) == 0
+    assert ensured == ["smollm2-135m-float"]
+    out = capsys.readouterr().out
+    assert "builtin:smollm2-135m-float model  cached" in out
+    assert cli.main(["assets", "fetch", "builtin:nope"]) == 2
+    assert "unknown built-in asset 'builtin:nope'" in capsys.readouterr().err

@@ -695,8 +695,12 @@ class Lab:
         self.args = set()  # (what, the arguments it was given besides the model and stages)
         self.steps = CandidateSteps(suggest_stages=self.suggest_stages, describe=self.describe, build=self.build,
                                     shaped_model=lambda base_model, stages: base_model, storage_notes=self.notes,
-                                    estimate_weight_bytes=self.estimate)
+                                    estimate_weight_bytes=self.estimate, aim=self.aim)
         self.target = LabTarget(self)
+
+    @staticmethod
+    def aim(base_model, stages, memory_limit, shaped=None):
+        return stages  # the fake stages aim at nothing
 
     def suggest_stages(self, trial, spaces):
         self.args.add(("suggest", id(spaces)))
@@ -810,7 +814,8 @@ def test_a_twin_of_a_rejected_or_skipped_candidate_copies_why(lab):
     assert slow_twin.user_attrs["duplicate_of"] == 1
     assert big_twin.values == big.values and slow_twin.values == slow.values
     assert big_twin.constraints == big.constraints and slow_twin.constraints == slow.constraints
-    assert set(TWIN_ATTRS) == {"metrics", "measurements", "estimated_weight_bytes", "rejected", "skipped_perplexity"}
+    assert set(TWIN_ATTRS) == {"metrics", "measurements", "estimated_weight_bytes", "rejected", "skipped_perplexity",
+                               "screened"}
 
 
 def test_a_failed_trial_of_the_same_candidate_is_no_twin(lab):

@@ -196,6 +196,67 @@ def test_a_family_restricts_the_types_and_the_cache_serves_the_second_build(toke
     first = sensitivity_tables(model, windows, context, settings)
     again = sensitivity_tables(model, windows, context, settings)  # same key: read from the cache
     assert first["options"] == again["options"]
+    folders = set((context.cache_dir / "llama-sensitivity").iterdir())
+    other = sensitivity_tables(model, torch.ones((4, 32), dtype=torch.long), context, settings)  # another text
+    assert len(set((context.cache_dir / "llama-sensitivity").iterdir()) - folders) == 1  # its own entry
+    assert not all(np.array_equal(other["imatrix"][n], first["imatrix"][n]) for n in first["imatrix"])
+
+
+def _filling(fill: float | None, bpw: float = 7.0) -> QuantSpec:
+    return replace(spec(bpw=bpw), allocation=replace(spec().allocation, bpw=bpw, fill=fill))
+
+
+def test_an_allocation_aimed_at_a_budget_gets_the_bits_that_fill_it_on_the_candidates_shapes():
+    model, quant, limit = make_tiny_llama(vocab_size=300, **WIDE), TECHNIQUES["quantization"], 900_000
+    resolved = {}
+    for fill in (1.0, 0.8):
+        aimed = quant.aim(_filling(fill), model, limit)
+        bpw = aimed.allocation.bpw
+        size = quant.weight_bytes(model, aimed)
+        # the most bits (to 1/1000) whose exact stored bytes fit fill x the budget
+        assert size <= fill * limit < quant.weight_bytes(model, _filling(fill, round(bpw + 0.001, 3)))
+        assert size > 0.99 * fill * limit
+        assert aimed.allocation.fill == fill and QuantSpec.from_dict(aimed.to_dict()) == aimed  # a recipe pins both
+        resolved[fill] = bpw
+    assert resolved[0.8] < resolved[1.0]
+    assert f"llama-quant {resolved[1.0]:.2f}bpw=100%budget all" in quant.describe(quant.aim(_filling(1.0), model, limit))
+    assert quant.aim(spec(bpw=5.0), model, limit) == spec(bpw=5.0)  # a spec with a bpw of its own is left alone
+    over = quant.aim(_filling(1.0), model, 100_000)  # below the family's smallest types: over, rejected unbuilt
+    assert quant.weight_bytes(model, over) > 100_000
+
+
+def test_a_built_allocation_aimed_at_a_budget_writes_a_file_within_it(tokenizer, context, tmp_path):
+    model = make_tiny_llama(vocab_size=len(tokenizer), **WIDE)
+    limit = 0.85 * TECHNIQUES["quantization"].weight_bytes(model, spec(bpw=6.0))
+    aimed = TECHNIQUES["quantization"].aim(_filling(1.0), model, limit)
+    built = TECHNIQUES["quantization"].apply(model, aimed, context)
+    path = tmp_path / "model.gguf"
+    writer.write(built, tokenizer, path)
+    from gguf import GGUFReader
+
+    stored = sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors)
+    assert 0.9 * limit <= stored <= limit  # the budget spent, not left on the table
+
+
+def test_a_budgeted_space_samples_a_share_of_the_budget_and_seeds_all_of_it_first():
+    from planner.candidates import CornerTrial
+
+    quant = TECHNIQUES["quantization"]
+    space = fit_to_scheme(QuantSpace(methods=("none", "llama-quant")), "gguf")
+    assert not quant.fit_budget(space, None).allocation.budgeted
+    assert "llama-quant.bpw" in quant.presets(space)[0]  # no memory budget: the bpw grid
+    budgeted = quant.fit_budget(space, 1e6)
+    presets = quant.presets(budgeted)
+    assert [p["llama-quant.fill"] for p in presets] == [1.0] and not any("llama-quant.bpw" in p for p in presets)
+    seeded = quant.suggest(CornerTrial(quant.qualified(presets[0])), budgeted)
+    assert seeded.allocation.fill == 1.0
+    # the smallest share, in the widest family only (its smallest types are every family's least)
+    assert [(p["llama-quant.fill"], p["llama-quant.types"]) for p in quant.smallest(budgeted)] == [(0.8, "all")]
+    assert [p["llama-quant.types"] for p in quant.smallest(space)] == list(space.allocation.types)
+    no_fill = replace(space, allocation=replace(space.allocation, fill=()))
+    assert not quant.fit_budget(no_fill, 1e6).allocation.budgeted  # fill = [] keeps the bpw grid under a budget
+    with pytest.raises(SpecError, match="AllocationSettings.fill"):
+        AllocationSettings(fill=1.5)
 
 
 def test_the_specs_checks_and_labels():
@@ -267,6 +328,10 @@ def test_a_memory_budgeted_study_at_a_presets_size_ships_an_allocated_gguf(tiny_
         assert shown == {k: n for k, n in runtime["type_counts"].items() if k not in ("F32", "F16", "BF16")}, \
             trial.user_attrs["label"]
         assert trial.user_attrs["metrics"]["weight_bytes"] <= trial.user_attrs["estimated_weight_bytes"] <= preset_bytes
+        assert trial.user_attrs["stages"][-1]["spec"]["allocation"]["fill"] in (1.0, 0.9, 0.8)  # aimed at the budget
+    # the first seed after the (over-budget) baseline spends the whole budget
+    whole = next(t for t in measured if t.user_attrs["stages"][-1]["spec"]["allocation"]["fill"] == 1.0)
+    assert whole.user_attrs["metrics"]["weight_bytes"] >= 0.9 * preset_bytes
     recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
     assert recipe["stages"][-1]["spec"]["method"] == "llama-quant"
     code = cli.main(["apply", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "deploy")])
@@ -291,12 +356,17 @@ def test_decode_costs_are_timed_with_the_serving_decode_threads_and_cached_per_c
 
     timed = []
 
-    def fake_time_ab(path, source, protocol, unclear=None):
-        timed.append((path.stem, protocol.threads))
-        return SimpleNamespace(decode_ratio=0.5 if path.stem == "Q4_0" else 0.75)
+    def fake_time_many(paths, source, protocol):
+        timings = []
+        for path in paths:
+            written = set(json.loads(path.read_text()).values())  # the types the fake quantizer was asked for
+            timed.append((written, protocol.threads))
+            timings.append(SimpleNamespace(decode_ratio=0.5 if written == {"Q4_0"} else 0.75))
+        return timings
 
-    monkeypatch.setattr(runtime, "time_ab", fake_time_ab)
-    monkeypatch.setattr(quantize, "quantize_gguf", lambda src, dst, *a, **k: dst.write_bytes(b""))
+    monkeypatch.setattr(runtime, "time_many", fake_time_many)
+    monkeypatch.setattr(quantize, "quantize_gguf",
+                        lambda src, dst, *a, overrides=None, **k: dst.write_text(json.dumps(overrides)))
     context = BuildContext(tokenizer=tokenizer, calibration=[Doc(SAMPLE_TEXT)], seed=0, cache_dir=tmp_path,
                            model_id="tiny-costs", progress=False)
     settings = AllocationSettings(samples=2, seq_len=16)
@@ -304,9 +374,50 @@ def test_decode_costs_are_timed_with_the_serving_decode_threads_and_cached_per_c
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     costs = allocated.decode_costs(model, context, settings)
     assert set(costs) == set(sensitivity.MENUS["all"]) and costs["Q4_0"] == 0.5
-    assert {threads for _, threads in timed} == {2} and len(timed) == len(costs)
+    # on 32-wide rows llama.cpp writes every K-quant and IQ type as a 32-block one: each file is timed once
+    files = {fallback_type(kind, 32) for kind in sensitivity.MENUS["all"]}
+    assert len(timed) == len(files) < len(costs) and costs["Q4_K"] == costs[fallback_type("Q4_K", 32)]
+    assert {threads for _, threads in timed} == {2}
     assert json.loads(next(tmp_path.rglob("decode-2-threads.json")).read_text()) == costs
-    assert allocated.decode_costs(model, context, settings) == costs and len(timed) == len(costs)  # cached
+    assert allocated.decode_costs(model, context, settings) == costs and len(timed) == len(files)  # cached
+    # another shape of the same source model (a student, a cut) uses the same cost model
+    assert allocated.decode_costs(model, replace(context, upstream=({"technique": "pruning"},)), settings) == costs
+    assert len(timed) == len(files)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # another count: timed again
     allocated.decode_costs(model, context, settings)
-    assert len(timed) == 2 * len(costs) and {threads for _, threads in timed[len(costs):]} == {1}
+    assert len(timed) == 2 * len(files) and {threads for _, threads in timed[len(files):]} == {1}
+
+
+def test_a_decode_target_raises_the_speed_weight_only_as_far_as_it_must():
+    tables = {"tensors": {"a": {"width": 512, "size": 100}, "b": {"width": 512, "size": 300}},
+              "options": {"a": [Option("Q4_0", 50, 1.0), Option("Q4_K", 50, 0.5)],
+                          "b": [Option("Q4_0", 150, 1.0), Option("Q4_K", 150, 0.9)]}}
+    costs = {"Q4_0": 0.2, "Q4_K": 0.6}
+    menu = ["Q4_0", "Q4_K"]
+    free = choose_types(tables, menu, 200, costs, decode_target=0.7)  # 0.6 predicted already: as without one
+    assert {n: o.kind for n, o in free.items()} == {"a": "Q4_K", "b": "Q4_K"}
+    # 0.31: b (3/4 of the weights) must go to Q4_0 (0.25 x 0.6 + 0.75 x 0.2 = 0.3); a keeps its accurate type
+    within = choose_types(tables, menu, 200, costs, decode_target=0.31)
+    assert {n: o.kind for n, o in within.items()} == {"a": "Q4_K", "b": "Q4_0"}
+    assert predicted_decode(tables, within, costs) <= 0.31
+    fastest = choose_types(tables, menu, 200, costs, decode_target=0.1)  # out of reach: the fastest choice
+    assert {n: o.kind for n, o in fastest.items()} == {"a": "Q4_0", "b": "Q4_0"}
+    assert choose_types(tables, menu, 200, None, decode_target=0.1) == free  # no costs timed: nothing to aim by
+
+
+def test_a_latency_budget_reaches_every_allocation_as_its_decode_target():
+    from planner.candidates import CornerTrial
+    from planner.study import decode_ratio_limit, fit_budget
+    from planner.budgets import parse_budget
+
+    quant = TECHNIQUES["quantization"]
+    space = fit_to_scheme(QuantSpace(methods=("llama-quant",)), "gguf")
+    relative = [parse_budget("latency", "0.4x").resolve({"decode_ms_p50": 20.0})]
+    absolute = [parse_budget("latency", "5ms").resolve({"decode_ms_p50": 20.0})]
+    assert decode_ratio_limit(relative, {"decode_ms_p50": 20.0}) == 0.4
+    assert decode_ratio_limit(absolute, {"decode_ms_p50": 20.0}) == 0.25
+    assert decode_ratio_limit([], {"decode_ms_p50": 20.0}) is None
+    fitted = fit_budget({"quantization": space}, None, 0.4)["quantization"]
+    drawn = quant.suggest(CornerTrial({}), fitted)
+    assert drawn.allocation.decode == 0.4 and "decode<=0.4x" in quant.describe(drawn)
+    assert quant.suggest(CornerTrial({}), space).allocation.decode is None

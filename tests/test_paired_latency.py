@@ -69,8 +69,9 @@ def two_ggufs(tmp_path_factory):
 
 
 def test_llama_cpp_pairs_steps_and_times_longer_only_while_the_caller_is_unclear(two_ggufs):
-    from targets.llamacpp.runtime import time_ab
+    from targets.llamacpp.runtime import PREFILLS, time_ab
 
+    assert PREFILLS > 1
     protocol = LatencyProtocol(prompt_tokens=8, new_tokens=4, warmup=1, repeats=2, max_repeats=5, threads=1)
     asked = []
 
@@ -81,7 +82,10 @@ def test_llama_cpp_pairs_steps_and_times_longer_only_while_the_caller_is_unclear
     settled = time_ab(*two_ggufs, protocol)
     assert settled.rounds == 2 and settled.decode["n"] == 2 * 4 == settled.decode_interval["pairs"]
     assert settled.decode_interval["low"] <= settled.decode_ratio <= settled.decode_interval["high"]
-    assert settled.prefill_interval["pairs"] == 2
+    # PREFILLS prefills a run, each paired with the bracketing reference runs' prefill of the same index
+    assert settled.prefill_interval["pairs"] == 2 * PREFILLS == settled.prefill["n"]
+    assert settled.reference_prefill["n"] == 3 * PREFILLS
+    assert settled.prefill_interval["low"] <= settled.prefill_ratio <= settled.prefill_interval["high"]
     longer = time_ab(*two_ggufs, protocol, unclear=always)
     assert longer.rounds == 5 and longer.decode["n"] == 5 * 4 and longer.reference_decode["n"] == 6 * 4
     assert asked == [8, 12, 16]  # asked after each round from the protocol's repeats on; at the limit it stops
@@ -89,6 +93,24 @@ def test_llama_cpp_pairs_steps_and_times_longer_only_while_the_caller_is_unclear
     assert LatencyProtocol(repeats=3).most_repeats == 12
     with pytest.raises(ValueError, match="max_repeats must be an integer >= 3"):
         LatencyProtocol(repeats=3, max_repeats=2)
+
+
+def test_many_candidates_are_timed_against_one_loaded_reference(two_ggufs, monkeypatch):
+    from targets.llamacpp import runtime
+
+    loads = []
+    real = runtime.loaded
+
+    def counting(path, *args, **kwargs):
+        loads.append(path.name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "loaded", counting)
+    protocol = LatencyProtocol(prompt_tokens=8, new_tokens=3, warmup=0, repeats=2, threads=1)
+    timings = runtime.time_many([two_ggufs[1], two_ggufs[0]], two_ggufs[0], protocol)
+    assert loads == ["a.gguf", "b.gguf", "a.gguf"]  # the reference once, then each candidate
+    assert [t.rounds for t in timings] == [2, 2] and all(t.decode["n"] == 2 * 3 for t in timings)
+    assert all(t.decode_interval["low"] <= t.decode_ratio <= t.decode_interval["high"] for t in timings)
 
 
 def test_llama_cpp_threads_default_to_the_serving_runtimes_own_counts(monkeypatch, two_ggufs):

@@ -101,6 +101,16 @@ class Quantization(Technique):
     def weight_bytes(self, model: nn.Module, spec: QuantSpec) -> int:
         return estimate_weight_bytes(model, spec)
 
+    def fit_budget(self, space: QuantSpace, memory_limit: float | None,
+                   decode_ratio: float | None = None) -> QuantSpace:
+        """Allocations sample their share of a memory budget (`fill`) and predict their decode within a latency
+        budget (`decode_budget`)."""
+        budgeted = memory_limit is not None and bool(space.allocation.fill)
+        return replace(space, allocation=replace(space.allocation, budgeted=budgeted, decode_budget=decode_ratio))
+
+    def aim(self, spec: QuantSpec, model: nn.Module, memory_limit: float) -> QuantSpec:
+        return spec.quant_method.aim(spec, lambda s: estimate_weight_bytes(model, s), memory_limit)
+
     def _methods(self, space: QuantSpace):
         """The space's methods that run on its device, in registry order."""
         available = available_methods(space)

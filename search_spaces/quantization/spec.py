@@ -20,8 +20,8 @@ import torch
 from search_spaces.quantization.constants import DEFAULT_GRID, FLOAT_BITS, GROUP_SIZES
 from search_spaces.quantization.methods.base import QUANT_METHODS, QuantMethod
 from search_spaces.quantization.schemes import STORAGE_SCHEMES, StorageScheme, scheme_named
-from search_spaces.specs import (DictSpec, SpecError, check_bool, check_choices, check_float, check_int,
-                                 check_member, is_one_of, shown)
+from search_spaces.specs import (DictSpec, SpecError, check_bool, check_choices, check_float, check_fraction,
+                                 check_int, check_member, is_one_of, shown)
 
 NO_QUANTIZATION = "none"  # a space choice: the trial skips the quantization stage
 GROUPS = ("attn", "mlp", "head")
@@ -90,9 +90,20 @@ class AllocationSettings(DictSpec):
     exclude: tuple[str, ...] = ()  # type names never chosen (e.g. the grids a model's weights came from)
     samples: int = 16  # calibration windows for the importance matrix and the sensitivities
     seq_len: int = 256
+    # The fraction of the study's memory budget the allocation aims at (None: `bpw` as sampled). The planner
+    # resolves `bpw` from it on the candidate's own shapes before building (`Technique.aim`): the most bits per
+    # weight whose stored bytes stay within fill x the budget. A recipe holds both; a rebuild uses `bpw`.
+    fill: float | None = None
+    # The decode ratio (to the candidate's own float GGUF) the allocation's predicted decode must stay within: the
+    # planner sets it from a latency budget. The decode term's weight is raised from `speed` until it does.
+    decode: float | None = None
 
     def __post_init__(self):
         check_float(1.0, 32.0)("AllocationSettings.bpw", self.bpw)
+        if self.fill is not None:
+            check_fraction("AllocationSettings.fill", self.fill)
+        if self.decode is not None:
+            check_float(0.0, 1e6, low_open=True)("AllocationSettings.decode", self.decode)
         check_float(0.0, 1e6)("AllocationSettings.speed", self.speed)
         if not isinstance(self.exclude, tuple) or not all(isinstance(k, str) and k for k in self.exclude):
             _fail("AllocationSettings.exclude", "expected a list of type names, e.g. ['Q4_1']")
@@ -112,9 +123,19 @@ class AllocationSpace(DictSpec):
     exclude: tuple[str, ...] = ()  # not searched: every candidate leaves these types out
     samples: int = 16
     seq_len: int = 256
+    # Under a memory budget the byte target is a fraction of the budget (what is left of it after the stages
+    # before is the candidate's own business: `aim` resolves it on its shapes), sampled in place of `bpw`:
+    # the quantization-only answer to "weights <= B" is the first seed. Empty: `bpw` is sampled regardless.
+    fill: tuple[float, ...] = (1.0, 0.9, 0.8)
+    budgeted: bool = False  # set by the planner when the study has a memory budget (Technique.fit_budget)
+    decode_budget: float | None = None  # set by the planner from a latency budget: every allocation's `decode`
 
     def __post_init__(self):
         check_choices("AllocationSpace.bpw", self.bpw, check_float(1.0, 32.0))
+        check_choices("AllocationSpace.fill", self.fill, check_fraction, allow_empty=True)
+        check_bool("AllocationSpace.budgeted", self.budgeted)
+        if self.decode_budget is not None:
+            check_float(0.0, 1e6, low_open=True)("AllocationSpace.decode_budget", self.decode_budget)
         check_choices("AllocationSpace.speed", self.speed, check_float(0.0, 1e6))
         check_choices("AllocationSpace.types", self.types, check_member(ALLOCATION_TYPES))
         AllocationSettings(exclude=self.exclude, samples=self.samples, seq_len=self.seq_len)

@@ -13,15 +13,16 @@ A candidate of this method is built in three steps:
    from it are what the recipe and the review show.
 
 The tied embedding is quantized in place and stays shared, as llama.cpp does. Sensitivities and importance
-matrix are cached per source model, upstream stages and calibration protocol (the slow part: seconds per
-tensor on a large model; every later trial of that shape reuses them).
+matrix are cached per source model, upstream stages and calibration tokens (the slow part: seconds per
+tensor on a large model; every later trial of that shape reuses them); the per-type decode costs per source model,
+upstream stages and decode thread count (they do not depend on the calibration text).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -81,34 +82,77 @@ class LlamaQuant(QuantMethod):
 
     def suggest(self, trial, space: QuantSpace, choose) -> QuantSpec:
         options = space.allocation
-        bpw = choose(trial, self.param("bpw"), options.bpw)
+        if options.budgeted:  # a share of the memory budget; `aim` turns it into bits per weight on the shapes
+            fill, bpw = choose(trial, self.param("fill"), options.fill), max(options.bpw)
+        else:
+            fill, bpw = None, choose(trial, self.param("bpw"), options.bpw)
         types = choose(trial, self.param("types"), options.types)
         speed = choose(trial, self.param("speed"), options.speed)
         return QuantSpec(method=self.name, bits={"attn": NOMINAL_BITS, "mlp": NOMINAL_BITS, "head": HEAD_BITS},
                          grid=space.grid, group_size=32,
                          allocation=AllocationSettings(bpw=bpw, types=types, speed=speed, exclude=options.exclude,
-                                                       samples=options.samples, seq_len=options.seq_len))
+                                                       samples=options.samples, seq_len=options.seq_len, fill=fill,
+                                                       decode=options.decode_budget))
+
+    def _size(self, space: QuantSpace, bpw: float | None = None, fill: float | None = None) -> Params:
+        """The parameter naming an allocation's byte target: its share of the budget in a budgeted space, else bpw."""
+        if space.allocation.budgeted:
+            return {self.param("fill"): max(space.allocation.fill) if fill is None else fill}
+        return {self.param("bpw"): bpw}
 
     def presets(self, space: QuantSpace) -> list[Params]:
-        """Allocations at the sizes of llama.cpp's Q4_K_M and Q5_K_M on a 576-wide model (about 6.2 and 6.6
-        bits per weight) and of Q4_0 (4.5): the presets a llama.cpp user compares against."""
-        chosen = []
-        for target in (4.5, 5.5, 6.5):
-            bpw = min(space.allocation.bpw, key=lambda b: abs(b - target))
-            params = {self.param("bpw"): bpw, self.param("types"): space.allocation.types[0],
-                      self.param("speed"): min(space.allocation.speed)}
+        """Under a memory budget, the whole budget spent: the answer to "weights <= B" from quantization alone,
+        first (a smaller share is the sampler's: where the weights need less, e.g. on their own grid, it is the same
+        file). Otherwise allocations at the sizes of llama.cpp's Q4_K_M and Q5_K_M on a 576-wide model (about 6.2
+        and 6.6 bits per weight) and of Q4_0 (4.5): the presets a llama.cpp user compares against."""
+        options, chosen = space.allocation, []
+        sizes = ([self._size(space, fill=max(options.fill))] if options.budgeted
+                 else [self._size(space, bpw=min(options.bpw, key=lambda b: abs(b - t))) for t in (4.5, 5.5, 6.5)])
+        for size in sizes:
+            params = {**size, self.param("types"): options.types[0], self.param("speed"): min(options.speed)}
             if params not in chosen:
                 chosen.append(params)
         return chosen
 
     def smallest(self, space: QuantSpace) -> list[Params]:
-        return [{self.param("bpw"): min(space.allocation.bpw), self.param("types"): t,
-                 self.param("speed"): min(space.allocation.speed)} for t in space.allocation.types]
+        """The least bpw (or share of the budget) in each type family; in a budgeted space only the widest family
+        where the space holds it ("all": its smallest types are the least of every family's), so a shape seeded
+        with its smallest candidates is seeded with one allocation, not one per family."""
+        options = space.allocation
+        size = self._size(space, bpw=min(options.bpw), fill=min(options.fill) if options.budgeted else None)
+        families = ("all",) if options.budgeted and "all" in options.types else options.types
+        return [{**size, self.param("types"): t, self.param("speed"): min(options.speed)} for t in families]
 
     def mode_label(self, spec: QuantSpec) -> list[str]:
-        speed = [f"speed {spec.allocation.speed:g}"] if spec.allocation.speed else []
-        exclude = [f"-{','.join(spec.allocation.exclude)}"] if spec.allocation.exclude else []
-        return [f"{spec.allocation.bpw:g}bpw", spec.allocation.types, *exclude, *speed]
+        settings = spec.allocation
+        speed = [f"speed {settings.speed:g}"] if settings.speed else []
+        speed += [f"decode<={settings.decode:g}x"] if settings.decode is not None else []
+        exclude = [f"-{','.join(settings.exclude)}"] if settings.exclude else []
+        size = (f"{settings.bpw:.2f}bpw={settings.fill:.0%}budget" if settings.fill is not None
+                else f"{settings.bpw:g}bpw")
+        return [size, settings.types, *exclude, *speed]
+
+    def aim(self, spec: QuantSpec, size_of, limit: float) -> QuantSpec:
+        """`bpw` resolved from `fill`: the most bits per weight (to 1/1000) whose exact stored bytes on the
+        candidate's shapes stay within fill x `limit`; the smallest allowed when even that is over (the spec is
+        then over the budget, and rejected unbuilt like any other)."""
+        settings = spec.allocation
+        if settings.fill is None:
+            return spec
+
+        def at(bpw: float) -> QuantSpec:
+            return replace(spec, allocation=replace(settings, bpw=bpw))
+
+        target, low, high = settings.fill * limit, 1000, 32000  # thousandths of a bit per weight
+        if size_of(at(high / 1000)) <= target:
+            return at(high / 1000)
+        while high - low > 1:  # size_of is non-decreasing in bpw: the largest bpw whose bytes fit
+            middle = (low + high) // 2
+            if size_of(at(middle / 1000)) <= target:
+                low = middle
+            else:
+                high = middle
+        return at(low / 1000)
 
     def check(self, spec: QuantSpec) -> None:
         if not menu_of(spec.allocation):
@@ -140,9 +184,9 @@ class LlamaQuant(QuantMethod):
                                       context.seed)
         tables = sensitivity_tables(model, windows, context, settings)
         weights = sum(t["size"] for t in tables["tensors"].values())
-        costs = decode_costs(model, context, settings) if settings.speed else None
+        costs = decode_costs(model, context, settings) if settings.speed or settings.decode else None
         chosen = choose_types(tables, menu_of(settings), settings.bpw * weights / 8, costs, settings.speed,
-                              settings.exclude)
+                              settings.exclude, settings.decode)
         setattr(model, PLAN_ATTRIBUTE, TypePlan(
             types={name: o.kind for name, o in chosen.items()}, imatrix=tables["imatrix"],
             calibration_tokens=int(windows.numel()), chunk_size=settings.seq_len,
@@ -157,13 +201,42 @@ def menu_of(settings: AllocationSettings) -> list[str]:
     return [k for k in sensitivity.MENUS[settings.types] if k not in settings.exclude]
 
 
+# The largest weight of predicted decode against predicted KL a decode target may push the choice to.
+MOST_SPEED = 1e6
+
+
 def choose_types(tables: dict, menu, byte_target: float, costs: dict[str, float] | None = None,
-                 speed: float = 0.0, exclude=()) -> dict[str, Option]:
+                 speed: float = 0.0, exclude=(), decode_target: float | None = None) -> dict[str, Option]:
     """Per tensor the option (type written, bytes, score) of the least predicted KL + `speed` x predicted
     decode ratio within `byte_target` bytes, among `menu`'s types as llama.cpp writes them on each tensor's
     row width, less the `exclude`d types also where llama.cpp would fall back to them (Q5_K is written as
     Q5_1 on 576-wide rows); a tensor left with no type keeps its written ones. `costs`: the decode ratio of
-    the whole model in each type (decode_costs); a tensor's share of it is its share of the weights."""
+    the whole model in each type (decode_costs); a tensor's share of it is its share of the weights.
+
+    With `decode_target` (a decode ratio to the candidate's float GGUF), the weight of the decode term is raised
+    from `speed` (a bisection) to the least that brings the predicted decode within it: the least accurate
+    choice that is fast enough, not the fastest. Where even the fastest types are not, the fastest choice."""
+    chosen = _weighed(tables, menu, byte_target, costs, speed, exclude)
+    if decode_target is None or costs is None or predicted_decode(tables, chosen, costs) <= decode_target:
+        return chosen
+    low, high = speed, max(speed, 1e-3)
+    while True:
+        fast = _weighed(tables, menu, byte_target, costs, high, exclude)
+        if predicted_decode(tables, fast, costs) <= decode_target or high >= MOST_SPEED:
+            break
+        low, high = high, high * 4
+    for _ in range(40):  # the least weight whose choice is within the target
+        middle = (low + high) / 2
+        candidate = _weighed(tables, menu, byte_target, costs, middle, exclude)
+        if predicted_decode(tables, candidate, costs) <= decode_target:
+            high, fast = middle, candidate
+        else:
+            low = middle
+    return fast
+
+
+def _weighed(tables: dict, menu, byte_target: float, costs: dict[str, float] | None, speed: float,
+             exclude) -> dict[str, Option]:
     total = sum(t["size"] for t in tables["tensors"].values())
     allowed = {}
     for name, opts in tables["options"].items():
@@ -192,51 +265,72 @@ COST_PROTOCOL = dict(prompt_tokens=32, new_tokens=16, warmup=1, repeats=3, seed=
 
 
 def decode_costs(model: nn.Module, context: BuildContext, settings: AllocationSettings) -> dict[str, float]:
-    """{type: decode ratio to the float GGUF of the candidate with every quantizable tensor in that type (as
-    llama.cpp writes it on each row width)}, timed A/B in llama.cpp; cached with the sensitivities."""
+    """{type: decode ratio to the float GGUF of the model with every quantizable tensor in that type (as llama.cpp
+    writes it on each row width)}, timed A/B in llama.cpp. Types llama.cpp writes as the same file on these rows
+    (Q4_K as Q5_0 on 576-wide rows) are timed once. A cost model: timed on the first shape of a source model that
+    asks, per decode thread count, and used for every shape of it (a type's ratio to float moves little with the
+    depth or width cut: the work per weight is the type's)."""
     import tempfile
 
     from evaluators.latency import LatencyProtocol
     from targets.llamacpp import writer
     from targets.llamacpp.quantize import quantize_gguf
-    from targets.llamacpp.runtime import serving_threads, time_ab
+    from targets.llamacpp.runtime import serving_threads, time_many
 
     # timed with the runtime's default decode threads (a study's own `threads` is not known at build time); the
     # cost of a type differs with the thread count, so each count has its own cached file
     threads = serving_threads().decode
-    folder = _cache_file(context, settings)
+    folder = _cache_file(replace(context, upstream=()), {"costs": sorted(sensitivity.MENUS["all"]),
+                                                         "protocol": COST_PROTOCOL})
     cached = None if folder is None else folder / f"decode-{threads}-threads.json"
     if cached is not None and cached.is_file():
         return json.loads(cached.read_text())
     widths = {t.gguf_name: t.shape[1] for t in sensitivity.quantizable(model, {})}
-    costs = {}
+
+    def written(kind: str) -> str:  # the type llama.cpp writes for every tensor when asked for `kind`
+        return json.dumps({n: fallback_type(kind, w) for n, w in widths.items()}, sort_keys=True)
+
+    files = {}  # what is written -> the type it is timed as (one file for the types written alike)
+    for kind in sensitivity.MENUS["all"]:
+        files.setdefault(written(kind), kind)
     with tempfile.TemporaryDirectory(prefix="planner-decode-costs-") as work:
         source = Path(work) / "float.gguf"
         writer.write(model, context.tokenizer, source)  # built before the plan is set: written in float
-        for kind in sensitivity.MENUS["all"]:
-            path = Path(work) / f"{kind}.gguf"
-            quantize_gguf(source, path, "Q8_0", overrides={n: fallback_type(kind, w) for n, w in widths.items()})
-            costs[kind] = time_ab(path, source, LatencyProtocol(**COST_PROTOCOL, threads=threads)).decode_ratio
-            path.unlink()
+        paths = []
+        for overrides, kind in files.items():
+            paths.append(Path(work) / f"{kind}.gguf")
+            quantize_gguf(source, paths[-1], "Q8_0", overrides=json.loads(overrides))
+        timings = time_many(paths, source, LatencyProtocol(**COST_PROTOCOL, threads=threads))
+    timed = {overrides: timing.decode_ratio for overrides, timing in zip(files, timings)}
+    costs = {kind: timed[written(kind)] for kind in sensitivity.MENUS["all"]}
     if cached is not None:
         folder.mkdir(parents=True, exist_ok=True)
         cached.write_text(json.dumps(costs))
     return costs
 
 
-def _cache_file(context: BuildContext, settings: AllocationSettings) -> Path | None:
+def _cache_file(context: BuildContext, depends: dict) -> Path | None:
+    """The cache folder of what was computed on the candidate's shapes (the source model and the stages before:
+    `upstream`) from `depends` (what else it was computed from)."""
     if context.cache_dir is None or not context.model_id:
         return None
-    key = json.dumps({"model": context.model_id, "upstream": list(context.upstream), "seed": context.seed,
-                      "samples": settings.samples, "seq_len": settings.seq_len, "menu": sensitivity.MENUS["all"],
-                      "probe": sensitivity.PROBE, "version": 1}, sort_keys=True, default=str)
+    key = json.dumps({"model": context.model_id, "upstream": list(context.upstream), **depends, "version": 2},
+                     sort_keys=True, default=str)
     return Path(context.cache_dir) / "llama-sensitivity" / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _calibration_key(windows) -> dict:
+    """What the importance matrix and the sensitivities are computed from: the very calibration tokens (so another
+    corpus, seed or sample count is another entry), the menu and the probe."""
+    tokens = hashlib.sha256(np.ascontiguousarray(windows.cpu().numpy()).tobytes()).hexdigest()
+    return {"calibration": tokens, "shape": list(windows.shape), "menu": sensitivity.MENUS["all"],
+            "probe": sensitivity.PROBE}
 
 
 def sensitivity_tables(model: nn.Module, windows, context: BuildContext, settings: AllocationSettings) -> dict:
     """{"imatrix", "options" (predicted-KL options per tensor, every type of the full menu), "tensors"
-    (row width and size)}: computed once per candidate shape, then read from the cache."""
-    folder = _cache_file(context, settings)
+    (row width and size)}: computed once per candidate shape and calibration text, then read from the cache."""
+    folder = _cache_file(context, _calibration_key(windows))
     if folder is not None and (folder / "table.json").is_file():
         table = json.loads((folder / "table.json").read_text())
         with np.load(folder / "imatrix.npz") as stored:

@@ -6,7 +6,8 @@ candidate, reference, ..., reference, so every run follows one of the other mode
 row is faster the second time: flipping the order each round, as this did before, gave that to one model
 more often, and the same file timed against itself read 0.93) and every candidate run is bracketed by two
 reference runs. A run is a prefill of the protocol's random prompt followed by greedy one-token decode steps
-back to back through llama.cpp's KV cache, as a server runs them. A candidate's figure is the median over its
+back to back through llama.cpp's KV cache, as a server runs them (PREFILLS prefills of the prompt first, the
+last one leading into the decode). A candidate's figure is the median over its
 decode steps; its ratio is the median over step pairs (candidate step i against the geometric mean of step i
 of the reference runs before and after it: the same cache position, drifts of the machine cancelling) of
 candidate / reference, with a confidence interval from a bootstrap over the rounds (evaluators.paired: a round's
@@ -135,27 +136,42 @@ def _step(llm, token: int) -> tuple[float, int]:
     return (time.perf_counter() - start) * 1e3, next_token
 
 
-def _run(llm, prompt: list[int], new_tokens: int) -> tuple[float, list[float]]:
-    """Prefill, then `new_tokens` greedy decode steps back to back, as a server runs them; (prefill ms, step ms)."""
-    prefill, token = _prefill(llm, prompt)
+# Prefills per run: a prefill is one sample where a run has `new_tokens` decode steps, so each run prefills the
+# prompt this many times (from an empty cache each time) and its prefill ratio has an interval over rounds as
+# decode's has (one prefill per round gave 3 pairs a study: an "interval" of 3 points).
+PREFILLS = 3
+
+
+def _run(llm, prompt: list[int], new_tokens: int) -> tuple[list[float], list[float]]:
+    """PREFILLS prefills, then `new_tokens` greedy decode steps back to back after the last, as a server runs
+    them; (prefill ms, step ms)."""
+    prefills = []
+    for _ in range(PREFILLS):
+        ms, token = _prefill(llm, prompt)
+        prefills.append(ms)
     steps = []
     for _ in range(new_tokens):
         ms, token = _step(llm, token)
         steps.append(ms)
-    return prefill, steps
+    return prefills, steps
+
+
+def _geometric(before: list[float], after: list[float]) -> list[float]:
+    return [float(np.sqrt(a * b)) for a, b in zip(before, after)]
 
 
 def _bracketed(reference_runs: list, candidate_runs: list) -> tuple[list[float], list[float], list[float], list[float]]:
     """(candidate steps, reference steps, candidate prefills, reference prefills) as pairs: candidate run k
     against the geometric mean of the reference runs just before and just after it, step by step (the same
-    position in the KV cache), so a machine drifting slower or faster across the timing cancels."""
+    position in the KV cache) and prefill by prefill, so a machine drifting slower or faster across the timing
+    cancels."""
     steps_c, steps_r, prefill_c, prefill_r = [], [], [], []
-    for k, (prefill, steps) in enumerate(candidate_runs):
+    for k, (prefills, steps) in enumerate(candidate_runs):
         (before_p, before), (after_p, after) = reference_runs[k], reference_runs[k + 1]
         steps_c.extend(steps)
-        steps_r.extend(float(np.sqrt(a * b)) for a, b in zip(before, after))
-        prefill_c.append(prefill)
-        prefill_r.append(float(np.sqrt(before_p * after_p)))
+        steps_r.extend(_geometric(before, after))
+        prefill_c.extend(prefills)
+        prefill_r.extend(_geometric(before_p, after_p))
     return steps_c, steps_r, prefill_c, prefill_r
 
 
@@ -173,7 +189,7 @@ class ABLatency:
     reference_decode: dict
     reference_prefill: dict
     decode_ratio: float  # median over decode-step pairs (step i of a round, each model) of candidate / reference
-    prefill_ratio: float  # median over rounds' prefill pairs
+    prefill_ratio: float  # median over prefill pairs (PREFILLS a run, each against the bracketing reference runs')
     decode_interval: dict  # evaluators.paired.PairedRatio: the ratio, its confidence interval, the pairs
     prefill_interval: dict
     load_average_before: tuple[float, float, float]
@@ -189,32 +205,53 @@ def time_ab(candidate: Path, reference: Path, protocol: LatencyProtocol,
     """Time `candidate` against `reference` with the protocol's threads (`serving_threads`): warm-up rounds, then
     the protocol's repeats; while `unclear` says the intervals ({"decode_ratio": PairedRatio, "prefill_ratio":
     ...}) leave a verdict open, more rounds, up to the protocol's `max_repeats`."""
-    threads = serving_threads(protocol.threads)
     n_ctx = protocol.prompt_tokens + protocol.new_tokens
     for path in (candidate, reference):
         from_disk(path)
+    with loaded(candidate, n_ctx, protocol.threads) as cand, loaded(reference, n_ctx, protocol.threads) as ref:
+        return time_loaded(cand, ref, protocol, unclear)
+
+
+def time_many(candidates: list[Path], reference: Path, protocol: LatencyProtocol) -> list["ABLatency"]:
+    """`time_ab` of each candidate against one reference, loaded once (a cost model timing many files against the
+    same float GGUF: reading and loading the reference again for each was most of the time)."""
+    n_ctx = protocol.prompt_tokens + protocol.new_tokens
+    from_disk(reference)
+    timings = []
+    with loaded(reference, n_ctx, protocol.threads) as ref:
+        for candidate in candidates:
+            from_disk(candidate)
+            with loaded(candidate, n_ctx, protocol.threads) as cand:
+                timings.append(time_loaded(cand, ref, protocol))
+    return timings
+
+
+def time_loaded(cand, ref, protocol: LatencyProtocol, unclear: Callable[[dict], bool] | None = None) -> "ABLatency":
+    """The A/B rounds of `time_ab` on models already loaded."""
+    threads = serving_threads(protocol.threads)
     load_before = os.getloadavg()
     started = time.perf_counter()
-    with loaded(candidate, n_ctx, protocol.threads) as cand, loaded(reference, n_ctx, protocol.threads) as ref:
-        prompt = random_token_ids(cand.n_vocab(), protocol.prompt_tokens, protocol.seed).tolist()
-        for _ in range(protocol.warmup):
-            _run(ref, prompt, protocol.new_tokens)
-            _run(cand, prompt, protocol.new_tokens)
-        reference_runs, candidate_runs = [_run(ref, prompt, protocol.new_tokens)], []
-        while True:  # R C R C ... R: every run follows one of the other model, every candidate run bracketed
-            candidate_runs.append(_run(cand, prompt, protocol.new_tokens))
-            reference_runs.append(_run(ref, prompt, protocol.new_tokens))
-            measured = len(candidate_runs)
-            if measured < protocol.repeats:
-                continue
-            steps_c, steps_r, prefill_c, prefill_r = _bracketed(reference_runs, candidate_runs)
-            rounds = np.repeat(np.arange(measured), protocol.new_tokens)  # the round of each step pair
-            intervals = {"decode_ratio": paired_ratio(steps_c, steps_r, groups=rounds),
-                         "prefill_ratio": paired_ratio(prefill_c, prefill_r)}
-            if measured >= protocol.most_repeats or unclear is None or not unclear(intervals):
-                break
+    prompt = random_token_ids(cand.n_vocab(), protocol.prompt_tokens, protocol.seed).tolist()
+    for _ in range(protocol.warmup):
+        _run(ref, prompt, protocol.new_tokens)
+        _run(cand, prompt, protocol.new_tokens)
+    reference_runs, candidate_runs = [_run(ref, prompt, protocol.new_tokens)], []
+    while True:  # R C R C ... R: every run follows one of the other model, every candidate run bracketed
+        candidate_runs.append(_run(cand, prompt, protocol.new_tokens))
+        reference_runs.append(_run(ref, prompt, protocol.new_tokens))
+        measured = len(candidate_runs)
+        if measured < protocol.repeats:
+            continue
+        steps_c, steps_r, prefill_c, prefill_r = _bracketed(reference_runs, candidate_runs)
+        # the round of each pair: a round's pairs share its conditions (a cluster bootstrap over rounds)
+        intervals = {"decode_ratio": paired_ratio(steps_c, steps_r,
+                                                  groups=np.repeat(np.arange(measured), protocol.new_tokens)),
+                     "prefill_ratio": paired_ratio(prefill_c, prefill_r,
+                                                   groups=np.repeat(np.arange(measured), PREFILLS))}
+        if measured >= protocol.most_repeats or unclear is None or not unclear(intervals):
+            break
     ref_steps = [ms for _, steps in reference_runs for ms in steps]
-    ref_prefills = [prefill for prefill, _ in reference_runs]
+    ref_prefills = [ms for prefills, _ in reference_runs for ms in prefills]
     return ABLatency(
         protocol=protocol.to_dict(), runtime=runtime_version(), threads=threads.decode,
         batch_threads=threads.batch, rounds=measured,

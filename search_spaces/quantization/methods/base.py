@@ -88,6 +88,11 @@ class QuantMethod(abc.ABC):
     def layer_bytes(self, plan: "LayerPlan", spec: "QuantSpec", device) -> int:
         """Exact stored bytes of one planned layer once built (weight and bias)."""
 
+    def aim(self, spec: "QuantSpec", size_of, limit: float) -> "QuantSpec":
+        """The spec with its byte target resolved against a memory budget of `limit` bytes, where the spec aims
+        at one; `size_of(spec)` is the exact stored bytes of a spec on the candidate's shapes. Default: as it is."""
+        return spec
+
     def check(self, spec: "QuantSpec") -> None:
         """Rules of this method beyond its bit-widths; raise SpecError naming the field."""
 
