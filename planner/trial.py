@@ -247,7 +247,7 @@ def objective(bench: Workbench):
             return finish(trial, started, metrics_row(label, estimate))
         judge = screen(bench, trial.study) if len(stages) > 1 else None  # a stage before the last to judge
         try:
-            built = steps.build(bench.model, stages, bench.context, **({"screen": judge} if judge else {}))
+            built = steps.build(bench.model, stages, bench.context, screen=judge)
         except candidates.Screened as screened:
             trial.set_user_attr("screened", {"reason": screened.reason, "float": screened.figures})
             if screened.training:

@@ -251,7 +251,7 @@ class StudentLab(Lab):
     def estimate(self, base_model, stages, shaped=None):
         return 150_000_000
 
-    def build(self, base_model, stages, context):
+    def build(self, base_model, stages, context, screen=None):
         self.calls["build"].append(stages[0].spec.steps)
         return BuiltCandidate(Model("a"), {"distillation": 1.0})
 
@@ -324,8 +324,8 @@ class RecordingLab(Lab):
         super().__init__()
         self.target = StoringTarget(self)
 
-    def build(self, base_model, stages, context):
-        built = super().build(base_model, stages, context)
+    def build(self, base_model, stages, context, screen=None):
+        built = super().build(base_model, stages, context, screen)
         if stages[0].spec.name == "b":
             built.training = TRAINING
         return built

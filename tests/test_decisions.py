@@ -714,7 +714,7 @@ class Lab:
     def notes(base_model, stages, shaped=None):
         return {"fallbacks": {"layer": 32}} if stages and stages[0].spec.name == "noted" else {}
 
-    def build(self, base_model, stages, context):
+    def build(self, base_model, stages, context, screen=None):  # single-stage fakes: nothing to screen
         from planner.candidates import BuiltCandidate
 
         self.calls["build"].append(stages[0].spec.name)

@@ -192,12 +192,11 @@ def test_a_family_restricts_the_types_and_the_cache_serves_the_second_build(toke
     types = set(getattr(TECHNIQUES["quantization"].apply(model, excluded, context), PLAN_ATTRIBUTE).types.values())
     assert types <= {"Q4_0", "Q5_0"}, types
     windows = torch.zeros((4, 32), dtype=torch.long)
-    settings = spec().allocation
-    first = sensitivity_tables(model, windows, context, settings)
-    again = sensitivity_tables(model, windows, context, settings)  # same key: read from the cache
+    first = sensitivity_tables(model, windows, context)
+    again = sensitivity_tables(model, windows, context)  # same key: read from the cache
     assert first["options"] == again["options"]
     folders = set((context.cache_dir / "llama-sensitivity").iterdir())
-    other = sensitivity_tables(model, torch.ones((4, 32), dtype=torch.long), context, settings)  # another text
+    other = sensitivity_tables(model, torch.ones((4, 32), dtype=torch.long), context)  # another text
     assert len(set((context.cache_dir / "llama-sensitivity").iterdir()) - folders) == 1  # its own entry
     assert not all(np.array_equal(other["imatrix"][n], first["imatrix"][n]) for n in first["imatrix"])
 
@@ -369,22 +368,21 @@ def test_decode_costs_are_timed_with_the_serving_decode_threads_and_cached_per_c
                         lambda src, dst, *a, overrides=None, **k: dst.write_text(json.dumps(overrides)))
     context = BuildContext(tokenizer=tokenizer, calibration=[Doc(SAMPLE_TEXT)], seed=0, cache_dir=tmp_path,
                            model_id="tiny-costs", progress=False)
-    settings = AllocationSettings(samples=2, seq_len=16)
     model = make_tiny_llama(vocab_size=len(tokenizer))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    costs = allocated.decode_costs(model, context, settings)
+    costs = allocated.decode_costs(model, context)
     assert set(costs) == set(sensitivity.MENUS["all"]) and costs["Q4_0"] == 0.5
     # on 32-wide rows llama.cpp writes every K-quant and IQ type as a 32-block one: each file is timed once
     files = {fallback_type(kind, 32) for kind in sensitivity.MENUS["all"]}
     assert len(timed) == len(files) < len(costs) and costs["Q4_K"] == costs[fallback_type("Q4_K", 32)]
     assert {threads for _, threads in timed} == {2}
     assert json.loads(next(tmp_path.rglob("decode-2-threads.json")).read_text()) == costs
-    assert allocated.decode_costs(model, context, settings) == costs and len(timed) == len(files)  # cached
+    assert allocated.decode_costs(model, context) == costs and len(timed) == len(files)  # cached
     # another shape of the same source model (a student, a cut) uses the same cost model
-    assert allocated.decode_costs(model, replace(context, upstream=({"technique": "pruning"},)), settings) == costs
+    assert allocated.decode_costs(model, replace(context, upstream=({"technique": "pruning"},))) == costs
     assert len(timed) == len(files)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # another count: timed again
-    allocated.decode_costs(model, context, settings)
+    allocated.decode_costs(model, context)
     assert len(timed) == 2 * len(files) and {threads for _, threads in timed[len(files):]} == {1}
 
 

@@ -217,7 +217,7 @@ def _bench(study_budgets, target):
     from planner.trial import CandidateSteps
     from planner.candidates import BuiltCandidate
 
-    steps = CandidateSteps(build=lambda model, stages, context: BuiltCandidate(object(), {}))
+    steps = CandidateSteps(build=lambda model, stages, context, screen=None: BuiltCandidate(object(), {}))
     protocol = LatencyProtocol(repeats=3)
     request = lambda may_skip=True: __import__("targets.base", fromlist=["Request"]).Request(  # noqa: E731
         None, None, [], None, protocol, frozenset({"latency", "perplexity"}), scorers=(object,))

@@ -353,7 +353,7 @@ def test_a_failed_trial_frees_what_it_built(tiny_study_file, tmp_path, capsys, m
 
     built = []
 
-    def build_then_fail(model, stages, context):
+    def build_then_fail(model, stages, context, screen=None):
         half_built = torch.nn.Linear(256, 256)
         built.append(weakref.ref(half_built))
         raise torch.OutOfMemoryError("out of memory while building")

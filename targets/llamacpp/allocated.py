@@ -14,8 +14,8 @@ A candidate of this method is built in three steps:
 
 The tied embedding is quantized in place and stays shared, as llama.cpp does. Sensitivities and importance
 matrix are cached per source model, upstream stages and calibration tokens (the slow part: seconds per
-tensor on a large model; every later trial of that shape reuses them); the per-type decode costs per source model,
-upstream stages and decode thread count (they do not depend on the calibration text).
+tensor on a large model; every later trial of that shape reuses them); the per-type decode costs per source model
+and decode thread count (a cost model shared by its shapes; they do not depend on the calibration text).
 """
 from __future__ import annotations
 
@@ -182,9 +182,9 @@ class LlamaQuant(QuantMethod):
         settings = spec.allocation
         windows = calibration_batches(context.tokenizer, context.calibration, settings.samples, settings.seq_len,
                                       context.seed)
-        tables = sensitivity_tables(model, windows, context, settings)
+        tables = sensitivity_tables(model, windows, context)
         weights = sum(t["size"] for t in tables["tensors"].values())
-        costs = decode_costs(model, context, settings) if settings.speed or settings.decode else None
+        costs = decode_costs(model, context) if settings.speed or settings.decode else None
         chosen = choose_types(tables, menu_of(settings), settings.bpw * weights / 8, costs, settings.speed,
                               settings.exclude, settings.decode)
         setattr(model, PLAN_ATTRIBUTE, TypePlan(
@@ -264,7 +264,7 @@ def predicted_decode(tables: dict, chosen: dict[str, Option], costs: dict[str, f
 COST_PROTOCOL = dict(prompt_tokens=32, new_tokens=16, warmup=1, repeats=3, seed=0)
 
 
-def decode_costs(model: nn.Module, context: BuildContext, settings: AllocationSettings) -> dict[str, float]:
+def decode_costs(model: nn.Module, context: BuildContext) -> dict[str, float]:
     """{type: decode ratio to the float GGUF of the model with every quantizable tensor in that type (as llama.cpp
     writes it on each row width)}, timed A/B in llama.cpp. Types llama.cpp writes as the same file on these rows
     (Q4_K as Q5_0 on 576-wide rows) are timed once. A cost model: timed on the first shape of a source model that
@@ -327,7 +327,7 @@ def _calibration_key(windows) -> dict:
             "probe": sensitivity.PROBE}
 
 
-def sensitivity_tables(model: nn.Module, windows, context: BuildContext, settings: AllocationSettings) -> dict:
+def sensitivity_tables(model: nn.Module, windows, context: BuildContext) -> dict:
     """{"imatrix", "options" (predicted-KL options per tensor, every type of the full menu), "tensors"
     (row width and size)}: computed once per candidate shape and calibration text, then read from the cache."""
     folder = _cache_file(context, _calibration_key(windows))

@@ -213,8 +213,8 @@ def time_ab(candidate: Path, reference: Path, protocol: LatencyProtocol,
 
 
 def time_many(candidates: list[Path], reference: Path, protocol: LatencyProtocol) -> list["ABLatency"]:
-    """`time_ab` of each candidate against one reference, loaded once (a cost model timing many files against the
-    same float GGUF: reading and loading the reference again for each was most of the time)."""
+    """`time_ab` of each candidate against one reference, read and loaded once (a cost model times many files
+    against the same float GGUF)."""
     n_ctx = protocol.prompt_tokens + protocol.new_tokens
     from_disk(reference)
     timings = []
