@@ -21,7 +21,6 @@ Figures, not assertions: rows to <out>.jsonl, the table to <out>.txt.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from llamacpp_presets import LATENCY, Reference, measure_gguf  # noqa: E402
+from llamacpp_presets import LATENCY, Reference, keep_row, measure_gguf  # noqa: E402
 
 WITHIN = 2.0  # a trial "near the front": its KL within this factor of the final front's best
 
@@ -109,9 +108,7 @@ def main() -> None:
     rows = []
 
     def record(row: dict) -> None:
-        rows.append(row)
-        with jsonl.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        keep_row(rows, jsonl, row)
         print(f"{row['artifact']}: {row['mb']:.2f} MB, KL {row['kl']:.4f}, top-1 {row['top1']:.3f}, "
               f"ppl {row['perplexity']:.2f}, decode x {row.get('decode_ratio', float('nan')):.3f}", flush=True)
 

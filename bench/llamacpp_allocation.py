@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from llamacpp_presets import LATENCY, Reference, gguf_size, measure_gguf, table  # noqa: E402
+from llamacpp_presets import LATENCY, Reference, gguf_size, keep_row, measure_gguf, table  # noqa: E402
 
 PRESETS = ("Q3_K_M", "Q4_0", "IQ4_XS", "Q4_K_M", "Q5_K_M")
 ORIGIN_LIKE = ("Q4_1", "Q5_1")  # the built-in weights' own grids (excluded also where a K-quant falls back to them)
@@ -76,11 +76,11 @@ def main() -> None:
         windows = calibration_batches(tokenizer, corpus.train, settings.samples, settings.seq_len, 0)
         context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, cache_dir=None)
         started = time.perf_counter()
-        tables = sensitivity_tables(model, windows, context, settings)
+        tables = sensitivity_tables(model, windows, context)
         seconds = time.perf_counter() - started
         print(f"importance matrix and sensitivity of {len(tables['tensors'])} tensors: {seconds:.0f} s", flush=True)
         started = time.perf_counter()
-        costs = decode_costs(model, context, settings)
+        costs = decode_costs(model, context)
         cost_seconds = time.perf_counter() - started
         print(f"decode ratio per type (whole model): {json.dumps({k: round(v, 3) for k, v in costs.items()})} "
               f"in {cost_seconds:.0f} s", flush=True)
@@ -91,9 +91,7 @@ def main() -> None:
         fixed = sum(int(t.n_bytes) for t in GGUFReader(str(f32)).tensors if t.name not in tables["tensors"])
 
         def record(row: dict) -> None:
-            rows.append(row)
-            with jsonl.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            keep_row(rows, jsonl, row)
             print(f"{row['artifact']}: {row['mb']:.1f} MB, KL {row['kl']:.4f} (predicted {row.get('predicted_kl', 0):.4f}),"
                   f" top-1 {row['top1']:.3f}, decode x {row.get('decode_ratio', float('nan')):.3f}", flush=True)
 

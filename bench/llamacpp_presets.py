@@ -80,6 +80,14 @@ def _windows(path: Path, encoded, threads: int):
             yield from windows(ids)
 
 
+def keep_row(rows: list[dict], jsonl: Path, row: dict) -> dict:
+    """Add a measured row to `rows` and append it to the raw file as it is measured (a run cut short keeps it)."""
+    rows.append(row)
+    with jsonl.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    return row
+
+
 def gguf_size(path: Path) -> dict:
     from gguf import GGUFReader
 
@@ -269,9 +277,7 @@ def main() -> None:
                        "held_out": HELD_OUT.to_dict(), "latency": latency.to_dict(),
                        "calibration_windows": args.calibration, "imatrix_seconds": imatrix_s,
                        "seconds": time.perf_counter() - started}
-                rows.append(row)
-                with jsonl.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
+                keep_row(rows, jsonl, row)
                 print(f"{artifact}: {row['mb']:.1f} MB, KL {row['kl']:.4f}, top-1 {row['top1']:.3f}, "
                       f"ppl {row['perplexity']:.2f}, decode x {row.get('decode_ratio', float('nan')):.3f} "
                       f"({row['seconds']:.0f} s, load {os.getloadavg()[0]:.2f})", flush=True)
