@@ -128,7 +128,9 @@ def main() -> None:
             record(preset_row)
             path.unlink()
             name = f"default-{preset.lower()}"
-            storage = f"sqlite:///{work}/{name}.db"
+            # kept beside the results, for `planner review`
+            (args.out.parent / f"{name}.db").unlink(missing_ok=True)
+            storage = f"sqlite:///{(args.out.parent / f'{name}.db').resolve()}"
             recipe, deploy = work / f"{name}.yaml", work / f"{name}-deploy"
             search_seconds = planner("search", "--model", args.model, "--data", "builtin:shakespeare",
                                      "--memory-budget", f"{preset_row['tensor_bytes'] / 1e6}MB",
