@@ -267,20 +267,22 @@ COST_PROTOCOL = dict(prompt_tokens=32, new_tokens=16, warmup=1, repeats=3, seed=
 def decode_costs(model: nn.Module, context: BuildContext) -> dict[str, float]:
     """{type: decode ratio to the float GGUF of the model with every quantizable tensor in that type (as llama.cpp
     writes it on each row width)}, timed A/B in llama.cpp. Types llama.cpp writes as the same file on these rows
-    (Q4_K as Q5_0 on 576-wide rows) are timed once. A cost model: timed on the first shape of a source model that
+    (Q4_K as Q5_0 on 576-wide rows) are timed once. Each file is the float GGUF retyped with zeroed blocks
+    (gguf_header.write_zeroed: the same tensors, types and bytes llama-quantize writes, without quantizing: the
+    kernels' work does not depend on the values). A cost model: timed on the first shape of a source model that
     asks, per decode thread count, and used for every shape of it (a type's ratio to float moves little with the
     depth or width cut: the work per weight is the type's)."""
     import tempfile
 
     from evaluators.latency import LatencyProtocol
     from targets.llamacpp import writer
-    from targets.llamacpp.quantize import quantize_gguf
+    from targets.llamacpp.gguf_header import read_header, write_zeroed
     from targets.llamacpp.runtime import serving_threads, time_many
 
     # timed with the runtime's default decode threads (a study's own `threads` is not known at build time); the
     # cost of a type differs with the thread count, so each count has its own cached file
     threads = serving_threads().decode
-    folder = _cache_file(replace(context, upstream=()), {"costs": sorted(sensitivity.MENUS["all"]),
+    folder = _cache_file(replace(context, upstream=()), {"costs": sorted(sensitivity.MENUS["all"]), "files": "zeroed",
                                                          "protocol": COST_PROTOCOL})
     cached = None if folder is None else folder / f"decode-{threads}-threads.json"
     if cached is not None and cached.is_file():
@@ -296,12 +298,13 @@ def decode_costs(model: nn.Module, context: BuildContext) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="planner-decode-costs-") as work:
         source = Path(work) / "float.gguf"
         writer.write(model, context.tokenizer, source)  # built before the plan is set: written in float
+        header = read_header(source)
         paths = []
-        for overrides, kind in files.items():
+        for types, kind in files.items():
             paths.append(Path(work) / f"{kind}.gguf")
-            quantize_gguf(source, paths[-1], "Q8_0", overrides=json.loads(overrides))
+            write_zeroed(source, paths[-1], json.loads(types), header)
         timings = time_many(paths, source, LatencyProtocol(**COST_PROTOCOL, threads=threads))
-    timed = {overrides: timing.decode_ratio for overrides, timing in zip(files, timings)}
+    timed = {types: timing.decode_ratio for types, timing in zip(files, timings)}
     costs = {kind: timed[written(kind)] for kind in sensitivity.MENUS["all"]}
     if cached is not None:
         folder.mkdir(parents=True, exist_ok=True)

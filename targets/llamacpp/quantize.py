@@ -39,6 +39,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from targets.llamacpp.gguf_header import read_header, stored_bytes
+
 
 class QuantizeError(RuntimeError):
     """llama.cpp could not quantize, or wrote other types than asked; one line saying why."""
@@ -175,26 +177,21 @@ def _check_head_tensors(shapes, preset: str, pairs, pure: bool, imatrix) -> None
 
 def type_bytes(type_name: str, shape: Sequence[int]) -> int:
     """Exact bytes of a tensor of `shape` (torch order: the last dimension is the row) stored as `type_name`."""
-    kind = quant_type(type_name)
-    *outer, width = (int(n) for n in shape)
-    if width % kind.block:
-        raise ValueError(f"{type_name} stores rows in blocks of {kind.block}; a {width}-wide row does not fit "
-                         f"(llama.cpp writes {fallback_type(type_name, width)} instead)")
-    return int(np.prod(outer, dtype=np.int64)) * (width // kind.block) * kind.block_bytes
+    quant_type(type_name)  # a name llama.cpp knows, or its error
+    try:
+        return stored_bytes(type_name, shape)
+    except ValueError as error:
+        raise ValueError(f"{error} (llama.cpp writes {fallback_type(type_name, int(shape[-1]))} instead)") from None
 
 
 def tensor_types(path: Path) -> dict[str, str]:
     """{tensor name: GGML type name} read back from a written GGUF."""
-    from gguf import GGUFReader
-
-    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+    return read_header(path).types()
 
 
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """{tensor name: shape in torch order (rows last)} of a GGUF."""
-    from gguf import GGUFReader
-
-    return {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in GGUFReader(str(path)).tensors}
+    return read_header(path).shapes()
 
 
 def _quantizable(name: str, shape: Sequence[int]) -> bool:

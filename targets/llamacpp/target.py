@@ -35,19 +35,19 @@ ARTIFACT = "model.gguf"
 
 def gguf_facts(path: Path) -> dict:
     """Tensor bytes, file bytes and the KV-cache shape of a GGUF, read from the file itself."""
-    from gguf import GGUFReader
+    from targets.llamacpp.gguf_header import read_header
 
-    reader = GGUFReader(str(path))
-    arch = reader.fields["general.architecture"].contents()
+    header = read_header(path)
+    arch = header.fields["general.architecture"]
 
     def field(key: str, default=None) -> int:
-        found = reader.fields.get(f"{arch}.{key}")
-        return default if found is None else int(found.contents())
+        found = header.fields.get(f"{arch}.{key}")
+        return default if found is None else int(found)
 
     heads = field("attention.head_count")
     # a converter writes key_length only where it differs from embedding / heads (llama.cpp's own default)
     head_dim = field("attention.key_length", field("embedding_length") // heads)
-    return {"tensor_bytes": sum(int(t.n_bytes) for t in reader.tensors), "file_bytes": path.stat().st_size,
+    return {"tensor_bytes": sum(t.n_bytes for t in header.tensors), "file_bytes": path.stat().st_size,
             "layers": field("block_count"), "kv_heads": field("attention.head_count_kv", heads), "head_dim": head_dim}
 
 
