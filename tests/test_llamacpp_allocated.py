@@ -138,6 +138,40 @@ def test_gain_groups_are_one_role_in_one_band_of_layers():
     assert [t.gguf_name for t in groups["attn_v@1"]] == ["blk.2.attn_v.weight", "blk.3.attn_v.weight"]
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_kl_gains_replaying_the_layers_before_a_group_measure_what_full_passes_measure(tokenizer, tied):
+    """Each group's pass computes only the layers from its first on (the float pass's outputs replayed before
+    it), and its KL is exactly the full pass's; the head's group computes no decoder layer."""
+    from targets.llamacpp.imatrix import importance_matrix
+
+    model = make_tiny_llama(vocab_size=len(tokenizer), num_hidden_layers=8, tie_word_embeddings=tied)
+    windows = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
+    tensors = sensitivity.quantizable(model, importance_matrix(model, windows, head=True))
+    calls = [0] * 8
+
+    def count(index):
+        def hook(module, args, output):
+            calls[index] += 1
+        return hook
+
+    for index, layer in enumerate(model.model.layers):  # the block's own modules run only when it is computed
+        layer.mlp.register_forward_hook(count(index))
+    replayed = sensitivity.kl_gains(model, tensors, windows)
+    groups = sensitivity.gain_groups(tensors)
+    # the float pass, then a group's pass from its band's first layer (layers 0-1, 2-3, 4-5, 6-7 in 4 bands)
+    assert calls == [1 + sum(1 for g in groups.values() if min(_layer(t) for t in g) <= i) for i in range(8)]
+    full = sensitivity.kl_gains(model, tensors, windows, replay=False)
+    assert replayed == full and len(full) == len(tensors) and len({kl for kl, _ in full.values()}) > 8
+    assert all(layer.forward.__func__ is type(layer).forward for layer in model.model.layers)  # put back
+
+
+def _layer(tensor) -> int:
+    """The first decoder layer a tensor's group changes: its block, 0 for the embedding (tied or not), past the
+    last for an untied head."""
+    parts = tensor.gguf_name.split(".")
+    return int(parts[1]) if parts[0] == "blk" else 0 if parts[0] == "token_embd" else 8
+
+
 def test_a_built_candidate_is_written_with_the_planned_types_and_its_imatrix(tokenizer, context, tmp_path):
     model = make_tiny_llama(vocab_size=len(tokenizer), **WIDE)
     chosen = replace(spec(bpw=5.0), allocation=AllocationSettings(bpw=5.0, speed=0.5, samples=4, seq_len=32))
