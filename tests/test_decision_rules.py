@@ -37,7 +37,7 @@ from targets.base import Measured
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 COLUMNS = ("perplexity", "bits_per_byte", "kl", "top1_agreement", "decode_ms_p50", "decode_ratio", "prefill_ms_p50",
-           "weight_mb")
+           "prefill_ratio", "weight_mb")
 
 
 @pytest.fixture

@@ -341,3 +341,25 @@ def test_both_files_are_timed_as_read_back_from_disk(monkeypatch, two_ggufs):
     assert calls == [("fsync", a), ("advise", a, 0, 0, whole), ("fsync", b), ("advise", b, 0, 0, whole),
                      ("load", a), ("load", b)]
     assert {name: read.get(name) for name in (a, b)} == {a: os.path.getsize(a), b: os.path.getsize(b)}
+
+
+def test_a_prefill_timing_too_spread_to_read_is_left_out_of_the_row_and_said_why():
+    """A prefill ratio whose interval spans more than PREFILL_SPREAD is no figure (one busy-machine study stored
+    7760 ms for a candidate beside 123 ms for the float model): the row has no prefill figures, decode's stay."""
+    from types import SimpleNamespace
+
+    from targets.llamacpp.target import PREFILL_SPREAD, latency_figures
+
+    def timing(low, high):
+        return SimpleNamespace(decode={"p50_ms": 10.0}, decode_ratio=0.5, decode_interval={"low": 0.49, "high": 0.51},
+                               rounds=3, prefill={"p50_ms": 40.0}, prefill_ratio=0.8,
+                               prefill_interval={"low": low, "high": high})
+
+    row, left_out = latency_figures(timing(0.7, 0.7 * PREFILL_SPREAD))
+    assert left_out is None and row["prefill_ratio"] == 0.8 and row["prefill_interval"] == [0.7, 1.4]
+    assert row["prefill_ms_p50"] == 40.0 and row["decode_ratio"] == 0.5
+    row, left_out = latency_figures(timing(0.55, 16.7))
+    assert not {"prefill_ms_p50", "prefill_ratio", "prefill_interval"} & set(row)
+    assert row["decode_ms_p50"] == 10.0 and row["decode_interval"] == [0.49, 0.51] and row["latency_rounds"] == 3
+    assert left_out == ("the prefill ratio's 95% interval 0.55-16.70x spans more than 2x (the machine was busy "
+                        "while it was timed)")

@@ -51,6 +51,26 @@ def gguf_facts(path: Path) -> dict:
             "layers": field("block_count"), "kv_heads": field("attention.head_count_kv", heads), "head_dim": head_dim}
 
 
+# A prefill ratio whose 95% interval spans more than this factor (high / low) is not a figure: on a busy machine
+# llama.cpp's prefill threads (all the CPUs by default) wait on each other at every barrier, and one prefill of a
+# 64-token prompt can take 50x another (a study on a shared 2-core machine stored 123 ms for the float model and
+# 7760 ms, interval 0.55-16.7x, for a candidate half its size). Decode's single thread is not hit that way.
+PREFILL_SPREAD = 2.0
+
+
+def latency_figures(ab) -> tuple[dict, str | None]:
+    """The row's figures of an A/B timing (runtime.ABLatency), and why its prefill figures were left out (the
+    tables show n/a, a prefill budget counts the candidate over it), or None where they are in."""
+    figures = {"decode_ms_p50": ab.decode["p50_ms"], "decode_ratio": ab.decode_ratio,
+               "decode_interval": [ab.decode_interval["low"], ab.decode_interval["high"]], "latency_rounds": ab.rounds}
+    low, high = ab.prefill_interval["low"], ab.prefill_interval["high"]
+    if high > PREFILL_SPREAD * low:
+        return figures, (f"the prefill ratio's 95% interval {low:.2f}-{high:.2f}x spans more than {PREFILL_SPREAD:g}x "
+                         "(the machine was busy while it was timed)")
+    return {**figures, "prefill_ms_p50": ab.prefill["p50_ms"], "prefill_ratio": ab.prefill_ratio,
+            "prefill_interval": [low, high]}, None
+
+
 def kv_cache_bytes(facts: dict, context: int) -> int:
     """llama.cpp's default KV cache (F16 keys and values) for `context` positions."""
     return 2 * facts["layers"] * context * facts["kv_heads"] * facts["head_dim"] * 2
@@ -147,12 +167,9 @@ class LlamaCppTarget(Target):
         figures = {"disk_bytes": facts["file_bytes"], "kv_cache_bytes": kv}
         if "latency" in request.evaluators:
             ab = time_ab(path, reference, request.latency, request.unclear)
-            details["latency"] = ab.to_dict()
-            figures.update(decode_ms_p50=ab.decode["p50_ms"], prefill_ms_p50=ab.prefill["p50_ms"],
-                           decode_ratio=ab.decode_ratio, prefill_ratio=ab.prefill_ratio,
-                           decode_interval=[ab.decode_interval["low"], ab.decode_interval["high"]],
-                           prefill_interval=[ab.prefill_interval["low"], ab.prefill_interval["high"]],
-                           latency_rounds=ab.rounds)
+            timed, left_out = latency_figures(ab)
+            figures.update(timed)
+            details["latency"] = {**ab.to_dict(), **({"prefill_left_out": left_out} if left_out else {})}
         measured = Measured(metrics_row(label, tensor_bytes, **figures), details)
 
         @contextmanager
