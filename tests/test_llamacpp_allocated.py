@@ -235,6 +235,27 @@ def test_a_family_restricts_the_types_and_the_cache_serves_the_second_build(toke
     assert not all(np.array_equal(other["imatrix"][n], first["imatrix"][n]) for n in first["imatrix"])
 
 
+def test_the_compared_presets_and_llama_quant_share_one_importance_matrix(tokenizer, monkeypatch, tmp_path):
+    """The study's importance matrix (what every compared preset is quantized with) is the one llama-quant's
+    tables start from on the source model: computed once, whichever asks first."""
+    from targets.llamacpp import allocated, stock
+
+    computed = []
+    real = allocated.importance_matrix
+    monkeypatch.setattr(allocated, "importance_matrix", lambda *a, **k: computed.append(1) or real(*a, **k))
+    cached = BuildContext(tokenizer=tokenizer, calibration=[Doc(SAMPLE_TEXT * 40)], seed=0, cache_dir=tmp_path,
+                          model_id="tiny-shared", progress=False)
+    model = make_tiny_llama(vocab_size=len(tokenizer), **WIDE)
+    imatrix, tokens, chunk, _ = stock.study_imatrix(model, cached)
+    defaults = AllocationSettings()
+    windows = allocated.calibration_batches(tokenizer, cached.calibration, defaults.samples, defaults.seq_len, 0)
+    tables = sensitivity_tables(model, windows, cached)
+    assert len(computed) == 1 and tokens == windows.numel() and chunk == defaults.seq_len
+    assert all(np.array_equal(tables["imatrix"][n], imatrix[n]) for n in imatrix)
+    stock.study_imatrix(model, replace(cached, cache_dir=None))  # nowhere to keep it: computed again
+    assert len(computed) == 2
+
+
 def _filling(fill: float | None, bpw: float = 7.0) -> QuantSpec:
     return replace(spec(bpw=bpw), allocation=replace(spec().allocation, bpw=bpw, fill=fill))
 

@@ -330,25 +330,35 @@ def _calibration_key(windows) -> dict:
             "probe": sensitivity.PROBE}
 
 
+def cached_imatrix(model: nn.Module, windows, context: BuildContext) -> dict:
+    """The importance matrix of the candidate's shape on these calibration tokens: computed once, then read from
+    the cache (the presets a study compares against are quantized with the one its llama-quant trials use)."""
+    folder = _cache_file(context, _calibration_key(windows))
+    if folder is not None and (folder / "imatrix.npz").is_file():
+        with np.load(folder / "imatrix.npz") as stored:
+            return {name: stored[name] for name in stored.files}
+    imatrix = importance_matrix(model, windows, head=True)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / "imatrix.npz", **imatrix)
+    return imatrix
+
+
 def sensitivity_tables(model: nn.Module, windows, context: BuildContext) -> dict:
     """{"imatrix", "options" (predicted-KL options per tensor, every type of the full menu), "tensors"
     (row width and size)}: computed once per candidate shape and calibration text, then read from the cache."""
     folder = _cache_file(context, _calibration_key(windows))
+    imatrix = cached_imatrix(model, windows, context)
     if folder is not None and (folder / "table.json").is_file():
         table = json.loads((folder / "table.json").read_text())
-        with np.load(folder / "imatrix.npz") as stored:
-            imatrix = {name: stored[name] for name in stored.files}
         options = {n: [Option(*o) for o in opts] for n, opts in table["options"].items()}
         return {"imatrix": imatrix, "options": options, "tensors": table["tensors"]}
-    imatrix = importance_matrix(model, windows, head=True)
     tensors = sensitivity.quantizable(model, imatrix)
     raw = sensitivity.type_options(model, tensors, sensitivity.MENUS["all"])  # the probe (Q4_0) is among them
     gains = sensitivity.kl_gains(model, tensors, windows[:KL_WINDOWS])
     options = sensitivity.predicted_kl_options(raw, gains)
     info = {t.gguf_name: {"width": t.shape[1], "size": t.size} for t in tensors}
     if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        np.savez(folder / "imatrix.npz", **imatrix)
         (folder / "table.json").write_text(json.dumps({
             "options": {n: [[o.kind, o.bytes, o.error] for o in opts] for n, opts in options.items()},
             "tensors": info, "gains": gains}))

@@ -15,7 +15,8 @@ from pathlib import Path
 from search_spaces.base import BuildContext
 from search_spaces.calibration import calibration_batches
 from search_spaces.quantization.spec import AllocationSettings
-from targets.llamacpp.imatrix import CALIBRATION_DATASET, IMATRIX_FILE, importance_matrix, quantize_metadata
+from targets.llamacpp.allocated import cached_imatrix
+from targets.llamacpp.imatrix import CALIBRATION_DATASET, IMATRIX_FILE, quantize_metadata
 from targets.llamacpp.quantize import PRESETS, quant_type, quantize_gguf
 
 
@@ -36,7 +37,7 @@ def study_imatrix(model, context: BuildContext) -> tuple[dict, int, int, str]:
     windows = calibration_batches(context.tokenizer, context.calibration, settings.samples, settings.seq_len,
                                   context.seed)
     dataset = CALIBRATION_DATASET.format(samples=settings.samples, seq_len=settings.seq_len)
-    return importance_matrix(model, windows, head=True), int(windows.numel()), settings.seq_len, dataset
+    return cached_imatrix(model, windows, context), int(windows.numel()), settings.seq_len, dataset
 
 
 def quantize_preset(imatrix_of_study: tuple, source: Path, out: Path, preset: str) -> dict[str, str]:
