@@ -141,6 +141,14 @@ def stored_stages(plain: list[dict]) -> tuple[Stage, ...]:
     return tuple(Stage(s["technique"], TECHNIQUES[s["technique"]].spec_type.from_dict(s["spec"])) for s in plain)
 
 
+def pinned_stages(stages: tuple[Stage, ...], measurements: dict) -> tuple[Stage, ...]:
+    """Each stage's spec with what the measured artifact records of its build fixed (Technique.pin): the recipe
+    rebuilds the file that was measured, not the one its spec would choose on another machine."""
+    from search_spaces import TECHNIQUES
+
+    return tuple(Stage(s.technique, TECHNIQUES[s.technique].pin(s.spec, measurements)) for s in stages)
+
+
 def recipe_for(study, trial) -> Recipe:
     """The recipe of a measured trial of an Optuna study, from what the study stored (no model needed)."""
     import optuna
@@ -152,7 +160,7 @@ def recipe_for(study, trial) -> Recipe:
     model = study.user_attrs.get("model")
     if not model:
         raise PlannerError(f"study '{study.study_name}' has no baseline yet (no search has run in it)")
-    stages = stored_stages(trial.user_attrs.get("stages", []))
+    stages = pinned_stages(stored_stages(trial.user_attrs.get("stages", [])), trial.user_attrs.get("measurements", {}))
     settings = study.user_attrs.get("settings", {})
     confirmed = study.user_attrs.get("confirmations", {}).get(str(trial.number))
     return Recipe(

@@ -123,17 +123,21 @@ def resolve_spaces(settings: StudySettings, model, defaults: dict | None = None)
     return spaces
 
 
-def methods_left_out(target, given: dict, fitted: dict) -> list[str]:
-    """One line per technique whose methods the target left out of its space: what it cannot ship."""
+def methods_left_out(target, given: dict, fitted: dict, model=None) -> list[str]:
+    """One line per technique and reason whose methods the target left out of its space: what its artifact
+    cannot hold, or what the model itself cannot take (`Target.methods_unfit`)."""
+    unfit = {} if model is None else target.methods_unfit(model)
     lines = []
     for name, space in given.items():
         kept = fitted.get(name)
         methods, kept_methods = getattr(space, "methods", None), getattr(kept, "methods", None)
         if isinstance(methods, tuple) and isinstance(kept_methods, tuple):
             dropped = [m for m in methods if m not in kept_methods]
-            if dropped:
-                lines.append(f"planner: space.{name}.methods: {', '.join(dropped)} left out: the {target.name} "
+            held = [m for m in dropped if m not in unfit]
+            if held:
+                lines.append(f"planner: space.{name}.methods: {', '.join(held)} left out: the {target.name} "
                              f"target ships {target.artifact}, which cannot hold them")
+            lines += [f"planner: space.{name}.methods: {m} left out: {unfit[m]}" for m in dropped if m in unfit]
     return lines
 
 
@@ -167,7 +171,7 @@ def prepare(settings: StudySettings, study: optuna.Study | None = None, verbose:
     check_compare(settings.compare_names(), target)
     resolved = resolve_spaces(settings, model, target.space_defaults())
     spaces = target.fit_spaces(resolved, model)
-    for line in methods_left_out(target, resolved, spaces):
+    for line in methods_left_out(target, resolved, spaces, model):
         tqdm.write(line)
     spaces = fit_budget(spaces, memory_limit(budgets, model))
     context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, device=device, seed=settings.seed,

@@ -143,6 +143,12 @@ class Technique(abc.ABC):
         bits per weight that fill it. The resolved spec is what is built, stored and shipped. Default: the spec."""
         return spec
 
+    def pin(self, spec, measurements: dict):
+        """The spec of a measured candidate as its recipe keeps it: whatever the build chose on the study's
+        machine (from caches, timings) that the artifact's `measurements` record, fixed in the spec, so a rebuild
+        elsewhere makes the same artifact. Default: the spec (its build is determined by the spec alone)."""
+        return spec
+
     def presets(self, space) -> list[Params]:
         """What a user would try by hand (e.g. 8-bit everywhere); the study starts with them."""
         return []

@@ -85,6 +85,11 @@ class Target(abc.ABC):
         """The search spaces (technique name -> space or None) reduced to what the target deploys."""
         return spaces
 
+    def methods_unfit(self, model) -> dict[str, str]:
+        """{method: why} for the methods `fit_spaces` leaves out for this model itself (not for the artifact's
+        format): what the study says in their one line. Default: none."""
+        return {}
+
     def prepare(self, request: Request) -> None:
         """Before the first measurement of `request.model` (write its latency reference, warm kernels up)."""
 

@@ -31,7 +31,7 @@ from search_spaces.specs import SpecError
 from targets.llamacpp import ggml_quants, sensitivity, writer
 from targets.llamacpp.allocated import PLAN_ATTRIBUTE, choose_types, predicted_decode, sensitivity_tables, tables_kl
 from targets.llamacpp.imatrix import importance_matrix, read_imatrix_file
-from targets.llamacpp.quantize import fallback_type, quantize_gguf, tensor_types
+from targets.llamacpp.quantize import fallback_type, quantize_gguf, tensor_types, type_bytes
 from targets.llamacpp.runtime import loaded
 from tests.conftest import SAMPLE_TEXT, make_tiny_llama, make_tiny_tokenizer
 
@@ -189,7 +189,12 @@ def test_a_built_candidate_is_written_with_the_planned_types_and_its_imatrix(tok
     assert "output.weight" not in written
     assert {n: written[n] for n in plan.types} == plan.types
     assert info["tensor_types"] == written and info["predicted_kl"] == plan.predicted_kl
-    assert 0 < plan.predicted_decode < 10  # per-type decode ratios were timed (a 2-layer model: timer noise)
+    # per-type decode ratios were timed and cached; the plan's prediction is their mean weighted by tensor size
+    costs = json.loads(next(context.cache_dir.rglob("decode-*-threads.json")).read_text())
+    assert set(costs) == set(sensitivity.MENUS["all"]) and all(ratio > 0 for ratio in costs.values())
+    sizes = {t.gguf_name: t.size for t in sensitivity.quantizable(built, {})}
+    assert plan.predicted_decode == pytest.approx(
+        sum(sizes[n] * costs.get(k, 1.0) for n, k in plan.types.items()) / sum(sizes.values()))
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
@@ -225,12 +230,18 @@ def test_a_family_restricts_the_types_and_the_cache_serves_the_second_build(toke
     model = make_tiny_llama(vocab_size=len(tokenizer), **WIDE)
     types = set(getattr(TECHNIQUES["quantization"].apply(model, excluded, context), PLAN_ATTRIBUTE).types.values())
     assert types <= {"Q4_0", "Q5_0"}, types
-    windows = torch.zeros((4, 32), dtype=torch.long)
+    windows = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(1))
     first = sensitivity_tables(model, windows, context)
-    again = sensitivity_tables(model, windows, context)  # same key: read from the cache
-    assert first["options"] == again["options"]
+    from targets.llamacpp import allocated
+
+    with pytest.MonkeyPatch.context() as patch:  # same key: read from the cache, nothing computed
+        patch.setattr(allocated, "importance_matrix", lambda *a, **k: pytest.fail("importance matrix recomputed"))
+        patch.setattr(sensitivity, "kl_gains", lambda *a, **k: pytest.fail("KL gains recomputed"))
+        again = sensitivity_tables(model, windows, context)
+    assert first["options"] == again["options"] and first["tensors"] == again["tensors"]
+    assert all(np.array_equal(first["imatrix"][n], again["imatrix"][n]) for n in first["imatrix"])
     folders = set((context.cache_dir / "llama-sensitivity").iterdir())
-    other = sensitivity_tables(model, torch.ones((4, 32), dtype=torch.long), context)  # another text
+    other = sensitivity_tables(model, windows.roll(1, dims=1), context)  # another text: the same tokens, moved
     assert len(set((context.cache_dir / "llama-sensitivity").iterdir()) - folders) == 1  # its own entry
     assert not all(np.array_equal(other["imatrix"][n], first["imatrix"][n]) for n in first["imatrix"])
 
@@ -313,6 +324,37 @@ def test_a_budgeted_space_samples_a_share_of_the_budget_and_seeds_all_of_it_firs
         AllocationSettings(fill=1.5)
 
 
+def test_pinned_types_are_built_as_they_are_and_only_on_their_own_shape(tokenizer, context, monkeypatch):
+    """A recipe's pinned types (what the measured file held) are what a rebuild quantizes to, with no allocation
+    solved; types of another shape are refused naming the first tensor that differs."""
+    from targets.llamacpp import allocated
+
+    model = make_tiny_llama(vocab_size=len(tokenizer), **WIDE)
+    measured = {"runtime": {"tensor_types": {**{t.gguf_name: kind for t, kind in zip(
+        sensitivity.quantizable(model, {}), itertools.cycle(["Q4_K", "Q6_K", "IQ4_XS", "Q8_0"]))},
+        "output_norm.weight": "F32"}}}
+    pinned = TECHNIQUES["quantization"].pin(spec(bpw=5.0), measured)
+    assert dict(pinned.allocation.pinned) == measured["runtime"]["tensor_types"]
+    assert QuantSpec.from_dict(pinned.to_dict()) == pinned  # as a recipe holds it
+    assert TECHNIQUES["quantization"].pin(spec(), {}) == spec()  # nothing measured: nothing pinned
+    monkeypatch.setattr(allocated, "choose_types", lambda *a, **k: pytest.fail("the allocation was solved"))
+    built = TECHNIQUES["quantization"].apply(model, pinned, context)
+    plan = getattr(built, PLAN_ATTRIBUTE)
+    assert plan.types == {n: k for n, k in measured["runtime"]["tensor_types"].items() if n != "output_norm.weight"}
+    assert plan.predicted_kl is None and plan.bytes == sum(
+        type_bytes(plan.types[t.gguf_name], t.shape) for t in sensitivity.quantizable(model, {}))
+    smaller = make_tiny_llama(vocab_size=len(tokenizer), **{**WIDE, "num_hidden_layers": 1})
+    with pytest.raises(SpecError, match=r"blk.1.attn_k.weight is not quantized here \(the types of another"):
+        TECHNIQUES["quantization"].apply(smaller, pinned, context)
+    less = dict(pinned.allocation.pinned)
+    del less["blk.0.ffn_up.weight"]
+    with pytest.raises(SpecError, match="pinned: no type for blk.0.ffn_up.weight"):
+        TECHNIQUES["quantization"].apply(make_tiny_llama(vocab_size=len(tokenizer), **WIDE), replace(
+            pinned, allocation=replace(pinned.allocation, pinned=tuple(less.items()))), context)
+    with pytest.raises(SpecError, match=r"AllocationSettings.pinned: expected a list of \[tensor name, type name\]"):
+        AllocationSettings(pinned=(("blk.0.attn_q.weight",),))
+
+
 def test_the_specs_checks_and_labels():
     assert spec(bpw=5.5, types="k").summary() == "quant(llama-quant 5.5bpw k)"
     fast = QuantSpec(method="llama-quant", bits={"attn": 4, "mlp": 4, "head": 16}, grid="gguf", group_size=32,
@@ -334,7 +376,7 @@ def test_the_specs_checks_and_labels():
 
 
 def test_a_memory_budgeted_study_at_a_presets_size_ships_an_allocated_gguf(tiny_study_file, tiny_model_dir, tmp_path,
-                                                                          capsys):
+                                                                          capsys, monkeypatch):
     """The size of the tiny model's Q4_K_M file (llama-quantize's preset, written here) as the memory budget:
     llama-quant candidates fit under it (no "nothing fits"), and apply ships model.gguf with imatrix.gguf."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -348,7 +390,8 @@ def test_a_memory_budgeted_study_at_a_presets_size_ships_an_allocated_gguf(tiny_
     preset_bytes = sum(int(t.n_bytes) for t in GGUFReader(str(preset_file)).tensors)
     text = tiny_study_file.read_text().replace('methods = ["none", "rtn", "dynamic-int8"]',
                                                'methods = ["llama-quant"]\n[space.quantization.allocation]\n'
-                                               'bpw = [4.5, 5.0, 6.0]\nsamples = 4\nseq_len = 32\n')
+                                               'bpw = [4.5, 5.0, 6.0]\nspeed = [0.0, 1.0]\nsamples = 4\n'
+                                               'seq_len = 32\n')
     tiny_study_file.write_text(text)
     # bytes and accuracy only: a 2-layer model's decode ratio is timer noise, and apply would re-time it
     code = cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "3", "--target", "llama.cpp",
@@ -371,7 +414,7 @@ def test_a_memory_budgeted_study_at_a_presets_size_ships_an_allocated_gguf(tiny_
     shown = json.loads(_review_json(tmp_path, capsys))["compared"]
     q2k = next(c for c in shown if c["name"] == "Q2_K")
     assert q2k["meets_budget"] and q2k["weight_mb"] == stock["Q2_K"]["metrics"]["weight_mb"]
-    measured = [t for t in study.trials if "measurements" in t.user_attrs]
+    measured = [t for t in study.trials if "measurements" in t.user_attrs and "duplicate_of" not in t.user_attrs]
     assert measured
     for trial in measured:
         runtime = trial.user_attrs["measurements"]["runtime"]
@@ -386,12 +429,42 @@ def test_a_memory_budgeted_study_at_a_presets_size_ships_an_allocated_gguf(tiny_
     # the first seed after the (over-budget) baseline spends the whole budget
     whole = next(t for t in measured if t.user_attrs["stages"][-1]["spec"]["allocation"]["fill"] == 1.0)
     assert whole.user_attrs["metrics"]["weight_bytes"] >= 0.9 * preset_bytes
+    # the recipe of a speed 1 trial (its types chosen with timed decode costs) pins the types read back from the
+    # measured file and names its importance matrix: apply, with an empty cache as on another machine, quantizes
+    # to exactly those types with the same importance matrix recomputed, solving nothing and timing no costs
+    fast = next(t for t in measured if t.user_attrs["stages"][-1]["spec"]["allocation"]["speed"] == 1.0)
+    assert cli.main(["export", "--study", "tiny", "--storage", f"sqlite:///{tmp_path}/tiny.db", "--trial",
+                     str(fast.number), "-o", str(tmp_path / "recipe.yaml")]) == 0
     recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
     assert recipe["stages"][-1]["spec"]["method"] == "llama-quant"
+    recorded = recipe["metrics"]["runtime"]["tensor_types"]
+    assert dict(recipe["stages"][-1]["spec"]["allocation"]["pinned"]) == recorded
+    assert recipe["stages"][-1]["spec"]["allocation"]["speed"] == 1.0
+    from targets.llamacpp import allocated
+    from targets.llamacpp.imatrix import imatrix_digest
+
+    # the importance matrix of the trial's shape, among those the study cached (one per shape and text)
+    cached = []
+    for path in (tmp_path / "cache").rglob("imatrix.npz"):
+        with np.load(path) as stored:
+            cached.append({name: stored[name] for name in stored.files})
+    [study_imatrix] = [m for m in cached if imatrix_digest(m) == recipe["metrics"]["runtime"]["imatrix_digest"]]
+    monkeypatch.setenv("PLANNER_CACHE", str(tmp_path / "empty-cache"))
+
+    def unsolvable(*args, **kwargs):
+        raise AssertionError("apply solved the allocation again")
+
+    monkeypatch.setattr(allocated, "sensitivity_tables", unsolvable)
+    monkeypatch.setattr(allocated, "choose_types", unsolvable)
+    monkeypatch.setattr(allocated, "decode_costs", unsolvable)
     code = cli.main(["apply", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "deploy")])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert (tmp_path / "deploy" / "model.gguf").is_file() and (tmp_path / "deploy" / "imatrix.gguf").is_file()
+    assert tensor_types(tmp_path / "deploy" / "model.gguf") == recorded
+    shipped, _ = read_imatrix_file(tmp_path / "deploy" / "imatrix.gguf")
+    assert shipped.keys() == study_imatrix.keys()
+    assert all(np.allclose(shipped[n], study_imatrix[n], rtol=1e-6) for n in shipped)
 
 
 def _review_json(tmp_path, capsys) -> str:

@@ -92,3 +92,53 @@ def test_a_converter_only_architecture_is_searched_and_shipped_on_llama_cpp(case
         assert llm("Shall I compare thee", max_tokens=4)["usage"]["completion_tokens"] > 0
     finally:
         llm.close()
+
+
+@pytest.mark.builtin
+@pytest.mark.parametrize("config_class, model_class", [("CohereConfig", "CohereForCausalLM"),
+                                                       ("GPTNeoXConfig", "GPTNeoXForCausalLM")])
+def test_llama_quant_names_the_tensors_the_converter_writes_where_the_gguf_arch_is_not_the_model_type(
+        config_class, model_class, tmp_path):
+    """Cohere's GGUF architecture is `command-r`, GPT-NeoX's `gptneox`: llama-quant's tensor names come from the
+    converter's architecture, so every quantizable tensor it plans is one the converted file holds (a Cohere
+    search failed every llama-quant trial with "gguf knows no architecture 'cohere'")."""
+    from transformers import AutoTokenizer
+
+    from planner import assets
+    from targets.llamacpp import sensitivity, writer
+    from targets.llamacpp.imatrix import gguf_arch_name
+    from targets.llamacpp.quantize import quantize_gguf
+    from test_convert import _model
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.ensure(assets.lookup("model", "smollm2-135m")))
+    model = _model(config_class, model_class)(len(tokenizer), _special_ids(tokenizer))
+    assert gguf_arch_name(model) == {"CohereConfig": "command-r", "GPTNeoXConfig": "gptneox"}[config_class]
+    planned = {t.gguf_name: "Q8_0" for t in sensitivity.quantizable(model, {})}
+    layers = sum(1 for name in planned if name.startswith("blk."))
+    assert "token_embd.weight" in planned and layers >= 4 * model.config.num_hidden_layers
+    source = tmp_path / "f32.gguf"
+    writer.write(model, tokenizer, source)
+    written = quantize_gguf(source, tmp_path / "q.gguf", "Q8_0", overrides=planned)  # each name is in the file
+    assert all(written[name] == "Q8_0" for name in planned)
+
+
+def test_llama_quant_is_left_out_up_front_where_gguf_cannot_name_the_tensors(monkeypatch):
+    """An architecture whose tensors gguf-py cannot name gives llama-quant nothing to plan by: the target leaves
+    the method out of the space (and the study says so in one line), never a failed trial."""
+    from planner.study import methods_left_out
+    from search_spaces.quantization import QuantSpace
+    from targets import TARGETS
+    from targets.llamacpp import imatrix
+    from targets.llamacpp import target as target_module
+    from tests.conftest import make_tiny_llama
+
+    target, model = TARGETS["llama.cpp"], make_tiny_llama()
+    given = {"quantization": QuantSpace(methods=("none", "rtn", "llama-quant"))}
+    assert "llama-quant" in target.fit_spaces(given, model)["quantization"].methods
+    monkeypatch.setattr(imatrix, "gguf_arch_name", lambda model: "an-architecture-gguf-does-not-know")
+    monkeypatch.setattr(target_module, "gguf_arch_name", imatrix.gguf_arch_name)
+    fitted = target.fit_spaces(given, model)
+    assert fitted["quantization"].methods == ("none", "rtn")
+    assert methods_left_out(target, given, fitted, model) == [
+        "planner: space.quantization.methods: llama-quant left out: it plans a type per GGUF tensor, and gguf-py "
+        "names no tensors of the 'an-architecture-gguf-does-not-know' architecture"]

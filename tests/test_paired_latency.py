@@ -256,36 +256,41 @@ def test_a_recommendation_far_from_the_budget_is_not_retimed():
     assert target.requests == [] and "confirmations" not in study.user_attrs
 
 
-def test_a_llama_cpp_study_confirms_its_recommendation_near_a_ratio_budget(tiny_study_file, tmp_path, capsys):
+def test_a_llama_cpp_study_confirms_its_recommendation_near_a_ratio_budget(tiny_study_file, tmp_path, capsys,
+                                                                            monkeypatch):
     """End to end on the tiny model: the recommended candidate near the budget is rebuilt and re-timed in
-    llama.cpp, and the outcome recommends one that holds (a 2-layer model's ratios are near 1: all near 1.1x)."""
+    llama.cpp, and the outcome recommends one that holds. Every candidate counts as near here (CONFIRM_NEAR
+    lowered: a 2-layer model's ratios are timer noise around 1, well under the 1.5x budget), so
+    the stage must run whatever the timings say."""
     import optuna
 
     import cli
+    from planner import confirm
     from planner.confirm import CONFIRM_MOST, near
     from planner.outcome import CONFIRMATIONS, stored_outcome
     from planner.storage import open_storage
+
+    monkeypatch.setattr(confirm, "CONFIRM_NEAR", 1e-6)
 
     text = tiny_study_file.read_text()
     tiny_study_file.write_text(text[:text.index("[space.distillation]")] + "[space]\ndistillation = false\n"
                                'pruning = false\n[space.quantization]\nmethods = ["rtn"]\n')
     code = cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "3", "--target", "llama.cpp",
-                     "--latency-budget", "1.1x", "--objectives", "perplexity,decode_ms_p50"])
+                     "--latency-budget", "1.5x", "--objectives", "perplexity,decode_ms_p50"])
     out, err = capsys.readouterr()
     assert code == 0, err
     study = optuna.load_study(study_name="tiny", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db"))
     outcome = stored_outcome(study)
     confirmed = study.user_attrs.get(CONFIRMATIONS, {})
+    chosen = outcome.recommended
+    assert chosen is not None and near(chosen, outcome.budgets) and 1 <= len(confirmed) <= CONFIRM_MOST
     for number, entry in confirmed.items():
         assert entry["verdicts"]["latency"] in ("meets", "over", "undecided") and entry["latency_rounds"] >= 4
         assert f"planner: confirming trial {number} (latency " in err + out
-    chosen = outcome.recommended
-    assert confirmed or chosen is None or not near(chosen, outcome.budgets)
-    if chosen is not None and near(chosen, outcome.budgets):
-        # it held on re-timing; or no candidate did (then the best one is recommended, marked not clear); or
-        # the stage re-timed as many as it may
-        held = confirmed.get(str(chosen.number), {}).get("verdicts") == {"latency": "meets"}
-        assert held or chosen.number in outcome.doubtful or len(confirmed) == CONFIRM_MOST
+    # it held on re-timing; or no candidate did (then the best one is recommended, marked not clear); or the
+    # stage re-timed as many as it may
+    held = confirmed.get(str(chosen.number), {}).get("verdicts") == {"latency": "meets"}
+    assert held or chosen.number in outcome.doubtful or len(confirmed) == CONFIRM_MOST
 
 
 def test_a_bootstrap_over_rounds_says_how_much_the_rounds_disagree():

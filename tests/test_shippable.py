@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -61,8 +62,19 @@ def test_every_method_a_targets_space_keeps_ships_and_loads(target_name, method,
     if target_name == "llama.cpp":
         from targets.llamacpp.runtime import loaded
 
-        with loaded(artifact, 32, 1) as llm:
+        ids = [1, 2, 3, 4, 5, 6]
+        with loaded(artifact, 32, 1, logits_all=True) as llm:
             assert len(llm.tokenize(b"To be", add_bos=False)) > 0 and llm.n_vocab() == len(tokenizer)
+            llm.eval(ids)
+            served = np.array(llm.scores[:len(ids)], dtype=np.float32)
+        with torch.no_grad():
+            expected = candidate(torch.tensor([ids])).logits[0].numpy()
+        # the file computes the candidate's function: the same weights where the candidate holds its grid's
+        # values (llama.cpp rounds activations to 8 bits in its quantized matmuls); llama-quant's candidate is
+        # the float model its file was quantized from, so there only the shape of the logits must agree
+        assert np.corrcoef(served.ravel(), expected.ravel())[0, 1] > 0.9
+        if method != "llama-quant":
+            assert np.abs(served - expected).max() <= 0.05 * np.abs(expected).max()
         return
     from targets.transformers_target import load_shipped
 

@@ -111,6 +111,9 @@ class Quantization(Technique):
     def aim(self, spec: QuantSpec, model: nn.Module, memory_limit: float) -> QuantSpec:
         return spec.quant_method.aim(spec, lambda s: estimate_weight_bytes(model, s), memory_limit)
 
+    def pin(self, spec: QuantSpec, measurements: dict) -> QuantSpec:
+        return spec.quant_method.pin(spec, measurements)
+
     def _methods(self, space: QuantSpace):
         """The space's methods that run on its device, in registry order."""
         available = available_methods(space)

@@ -97,9 +97,15 @@ class AllocationSettings(DictSpec):
     # The decode ratio (to the candidate's own float GGUF) the allocation's predicted decode must stay within: the
     # planner sets it from a latency budget. The decode term's weight is raised from `speed` until it does.
     decode: float | None = None
+    # The type per GGUF tensor of the file that was measured ([[tensor, type], ...]; written into a recipe from
+    # what was read back from that file): a rebuild quantizes to exactly these instead of solving the allocation
+    # again, which on another machine (another cache, other decode costs) could choose other types.
+    pinned: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         check_float(1.0, 32.0)("AllocationSettings.bpw", self.bpw)
+        if not all(len(pair) == 2 and all(isinstance(v, str) and v for v in pair) for pair in self.pinned):
+            _fail("AllocationSettings.pinned", "expected a list of [tensor name, type name] pairs")
         if self.fill is not None:
             check_fraction("AllocationSettings.fill", self.fill)
         if self.decode is not None:

@@ -37,7 +37,7 @@ from search_spaces.specs import SpecError
 from search_spaces.quantization.plan import LayerPlan
 from targets.llamacpp import sensitivity
 from targets.llamacpp.imatrix import CALIBRATION_DATASET, importance_matrix
-from targets.llamacpp.quantize import fallback_type, type_bytes
+from targets.llamacpp.quantize import fallback_type, quant_type, type_bytes
 
 PLAN_ATTRIBUTE = "llama_quant_plan"  # on the built model: what the writer hands llama.cpp's quantizer
 NOMINAL_BITS = 4  # spec.bits of an allocation (checked like any spec; the types themselves are per tensor)
@@ -58,7 +58,7 @@ class TypePlan:
     imatrix: dict[str, np.ndarray]
     calibration_tokens: int
     chunk_size: int
-    predicted_kl: float
+    predicted_kl: float | None  # None where the types were pinned by a recipe, not chosen
     bytes: int
     predicted_decode: float | None = None  # the decode ratio to the float GGUF the cost model predicts
     dataset: str = "planner calibration windows"
@@ -154,6 +154,13 @@ class LlamaQuant(QuantMethod):
                 high = middle
         return at(low / 1000)
 
+    def pin(self, spec: QuantSpec, measurements: dict) -> QuantSpec:
+        """The types read back from the measured file, per tensor (`measurements.runtime.tensor_types`)."""
+        written = (measurements.get("runtime") or {}).get("tensor_types")
+        if not written:
+            return spec
+        return replace(spec, allocation=replace(spec.allocation, pinned=tuple(sorted(written.items()))))
+
     def check(self, spec: QuantSpec) -> None:
         if not menu_of(spec.allocation):
             raise SpecError(f"QuantSpec.allocation.exclude: leaves no type of the {spec.allocation.types} family")
@@ -182,6 +189,9 @@ class LlamaQuant(QuantMethod):
         settings = spec.allocation
         windows = calibration_batches(context.tokenizer, context.calibration, settings.samples, settings.seq_len,
                                       context.seed)
+        if settings.pinned:
+            setattr(model, PLAN_ATTRIBUTE, pinned_plan(model, settings, windows, context))
+            return model
         tables = sensitivity_tables(model, windows, context)
         weights = sum(t["size"] for t in tables["tensors"].values())
         costs = decode_costs(model, context) if settings.speed or settings.decode else None
@@ -194,6 +204,30 @@ class LlamaQuant(QuantMethod):
             predicted_decode=None if costs is None else predicted_decode(tables, chosen, costs),
             dataset=CALIBRATION_DATASET.format(samples=settings.samples, seq_len=settings.seq_len)))
         return model
+
+
+def pinned_plan(model: nn.Module, settings: AllocationSettings, windows, context: BuildContext) -> TypePlan:
+    """The plan of a recipe's pinned types: each quantizable tensor in the type the measured file held, with the
+    importance matrix of the same calibration tokens; no allocation solved, no decode costs timed. A pinned name
+    the candidate does not quantize must be a float one (its norms); a quantizable tensor must be pinned."""
+    imatrix = cached_imatrix(model, windows, context)
+    tensors = {t.gguf_name: t for t in sensitivity.quantizable(model, imatrix)}
+    pinned = dict(settings.pinned)
+    missing = sorted(set(tensors) - set(pinned))
+    stray = sorted(n for n, kind in pinned.items() if n not in tensors and kind not in FLOAT_TYPES)
+    problems = ([f"no type for {missing[0]}"] if missing else []) + ([f"{stray[0]} is not quantized here"] if stray
+                                                                     else [])
+    if problems:
+        raise SpecError(f"QuantSpec.allocation.pinned: {'; '.join(problems)} (the types of another model's shape)")
+    types = {name: pinned[name] for name in tensors}
+    for name, kind in types.items():
+        quant_type(kind)  # a type llama.cpp knows, or its error
+    return TypePlan(types=types, imatrix=imatrix, calibration_tokens=int(windows.numel()), chunk_size=settings.seq_len,
+                    predicted_kl=None, bytes=sum(type_bytes(types[n], t.shape) for n, t in tensors.items()),
+                    dataset=CALIBRATION_DATASET.format(samples=settings.samples, seq_len=settings.seq_len))
+
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def menu_of(settings: AllocationSettings) -> list[str]:

@@ -19,6 +19,8 @@ file without all three), and per tensor `<name>.in_sum2` (F32, ggml ne = [column
 """
 from __future__ import annotations
 
+import hashlib
+
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -39,6 +41,17 @@ QUANTIZE_KEYS = {"file": "quantize.imatrix.file", "dataset": "quantize.imatrix.d
                  "entries": IMATRIX_ENTRIES_KEY, "chunks": "quantize.imatrix.chunks_count"}
 
 
+def gguf_arch_name(model: nn.Module) -> str:
+    """The GGUF architecture of the model's file: the hand-written writer's, else the one llama.cpp's converter
+    writes for its HF architecture (Cohere's is `command-r`, GPT-NeoX's `gptneox`: not their model types)."""
+    config = text_config(model)
+    if config.model_type in ARCHITECTURES:
+        return ARCHITECTURES[config.model_type]
+    from targets.llamacpp.convert import architectures, hf_architecture
+
+    return architectures().get(hf_architecture(model.config, type(model).__name__)) or config.model_type
+
+
 def gguf_linear_names(model: nn.Module, head: bool = False) -> dict[str, str]:
     """{module name: GGUF tensor name} of every nn.Linear whose input llama-imatrix collects: the decoder
     blocks' (gguf-py's TensorNameMap, so any architecture it knows), and with `head` the LM head's, named
@@ -46,7 +59,7 @@ def gguf_linear_names(model: nn.Module, head: bool = False) -> dict[str, str]:
     from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
 
     config = text_config(model)
-    arch_name = ARCHITECTURES.get(config.model_type, config.model_type)
+    arch_name = gguf_arch_name(model)
     arch = next((a for a, n in MODEL_ARCH_NAMES.items() if n == arch_name), None)
     if arch is None:
         raise ValueError(f"gguf knows no architecture {arch_name!r}: no GGUF tensor names for its layers")
@@ -66,6 +79,15 @@ def gguf_linear_names(model: nn.Module, head: bool = False) -> dict[str, str]:
         else:
             out[module_name] = gguf_name
     return out
+
+
+def imatrix_digest(imatrix: dict[str, np.ndarray]) -> str:
+    """A digest of an importance matrix's names and float32 values (what a recipe records of it: a rebuild on
+    another CPU may sum the activations in another order, and this says whether it did)."""
+    digest = hashlib.sha256()
+    for name in sorted(imatrix):
+        digest.update(name.encode() + b"\0" + np.ascontiguousarray(imatrix[name], dtype=np.float32).tobytes())
+    return digest.hexdigest()[:24]
 
 
 @torch.inference_mode()

@@ -27,6 +27,7 @@ from search_spaces.quantization.grid import GGUF_GRID
 from targets.base import Measured, Request, Target, register_target
 from targets.figures import metrics_row, scored
 from targets.llamacpp import stock, writer
+from targets.llamacpp.imatrix import gguf_arch_name, gguf_linear_names
 from evaluators.latency import LatencyProtocol
 from targets.llamacpp.runtime import RUNTIME, loaded, runtime_version, serving_threads, time_ab, window_logits
 
@@ -76,6 +77,15 @@ def kv_cache_bytes(facts: dict, context: int) -> int:
     return 2 * facts["layers"] * context * facts["kv_heads"] * facts["head_dim"] * 2
 
 
+def _names_every_tensor(model) -> bool:
+    """gguf-py names every linear layer of the model as the GGUF file does (what llama-quant plans by)."""
+    try:
+        gguf_linear_names(model, head=True)
+    except ValueError:
+        return False
+    return True
+
+
 def _only_whole(spaces: dict, field: str) -> dict:
     """Every space with the keep-ratio `field` narrowed to 1.0 (that cut left out)."""
     return {name: replace(space, **{field: (1.0,)}) if space is not None and hasattr(space, field) else space
@@ -121,10 +131,19 @@ class LlamaCppTarget(Target):
         if quant is None:
             return spaces
         quant = fit_to_scheme(quant, GGUF_GRID)
+        unfit = self.methods_unfit(model)
+        if unfit:
+            quant = replace(quant, methods=tuple(m for m in quant.methods if m not in unfit))
         if not _has_output_tensor(writer.gguf_arch(model)):
             # e.g. gemma2: llama.cpp's graph has no separate LM head; a quantized head (untied) has no place
             quant = replace(quant, head_bits=tuple(b for b in quant.head_bits if b is None or b >= FLOAT_BITS))
         return {**spaces, "quantization": quant}
+
+    def methods_unfit(self, model) -> dict[str, str]:
+        if _names_every_tensor(model):
+            return {}
+        return {"llama-quant": "it plans a type per GGUF tensor, and gguf-py names no tensors of the "
+                               f"{gguf_arch_name(model)!r} architecture"}
 
     def _workdir(self) -> Path:
         if self._work is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from targets.llamacpp.convert import architectures, check_vocab, convert, converter_supports, hf_architecture
 from targets.llamacpp.allocated import PLAN_ATTRIBUTE
 from targets.llamacpp.errors import UnsupportedForGGUF
-from targets.llamacpp.imatrix import IMATRIX_FILE, quantize_metadata, write_imatrix_file
+from targets.llamacpp.imatrix import IMATRIX_FILE, imatrix_digest, quantize_metadata, write_imatrix_file
 from targets.llamacpp.quantize import quantize_gguf
 from targets.llamacpp.gguf_file import gguf_architecture, vocab_of, write_gguf
 
@@ -69,7 +69,8 @@ def write(model, tokenizer, path: Path, name: str = "planner candidate") -> dict
     finally:
         float_path.unlink(missing_ok=True)
     return {**info, "quantizer": "llama.cpp", "quantize_seconds": time.perf_counter() - started,
-            "file_type": plan.ftype(), **types_written(written), "predicted_kl": plan.predicted_kl,
+            "file_type": plan.ftype(), **types_written(written), "imatrix_digest": imatrix_digest(plan.imatrix),
+            "predicted_kl": plan.predicted_kl,
             "allocated_bytes": plan.bytes}
 
 

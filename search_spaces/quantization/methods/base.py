@@ -93,6 +93,11 @@ class QuantMethod(abc.ABC):
         at one; `size_of(spec)` is the exact stored bytes of a spec on the candidate's shapes. Default: as it is."""
         return spec
 
+    def pin(self, spec: "QuantSpec", measurements: dict) -> "QuantSpec":
+        """The spec with what its build chose on the study's machine fixed from the measured artifact's
+        `measurements` (Technique.pin). Default: as it is."""
+        return spec
+
     def check(self, spec: "QuantSpec") -> None:
         """Rules of this method beyond its bit-widths; raise SpecError naming the field."""
 
