@@ -1,8 +1,10 @@
 """The planner's per-tensor allocation (method `llama-quant`) against llama.cpp's presets, at each preset's bytes.
 
     .venv/bin/python bench/llamacpp_allocation.py [--threads 2] [--presets Q4_K_M,Q4_0,...] [--rounds 5]
+        [--model builtin:smollm2-135m-float --out bench/results/llamacpp_allocation_float]
 
-For the float built-in model, the method's own pipeline (targets/llamacpp/allocated.py): its importance matrix
+For the built-in model (or `--model`, e.g. the float benchmark model, whose weights are on no GGUF grid), the
+method's own pipeline (targets/llamacpp/allocated.py): its importance matrix
 and sensitivity tables from the calibration split (16 x 256 tokens, as a study computes them), then for each
 preset the allocation under that preset-with-imatrix's own bytes for the quantizable tensors, written by
 llama.cpp's quantizer with per-tensor overrides and the planner's importance matrix, and measured by the
@@ -41,6 +43,7 @@ MENUS = (("all types", "all", (), 0.0), ("no Q4_1/Q5_1", "all", ORIGIN_LIKE, 0.0
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="builtin:smollm2-135m")
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--rounds", type=int, default=LATENCY.repeats)
     parser.add_argument("--out", type=Path, default=Path("bench/results/llamacpp_allocation"))
@@ -62,7 +65,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     machine = {"threads": args.threads, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     latency = LatencyProtocol(**{**LATENCY.to_dict(), "repeats": args.rounds}) if args.rounds else None
-    model, tokenizer = load_model(ModelSource.parse("builtin:smollm2-135m"), torch.device("cpu"))
+    model, tokenizer = load_model(ModelSource.parse(args.model), torch.device("cpu"))
     corpus = load_corpus(DataSource.parse("builtin:shakespeare"))
     settings = AllocationSettings()
     jsonl = args.out.with_suffix(".jsonl")
@@ -71,7 +74,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="llamacpp-allocation-") as tmp:
         work = Path(tmp)
         f32 = work / "f32.gguf"
-        write_gguf(model, tokenizer, f32, name="SmolLM2-135M-Instruct F32")
+        write_gguf(model, tokenizer, f32, name=f"{args.model} F32")
         reference = Reference.compute(f32, tokenizer, corpus.eval, args.threads)
         windows = calibration_batches(tokenizer, corpus.train, settings.samples, settings.seq_len, 0)
         context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, cache_dir=None)
@@ -115,7 +118,7 @@ def main() -> None:
                         "predicted_decode": predicted_decode(tables, chosen, costs),
                         **measure_gguf(path, reference, args.threads, latency), **machine})
                 path.unlink()
-    notes = (f"\nthreads {args.threads}, CPU capability {machine['cpu_capability']}, load {os.getloadavg()[0]:.2f}; "
+    notes = (f"\nmodel {args.model}; threads {args.threads}, CPU capability {machine['cpu_capability']}, load {os.getloadavg()[0]:.2f}; "
              "each 'planner alloc @P' row is allocated under preset P's own bytes (with imatrix) for the quantizable "
              "tensors; KL over the full vocabulary against the F32 GGUF. The built-in weights come from a Q4_1 file: "
              "'all types' may use the Q4_1/Q5_1 grids it favours, 'no Q4_1/Q5_1' may not, 'legacy' uses only "
