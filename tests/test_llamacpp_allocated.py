@@ -265,6 +265,14 @@ def test_the_compared_presets_and_llama_quant_share_one_importance_matrix(tokeni
     assert all(np.array_equal(tables["imatrix"][n], imatrix[n]) for n in imatrix)
     stock.study_imatrix(model, replace(cached, cache_dir=None))  # nowhere to keep it: computed again
     assert len(computed) == 2
+    # a study's own calibration sizes for llama-quant are the presets' too
+    from search_spaces.quantization.spec import AllocationSpace
+    from targets.llamacpp.target import LlamaCppTarget
+
+    target = LlamaCppTarget()
+    target.fit_spaces({"quantization": QuantSpace(allocation=AllocationSpace(samples=4, seq_len=32))}, model)
+    _, tokens, chunk, dataset = target._study_imatrix(model, cached)
+    assert (tokens, chunk) == (4 * 32, 32) and dataset == "planner: 4 x 32 tokens of the calibration (training) split"
 
 
 def _filling(fill: float | None, bpw: float = 7.0) -> QuantSpec:

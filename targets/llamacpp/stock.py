@@ -30,10 +30,12 @@ def label(preset: str) -> str:
     return f"llama.cpp {preset} + imatrix"
 
 
-def study_imatrix(model, context: BuildContext) -> tuple[dict, int, int, str]:
+def study_imatrix(model, context: BuildContext, settings: AllocationSettings | None = None
+                  ) -> tuple[dict, int, int, str]:
     """(importance matrix, calibration tokens, chunk size, dataset words) of `model` on the study's calibration
-    text, as llama-quant computes it by default."""
-    settings = AllocationSettings()
+    text, as llama-quant computes it with the study's calibration sizes (`settings`; llama-quant's defaults where
+    the study has none)."""
+    settings = settings or AllocationSettings()
     windows = calibration_batches(context.tokenizer, context.calibration, settings.samples, settings.seq_len,
                                   context.seed)
     dataset = CALIBRATION_DATASET.format(samples=settings.samples, seq_len=settings.seq_len)

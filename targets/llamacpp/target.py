@@ -24,6 +24,7 @@ from pathlib import Path
 from search_spaces.quantization import fit_to_scheme, scheme_space_defaults
 from search_spaces.quantization.constants import FLOAT_BITS
 from search_spaces.quantization.grid import GGUF_GRID
+from search_spaces.quantization.spec import AllocationSettings
 from targets.base import Measured, Request, Target, register_target
 from targets.figures import metrics_row, scored
 from targets.llamacpp import stock, writer
@@ -103,6 +104,9 @@ class LlamaCppTarget(Target):
         # (tests, apply after search) never times a candidate against another model's reference.
         self._reference: tuple[object, Path] | None = None
         self._imatrix: tuple[object, tuple] | None = None  # (the model, stock.study_imatrix of it)
+        # llama-quant's calibration sizes in the study's space (fit_spaces): the compared presets' importance
+        # matrix is computed with them, so it is the one the study's llama-quant trials use
+        self._calibration: AllocationSettings | None = None
 
     def unavailable(self, device: str) -> str | None:
         try:
@@ -131,6 +135,7 @@ class LlamaCppTarget(Target):
         if quant is None:
             return spaces
         quant = fit_to_scheme(quant, GGUF_GRID)
+        self._calibration = AllocationSettings(samples=quant.allocation.samples, seq_len=quant.allocation.seq_len)
         unfit = self.methods_unfit(model)
         if unfit:
             quant = replace(quant, methods=tuple(m for m in quant.methods if m not in unfit))
@@ -220,7 +225,7 @@ class LlamaCppTarget(Target):
         """The study's importance matrix of `model`, computed once per model and process (every preset compared
         against uses it), held with its model as the reference GGUF is."""
         if self._imatrix is None or self._imatrix[0] is not model:
-            self._imatrix = (model, stock.study_imatrix(model, context))
+            self._imatrix = (model, stock.study_imatrix(model, context, self._calibration))
         return self._imatrix[1]
 
     def ship(self, model, tokenizer, stages: list, out: Path) -> Path:
