@@ -292,6 +292,11 @@ def _require_a_fitting_candidate(bench: Workbench) -> None:
 def _measure_baseline(bench: Workbench, study: optuna.Study) -> dict:
     tqdm.write("planner: measuring the uncompressed model (the baseline)")
     row, details = measure_baseline(bench)
+    unmeasured = [name for name in bench.objectives if name not in row]
+    if unmeasured:  # optimised as its stand-in on every trial, it would be a constant: refused before any trial
+        raise PlannerError(f"objective {unmeasured[0]}: the {bench.target.name} target measured no "
+                           f"{unmeasured[0]} for the uncompressed model (it does not produce that figure); "
+                           "leave it out of --objectives")
     study.set_user_attr("model", {"source": bench.settings.model, "content_hash": bench.model_hash})
     study.set_user_attr("baseline", row)
     study.set_user_attr("baseline_measurements", details)

@@ -101,6 +101,23 @@ def test_a_maximised_objective_is_ranked_negated(direction, value, ranked):
     assert Objective("x", "x", "", "{}", "latency", direction=direction).minimised(value) == ranked
 
 
+def test_an_objective_no_target_measures_is_refused_before_any_trial(registered, tiny_study_file, tmp_path, capsys):
+    """A registered objective the study's target never produces would be optimised as its stand-in on every
+    trial (a constant): the study stops at the baseline with one line, and stores no baseline."""
+    import cli
+    from planner.storage import open_storage
+
+    registered(Objective("energy_j", "energy J", "J", "{:.1f}", "latency"))
+    code = cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "2", "--target", "transformers",
+                     "--objectives", "perplexity,energy_j", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "planner: error: objective energy_j: the transformers target measured no energy_j for the uncompressed model (it "
+        "does not produce that figure); leave it out of --objectives")
+    study = optuna.load_study(study_name="tiny", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db"))
+    assert "baseline" not in study.user_attrs and not study.trials
+
+
 @pytest.fixture
 def throughput(registered):
     """A maximised cost objective, as a plug-in would add it: more tokens per second is better."""
