@@ -16,8 +16,11 @@ from conftest import TINY_STUDY_SPACE
 from planner.storage import open_storage
 from test_convert import CASES, _sentencepiece, _special_ids
 
+# the llama.cpp target's own methods, llama-quant's calibration kept small (its decode costs not asked for)
 SEARCH = TINY_STUDY_SPACE.replace('target = "transformers"', 'target = "auto"').replace(
-    'methods = ["none", "rtn", "dynamic-int8"]', 'methods = ["none", "rtn"]')
+    'methods = ["none", "rtn", "dynamic-int8"]',
+    'methods = ["none", "rtn", "llama-quant"]\n[space.quantization.allocation]\nsamples = 4\nseq_len = 32\n'
+    'speed = [0.0]')
 
 
 def _folder(case_name, tmp_path, corpus_lines):
@@ -72,6 +75,8 @@ def test_a_converter_only_architecture_is_searched_and_shipped_on_llama_cpp(case
     failed = [(t.user_attrs.get("label"), t.user_attrs.get("failure")) for t in stored.trials
               if t.state == optuna.trial.TrialState.FAIL]
     assert measured and not failed, failed
+    # llama-quant took part: its tensor names are the converted file's (a mismatch fails the trial)
+    assert any(t.user_attrs["measurements"]["runtime"].get("quantizer") == "llama.cpp" for t in measured)
     for trial in measured:
         runtime = trial.user_attrs["measurements"]["runtime"]
         assert runtime["writer"] == "llama.cpp converter" and runtime["converter"]["llama_cpp"]
