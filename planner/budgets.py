@@ -62,7 +62,9 @@ class Budget:
         if self.limit is not None:
             return self
         if self.metric not in baseline:
-            raise PlannerError(f"{self.kind} budget {self.text} is relative, but the baseline has no {self.metric}")
+            raise PlannerError(f"{self.kind} budget {self.text} is relative, but the baseline has no {self.metric} "
+                               "(not measured, or timed too noisily to keep on a busy machine: rerun on a quieter "
+                               "one, or give the budget in ms)")
         return Budget(self.kind, self.relative * baseline[self.metric], self.relative, self.text)
 
     def violation(self, metrics: dict) -> float:
