@@ -320,7 +320,8 @@ def test_relative_budget_keeps_its_factor_and_absolute_needs_no_baseline():
     absolute = parse_budget("prefill", "30ms")
     assert absolute.resolve({}) is absolute  # nothing to look up
     with pytest.raises(PlannerError, match=r"^prefill budget 0.5x is relative, but the baseline has no "
-                                           r"prefill_ms_p50$"):
+                                           r"prefill_ms_p50 \(not measured, or timed too noisily to keep on a busy "
+                                           r"machine: rerun on a quieter one, or give the budget in ms\)$"):
         parse_budget("prefill", "0.5x").resolve({"decode_ms_p50": 10.0})
     with pytest.raises(ValueError, match=r"^memory budget 0.5x must be resolved against the baseline first$"):
         parse_budget("memory", "0.5x").violation({"weight_bytes": 1})
