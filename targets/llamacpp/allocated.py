@@ -37,7 +37,7 @@ from search_spaces.specs import SpecError
 from search_spaces.quantization.plan import LayerPlan
 from targets.llamacpp import sensitivity
 from targets.llamacpp.imatrix import CALIBRATION_DATASET, importance_matrix
-from targets.llamacpp.quantize import fallback_type, quant_type, type_bytes
+from targets.llamacpp.quantize import FLOAT_TYPES, fallback_type, quant_type, type_bytes
 
 PLAN_ATTRIBUTE = "llama_quant_plan"  # on the built model: what the writer hands llama.cpp's quantizer
 NOMINAL_BITS = 4  # spec.bits of an allocation (checked like any spec; the types themselves are per tensor)
@@ -225,9 +225,6 @@ def pinned_plan(model: nn.Module, settings: AllocationSettings, windows, context
     return TypePlan(types=types, imatrix=imatrix, calibration_tokens=int(windows.numel()), chunk_size=settings.seq_len,
                     predicted_kl=None, bytes=sum(type_bytes(types[n], t.shape) for n, t in tensors.items()),
                     dataset=CALIBRATION_DATASET.format(samples=settings.samples, seq_len=settings.seq_len))
-
-
-FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def menu_of(settings: AllocationSettings) -> list[str]:

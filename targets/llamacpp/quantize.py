@@ -65,6 +65,7 @@ class QuantType:
 # (recent additions; gguf 0.19 cannot read Q2_0, and Q1_0's 128-wide blocks have no fallback).
 MENU_NAMES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "Q3_K", "IQ3_S", "IQ4_XS",
               "Q4_0", "IQ4_NL", "Q4_K", "Q4_1", "Q5_0", "Q5_K", "Q5_1", "Q6_K", "Q8_0", "F16", "BF16", "F32")
+FLOAT_TYPES = ("F32", "F16", "BF16")  # the menu's unquantized types (norms, and widths no block fits)
 IMATRIX_REQUIRED = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
 # ggml_quantize_requires_imatrix: ggml asserts (the whole process aborts) when these get no importance values,
 # which llama.cpp lets happen on token_embd/output (exempt from its own check above): see _check_head_tensors.

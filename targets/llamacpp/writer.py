@@ -18,7 +18,7 @@ from targets.llamacpp.convert import architectures, check_vocab, convert, conver
 from targets.llamacpp.allocated import PLAN_ATTRIBUTE
 from targets.llamacpp.errors import UnsupportedForGGUF
 from targets.llamacpp.imatrix import IMATRIX_FILE, imatrix_digest, quantize_metadata, write_imatrix_file
-from targets.llamacpp.quantize import quantize_gguf
+from targets.llamacpp.quantize import FLOAT_TYPES, quantize_gguf
 from targets.llamacpp.gguf_file import gguf_architecture, vocab_of, write_gguf
 
 HAND_WRITTEN = "planner GGUF writer"
@@ -78,7 +78,7 @@ def types_written(written: dict[str, str]) -> dict:
     """What a llama.cpp-quantized file holds, read back: its type per tensor, the count per type, and the
     quantized types by count (`stored`, e.g. "Q5_0x112 Q8_0x44": what labels and reviews show)."""
     counts = Counter(written.values())
-    quantized = sorted(((n, k) for k, n in counts.items() if k not in ("F32", "F16", "BF16")), reverse=True)
+    quantized = sorted(((n, k) for k, n in counts.items() if k not in FLOAT_TYPES), reverse=True)
     return {"tensor_types": written, "type_counts": dict(counts), "stored": " ".join(f"{k}x{n}" for n, k in quantized)}
 
 
