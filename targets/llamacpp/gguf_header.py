@@ -15,6 +15,7 @@ Its tensors, types and bytes are those llama-quantize writes for the same per-te
 """
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from collections.abc import Mapping
@@ -51,11 +52,12 @@ class Header:
     fields: dict  # every scalar and string value by key (arrays are left out: a vocabulary is not needed here)
     tensors: list[TensorInfo]
     metadata: tuple[int, int]  # where the key/values are in the file: [start, end)
+    kv_count: int  # how many key/values (arrays included) that span holds
     data_start: int  # where the tensor data begins (aligned)
 
     @property
     def alignment(self) -> int:
-        return int(self.fields.get(ALIGNMENT_KEY, DEFAULT_ALIGNMENT))
+        return _alignment(self.fields)
 
     def types(self) -> dict[str, str]:
         return {t.name: t.kind for t in self.tensors}
@@ -107,10 +109,11 @@ def stored_bytes(kind: str, shape) -> int:
     *outer, width = (int(n) for n in shape)
     if width % block:
         raise ValueError(f"{kind} stores rows in blocks of {block}; a {width}-wide row does not fit")
-    rows = 1
-    for n in outer:
-        rows *= n
-    return rows * (width // block) * block_bytes
+    return math.prod(outer) * (width // block) * block_bytes
+
+
+def _alignment(fields: dict) -> int:
+    return int(fields.get(ALIGNMENT_KEY, DEFAULT_ALIGNMENT))
 
 
 def _align(offset: int, alignment: int) -> int:
@@ -143,8 +146,7 @@ def read_header(path: Path) -> Header:
             dims = [cursor.take("Q") for _ in range(cursor.take("I"))]
             kind, offset = GGMLQuantizationType(cursor.take("I")).name, cursor.take("Q")
             tensors.append(TensorInfo(name, tuple(reversed(dims)), kind, offset))
-        alignment = int(fields.get(ALIGNMENT_KEY, DEFAULT_ALIGNMENT))
-        return Header(version, fields, tensors, (start, end), _align(cursor.at, alignment))
+        return Header(version, fields, tensors, (start, end), n_kv, _align(cursor.at, _alignment(fields)))
 
 
 def write_zeroed(src: Path, dst: Path, types: Mapping[str, str], header: Header | None = None) -> dict[str, str]:
@@ -164,8 +166,7 @@ def write_zeroed(src: Path, dst: Path, types: Mapping[str, str], header: Header 
         retyped.append((tensor, TensorInfo(tensor.name, tensor.shape, kind, offset)))
         offset = _align(offset + retyped[-1][1].n_bytes, header.alignment)
     with Path(src).open("rb") as source, Path(dst).open("wb") as out:
-        out.write(MAGIC + struct.pack("<IQQ", header.version, len(header.tensors),
-                                      _count_fields(source, header)))
+        out.write(MAGIC + struct.pack("<IQQ", header.version, len(header.tensors), header.kv_count))
         source.seek(header.metadata[0])
         out.write(source.read(header.metadata[1] - header.metadata[0]))
         for _, info in retyped:
@@ -183,11 +184,6 @@ def write_zeroed(src: Path, dst: Path, types: Mapping[str, str], header: Header 
             else:
                 out.write(bytes(new.n_bytes))
     return {new.name: new.kind for _, new in retyped}
-
-
-def _count_fields(source, header: Header) -> int:
-    source.seek(4 + 4 + 8)
-    return struct.unpack("<Q", source.read(8))[0]
 
 
 def _copy(source, out, n_bytes: int, chunk: int = 1 << 24) -> None:

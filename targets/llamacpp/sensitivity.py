@@ -150,9 +150,8 @@ class _Replay:
     def __init__(self, model: nn.Module):
         prefix, self.layers = decoder_layers(model)
         self.prefix = prefix + "."
-        names = {id(m): n for n, m in model.named_modules()}
-        self.embedding = names.get(id(model.get_input_embeddings()))
-        self.head = names.get(id(model.get_output_embeddings()))
+        head = model.get_output_embeddings()
+        self.head = next((n for n, m in model.named_modules() if m is head), None)
         self.outputs: list = [None] * len(self.layers)
 
     def first_layer(self, held_by: Sequence[str]) -> int:
