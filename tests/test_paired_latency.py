@@ -363,6 +363,8 @@ def test_a_prefill_timing_too_spread_to_read_is_left_out_of_the_row_and_said_why
     row, left_out = latency_figures(timing(0.7, 0.7 * PREFILL_SPREAD))
     assert left_out is None and row["prefill_ratio"] == 0.8 and row["prefill_interval"] == [0.7, 1.4]
     assert row["prefill_ms_p50"] == 40.0 and row["decode_ratio"] == 0.5
+    row, left_out = latency_figures(timing(0.7, 0.7 * PREFILL_SPREAD * 1.01))  # just past the spread: out
+    assert left_out and "prefill_ratio" not in row
     row, left_out = latency_figures(timing(0.55, 16.7))
     assert not {"prefill_ms_p50", "prefill_ratio", "prefill_interval"} & set(row)
     assert row["decode_ms_p50"] == 10.0 and row["decode_interval"] == [0.49, 0.51] and row["latency_rounds"] == 3
