@@ -1,6 +1,7 @@
 """Reliability: exact trial counts across workers, resume after SIGKILL and Ctrl-C, failure isolation."""
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from planner.study import finished
 
 TrialState = optuna.trial.TrialState
 # Trials long enough (a second or more on the tiny model) to be caught in the middle.
-SLOW_LATENCY = "\n[evaluation.latency]\nprompt_tokens = 16\nnew_tokens = 8\nrepeats = 60\nwarmup = 1\n"
+SLOW_LATENCY = "\n[evaluation.latency]\nprompt_tokens = 16\nnew_tokens = 8\nrepeats = 300\nwarmup = 1\n"
 
 
 def slow(study_file):
@@ -54,8 +55,12 @@ def running_after_a_complete(url: str):
             trials = load(url).get_trials(deepcopy=False)
         except Exception:  # noqa: BLE001 - the study may not exist yet
             return False
+        # a trial running for half a second already builds and measures (about 2 s with SLOW_LATENCY); a twin or a
+        # spec over the budget runs for 0.1 s, and a signal aimed at it could land between trials, cutting none
+        now = datetime.datetime.now()
         return (any(t.state == TrialState.COMPLETE and "perplexity" in t.user_attrs.get("metrics", {})
-                    for t in trials) and any(t.state == TrialState.RUNNING for t in trials))
+                    for t in trials) and any(t.state == TrialState.RUNNING and t.datetime_start is not None
+                                             and (now - t.datetime_start).total_seconds() > 0.5 for t in trials))
     return check
 
 
