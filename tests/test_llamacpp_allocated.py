@@ -30,10 +30,11 @@ from search_spaces.quantization.spec import AllocationSettings
 from search_spaces.specs import SpecError
 from targets.llamacpp import ggml_quants, sensitivity, writer
 from targets.llamacpp.allocated import PLAN_ATTRIBUTE, choose_types, predicted_decode, sensitivity_tables, tables_kl
-from targets.llamacpp.imatrix import importance_matrix, read_imatrix_file
+from targets.llamacpp.imatrix import collected_by_llama_imatrix, importance_matrix, read_imatrix_file
 from targets.llamacpp.quantize import fallback_type, quantize_gguf, tensor_types, type_bytes
 from targets.llamacpp.runtime import loaded
 from tests.conftest import SAMPLE_TEXT, make_tiny_llama, make_tiny_tokenizer
+from tests.llama_cpp_imatrix_loader import load_like_llama_quantize
 
 WIDE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
 
@@ -215,8 +216,8 @@ def test_a_built_candidate_is_written_with_the_planned_types_and_its_imatrix(tok
         generated = list(itertools.islice(llm.generate([1, 2, 3], temp=0.0), 8))
         assert len(generated) == 8 and all(0 <= t < len(tokenizer) for t in generated)
     imatrix_path = writer.write_imatrix(built, tmp_path)
-    matrix, info = read_imatrix_file(imatrix_path)
-    assert set(matrix) == set(plan.imatrix) and info["chunk_size"] == 32
+    matrix, info = read_imatrix_file(imatrix_path)  # what llama-imatrix collects: the blocks (tied: no head)
+    assert set(matrix) == {n for n in plan.imatrix if n.startswith("blk.")} and info["chunk_size"] == 32
     assert all(np.allclose(matrix[n], plan.imatrix[n], rtol=1e-5) for n in matrix)
 
 
@@ -470,8 +471,8 @@ def test_a_memory_budgeted_study_at_a_presets_size_ships_an_allocated_gguf(tiny_
     assert code == 0, err
     assert (tmp_path / "deploy" / "model.gguf").is_file() and (tmp_path / "deploy" / "imatrix.gguf").is_file()
     assert tensor_types(tmp_path / "deploy" / "model.gguf") == recorded
-    shipped, _ = read_imatrix_file(tmp_path / "deploy" / "imatrix.gguf")
-    assert shipped.keys() == study_imatrix.keys()
+    shipped, _ = load_like_llama_quantize(tmp_path / "deploy" / "imatrix.gguf")  # as llama-quantize reads it
+    assert shipped.keys() == {n for n in study_imatrix if collected_by_llama_imatrix(n)}
     assert all(np.allclose(shipped[n], study_imatrix[n], rtol=1e-6) for n in shipped)
 
 

@@ -21,6 +21,7 @@ from targets.llamacpp import quantize as q  # noqa: E402
 from targets.llamacpp.gguf_file import write_gguf  # noqa: E402
 from targets.llamacpp.runtime import loaded  # noqa: E402
 from tests.conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
+from tests.llama_cpp_imatrix_loader import NotLoadable, load_like_llama_quantize  # noqa: E402
 
 SHAPES = {"narrow": dict(hidden_size=576, intermediate_size=80, num_attention_heads=9, num_key_value_heads=3),
           "wide": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)}
@@ -193,8 +194,9 @@ def test_the_imatrix_file_round_trips_in_llama_imatrix_format(tiny, tmp_path):
     path = tmp_path / "imatrix.gguf"
     im.write_imatrix_file(path, matrix, tokens=96, chunk_size=24, datasets=["calibration: tiny windows"])
     back, info = im.read_imatrix_file(path)
-    assert set(back) == set(matrix)
-    for name in matrix:
+    collected = {n for n in matrix if n.startswith("blk.")}  # a tied head: token_embd.weight is not llama-imatrix's
+    assert set(back) == collected and "token_embd.weight" in matrix
+    for name in collected:
         np.testing.assert_allclose(back[name], matrix[name], rtol=1e-6)
         assert info["counts"][name].tolist() == [96]
     assert info["datasets"] == ["calibration: tiny windows"]
@@ -202,12 +204,36 @@ def test_the_imatrix_file_round_trips_in_llama_imatrix_format(tiny, tmp_path):
     reader = GGUFReader(str(path))
     assert "general.architecture" not in reader.fields and reader.fields["general.type"].contents() == "imatrix"
     tensors = {t.name: t for t in reader.tensors}
-    assert list(tensors) == [f"{n}.{part}" for n in sorted(matrix) for part in ("in_sum2", "counts")]
+    assert list(tensors) == [f"{n}.{part}" for n in sorted(collected) for part in ("in_sum2", "counts")]
     down = tensors["blk.0.ffn_down.weight.in_sum2"]
     assert down.tensor_type.name == "F32" and down.shape.tolist() == [80, 1]  # ggml ne: columns, matrices
     assert tensors["blk.0.ffn_down.weight.counts"].shape.tolist() == [1, 1]
     with pytest.raises(ValueError, match="name the calibration data"):
         im.write_imatrix_file(path, matrix, tokens=96, chunk_size=24, datasets=[])
+    with pytest.raises(ValueError, match="no entry llama-imatrix collects"):
+        im.write_imatrix_file(path, {"token_embd.weight": matrix["token_embd.weight"]}, 96, 24, ["text"])
+
+
+@pytest.mark.parametrize("shape", ["narrow", "untied"])
+def test_llama_quantize_reads_the_imatrix_file_through_ggml(tiny, tmp_path, shape):
+    """ggml's own GGUF loader and llama-quantize's rules read back exactly the entries llama-imatrix collects:
+    the blocks' inputs and, untied, output.weight (as under --process-output), never token_embd.weight."""
+    _, _, matrix = tiny[shape]
+    path = tmp_path / "imatrix.gguf"
+    im.write_imatrix_file(path, matrix, tokens=96, chunk_size=24, datasets=["calibration: tiny windows", "more"])
+    entries, info = load_like_llama_quantize(path)
+    blocks = {n for n in matrix if n.startswith("blk.")}
+    assert set(entries) == blocks | ({"output.weight"} if shape == "untied" else set())
+    assert ("output.weight" in matrix) == (shape == "untied") and "token_embd.weight" not in entries
+    for name, values in entries.items():
+        np.testing.assert_allclose(values, matrix[name], rtol=1e-6)
+        assert info["counts"][name].tolist() == [96]
+    assert info["datasets"] == ["calibration: tiny windows", "more"]
+    assert (info["chunk_count"], info["chunk_size"]) == (4, 24)
+    broken = tmp_path / "broken.gguf"  # the loader is not a rubber stamp: a cut file is refused
+    broken.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(NotLoadable, match="cannot read"):
+        load_like_llama_quantize(broken)
 
 
 def test_a_quantized_file_loads_and_generates_in_llama_cpp(tiny, tmp_path, tokenizer):

@@ -15,7 +15,10 @@ model or a student has activations of its own).
 `imatrix.datasets` (strings), `imatrix.chunk_count` and `imatrix.chunk_size` (u32; llama-quantize refuses the
 file without all three), and per tensor `<name>.in_sum2` (F32, ggml ne = [columns, matrices]) and
 `<name>.counts` (F32, ne = [1, matrices]), tensors in sorted name order. (llama.cpp before mid-2025 wrote a
-`.dat` binary instead; current llama-quantize reads both, so only the current format is written.)
+`.dat` binary instead; current llama-quantize reads both, so only the current format is written.) The file
+holds the tensors llama-imatrix collects (with --process-output): `blk.*` and `output.weight`, never
+`token_embd.weight`, whose entry the planner computes for a tied head and quantizes with, but llama-imatrix
+never sees (its callback takes `output.weight` by name only).
 """
 from __future__ import annotations
 
@@ -81,6 +84,12 @@ def gguf_linear_names(model: nn.Module, head: bool = False) -> dict[str, str]:
     return out
 
 
+def collected_by_llama_imatrix(name: str) -> bool:
+    """Whether llama-imatrix collects this tensor's inputs (tools/imatrix/imatrix.cpp, collect_imatrix: a name
+    starting with `blk.`, or `output.weight` under --process-output)."""
+    return name.startswith("blk.") or name == "output.weight"
+
+
 def imatrix_digest(imatrix: dict[str, np.ndarray]) -> str:
     """A digest of an importance matrix's names and float32 values (what a recipe records of it: a rebuild on
     another CPU may sum the activations in another order, and this says whether it did)."""
@@ -131,7 +140,8 @@ def importance_matrix(model: nn.Module, windows: torch.Tensor, batch_size: int =
 
 def write_imatrix_file(path: Path, matrix: Mapping[str, np.ndarray], tokens: int, chunk_size: int,
                        datasets: Sequence[str]) -> None:
-    """Write `matrix` (per tensor, mean squared activation per column) as llama-imatrix's GGUF file.
+    """Write `matrix` (per tensor, mean squared activation per column) as llama-imatrix's GGUF file: the entries
+    llama-imatrix collects (`collected_by_llama_imatrix`; others, e.g. a tied head's token_embd.weight, are left out).
 
     `tokens`: calibration tokens each entry was averaged over (in_sum2 = mean x tokens, counts = tokens);
     `chunk_size`: tokens per calibration window (llama-imatrix's chunk, its n_ctx), chunk_count =
@@ -143,13 +153,16 @@ def write_imatrix_file(path: Path, matrix: Mapping[str, np.ndarray], tokens: int
         raise ValueError("name the calibration data: llama-quantize refuses an imatrix file without datasets")
     if tokens < 1 or chunk_size < 1:
         raise ValueError(f"need tokens and chunk size >= 1, got {tokens} and {chunk_size}")
+    collected = sorted(name for name in matrix if collected_by_llama_imatrix(name))
+    if not collected:
+        raise ValueError("no entry llama-imatrix collects (blk.* or output.weight) in this importance matrix")
     writer = GGUFWriter(str(path), arch="")  # an empty arch writes no general.architecture, as llama-imatrix
     try:
         writer.add_type(IMATRIX_TYPE)
         writer.add_array(Keys.IMatrix.DATASETS, [str(d) for d in datasets])
         writer.add_uint32(Keys.IMatrix.CHUNK_COUNT, tokens // chunk_size)
         writer.add_uint32(Keys.IMatrix.CHUNK_SIZE, chunk_size)
-        for name in sorted(matrix):
+        for name in collected:
             means = np.asarray(matrix[name], dtype=np.float64).reshape(1, -1)  # one matrix: a dense layer
             writer.add_tensor(f"{name}.in_sum2", (means * tokens).astype(np.float32))
             writer.add_tensor(f"{name}.counts", np.full((1, 1), float(tokens), dtype=np.float32))
