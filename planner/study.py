@@ -169,6 +169,7 @@ def prepare(settings: StudySettings, study: optuna.Study | None = None, verbose:
     except TargetError as exc:
         raise PlannerError(str(exc)) from None
     check_compare(settings.compare_names(), target)
+    check_objectives_measured(objectives, target)
     resolved = resolve_spaces(settings, model, target.space_defaults())
     spaces = target.fit_spaces(resolved, model)
     for line in methods_left_out(target, resolved, spaces, model):
@@ -187,6 +188,17 @@ def prepare(settings: StudySettings, study: optuna.Study | None = None, verbose:
     if study is not None:
         join(bench, study)
     return bench
+
+
+def check_objectives_measured(objectives: tuple[str, ...], target) -> None:
+    """Every objective is a figure the target produces: scored from its runtime's logits (any target, any
+    scorer), or one of the row figures it measures (`Target.figures`). Else the objective would be a constant
+    on every trial: refused before the study is created."""
+    for name in objectives:
+        if objective_registry.OBJECTIVES[name].scorer is None and name not in target.figures:
+            raise PlannerError(f"objective {name}: the {target.name} target does not produce that figure (it "
+                               f"measures {', '.join(sorted(target.figures))} and scores logits); leave it out "
+                               "of --objectives")
 
 
 def check_compare(names: tuple[str, ...], target) -> None:

@@ -184,17 +184,64 @@ class Technique(abc.ABC):
 
 
 class Registry(dict):
-    """Named things of one kind (techniques, quantization methods), each registered once by its `name`."""
+    """Named things of one kind (techniques, quantization methods), each registered once by its `name`.
 
-    def __init__(self, kind: str):
+    `plugins`: an entry-point group (pyproject's [project.entry-points]) whose modules register more of them when
+    imported, e.g. a deployment target's own quantization method. They are imported on the first read of the
+    registry, so what it holds never depends on which package happened to be imported first."""
+
+    def __init__(self, kind: str, plugins: str | None = None):
         super().__init__()
         self.kind = kind
+        self.plugins = plugins
+        self._plugins_loaded = plugins is None
 
     def add(self, item):
-        if item.name in self:
+        if dict.__contains__(self, item.name):
             raise ValueError(f"{self.kind} {item.name} is registered twice")
         self[item.name] = item
         return item
+
+    def load_plugins(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True  # first: a plugin reading the registry while it loads must not recurse
+        from importlib.metadata import entry_points
+
+        for point in entry_points(group=self.plugins):
+            point.load()
+
+    def __getitem__(self, name):
+        self.load_plugins()
+        return super().__getitem__(name)
+
+    def __contains__(self, name) -> bool:
+        self.load_plugins()
+        return super().__contains__(name)
+
+    def __iter__(self):
+        self.load_plugins()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self.load_plugins()
+        return super().__len__()
+
+    def get(self, name, default=None):
+        self.load_plugins()
+        return super().get(name, default)
+
+    def keys(self):
+        self.load_plugins()
+        return super().keys()
+
+    def values(self):
+        self.load_plugins()
+        return super().values()
+
+    def items(self):
+        self.load_plugins()
+        return super().items()
 
 
 TECHNIQUES: Registry = Registry("technique")

@@ -22,6 +22,10 @@ from evaluators.scoring import ScorerFactory
 from search_spaces.base import Registry
 
 
+# What targets.figures.metrics_row writes from a measurement of bytes and latency.
+ROW_FIGURES = frozenset({"weight_bytes", "weight_mb", "disk_bytes", "decode_ms_p50", "prefill_ms_p50"})
+
+
 @dataclass
 class Request:
     """What a target is asked to measure and how: its own small protocol, so no target reads the planner.
@@ -67,6 +71,9 @@ class Target(abc.ABC):
     name: ClassVar[str]
     runtime: ClassVar[str]  # what serves the artifact, e.g. "llama.cpp"
     artifact: ClassVar[str]  # what `apply` ships, in words
+    # The row keys `measure` writes besides the request's scorers' figures (every target runs those over its
+    # runtime's logits): a study whose objective is neither is refused before it is created.
+    figures: ClassVar[frozenset[str]] = ROW_FIGURES
 
     def unavailable(self, device: str) -> str | None:
         """Why the target cannot run on this machine and device (None: it can)."""

@@ -101,21 +101,43 @@ def test_a_maximised_objective_is_ranked_negated(direction, value, ranked):
     assert Objective("x", "x", "", "{}", "latency", direction=direction).minimised(value) == ranked
 
 
-def test_an_objective_no_target_measures_is_refused_before_any_trial(registered, tiny_study_file, tmp_path, capsys):
+@pytest.mark.parametrize("evaluator", ["latency", "energy"])
+def test_an_objective_no_target_measures_is_refused_before_the_study_is_created(registered, tiny_study_file,
+                                                                                tmp_path, capsys, evaluator):
     """A registered objective the study's target never produces would be optimised as its stand-in on every
-    trial (a constant): the study stops at the baseline with one line, and stores no baseline."""
+    trial (a constant): refused in one line before the study is created, whichever evaluator it names."""
     import cli
     from planner.storage import open_storage
 
-    registered(Objective("energy_j", "energy J", "J", "{:.1f}", "latency"))
+    registered(Objective("energy_j", "energy J", "J", "{:.1f}", evaluator))
     code = cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "2", "--target", "transformers",
                      "--objectives", "perplexity,energy_j", "-q"])
     err = capsys.readouterr().err
     assert code == 2 and err.strip().splitlines()[-1] == (
-        "planner: error: objective energy_j: the transformers target measured no energy_j for the uncompressed model (it "
-        "does not produce that figure); leave it out of --objectives")
-    study = optuna.load_study(study_name="tiny", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db"))
-    assert "baseline" not in study.user_attrs and not study.trials
+        "planner: error: objective energy_j: the transformers target does not produce that figure (it measures "
+        "decode_ms_p50, disk_bytes, prefill_ms_p50, weight_bytes, weight_mb and scores logits); leave it out of "
+        "--objectives")
+    assert optuna.get_all_study_names(open_storage(f"sqlite:///{tmp_path}/tiny.db")) == []
+
+
+def test_what_a_target_says_it_produces_is_what_its_rows_hold():
+    """Target.figures against the rows the targets write: metrics_row's keys, and llama.cpp's timed figures."""
+    from types import SimpleNamespace
+
+    from targets import TARGETS
+    from targets.base import ROW_FIGURES
+    from targets.figures import metrics_row
+    from targets.llamacpp.target import latency_figures
+
+    timing = SimpleNamespace(decode=SimpleNamespace(p50_ms=1.0), prefill=SimpleNamespace(p50_ms=2.0))
+    assert set(metrics_row("x", 10, timing, disk_bytes=12)) - {"stages"} == ROW_FIGURES
+    ab = SimpleNamespace(decode={"p50_ms": 1.0}, prefill={"p50_ms": 2.0}, decode_ratio=0.5, prefill_ratio=0.6,
+                         decode_interval={"low": 0.4, "high": 0.6, "confidence": 0.95}, rounds=3,
+                         prefill_interval={"low": 0.5, "high": 0.7})
+    timed, _ = latency_figures(ab)
+    numbers = {k for k, v in timed.items() if isinstance(v, float) and not k.startswith("latency_")}
+    assert numbers <= TARGETS["llama.cpp"].figures and {"decode_ratio", "prefill_ratio"} <= numbers
+    assert all(ROW_FIGURES <= target.figures for target in TARGETS.values())
 
 
 @pytest.fixture

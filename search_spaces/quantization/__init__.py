@@ -32,6 +32,8 @@ from search_spaces.quantization.spec import (
     fit_to_scheme, method_runs_on, scheme_space_defaults,
 )
 from search_spaces.specs import SpecError
+# the methods, registered in the order of their hand-picked presets (after spec: they build on it)
+from search_spaces.quantization.methods import rtn, gptq, bnb, dynamic_int8  # noqa: E402,F401,I001
 
 __all__ = [
     "GROUP_SIZES", "QUANT_METHODS", "STORAGE_SCHEMES", "ExportError", "ExportResult", "GPTQSettings", "LayerOverride",

@@ -1,6 +1,5 @@
-"""Quantization methods, one module each; importing this package registers them in this order (which is
-also the order of their hand-picked presets)."""
+"""Quantization methods, one module each (registered by search_spaces/quantization/__init__.py, in the order of
+their hand-picked presets; a deployment target's own methods through the registry's entry points)."""
 from search_spaces.quantization.methods.base import QUANT_METHODS, QuantMethod, register_method
-from search_spaces.quantization.methods import rtn, gptq, bnb, dynamic_int8  # noqa: E402,F401  (registers them)
 
 __all__ = ["QUANT_METHODS", "QuantMethod", "register_method"]

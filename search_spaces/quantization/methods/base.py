@@ -119,7 +119,8 @@ def scheme_bits() -> tuple[int, ...]:
     return tuple(sorted({b for scheme in STORAGE_SCHEMES.values() for b in scheme.stored_bits}))
 
 
-QUANT_METHODS: Registry = Registry("quantization method")
+# Methods a deployment target brings (e.g. targets/llamacpp's llama-quant) are this entry-point group's.
+QUANT_METHODS: Registry = Registry("quantization method", plugins="planner.quantization_methods")
 register_method = QUANT_METHODS.add
 
 
