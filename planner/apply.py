@@ -79,6 +79,16 @@ def recipe_target(recipe: Recipe, asked: str | None, recipe_path: Path):
     return TARGETS[name]
 
 
+def check_grids(recipe: Recipe, target, recipe_path: Path) -> None:
+    """Every stage that rounds onto a storage grid names one the target's artifact holds (what the study
+    checked; a recipe edited by hand is refused here in one line, not by the writer)."""
+    for stage in recipe.stages:
+        method = getattr(stage.spec, "quant_method", None)
+        why = method is not None and method.grid and target.cannot_store(stage.spec.grid)
+        if why:
+            raise PlannerError(f"recipe {recipe_path}: {why}")
+
+
 def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool = False,
                  verbose: bool = False, target: str | None = None) -> ApplyResult:
     from planner.trial import Workbench
@@ -87,6 +97,7 @@ def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool
     out = Path(out)
     check_output(out, force)
     chosen = recipe_target(recipe, target, recipe_path)
+    check_grids(recipe, chosen, recipe_path)
     source = ModelSource.parse(recipe.model_source)
     actual_hash = content_hash(source)
     if actual_hash != recipe.model_hash:

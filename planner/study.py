@@ -112,7 +112,8 @@ def resolve_spaces(settings: StudySettings, model, defaults: dict | None = None)
         if given is False:
             spaces[name] = None
             continue
-        given = {**(defaults or {}).get(name, {}), **({} if given is True else given)}
+        given = {} if given is True else given
+        given = {**(defaults or {}).get(name, {}), **technique.space_defaults_for(given), **given}
         try:
             space = technique.space_type.from_dict(given, f"space.{name}")
         except SpecError as exc:
@@ -171,6 +172,7 @@ def prepare(settings: StudySettings, study: optuna.Study | None = None, verbose:
     check_compare(settings.compare_names(), target)
     check_objectives_measured(objectives, target)
     resolved = resolve_spaces(settings, model, target.space_defaults())
+    check_grid_ships(resolved, target)
     spaces = target.fit_spaces(resolved, model)
     for line in methods_left_out(target, resolved, spaces, model):
         tqdm.write(line)
@@ -188,6 +190,14 @@ def prepare(settings: StudySettings, study: optuna.Study | None = None, verbose:
     if study is not None:
         join(bench, study)
     return bench
+
+
+def check_grid_ships(spaces: dict, target) -> None:
+    """The quantization space's grid is one the target's artifact can hold (refused before anything runs)."""
+    quant = spaces.get("quantization")
+    why = quant and target.cannot_store(quant.grid)
+    if why:
+        raise PlannerError(f"space.quantization.grid: {why}")
 
 
 def check_objectives_measured(objectives: tuple[str, ...], target) -> None:

@@ -95,6 +95,11 @@ class Technique(abc.ABC):
         steps resumed from a cached run, seconds), or None when it trained nothing."""
         return None
 
+    def space_defaults_for(self, given: dict) -> dict:
+        """Space fields that follow from what a study file gives (e.g. a quantization grid's own bit-widths and
+        group sizes): they stand between the target's defaults and the file's own fields."""
+        return {}
+
     def fit_space(self, space, model):
         """The space narrowed to what `model` (on its device) can take: options it cannot support are left
         out up front, never found as a crash inside a trial."""

@@ -74,6 +74,8 @@ class Target(abc.ABC):
     # The row keys `measure` writes besides the request's scorers' figures (every target runs those over its
     # runtime's logits): a study whose objective is neither is refused before it is created.
     figures: ClassVar[frozenset[str]] = ROW_FIGURES
+    # The artifact formats `ship` writes quantized layers in; a storage grid declares which formats hold it.
+    artifacts: ClassVar[frozenset[str]] = frozenset()
 
     def unavailable(self, device: str) -> str | None:
         """Why the target cannot run on this machine and device (None: it can)."""
@@ -87,6 +89,16 @@ class Target(abc.ABC):
         """Per technique, the space fields this target sets before a study file narrows them (e.g. its storage
         grid and the bit-widths it stores), so the file is validated against what the target can store."""
         return {}
+
+    def cannot_store(self, grid: str) -> str | None:
+        """Why this target's artifact cannot hold layers on the storage grid `grid` (None: it can)."""
+        from search_spaces.quantization.schemes import scheme_named
+
+        holds = scheme_named(grid).artifacts
+        if holds & self.artifacts:
+            return None
+        return (f"the {grid} grid is held by {', '.join(sorted(holds)) or 'no artifact format'}; the {self.name} "
+                f"target ships {', '.join(sorted(self.artifacts)) or 'no quantized format'}")
 
     def fit_spaces(self, spaces: dict, model) -> dict:
         """The search spaces (technique name -> space or None) reduced to what the target deploys."""

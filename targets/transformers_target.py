@@ -65,6 +65,7 @@ def measure_torch(request: Request, model, label: str) -> Measured:
 
 class TransformersTarget(Target):
     name = "transformers"
+    artifacts = frozenset({"compressed-tensors"})
     runtime = "transformers (PyTorch)"
     artifact = "a checkpoint folder for from_pretrained (compressed-tensors for rtn/gptq)"
 

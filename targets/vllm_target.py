@@ -21,6 +21,7 @@ from targets.transformers_target import TRANSFORMERS, measure_torch
 
 class VllmTarget(Target):
     name = "vllm"
+    artifacts = frozenset({"compressed-tensors"})
     runtime = "vLLM"
     artifact = "a compressed-tensors checkpoint folder"
 

@@ -62,6 +62,11 @@ class Quantization(Technique):
         # with studies made before the technique contract).
         return trial.suggest_categorical(self.param(name), list(choices))
 
+    def space_defaults_for(self, given: dict) -> dict:
+        """A study file naming a grid starts from that grid's own bit-widths, group sizes and symmetry."""
+        grid = given.get("grid")
+        return scheme_space_defaults(grid) if isinstance(grid, str) and grid in STORAGE_SCHEMES else {}
+
     def suggest(self, trial, space: QuantSpace) -> QuantSpec | None:
         """A spec sampled from `space`, or None when the stage is off (disabled, or the trial drew "none").
 

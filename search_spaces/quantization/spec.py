@@ -283,11 +283,18 @@ class QuantSpace(DictSpec):
             torch.device(self.device)
         except (RuntimeError, TypeError):
             _fail("QuantSpace.device", f"{self.device!r} is not a torch device (cpu, cuda, cuda:N)")
-        bits = scheme_named(self.grid).stored_bits
+        storage = scheme_named(self.grid)
+        bits = storage.stored_bits
         check_choices("QuantSpace.bits", self.bits, check_member(bits))
         check_choices("QuantSpace.head_bits", self.head_bits, check_member((None,) + bits), allow_empty=True)
         check_choices("QuantSpace.group_sizes", self.group_sizes, check_member(known_group_sizes()))
         check_choices("QuantSpace.symmetric", self.symmetric, check_bool)
+        for name, given, held in (("group_sizes", self.group_sizes, storage.group_sizes),
+                                  ("symmetric", self.symmetric, storage.symmetric)):
+            outside = [v for v in given if v not in held]
+            if outside:
+                _fail(f"QuantSpace.{name}", f"the {self.grid} grid holds {shown(tuple(held))}, not "
+                                            f"{shown(tuple(outside))}")
         check_choices("QuantSpace.bnb_modes", self.bnb_modes, check_member(BNB_MODES))
         check_bool("QuantSpace.mixed", self.mixed)
 

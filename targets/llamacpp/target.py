@@ -96,6 +96,7 @@ def _only_whole(spaces: dict, field: str) -> dict:
 class LlamaCppTarget(Target):
     name = "llama.cpp"
     figures = Target.figures | {"decode_ratio", "prefill_ratio"}  # timed A/B against the float GGUF
+    artifacts = frozenset({"gguf"})
     runtime = RUNTIME
     artifact = f"one GGUF file ({ARTIFACT})"
 

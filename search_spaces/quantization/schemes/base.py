@@ -116,6 +116,10 @@ def effective_group_size(in_features: int, group_size: int | None) -> int | None
 
 class StorageScheme(abc.ABC):
     name: ClassVar[str]
+    # The artifact formats that can hold layers on its grids (e.g. "compressed-tensors", "gguf"): a deployment
+    # target ships some formats (targets.base.Target.artifacts), and a study whose grid none of them holds is
+    # refused before anything runs.
+    artifacts: ClassVar[frozenset[str]]
     bits: ClassVar[tuple[int, ...]]  # integer bit-widths its grids hold (16, a float layer, always is)
     group_sizes: ClassVar[tuple[int | None, ...]] = GROUP_SIZES  # what a spec may ask for (None: per channel)
     symmetric: ClassVar[tuple[bool, ...]] = (True, False)  # symmetric grids, offset grids

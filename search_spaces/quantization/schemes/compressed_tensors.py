@@ -17,6 +17,7 @@ from search_spaces.quantization.schemes.base import Layout, QuantizedWeight, Sto
 
 class CompressedTensors(StorageScheme):
     name = DEFAULT_GRID
+    artifacts = frozenset({"compressed-tensors"})
     bits = (2, 3, 4, 8)
 
     def layout(self, out_features: int, in_features: int, fmt: StorageGrid, dtype: torch.dtype) -> Layout:

@@ -61,6 +61,7 @@ def pack_gguf(quantized: QuantizedWeight) -> np.ndarray:
 
 class GGUF(StorageScheme):
     name = "gguf"
+    artifacts = frozenset({"gguf"})
     bits = (4, 5, 8)
     group_sizes = (BLOCK,)
 
