@@ -48,6 +48,7 @@ class ToyTarget(Target):
     """Ships a plain checkpoint and measures it as transformers does; says how to load it in its own words."""
 
     name, runtime, artifact = "toy", "toy runtime", "a toy folder"
+    artifacts = frozenset({"compressed-tensors"})  # what its ship writes (transformers' checkpoint)
     prepared: list = []
 
     def prepare(self, request) -> None:
