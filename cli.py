@@ -294,11 +294,12 @@ def cmd_apply(args) -> int:
           f"{result.perplexity:.3f} (recipe {_shown(result.recorded_perplexity)}), {result.weight_bytes} bytes stored "
           f"(recipe {result.recorded_weight_bytes})")
     if result.decode_ratio is not None:
-        retimed = f", the last of {len(result.decode_ratios)} timings" if len(result.decode_ratios) > 1 else ""
-        interval = (f" (95% interval {result.decode_interval[0]:.3f}-{result.decode_interval[1]:.3f})"
-                    if result.decode_interval and result.decode_interval[0] != result.decode_interval[1] else "")
-        print(f"decode {result.decode_ms:.2f} ms/token, {result.decode_ratio:.3f}x{interval} the uncompressed model in "
-              f"the same run{retimed} (recipe {_shown(result.recorded_decode_ratio)}x)"
+        from evaluators.paired import shown
+
+        low, high = result.decode_interval or (result.decode_ratio, result.decode_ratio)
+        rounds = f", {result.decode_rounds} rounds" if result.decode_rounds else ""
+        print(f"decode {result.decode_ms:.2f} ms/token, {shown(result.decode_ratio, low, high, result.confidence)} "
+              f"the uncompressed model in the same run{rounds} (recipe {_shown(result.recorded_decode_ratio)}x)"
               + (f"; {result.budget_note}" if result.budget_note else ""))
     print(f"artifact and recipe in {result.folder}; {result.how_to_load}")
     return 0

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from planner import assets
 from planner.candidates import build, shipped_stages
-from evaluators.paired import shown
-from planner.budgets import MEETS, UNDECIDED, Budget, timed_ratio, unclear
+from evaluators.paired import CONFIDENCE, shown
+from planner.budgets import MEETS, UNDECIDED, Budget, row_confidence, timed_ratio, unclear
 from planner.errors import PlannerError
 from planner.recipes import Recipe, load_recipe
 from planner.settings import StudySettings
@@ -25,11 +25,11 @@ PERPLEXITY_TOLERANCE = 0.01  # relative
 # The same-run decode ratio to the reference varies with the machine's load: a re-timed ratio whose whole
 # confidence interval lies this much (relative) above the recorded ratio fails; anything less does not.
 DECODE_RATIO_TOLERANCE = 0.25
-# A clear slowdown is confirmed before apply fails: the artifact is re-timed up to this many more times
-# (latency only, RETIME_REPEATS times the study's rounds each) and the last timing is judged, so one timing
-# taken while another job held the cores does not fail a deployment.
-RETIMES = 2
-RETIME_REPEATS = 3
+# apply times the artifact once, looking again while a verdict (a budget, the slowdown limit) is unclear, for up
+# to this many times the study's most rounds; every round it took is judged together (evaluators.paired: the
+# looks' confidence keeps a wrong verdict as rare as the level says), so a stretch of rounds taken while another
+# job held the cores widens the interval rather than failing a deployment.
+APPLY_EXTENSION = 3
 
 
 @dataclass
@@ -44,10 +44,11 @@ class ApplyResult:
     decode_ratio: float | None = None
     recorded_decode_ratio: float | None = None
     decode_ms: float | None = None
-    decode_ratios: list = field(default_factory=list)  # every timing taken (more than one when re-timed)
     budget_note: str = ""
     how_to_load: str = ""  # the target's line telling how to serve the artifact
     decode_interval: tuple | None = None  # the judged ratio's confidence interval (low, high)
+    decode_rounds: int | None = None  # the rounds it is of
+    confidence: float = CONFIDENCE  # the interval's
     # times the shipped artifact again as apply first timed it (latency only): a metrics row (benchmarks)
     timing: Callable[[], dict] | None = field(default=None, repr=False)
 
@@ -133,9 +134,9 @@ def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool
     settings = StudySettings(model=recipe.model_source, data=data, evaluation=recipe.provenance.get("evaluation") or {},
                              objectives=list(objectives), target=chosen.name)
     bench = Workbench(settings, model, tokenizer, corpus, context, {}, [], {}, objectives=objectives, target=chosen)
-    request = replace(bench.request(), unclear=unclear_rule(recipe))  # time on while a verdict is unclear
+    request = timing_request(bench.request(), recipe)
     row = chosen.measure_shipped(request, artifact).row
-    result = check(recipe, row, out, artifact, chosen.name, retime=lambda: _retime(chosen, request, artifact))
+    result = check(recipe, row, out, artifact, chosen.name)
     result.how_to_load = chosen.how_to_load(artifact, request.latency)
     result.timing = lambda: chosen.measure_shipped(request.latency_only(), artifact).row
     return result
@@ -151,9 +152,11 @@ def readable_by_all(folder: Path) -> None:
             path.chmod(0o666 & ~umask)
 
 
-def _retime(target, request, artifact: Path) -> dict:
-    """The shipped artifact's decode figures timed again, latency only, with more rounds (a metrics row)."""
-    return target.measure_shipped(request.latency_only(RETIME_REPEATS), artifact).row
+def timing_request(request, recipe: Recipe):
+    """The study's request as apply times the artifact: one timing that may look on, while a verdict is unclear
+    (`unclear_rule`), for up to APPLY_EXTENSION times the study's most rounds."""
+    longer = replace(request.latency, max_repeats=request.latency.most_repeats * APPLY_EXTENSION)
+    return replace(request, latency=longer, unclear=unclear_rule(recipe))
 
 
 def slowdown_limit(recipe: Recipe) -> float | None:
@@ -176,11 +179,10 @@ def unclear_rule(recipe: Recipe):
     return rule
 
 
-def check(recipe: Recipe, row: dict, out: Path, artifact: Path, target: str,
-          retime: Callable[[], dict] | None = None) -> ApplyResult:
+def check(recipe: Recipe, row: dict, out: Path, artifact: Path, target: str) -> ApplyResult:
     """Fail loudly when the shipped artifact is not the candidate the recipe describes. A decode ratio fails only
-    when it is clearly slower than recorded: its whole confidence interval past the tolerance, confirmed by
-    `retime()` (a fresh, longer timing; up to RETIMES of them, the last judged)."""
+    when it is clearly slower than recorded: the whole confidence interval of all of apply's rounds past the
+    tolerance."""
     recorded = recipe.metrics.get("summary") or {}
     # Bytes as stored: the artifact's own figure, exact in every target (what a runtime holds once loaded may
     # differ from what it holds before its first forward, e.g. compressed-tensors decompressing on the fly).
@@ -194,25 +196,15 @@ def check(recipe: Recipe, row: dict, out: Path, artifact: Path, target: str,
     if recorded_ppl is not None and abs(perplexity - recorded_ppl) > PERPLEXITY_TOLERANCE * recorded_ppl:
         raise PlannerError(f"the shipped {artifact.name} scores perplexity {perplexity:.3f}, the recipe "
                            f"{recorded_ppl:.3f}: more than {PERPLEXITY_TOLERANCE:.0%} apart")
-    timed, limit = timed_ratio(row, "decode_ratio"), slowdown_limit(recipe)
-    timings = [] if timed is None else [timed]
-    if timed is not None and limit is not None:
-        while timings[-1][1] > limit and retime is not None and len(timings) <= RETIMES:
-            again = retime()
-            if timed_ratio(again, "decode_ratio") is None:
-                break
-            row = {**row, **{k: again[k] for k in ("decode_ratio", "decode_interval", "decode_ms_p50") if k in again}}
-            timings.append(timed_ratio(again, "decode_ratio"))
-        if timings[-1][1] > limit:
-            earlier = "" if len(timings) == 1 else \
-                f"; earlier timings {', '.join(f'{r:.3f}x' for r, _, _ in timings[:-1])}"
-            raise PlannerError(f"the shipped {artifact.name} decodes at {shown(*timings[-1])} the reference"
-                               f"{earlier}; the recipe recorded {recorded['decode_ratio']:.3f}x: clearly more than "
-                               f"{DECODE_RATIO_TOLERANCE:.0%} slower")
-    ratio, interval = (timings[-1][0], timings[-1][1:]) if timings else (None, None)
+    timed, limit, confidence = timed_ratio(row, "decode_ratio"), slowdown_limit(recipe), row_confidence(row)
+    if timed is not None and limit is not None and timed[1] > limit:
+        raise PlannerError(f"the shipped {artifact.name} decodes at {shown(*timed, confidence)} the reference over "
+                           f"{row.get('latency_rounds', 1)} rounds; the recipe recorded {recorded['decode_ratio']:.3f}x: "
+                           f"clearly more than {DECODE_RATIO_TOLERANCE:.0%} slower")
+    ratio, interval = (timed[0], timed[1:]) if timed else (None, None)
     return ApplyResult(out, artifact, target, perplexity, recorded_ppl, size, recorded_size, ratio,
-                       recorded.get("decode_ratio"), row.get("decode_ms_p50"), [t[0] for t in timings],
-                       _budget_note(recipe, row), decode_interval=interval)
+                       recorded.get("decode_ratio"), row.get("decode_ms_p50"), _budget_note(recipe, row),
+                       decode_interval=interval, decode_rounds=row.get("latency_rounds"), confidence=confidence)
 
 
 def _budget_note(recipe: Recipe, row: dict) -> str:
@@ -228,7 +220,7 @@ def _budget_note(recipe: Recipe, row: dict) -> str:
         word = {MEETS: "MEETS", UNDECIDED: "WITHIN NOISE of"}.get(verdict, "OVER")
         if budget.uses_ratio(row):
             notes.append(f"{word} {budget.kind} <= {budget.relative:g}x the uncompressed model: "
-                         f"{shown(*timed_ratio(row, budget.ratio_metric))} in the same run")
+                         f"{shown(*timed_ratio(row, budget.ratio_metric), row_confidence(row))} in the same run")
         else:
             notes.append(f"{word} {budget.kind} <= {budget.limit:.2f} ms: {row[budget.metric]:.2f} ms")
     return "; ".join(notes)

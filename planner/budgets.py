@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from evaluators.paired import MEETS, OVER, UNDECIDED, straddles  # noqa: F401 (the verdicts, re-exported)
+from evaluators.paired import CONFIDENCE, MEETS, OVER, UNDECIDED, straddles  # noqa: F401 (the verdicts, re-exported)
 from planner.errors import PlannerError
 
 # What each budget limits, and the metric (stored on every trial) it is checked against.
@@ -30,6 +30,12 @@ def timed_ratio(row: dict, ratio_metric: str) -> tuple[float, float, float] | No
         return None
     low, high = row.get(INTERVALS[ratio_metric]) or (ratio, ratio)
     return ratio, low, high
+
+
+def row_confidence(row: dict) -> float:
+    """The confidence of a row's timed intervals (lower than CONFIDENCE where the timing looked more than once:
+    evaluators.paired.look_confidence)."""
+    return float(row.get("latency_confidence", CONFIDENCE))
 
 TIME_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

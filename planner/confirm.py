@@ -17,7 +17,7 @@ import optuna
 from tqdm import tqdm
 
 from evaluators.paired import shown
-from planner.budgets import MEETS, Budget, timed_ratio
+from planner.budgets import MEETS, Budget, row_confidence, timed_ratio
 from planner.errors import first_line
 from planner.outcome import CONFIRMATIONS, confirmation, decide
 from planner.recipes import stored_stages
@@ -71,7 +71,7 @@ def _confirm_one(study: optuna.Study, bench: Workbench, trial: optuna.trial.Froz
         fresh = again.row
         verdicts = {b.kind: b.verdict(fresh) for b in ratio_budgets(bench.budgets) if b.ratio_metric in fresh}
         entry = {k: fresh[k] for k in ("decode_ratio", "decode_interval", "prefill_ratio", "prefill_interval",
-                                        "latency_rounds") if k in fresh}
+                                        "latency_rounds", "latency_confidence") if k in fresh}
         entry.update(verdicts=verdicts, seconds=time.perf_counter() - started)
     except Exception as exc:  # a confirmation that cannot run leaves the trial as it was measured
         entry = {"failure": f"{type(exc).__name__}: {first_line(exc, 500)}", "verdicts": {}}
@@ -90,4 +90,4 @@ def _confirm_one(study: optuna.Study, bench: Workbench, trial: optuna.trial.Froz
 
 
 def _timing(row: dict, budget: Budget) -> str:
-    return f"{budget.kind} {shown(*timed_ratio(row, budget.ratio_metric))} against {budget.relative:g}x"
+    return f"{budget.kind} {shown(*timed_ratio(row, budget.ratio_metric), row_confidence(row))} against {budget.relative:g}x"

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import optuna
 
-from planner.budgets import MEETS, RATIOS, Budget
+from planner.budgets import MEETS, RATIOS, Budget, timed_ratio
 from planner.errors import PlannerError
 from planner.objectives import DEFAULT, OBJECTIVES, minimised
 
@@ -26,7 +26,11 @@ class Compared:
     row: dict  # its metrics ({} when it could not be made)
     failure: str | None
     meets_budget: bool
-    dominated_by: list[int]  # trial numbers: no worse in every objective, better in one (budget-meeting first)
+    # trial numbers (budget-meeting first): no worse in every objective beyond its interval (a timed ratio's
+    # whole interval at or under the setting's), better beyond it in one
+    dominated_by: list[int]
+    # trial numbers: as dominated_by, but with a timed objective level within the intervals (they overlap)
+    level_with: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -115,31 +119,54 @@ def comparable(objectives: tuple[str, ...], row: dict, baseline: dict) -> tuple[
     """A row's objective values as minimised quantities for comparing rows measured at different times: a
     latency is taken from its same-run ratio to the reference times the baseline's figure where the row has
     one (the ms of two runs on a shared machine differ by more than the candidates do)."""
-    values = []
+    return tuple(point for _, point, _ in comparable_bounds(objectives, row, baseline))
+
+
+def comparable_bounds(objectives: tuple[str, ...], row: dict, baseline: dict) -> list[tuple[float, float, float]]:
+    """(low, value, high) per objective as minimised quantities (`comparable`): a timed ratio's confidence
+    interval times the baseline's figure, a point (low = value = high) for every figure measured exactly."""
+    bounds = []
     for name in objectives:
-        ratio = RATIOS.get(OBJECTIVES[name].budget or "")
-        if ratio in row and name in baseline:
-            values.append(row[ratio] * baseline[name])
+        objective = OBJECTIVES[name]
+        ratio = RATIOS.get(objective.budget or "")
+        timed = timed_ratio(row, ratio) if ratio and name in baseline else None
+        if timed is not None:
+            bounds.append(tuple(objective.minimised(v * baseline[name]) for v in timed))
         else:
-            values.append(row[name] if name in row else OBJECTIVES[name].unmeasured(baseline))
-    return minimised(objectives, tuple(values))
+            value = objective.minimised(row[name] if name in row else objective.unmeasured(baseline))
+            bounds.append((value, value, value))
+    return [(min(low, high), value, max(low, high)) for value, low, high in bounds]
+
+
+def beyond_intervals(a: list[tuple[float, float, float]], b: list[tuple[float, float, float]]) -> str | None:
+    """How `a` stands to `b` (comparable_bounds): "dominates" (no worse in every objective beyond the intervals,
+    a's high at or under b's low, and better beyond them in one), "level" (the same, except that in some timed
+    objective the intervals overlap: level within the noise there), else None."""
+    better = any(ah < bl for (_, _, ah), (bl, _, _) in zip(a, b))
+    clear = [ah <= bl for (_, _, ah), (bl, _, _) in zip(a, b)]
+    overlap = [al <= bh for (al, _, _), (_, _, bh) in zip(a, b)]
+    if not better or not all(c or o for c, o in zip(clear, overlap)):
+        return None
+    return "dominates" if all(clear) else "level"
 
 
 def compare_stock(study: optuna.Study, budgets: list[Budget], baseline: dict,
                   objectives: tuple[str, ...]) -> list[Compared]:
     """Each stock setting the study measured (`compare`) against its measured candidates (twins once)."""
     candidates = [t for t in study.get_trials(deepcopy=False) if measured(t) and "duplicate_of" not in t.user_attrs]
+    candidates.sort(key=lambda t: (not feasible(t), t.number))
     out = []
     for name, entry in study.user_attrs.get("stock", {}).items():
         row = entry.get("metrics") or {}
         if not row:
             out.append(Compared(name, entry.get("label", name), {}, entry.get("failure", "not measured"), False, []))
             continue
-        own = comparable(objectives, row, baseline)
-        beaten = [t for t in candidates if dominates(comparable(objectives, t.user_attrs["metrics"], baseline), own)]
-        beaten.sort(key=lambda t: (not feasible(t), t.number))
-        out.append(Compared(name, entry.get("label", name), row, None,
-                            all(b.violation(row) <= 0 for b in budgets), [t.number for t in beaten]))
+        own = comparable_bounds(objectives, row, baseline)
+        stand = {t.number: beyond_intervals(comparable_bounds(objectives, t.user_attrs["metrics"], baseline), own)
+                 for t in candidates}
+        out.append(Compared(name, entry.get("label", name), row, None, all(b.violation(row) <= 0 for b in budgets),
+                            [n for n, s in stand.items() if s == "dominates"],
+                            [n for n, s in stand.items() if s == "level"]))
     return out
 
 

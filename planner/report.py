@@ -144,15 +144,21 @@ def _format_front(outcome: Outcome) -> str:
 
 
 def compared_verdict(item: Compared, recommended: int | None) -> str:
-    """In words: whether a stock setting meets the budget and which measured candidates dominate it."""
+    """In words: whether a stock setting meets the budget, which measured candidates dominate it beyond the
+    timings' intervals, and which are better but level with it within a timing's interval."""
     if item.failure:
         return f"not measured: {item.failure}"
     budget = "meets the budget" if item.meets_budget else "over the budget"
-    if not item.dominated_by:
-        return f"{budget}; no candidate dominates it"
-    shown = ", ".join(f"{n}{'*' if n == recommended else ''}" for n in item.dominated_by[:6])
-    more = f" (+{len(item.dominated_by) - 6})" if len(item.dominated_by) > 6 else ""
-    return f"{budget}; dominated by trial {shown}{more}"
+    said = [f"dominated by trial {_trials(item.dominated_by, recommended)}"] if item.dominated_by else \
+        ["no candidate dominates it"]
+    if item.level_with:
+        said.append(f"better, timing level within the intervals: trial {_trials(item.level_with, recommended)}")
+    return "; ".join([budget] + said)
+
+
+def _trials(numbers: list[int], recommended: int | None, most: int = 6) -> str:
+    shown = ", ".join(f"{n}{'*' if n == recommended else ''}" for n in numbers[:most])
+    return shown + (f" (+{len(numbers) - most})" if len(numbers) > most else "")
 
 
 def compared_table(outcome: Outcome) -> str:
@@ -190,6 +196,7 @@ def outcome_to_dict(outcome: Outcome) -> dict:
         "doubtful": sorted(outcome.doubtful),
         "confirmations": outcome.study.user_attrs.get(CONFIRMATIONS, {}),
         "compared": [{"name": c.name, "label": c.label, **{n: c.row.get(n) for n in column_order()},
-                      "meets_budget": c.meets_budget, "dominated_by": c.dominated_by, "failure": c.failure}
+                      "meets_budget": c.meets_budget, "dominated_by": c.dominated_by, "level_with": c.level_with,
+                      "failure": c.failure}
                      for c in outcome.compared],
     }

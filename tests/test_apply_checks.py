@@ -11,7 +11,7 @@ import yaml
 
 import cli
 from conftest import TINY_EVALUATION
-from planner.apply import DECODE_RATIO_TOLERANCE, PERPLEXITY_TOLERANCE, RETIME_REPEATS, RETIMES, _retime, check
+from planner.apply import DECODE_RATIO_TOLERANCE, PERPLEXITY_TOLERANCE, check
 from planner.errors import PlannerError
 from planner.recipes import RECIPE_VERSION, Recipe, save_recipe
 from planner.sources import ModelSource, content_hash
@@ -42,18 +42,8 @@ def measured(**changes) -> dict:
     return {**RECORDED, "decode_ms_p50": 3.0, **changes}
 
 
-def run_check(recipe, row, tmp_path, retime=None):
-    return check(recipe, row, tmp_path, tmp_path / "model.gguf", "transformers", retime=retime)
-
-
-def timings(*ratios):
-    """A retime() giving rows with these decode ratios in turn (points: no interval), and the ratios it gave."""
-    given = []
-
-    def retime():
-        given.append(ratios[len(given)])
-        return {"decode_ratio": given[-1], "decode_ms_p50": 3.0}
-    return retime, given
+def run_check(recipe, row, tmp_path):
+    return check(recipe, row, tmp_path, tmp_path / "model.gguf", "transformers")
 
 
 def test_an_artifact_that_matches_passes_and_reports_both_figures(tmp_path):
@@ -115,52 +105,45 @@ LIMIT = RATIO * (1 + DECODE_RATIO_TOLERANCE)
 def test_decoding_more_than_the_tolerance_slower_fails(tmp_path):
     slower = LIMIT * 1.01
     with pytest.raises(PlannerError, match=re.escape(
-            f"the shipped model.gguf decodes at {slower:.3f}x the reference; the recipe recorded {RATIO:.3f}x: "
-            f"clearly more than {DECODE_RATIO_TOLERANCE:.0%} slower")):
+            f"the shipped model.gguf decodes at {slower:.3f}x the reference over 1 rounds; the recipe recorded "
+            f"{RATIO:.3f}x: clearly more than {DECODE_RATIO_TOLERANCE:.0%} slower")):
         run_check(make_recipe(RECORDED), measured(decode_ratio=slower), tmp_path)
 
 
 def test_a_slow_reading_whose_interval_reaches_back_under_the_limit_is_noise_not_a_failure(tmp_path):
-    row = measured(decode_ratio=LIMIT * 1.1, decode_interval=[LIMIT * 0.99, LIMIT * 1.2])
-    retime, given = timings(RATIO)
-    result = run_check(make_recipe(RECORDED), row, tmp_path, retime)
-    assert given == [] and result.decode_ratio == LIMIT * 1.1
-    assert result.decode_interval == (LIMIT * 0.99, LIMIT * 1.2)
-    clear = measured(decode_ratio=LIMIT * 1.1, decode_interval=[LIMIT * 1.01, LIMIT * 1.2])
+    row = measured(decode_ratio=LIMIT * 1.1, decode_interval=[LIMIT * 0.99, LIMIT * 1.2], latency_rounds=12,
+                   latency_confidence=1 - 0.05 / 4)
+    result = run_check(make_recipe(RECORDED), row, tmp_path)
+    assert result.decode_ratio == LIMIT * 1.1 and result.decode_rounds == 12
+    assert result.decode_interval == (LIMIT * 0.99, LIMIT * 1.2) and result.confidence == 1 - 0.05 / 4
+    clear = {**row, "decode_interval": [LIMIT * 1.01, LIMIT * 1.2]}
     with pytest.raises(PlannerError, match=re.escape(
-            f"decodes at {LIMIT * 1.1:.3f}x (95% interval {LIMIT * 1.01:.3f}-{LIMIT * 1.2:.3f}) the reference; ")):
+            f"decodes at {LIMIT * 1.1:.3f}x (98.8% interval {LIMIT * 1.01:.3f}-{LIMIT * 1.2:.3f}) the reference over "
+            f"12 rounds; ")):
         run_check(make_recipe(RECORDED), clear, tmp_path)
 
 
-SLOW = LIMIT * 1.2
+def test_apply_times_once_looking_on_for_longer_than_a_study_while_unclear_and_judges_all_its_rounds(
+        tmp_path, monkeypatch):
+    """apply's timing: the study's protocol with APPLY_EXTENSION x its most rounds, and the rule that keeps it
+    going while the slowdown limit or a budget is straddled; its one row is what check judges."""
+    from planner import apply as apply_module
+    from evaluators.paired import PairedRatio
 
+    recipe = make_recipe({**RECORDED, "decode_interval": [0.45, 0.55]})
+    limit = 0.55 * (1 + DECODE_RATIO_TOLERANCE)
+    rule = apply_module.unclear_rule(recipe)
+    assert rule({"decode_ratio": PairedRatio(limit, limit * 0.9, limit * 1.1, 3)})  # straddles the limit
+    assert not rule({"decode_ratio": PairedRatio(limit, limit * 1.01, limit * 1.1, 3)})  # clearly slower
+    assert not rule({"decode_ratio": PairedRatio(0.5, 0.45, 0.55, 3)})  # clearly within
+    from evaluators.latency import LatencyProtocol
+    from evaluators.perplexity import PerplexityProtocol
+    from targets.base import Request
 
-def test_a_clearly_slow_first_timing_is_retimed_and_the_fresh_timing_is_judged(tmp_path):
-    retime, given = timings(LIMIT * 1.1, RATIO)  # the first retime still clearly over: a second one
-    result = run_check(make_recipe(RECORDED), measured(decode_ratio=SLOW), tmp_path, retime)
-    assert given == [LIMIT * 1.1, RATIO] and len(given) == RETIMES
-    assert result.decode_ratios == [SLOW, LIMIT * 1.1, RATIO] and result.decode_ratio == RATIO
-
-
-def test_retiming_stops_as_soon_as_a_timing_is_not_clearly_slower(tmp_path):
-    retime, given = timings(RATIO / 2, RATIO * 9)
-    result = run_check(make_recipe(RECORDED), measured(decode_ratio=SLOW), tmp_path, retime)
-    assert given == [RATIO / 2] and result.decode_ratio == RATIO / 2
-
-
-def test_a_slowdown_every_timing_confirms_fails_naming_them_all(tmp_path):
-    retime, given = timings(SLOW * 1.1, SLOW * 0.9)
-    with pytest.raises(PlannerError, match=re.escape(
-            f"decodes at {SLOW * 0.9:.3f}x the reference; earlier timings {SLOW:.3f}x, {SLOW * 1.1:.3f}x; the recipe "
-            f"recorded {RATIO:.3f}x: clearly more than 25% slower")):
-        run_check(make_recipe(RECORDED), measured(decode_ratio=SLOW), tmp_path, retime)
-    assert len(given) == RETIMES
-
-
-def test_a_timing_within_the_tolerance_is_not_retimed(tmp_path):
-    retime, given = timings(SLOW)
-    assert run_check(make_recipe(RECORDED), measured(decode_ratio=RATIO), tmp_path, retime).decode_ratios == [RATIO]
-    assert given == []
+    study = Request(None, None, [], PerplexityProtocol(), LatencyProtocol(repeats=3), frozenset({"latency"}))
+    timing = apply_module.timing_request(study, recipe)
+    assert timing.latency.repeats == 3 and timing.latency.most_repeats == 12 * apply_module.APPLY_EXTENSION > 12
+    assert timing.unclear({"decode_ratio": PairedRatio(limit, limit * 0.9, limit * 1.1, 3)})
 
 
 @pytest.mark.parametrize("interval, word", [((0.26, 0.29), "MEETS"), ((0.31, 0.33), "OVER"),
@@ -175,27 +158,6 @@ def test_the_budget_note_judges_the_ratio_and_its_interval_as_the_study_did(tmp_
                      tmp_path).budget_note
     assert note == (f"{word} latency <= 0.3x the uncompressed model: {ratio:.3f}x (95% interval "
                     f"{interval[0]:.3f}-{interval[1]:.3f}) in the same run")
-
-
-def test_a_retiming_asks_the_target_for_latency_only_with_more_rounds(tmp_path):
-    from dataclasses import replace
-
-    from evaluators.latency import LatencyProtocol
-    from evaluators.perplexity import PerplexityProtocol
-    from targets.base import Measured, Request
-
-    class Target:
-        def measure_shipped(self, request, artifact):
-            self.request, self.artifact = request, artifact
-            return Measured({"decode_ratio": 0.7, "decode_interval": [0.68, 0.72]}, {})
-
-    request = Request(None, None, [], PerplexityProtocol(), LatencyProtocol(repeats=4),
-                      frozenset({"latency", "memory", "perplexity"}), scorers=(object,))
-    target = Target()
-    assert _retime(target, request, tmp_path / "model.gguf")["decode_interval"] == [0.68, 0.72]
-    asked = target.request
-    assert asked.evaluators == {"latency"} and asked.scorers == () and target.artifact == tmp_path / "model.gguf"
-    assert asked.latency == replace(request.latency, repeats=4 * RETIME_REPEATS, max_repeats=16 * RETIME_REPEATS)
 
 
 def test_a_request_without_scorers_never_opens_the_runtime():

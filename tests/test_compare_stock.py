@@ -89,3 +89,21 @@ def test_the_html_report_draws_and_tabulates_the_stock_settings(tmp_path):
     outcome = decide(study_with([row(0.03, 3.0, 0.33, 101.0)], stock, budgets), budgets, BASELINE)
     page = write_html_report(outcome, tmp_path / "r.html").read_text()
     assert "stock tool (compare)" in page and "<th>stock: llama.cpp Q4_K_M + imatrix</th>" in page
+
+
+def test_dominance_holds_beyond_the_timings_intervals_and_overlapping_ones_are_only_level():
+    """'Dominates' means no worse in every objective beyond its interval: a candidate with better KL and bytes
+    whose decode interval overlaps the preset's is level on decode, not shown faster, and is said so."""
+    budgets = [parse_budget("memory", "110MB").resolve(BASELINE)]
+    preset = row(0.05, 3.4, 0.504, 103.7, decode_interval=[0.495, 0.507])
+    trials = [row(0.04, 3.0, 0.488, 101.0, stages="overlapping", decode_interval=[0.476, 0.500]),  # 0: level
+              row(0.04, 3.0, 0.480, 101.0, stages="clear", decode_interval=[0.470, 0.495]),  # 1: high == low: dominates
+              row(0.04, 3.0, 0.510, 101.0, stages="slower", decode_interval=[0.508, 0.520]),  # 2: clearly slower
+              row(0.05, 3.0, 0.470, 103.7, stages="only-level", decode_interval=[0.460, 0.500])]  # 3: better nowhere clear
+    outcome = decide(study_with(trials, {"Q4_K_M": {"label": "llama.cpp Q4_K_M + imatrix", "metrics": preset}},
+                                budgets), budgets, BASELINE)
+    [compared] = outcome.compared
+    assert (compared.dominated_by, compared.level_with) == ([1], [0])
+    assert ("llama.cpp Q4_K_M + imatrix: meets the budget; dominated by trial 1; better, timing level within the "
+            "intervals: trial 0") in format_outcome(outcome)
+    assert outcome_to_dict(outcome)["compared"][0]["level_with"] == [0]

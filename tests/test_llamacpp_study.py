@@ -29,11 +29,13 @@ def test_a_latency_budgeted_llama_cpp_study_ships_a_gguf(tiny_study_file, tmp_pa
         details, metrics = trial.user_attrs["measurements"], trial.user_attrs["metrics"]
         assert details["runtime"]["target"] == "llama.cpp" and details["memory"]["method"] == "gguf_tensor_bytes"
         assert metrics["decode_ratio"] > 0 and metrics["decode_ms_p50"] > 0 and metrics["disk_bytes"] > metrics["weight_bytes"]
-        # rounds (the 2 repeats, more while the interval straddled the budget) + 1 bracketing run, x new tokens
+        # rounds (the 2 repeats, more while the interval straddled the budget) of 3 runs, R C R then C R C:
+        # the reference's runs are the even ones of the 3 x rounds, x new tokens
         rounds = details["latency"]["rounds"]
         served = serving_threads()  # the study left threads unset: llama-cpp-python's own counts, recorded
         assert (details["latency"]["threads"], details["latency"]["batch_threads"]) == (served.decode, served.batch)
-        assert rounds >= 2 and details["latency"]["reference_decode"]["n"] == (rounds + 1) * 4
+        assert rounds >= 2 and details["latency"]["reference_decode"]["n"] == (3 * rounds + 1) // 2 * 4
+        assert details["latency"]["decode"]["n"] == 3 * rounds // 2 * 4 and len(details["latency"]["decode_rounds"]) == rounds
         # only GGUF's grids: no bitsandbytes, no dynamic int8, blocks of 32
         for stage in trial.user_attrs["stages"]:
             if stage["technique"] == "quantization":

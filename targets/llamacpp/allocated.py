@@ -38,8 +38,9 @@ from search_spaces.quantization.plan import LayerPlan
 from targets.llamacpp import sensitivity
 from targets.llamacpp.imatrix import CALIBRATION_DATASET, importance_matrix
 from targets.llamacpp.quantize import FLOAT_TYPES, fallback_type, quant_type, type_bytes
+from targets.llamacpp import writer
+from targets.llamacpp.writer import PLAN_ATTRIBUTE  # the plan rides on the model under this name
 
-PLAN_ATTRIBUTE = "llama_quant_plan"  # on the built model: what the writer hands llama.cpp's quantizer
 NOMINAL_BITS = 4  # spec.bits of an allocation (checked like any spec; the types themselves are per tensor)
 # spec.bits["head"]: the head and embedding are allocated too; 16 keeps a tied head shared in the layer plan
 HEAD_BITS = 16
@@ -306,7 +307,6 @@ def decode_costs(model: nn.Module, context: BuildContext) -> dict[str, float]:
     import tempfile
 
     from evaluators.latency import LatencyProtocol
-    from targets.llamacpp import writer
     from targets.llamacpp.gguf_header import read_header, write_zeroed
     from targets.llamacpp.runtime import serving_threads, time_many
 

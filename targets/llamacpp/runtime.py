@@ -2,18 +2,22 @@
 GGUF, and read the runtime's own logits over the held-out windows.
 
 Latency protocol (`time_ab`): both models load once; after the warm-up the runs alternate reference,
-candidate, reference, ..., reference, so every run follows one of the other model (a model run twice in a
-row is faster the second time: flipping the order each round, as this did before, gave that to one model
-more often, and the same file timed against itself read 0.93) and every candidate run is bracketed by two
-reference runs. A run is a prefill of the protocol's random prompt followed by greedy one-token decode steps
-back to back through llama.cpp's KV cache, as a server runs them (PREFILLS prefills of the prompt first, the
-last one leading into the decode). A candidate's figure is the median over its
-decode steps; its ratio is the median over step pairs (candidate step i against the geometric mean of step i
-of the reference runs before and after it: the same cache position, drifts of the machine cancelling) of
-candidate / reference, with a confidence interval from a bootstrap over the rounds (evaluators.paired: a round's
-pairs share its conditions), so load on a shared machine that slows a stretch of time cancels in each pair
-and shows in the interval. Where a caller's verdict is still open (the interval straddles its
-budget) the timing goes on, round by round, up to the protocol's limit.
+candidate, reference, candidate, ..., so every run follows one of the other model (a model run twice in a row
+is faster the second time: flipping the order each round, as this did before, gave that to one model more
+often, and the same file timed against itself read 0.93). A run is a prefill of the protocol's random prompt
+followed by greedy one-token decode steps back to back through llama.cpp's KV cache, as a server runs them
+(PREFILLS prefills of the prompt first, the last one leading into the decode). A candidate's figure is the
+median over its decode steps. Its ratio comes from independent rounds (`round_figures`): the run sequence is
+cut into triplets, R C R then C R C, ..., and each triplet's middle run is set against the geometric mean of
+its two neighbours, step by step (the same cache position), so a drift of the machine across the triplet
+cancels; triplets share no run, and each round runs in fresh loads of both files (`fresh_rounds`: where the
+OS places a file's pages moves its speed a little from one load to the next), so the rounds are independent
+and evaluators.paired's t interval over them has the coverage it claims (a round a triplet plus two short
+warm-up passes, where the bracketing rounds this replaces took 2 runs, with neighbouring rounds sharing a
+reference run and all of them one load: their interval was too narrow). Where a caller's verdict is still
+open (the interval straddles its budget) the timing goes on, looking again at a fixed schedule of round
+counts (evaluators.paired.looks) with each look's confidence lowered so that a wrong verdict stays as rare
+as the level says, up to the protocol's limit.
 
 Threads (`serving_threads`): a protocol's `threads` sets both of llama.cpp's counts (``n_threads`` for decode,
 ``n_threads_batch`` for prefill), as llama.cpp's ``-t`` does; left unset, the counts are llama-cpp-python's own
@@ -43,7 +47,7 @@ import numpy as np
 import torch
 
 from evaluators.latency import LatencyProtocol, timing_stats
-from evaluators.paired import paired_ratio
+from evaluators.paired import CONFIDENCE, look_confidence, looks, round_log_ratio, rounds_ratio
 from evaluators.runtime import random_token_ids
 from targets.llamacpp.quantize import default_threads
 
@@ -142,6 +146,13 @@ def _step(llm, token: int) -> tuple[float, int]:
 PREFILLS = 3
 
 
+def _warm(llm, prompt: list[int]) -> None:
+    """A warm-up pass: one prefill and one step, which reads every weight once (a model just loaded faults its
+    mapped pages in on its first pass)."""
+    _, token = _prefill(llm, prompt)
+    _step(llm, token)
+
+
 def _run(llm, prompt: list[int], new_tokens: int) -> tuple[list[float], list[float]]:
     """PREFILLS prefills, then `new_tokens` greedy decode steps back to back after the last, as a server runs
     them; (prefill ms, step ms)."""
@@ -156,23 +167,19 @@ def _run(llm, prompt: list[int], new_tokens: int) -> tuple[list[float], list[flo
     return prefills, steps
 
 
-def _geometric(before: list[float], after: list[float]) -> list[float]:
-    return [float(np.sqrt(a * b)) for a, b in zip(before, after)]
-
-
-def _bracketed(reference_runs: list, candidate_runs: list) -> tuple[list[float], list[float], list[float], list[float]]:
-    """(candidate steps, reference steps, candidate prefills, reference prefills) as pairs: candidate run k
-    against the geometric mean of the reference runs just before and just after it, step by step (the same
-    position in the KV cache) and prefill by prefill, so a machine drifting slower or faster across the timing
-    cancels."""
-    steps_c, steps_r, prefill_c, prefill_r = [], [], [], []
-    for k, (prefills, steps) in enumerate(candidate_runs):
-        (before_p, before), (after_p, after) = reference_runs[k], reference_runs[k + 1]
-        steps_c.extend(steps)
-        steps_r.extend(_geometric(before, after))
-        prefill_c.extend(prefills)
-        prefill_r.extend(_geometric(before_p, after_p))
-    return steps_c, steps_r, prefill_c, prefill_r
+def round_figures(runs: list[tuple[list[float], list[float]]]) -> tuple[list[float], list[float]]:
+    """(decode log ratios, prefill log ratios), one per complete round, of a run sequence that alternates
+    reference, candidate, reference, ... (run j the reference's when j is even): round k is runs 3k to 3k+2,
+    R C R when k is even, C R C when odd, its middle run against the geometric mean of its neighbours, step by
+    step and prefill by prefill (evaluators.paired.round_log_ratio), as log(candidate / reference)."""
+    decode, prefill = [], []
+    for k in range(len(runs) // 3):
+        before, middle, after = runs[3 * k: 3 * k + 3]
+        sign = 1.0 if k % 2 == 0 else -1.0  # a C R C round's middle run is the reference's
+        for which, out in ((1, decode), (0, prefill)):
+            neighbours = np.sqrt(np.asarray(before[which], dtype=float) * np.asarray(after[which], dtype=float))
+            out.append(sign * round_log_ratio(middle[which], neighbours))
+    return decode, prefill
 
 
 @dataclass(frozen=True)
@@ -183,15 +190,17 @@ class ABLatency:
     runtime: str
     threads: int  # decode (n_threads)
     batch_threads: int  # prefill (n_threads_batch)
-    rounds: int  # measured rounds: the protocol's repeats, more where the verdict was unclear
+    rounds: int  # measured rounds (runtime.round_figures): the protocol's repeats, more where a verdict was unclear
     decode: dict  # the candidate's TimingStats (ms per decode step)
     prefill: dict
     reference_decode: dict
     reference_prefill: dict
-    decode_ratio: float  # median over decode-step pairs (step i of a round, each model) of candidate / reference
-    prefill_ratio: float  # median over prefill pairs (PREFILLS a run, each against the bracketing reference runs')
-    decode_interval: dict  # evaluators.paired.PairedRatio: the ratio, its confidence interval, the pairs
+    decode_ratio: float  # exp(mean over rounds of the round's log ratio of candidate / reference decode steps)
+    prefill_ratio: float  # the same over prefills (PREFILLS a run)
+    decode_interval: dict  # evaluators.paired.PairedRatio: the ratio, its t interval over rounds, its confidence
     prefill_interval: dict
+    decode_rounds: list  # each round's log ratio (what the interval is of; pooled by a caller timing again)
+    prefill_rounds: list
     load_average_before: tuple[float, float, float]
     load_average_after: tuple[float, float, float]
     wall_seconds: float
@@ -202,19 +211,52 @@ class ABLatency:
 
 def time_ab(candidate: Path, reference: Path, protocol: LatencyProtocol,
             unclear: Callable[[dict], bool] | None = None) -> ABLatency:
-    """Time `candidate` against `reference` with the protocol's threads (`serving_threads`): warm-up rounds, then
-    the protocol's repeats; while `unclear` says the intervals ({"decode_ratio": PairedRatio, "prefill_ratio":
-    ...}) leave a verdict open, more rounds, up to the protocol's `max_repeats`."""
+    """Time `candidate` against `reference` with the protocol's threads (`serving_threads`), each round in fresh
+    loads (`fresh_rounds`): the protocol's repeats; while `unclear` says the intervals ({"decode_ratio":
+    PairedRatio, "prefill_ratio": ...}) leave a verdict open, more rounds on the looks' schedule, up to the
+    protocol's `most_repeats`."""
+    return timed_rounds(fresh_rounds(candidate, reference, protocol), protocol, unclear)
+
+
+def fresh_rounds(candidate: Path, reference: Path, protocol: LatencyProtocol) -> Callable[[int], list]:
+    """Round k's three runs (R C R for even k, C R C for odd), each round in a session of its own: both files
+    read back from disk and loaded again, the outer model first (so the order alternates too), the protocol's
+    warm-up passes (outer, then middle: the triplet's first run follows the other model), then the triplet.
+    Rounds in one session share where the OS placed the files' pages and the runtime its buffers, and that
+    moved a file against its own byte copy by 0.3-0.9% from one session to the next (docs/benchmarks.md
+    section 11): an interval over rounds of one session was too narrow for the ratio the next load serves."""
     n_ctx = protocol.prompt_tokens + protocol.new_tokens
-    for path in (candidate, reference):
-        from_disk(path)
-    with loaded(candidate, n_ctx, protocol.threads) as cand, loaded(reference, n_ctx, protocol.threads) as ref:
-        return time_loaded(cand, ref, protocol, unclear)
+
+    def round_runs(k: int) -> list:
+        outer, middle = (reference, candidate) if k % 2 == 0 else (candidate, reference)
+        for path in (outer, middle):
+            from_disk(path)
+        with loaded(outer, n_ctx, protocol.threads) as first, loaded(middle, n_ctx, protocol.threads) as second:
+            prompt = random_token_ids(first.n_vocab(), protocol.prompt_tokens, protocol.seed).tolist()
+            for _ in range(protocol.warmup):
+                _warm(first, prompt)
+                _warm(second, prompt)
+            return [_run(llm, prompt, protocol.new_tokens) for llm in (first, second, first)]
+    return round_runs
+
+
+def loaded_rounds(cand, ref, protocol: LatencyProtocol) -> Callable[[int], list]:
+    """Round k's three runs on models already loaded (one session: a cost model's timings, where a fraction of a
+    percent between sessions does not matter), the protocol's warm-up passes once before the first."""
+    prompt = random_token_ids(cand.n_vocab(), protocol.prompt_tokens, protocol.seed).tolist()
+    for _ in range(protocol.warmup):
+        _warm(ref, prompt)
+        _warm(cand, prompt)
+
+    def round_runs(k: int) -> list:
+        order = (ref, cand, ref) if k % 2 == 0 else (cand, ref, cand)  # R C R C R C ...: each after the other
+        return [_run(llm, prompt, protocol.new_tokens) for llm in order]
+    return round_runs
 
 
 def time_many(candidates: list[Path], reference: Path, protocol: LatencyProtocol) -> list["ABLatency"]:
-    """`time_ab` of each candidate against one reference, read and loaded once (a cost model times many files
-    against the same float GGUF)."""
+    """Each candidate timed against one reference, read and loaded once (a cost model times many files against
+    the same float GGUF), its rounds in one session (`loaded_rounds`)."""
     n_ctx = protocol.prompt_tokens + protocol.new_tokens
     from_disk(reference)
     timings = []
@@ -222,43 +264,41 @@ def time_many(candidates: list[Path], reference: Path, protocol: LatencyProtocol
         for candidate in candidates:
             from_disk(candidate)
             with loaded(candidate, n_ctx, protocol.threads) as cand:
-                timings.append(time_loaded(cand, ref, protocol))
+                timings.append(timed_rounds(loaded_rounds(cand, ref, protocol), protocol))
     return timings
 
 
-def time_loaded(cand, ref, protocol: LatencyProtocol, unclear: Callable[[dict], bool] | None = None) -> "ABLatency":
-    """The A/B rounds of `time_ab` on models already loaded."""
+def timed_rounds(round_runs: Callable[[int], list], protocol: LatencyProtocol,
+                 unclear: Callable[[dict], bool] | None = None) -> "ABLatency":
+    """The A/B timing from `round_runs` (round k -> its three runs). Without `unclear` the protocol's repeats are
+    timed and one interval made (CONFIDENCE); with it, the intervals are looked at after each count of rounds
+    in `looks(repeats, most_repeats)`, each at `look_confidence` of that schedule, until `unclear` is
+    satisfied."""
     threads = serving_threads(protocol.threads)
     load_before = os.getloadavg()
     started = time.perf_counter()
-    prompt = random_token_ids(cand.n_vocab(), protocol.prompt_tokens, protocol.seed).tolist()
-    for _ in range(protocol.warmup):
-        _run(ref, prompt, protocol.new_tokens)
-        _run(cand, prompt, protocol.new_tokens)
-    reference_runs, candidate_runs = [_run(ref, prompt, protocol.new_tokens)], []
-    while True:  # R C R C ... R: every run follows one of the other model, every candidate run bracketed
-        candidate_runs.append(_run(cand, prompt, protocol.new_tokens))
-        reference_runs.append(_run(ref, prompt, protocol.new_tokens))
-        measured = len(candidate_runs)
-        if measured < protocol.repeats:
-            continue
-        steps_c, steps_r, prefill_c, prefill_r = _bracketed(reference_runs, candidate_runs)
-        # the round of each pair: a round's pairs share its conditions (a cluster bootstrap over rounds)
-        intervals = {"decode_ratio": paired_ratio(steps_c, steps_r,
-                                                  groups=np.repeat(np.arange(measured), protocol.new_tokens)),
-                     "prefill_ratio": paired_ratio(prefill_c, prefill_r,
-                                                   groups=np.repeat(np.arange(measured), PREFILLS))}
-        if measured >= protocol.most_repeats or unclear is None or not unclear(intervals):
+    schedule = looks(protocol.repeats, protocol.most_repeats) if unclear is not None else looks(protocol.repeats, 0)
+    confidence = look_confidence(schedule) if len(schedule) > 1 else CONFIDENCE
+    runs = []  # R C R C R C ...: round k's triplet is runs 3k to 3k+2
+    for rounds in schedule:
+        while len(runs) < 3 * rounds:
+            runs.extend(round_runs(len(runs) // 3))
+        decode, prefill = round_figures(runs)
+        intervals = {"decode_ratio": rounds_ratio(decode, confidence), "prefill_ratio": rounds_ratio(prefill, confidence)}
+        if unclear is None or not unclear(intervals):
             break
-    ref_steps = [ms for _, steps in reference_runs for ms in steps]
-    ref_prefills = [ms for prefills, _ in reference_runs for ms in prefills]
+    timed = {"candidate": runs[1::2], "reference": runs[0::2]}
+    steps = {who: [ms for _, run in timed[who] for ms in run] for who in timed}
+    prefills = {who: [ms for run, _ in timed[who] for ms in run] for who in timed}
     return ABLatency(
         protocol=protocol.to_dict(), runtime=runtime_version(), threads=threads.decode,
-        batch_threads=threads.batch, rounds=measured,
-        decode=timing_stats(steps_c).to_dict(), prefill=timing_stats(prefill_c).to_dict(),
-        reference_decode=timing_stats(ref_steps).to_dict(), reference_prefill=timing_stats(ref_prefills).to_dict(),
+        batch_threads=threads.batch, rounds=len(decode),
+        decode=timing_stats(steps["candidate"]).to_dict(), prefill=timing_stats(prefills["candidate"]).to_dict(),
+        reference_decode=timing_stats(steps["reference"]).to_dict(),
+        reference_prefill=timing_stats(prefills["reference"]).to_dict(),
         decode_ratio=intervals["decode_ratio"].ratio, prefill_ratio=intervals["prefill_ratio"].ratio,
         decode_interval=intervals["decode_ratio"].to_dict(), prefill_interval=intervals["prefill_ratio"].to_dict(),
+        decode_rounds=decode, prefill_rounds=prefill,
         load_average_before=tuple(load_before), load_average_after=tuple(os.getloadavg()),
         wall_seconds=time.perf_counter() - started)
 

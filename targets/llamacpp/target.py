@@ -30,6 +30,7 @@ from targets.figures import metrics_row, scored
 from targets.llamacpp import stock, writer
 from targets.llamacpp.imatrix import gguf_arch_name, gguf_linear_names
 from evaluators.latency import LatencyProtocol
+from evaluators.paired import level
 from targets.llamacpp.runtime import RUNTIME, loaded, runtime_version, serving_threads, time_ab, window_logits
 
 ARTIFACT = "model.gguf"
@@ -53,7 +54,7 @@ def gguf_facts(path: Path) -> dict:
             "layers": field("block_count"), "kv_heads": field("attention.head_count_kv", heads), "head_dim": head_dim}
 
 
-# A prefill ratio whose 95% interval spans more than this factor (high / low) is not a figure: on a busy machine
+# A prefill ratio whose interval spans more than this factor (high / low) is not a figure: on a busy machine
 # llama.cpp's prefill threads (all the CPUs by default) wait on each other at every barrier, and one prefill of a
 # 64-token prompt can take 50x another (a study on a shared 2-core machine stored 123 ms for the float model and
 # 7760 ms, interval 0.55-16.7x, for a candidate half its size). Decode's single thread is not hit that way.
@@ -63,11 +64,14 @@ PREFILL_SPREAD = 2.0
 def latency_figures(ab) -> tuple[dict, str | None]:
     """The row's figures of an A/B timing (runtime.ABLatency), and why its prefill figures were left out (the
     tables show n/a, a prefill budget counts the candidate over it), or None where they are in."""
+    confidence = ab.decode_interval["confidence"]
     figures = {"decode_ms_p50": ab.decode["p50_ms"], "decode_ratio": ab.decode_ratio,
-               "decode_interval": [ab.decode_interval["low"], ab.decode_interval["high"]], "latency_rounds": ab.rounds}
+               "decode_interval": [ab.decode_interval["low"], ab.decode_interval["high"]], "latency_rounds": ab.rounds,
+               "latency_confidence": confidence}
     low, high = ab.prefill_interval["low"], ab.prefill_interval["high"]
     if high > PREFILL_SPREAD * low:
-        return figures, (f"the prefill ratio's 95% interval {low:.2f}-{high:.2f}x spans more than {PREFILL_SPREAD:g}x "
+        return figures, (f"the prefill ratio's {level(confidence)} interval {low:.2f}-{high:.2f}x spans more than "
+                         f"{PREFILL_SPREAD:g}x "
                          "(the machine was busy while it was timed)")
     return {**figures, "prefill_ms_p50": ab.prefill["p50_ms"], "prefill_ratio": ab.prefill_ratio,
             "prefill_interval": [low, high]}, None

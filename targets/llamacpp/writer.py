@@ -15,13 +15,14 @@ from collections import Counter
 from pathlib import Path
 
 from targets.llamacpp.convert import architectures, check_vocab, convert, converter_supports, hf_architecture
-from targets.llamacpp.allocated import PLAN_ATTRIBUTE
 from targets.llamacpp.errors import UnsupportedForGGUF
 from targets.llamacpp.imatrix import IMATRIX_FILE, imatrix_digest, quantize_metadata, write_imatrix_file
 from targets.llamacpp.quantize import FLOAT_TYPES, quantize_gguf
 from targets.llamacpp.gguf_file import gguf_architecture, vocab_of, write_gguf
 
 HAND_WRITTEN = "planner GGUF writer"
+# On a built model, the type plan (targets.llamacpp.allocated.TypePlan) the writer hands llama.cpp's quantizer.
+PLAN_ATTRIBUTE = "llama_quant_plan"
 # GGUF architectures whose llama.cpp graph takes attention narrower than the hidden size (pruned heads):
 # checked by loading a converted head-pruned model; Qwen2, Phi-3 and OLMo-2 convert but do not load.
 FREE_HEAD_SPLIT = frozenset({"llama", "qwen3"})
