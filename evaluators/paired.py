@@ -1,10 +1,10 @@
 """A same-run latency ratio with its uncertainty, from independent rounds of a candidate timed against a reference.
 
-A round is one run of each model back to back, in alternating order (R C, then C R, ...). Its figure is the
-log of the candidate's time over the reference's, step by step (the same position in the KV cache), the median
-over its steps. Rounds share no run, so they are independent draws of the machine's noise; a slow drift
-across a round adds to one order and subtracts from the other, so it cancels in the mean over rounds (and
-widens the interval, never narrows it). The ratio is exp(mean of the rounds' log ratios) and its interval a
+A round is a triplet of runs, R C R or C R C (targets/llamacpp/runtime.py: round_figures), its middle run set
+against the geometric mean of its two neighbours; its figure is the median over steps (the same position in
+the KV cache) of the log of the candidate's time over the reference's (`round_log_ratio`). A linear drift of
+the machine across a triplet cancels, and rounds share no run (each in fresh loads of both files), so they
+are independent draws of the machine's noise. The ratio is exp(mean of the rounds' log ratios) and its interval a
 Student t interval on those rounds (n - 1 degrees of freedom): its coverage is its nominal level at any number
 of rounds >= 2 when the rounds' log ratios are roughly normal, which a cluster bootstrap's is not (at 3
 rounds a bootstrap's interval is at most the range of the 3 rounds, which misses the true ratio whenever all

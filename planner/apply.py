@@ -10,8 +10,8 @@ from pathlib import Path
 
 from planner import assets
 from planner.candidates import build, shipped_stages
-from evaluators.paired import CONFIDENCE, shown
-from planner.budgets import MEETS, UNDECIDED, Budget, row_confidence, timed_ratio, unclear
+from evaluators.paired import CONFIDENCE
+from planner.budgets import MEETS, UNDECIDED, Budget, row_confidence, shown_ratio, timed_ratio, unclear
 from planner.errors import PlannerError
 from planner.recipes import Recipe, load_recipe
 from planner.settings import StudySettings
@@ -196,15 +196,16 @@ def check(recipe: Recipe, row: dict, out: Path, artifact: Path, target: str) -> 
     if recorded_ppl is not None and abs(perplexity - recorded_ppl) > PERPLEXITY_TOLERANCE * recorded_ppl:
         raise PlannerError(f"the shipped {artifact.name} scores perplexity {perplexity:.3f}, the recipe "
                            f"{recorded_ppl:.3f}: more than {PERPLEXITY_TOLERANCE:.0%} apart")
-    timed, limit, confidence = timed_ratio(row, "decode_ratio"), slowdown_limit(recipe), row_confidence(row)
+    timed, limit = timed_ratio(row, "decode_ratio"), slowdown_limit(recipe)
     if timed is not None and limit is not None and timed[1] > limit:
-        raise PlannerError(f"the shipped {artifact.name} decodes at {shown(*timed, confidence)} the reference over "
-                           f"{row.get('latency_rounds', 1)} rounds; the recipe recorded {recorded['decode_ratio']:.3f}x: "
-                           f"clearly more than {DECODE_RATIO_TOLERANCE:.0%} slower")
+        raise PlannerError(f"the shipped {artifact.name} decodes at {shown_ratio(row, 'decode_ratio')} the reference "
+                           f"over {row.get('latency_rounds', 1)} rounds; the recipe recorded "
+                           f"{recorded['decode_ratio']:.3f}x: clearly more than {DECODE_RATIO_TOLERANCE:.0%} slower")
     ratio, interval = (timed[0], timed[1:]) if timed else (None, None)
     return ApplyResult(out, artifact, target, perplexity, recorded_ppl, size, recorded_size, ratio,
                        recorded.get("decode_ratio"), row.get("decode_ms_p50"), _budget_note(recipe, row),
-                       decode_interval=interval, decode_rounds=row.get("latency_rounds"), confidence=confidence)
+                       decode_interval=interval, decode_rounds=row.get("latency_rounds"),
+                       confidence=row_confidence(row))
 
 
 def _budget_note(recipe: Recipe, row: dict) -> str:
@@ -220,7 +221,7 @@ def _budget_note(recipe: Recipe, row: dict) -> str:
         word = {MEETS: "MEETS", UNDECIDED: "WITHIN NOISE of"}.get(verdict, "OVER")
         if budget.uses_ratio(row):
             notes.append(f"{word} {budget.kind} <= {budget.relative:g}x the uncompressed model: "
-                         f"{shown(*timed_ratio(row, budget.ratio_metric), row_confidence(row))} in the same run")
+                         f"{shown_ratio(row, budget.ratio_metric)} in the same run")
         else:
             notes.append(f"{word} {budget.kind} <= {budget.limit:.2f} ms: {row[budget.metric]:.2f} ms")
     return "; ".join(notes)

@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from evaluators.paired import CONFIDENCE, MEETS, OVER, UNDECIDED, straddles  # noqa: F401 (the verdicts, re-exported)
+from evaluators.paired import CONFIDENCE, MEETS, OVER, UNDECIDED, shown, straddles  # noqa: F401 (the verdicts, re-exported)
 from planner.errors import PlannerError
 
 # What each budget limits, and the metric (stored on every trial) it is checked against.
@@ -36,6 +36,11 @@ def row_confidence(row: dict) -> float:
     """The confidence of a row's timed intervals (lower than CONFIDENCE where the timing looked more than once:
     evaluators.paired.look_confidence)."""
     return float(row.get("latency_confidence", CONFIDENCE))
+
+
+def shown_ratio(row: dict, ratio_metric: str) -> str:
+    """A row's same-run ratio with its interval and the interval's confidence, as the planner prints it."""
+    return shown(*timed_ratio(row, ratio_metric), row_confidence(row))
 
 TIME_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

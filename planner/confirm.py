@@ -16,8 +16,7 @@ import time
 import optuna
 from tqdm import tqdm
 
-from evaluators.paired import shown
-from planner.budgets import MEETS, Budget, row_confidence, timed_ratio
+from planner.budgets import MEETS, Budget, shown_ratio, timed_ratio
 from planner.errors import first_line
 from planner.outcome import CONFIRMATIONS, confirmation, decide
 from planner.recipes import stored_stages
@@ -90,4 +89,4 @@ def _confirm_one(study: optuna.Study, bench: Workbench, trial: optuna.trial.Froz
 
 
 def _timing(row: dict, budget: Budget) -> str:
-    return f"{budget.kind} {shown(*timed_ratio(row, budget.ratio_metric), row_confidence(row))} against {budget.relative:g}x"
+    return f"{budget.kind} {shown_ratio(row, budget.ratio_metric)} against {budget.relative:g}x"

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from evaluators.latency import LatencyProtocol, timing_stats
-from evaluators.paired import CONFIDENCE, look_confidence, looks, round_log_ratio, rounds_ratio
+from evaluators.paired import look_confidence, looks, round_log_ratio, rounds_ratio
 from evaluators.runtime import random_token_ids
 from targets.llamacpp.quantize import default_threads
 
@@ -199,7 +199,7 @@ class ABLatency:
     prefill_ratio: float  # the same over prefills (PREFILLS a run)
     decode_interval: dict  # evaluators.paired.PairedRatio: the ratio, its t interval over rounds, its confidence
     prefill_interval: dict
-    decode_rounds: list  # each round's log ratio (what the interval is of; pooled by a caller timing again)
+    decode_rounds: list  # each round's log ratio of candidate / reference (what the interval is of)
     prefill_rounds: list
     load_average_before: tuple[float, float, float]
     load_average_after: tuple[float, float, float]
@@ -277,8 +277,8 @@ def timed_rounds(round_runs: Callable[[int], list], protocol: LatencyProtocol,
     threads = serving_threads(protocol.threads)
     load_before = os.getloadavg()
     started = time.perf_counter()
-    schedule = looks(protocol.repeats, protocol.most_repeats) if unclear is not None else looks(protocol.repeats, 0)
-    confidence = look_confidence(schedule) if len(schedule) > 1 else CONFIDENCE
+    schedule = looks(protocol.repeats, protocol.most_repeats if unclear is not None else 0)  # no rule: one look
+    confidence = look_confidence(schedule)  # CONFIDENCE itself for a single look
     runs = []  # R C R C R C ...: round k's triplet is runs 3k to 3k+2
     for rounds in schedule:
         while len(runs) < 3 * rounds:
