@@ -34,7 +34,7 @@ DAMP_RETRIES = 5  # each retry multiplies the damping by 10 when H is not positi
 # ---------------------------------------------------------------------------------------------------
 
 
-def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 after dampening H's diagonal (more damping if H is not PD)."""
     mean_diag = hessian.diagonal().mean()
     for attempt in range(DAMP_RETRIES):
@@ -47,7 +47,7 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     """The column loop is thousands of tiny ops: extra threads only add synchronisation, and on a busy
     machine their spin-waits made it up to 50x slower (measured)."""
     threads = torch.get_num_threads()
@@ -58,6 +58,16 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def without_dead_columns(work_t: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W^T, H) with inputs that are always zero taken out of play: their weights are irrelevant (set to 0) and
+    their diagonal set to 1 so H stays invertible. Copies; the arguments are not changed."""
+    work_t, hessian = work_t.float().clone(), hessian.float().clone()
+    dead = hessian.diagonal() == 0
+    hessian[dead, dead] = 1
+    work_t[dead] = 0
+    return work_t, hessian
+
+
 def _group_params(work_t: torch.Tensor, size: int, fmt: StorageGrid, scale_dtype: torch.dtype):
     """Scales (groups, out) and offsets of W^T's groups of `size` rows, from their current values."""
     params = [grid_params(work_t[g:g + size].t(), fmt, scale_dtype) for g in range(0, work_t.shape[0], size)]
@@ -66,7 +76,7 @@ def _group_params(work_t: torch.Tensor, size: int, fmt: StorageGrid, scale_dtype
 
 
 @torch.no_grad()
-@_one_thread()
+@one_thread()
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, fmt: StorageGrid, scale_dtype: torch.dtype,
                damp: float = 0.01, block_size: int = 128, act_order: bool = True) -> QuantizedWeight:
     """GPTQ of a (out, in) weight given its (in, in) input Hessian onto the grid `fmt`, whose group size must
@@ -77,16 +87,13 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, fmt: StorageGrid, sc
     format keeps its groups in column order; without it, columns go left to right and each group's
     scale is taken from its error-compensated columns when the group is reached.
     """
-    work = weight.detach().float().t().contiguous()  # W^T: the column being rounded is a contiguous row
-    hessian = hessian.float().clone()
+    # W^T: the column being rounded is a contiguous row
+    work, hessian = without_dead_columns(weight.detach().float().t().contiguous(), hessian)
     width, out = work.shape
     group_size, symmetric = fmt.group_size, fmt.symmetric
     size = width if group_size is None else group_size
     if width % size:
         raise ValueError(f"group size {size} does not divide the input width {width}")
-    dead = hessian.diagonal() == 0  # inputs that are always zero: any weight there is irrelevant
-    hessian[dead, dead] = 1
-    work[dead] = 0
 
     static = act_order or group_size is None  # per channel: one scale per row, from the whole row
     if static:
@@ -99,7 +106,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, fmt: StorageGrid, sc
         else torch.arange(width, device=work.device)
     work, hessian = work[order], hessian[order][:, order]
     group_of = (order // size).tolist()
-    factor = _inverse_hessian_factor(hessian, damp)
+    factor = inverse_hessian_factor(hessian, damp)
 
     codes = torch.empty(width, out, dtype=torch.int8, device=work.device)  # in processing order
     # Without act order, blocks hold whole groups so a group's scale sees its compensated columns.

@@ -108,17 +108,41 @@ def importance_matrix(model: nn.Module, windows: torch.Tensor, batch_size: int =
     Sums are accumulated in float64. Without `head` only the decoder runs (the LM head's matmul is skipped,
     as llama-imatrix skips output.weight by default).
     """
-    names = gguf_linear_names(model, head)
+    return _input_means(model, windows, batch_size, head, lambda x: x.square().sum(dim=0))
+
+
+@torch.inference_mode()
+def input_covariances(model: nn.Module, windows: torch.Tensor, names: Sequence[str] | None = None,
+                      batch_size: int = 4, head: bool = True) -> dict[str, np.ndarray]:
+    """{GGUF tensor name: float32 mean over the windows' tokens of x x^T, x the tensor's input}: the second moment
+    error-compensated rounding minimises the output error under (its diagonal is `importance_matrix`'s entry).
+    `names`: only these tensors (all the linear layers by default); tensors fed the same input (q/k/v, gate/up)
+    share one array."""
+    return _input_means(model, windows, batch_size, head, lambda x: x.T @ x, names)
+
+
+def _input_means(model: nn.Module, windows: torch.Tensor, batch_size: int, head: bool, statistic,
+                 only: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """{GGUF tensor name: the mean over the windows' tokens of `statistic` of each linear layer's input (float64
+    sums, float32 result)}; layers reading the very same input tensor in a forward share one sum."""
+    names = {m: g for m, g in gguf_linear_names(model, head).items() if only is None or g in only}
     modules = dict(model.named_modules())
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(names, 0)
+    owner: dict[str, str] = {}  # module -> the module whose sum it shares
+    seen: list[tuple[torch.Tensor, str]] = []  # this batch's inputs (kept alive: identity is the test)
 
     def hook(module_name):
         def collect(module, inputs):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            square = x.square().sum(dim=0)
-            sums[module_name] = square if module_name not in sums else sums[module_name] + square
-            counts[module_name] += x.shape[0]
+            x = inputs[0].detach()
+            first = next((name for ref, name in seen if ref is x), None)
+            counts[module_name] += x.numel() // x.shape[-1]
+            if first is not None:
+                owner.setdefault(module_name, first)
+                return
+            seen.append((x, module_name))
+            value = statistic(x.reshape(-1, x.shape[-1]).double())
+            sums[module_name] = value if module_name not in sums else sums[module_name].add_(value)
         return collect
 
     handles = [modules[name].register_forward_pre_hook(hook(name)) for name in names]
@@ -128,6 +152,7 @@ def importance_matrix(model: nn.Module, windows: torch.Tensor, batch_size: int =
     device = next(model.parameters()).device
     try:
         for start in range(0, windows.shape[0], batch_size):
+            seen.clear()
             runner(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
     finally:
         for handle in handles:
@@ -135,7 +160,8 @@ def importance_matrix(model: nn.Module, windows: torch.Tensor, batch_size: int =
         model.train(was_training)
     if not sums:
         raise ValueError("no calibration tokens reached the model's linear layers")
-    return {names[m]: (sums[m] / counts[m]).float().cpu().numpy() for m in names}
+    means = {m: (sums[m] / counts[m]).float().cpu().numpy() for m in sums}
+    return {names[m]: means[owner.get(m, m)] for m in names}
 
 
 def write_imatrix_file(path: Path, matrix: Mapping[str, np.ndarray], tokens: int, chunk_size: int,
