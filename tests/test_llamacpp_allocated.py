@@ -173,9 +173,11 @@ def _layer(tensor) -> int:
     return int(parts[1]) if parts[0] == "blk" else 0 if parts[0] == "token_embd" else 8
 
 
-def test_a_built_candidate_is_written_with_the_planned_types_and_its_imatrix(tokenizer, context, tmp_path):
+@pytest.mark.parametrize("compensate", [False, True])
+def test_a_built_candidate_is_written_with_the_planned_types_and_its_imatrix(tokenizer, context, tmp_path, compensate):
     model = make_tiny_llama(vocab_size=len(tokenizer), **WIDE)
-    chosen = replace(spec(bpw=5.0), allocation=AllocationSettings(bpw=5.0, speed=0.5, samples=4, seq_len=32))
+    chosen = replace(spec(bpw=5.0), allocation=AllocationSettings(bpw=5.0, speed=0.5, samples=4, seq_len=32,
+                                                                  compensate=compensate))
     estimate = TECHNIQUES["quantization"].weight_bytes(model, chosen)
     built = TECHNIQUES["quantization"].apply(model, chosen, context)
     plan = getattr(built, PLAN_ATTRIBUTE)
@@ -206,10 +208,24 @@ def test_a_built_candidate_is_written_with_the_planned_types_and_its_imatrix(tok
     # (an MLP tensor, whose rows the writer does not permute, in a type whose bytes depend on those values)
     mlp = {f"blk.{i}.ffn_{part}.weight": getattr(built.model.layers[i].mlp, f"{part}_proj")
            for i in range(2) for part in ("gate", "up", "down")}
-    name = next(n for n in mlp if plan.types[n] not in ("Q8_0", "F16"))
-    stored = next(t for t in reader.tensors if t.name == name)
-    assert np.array_equal(np.asarray(stored.data).view(np.uint8).reshape(-1), ggml_quants.quantize(
-        plan.types[name], mlp[name].weight.detach().numpy(), plan.imatrix[name]).reshape(-1))
+    def stored(name):
+        return np.asarray(next(t for t in reader.tensors if t.name == name).data).view(np.uint8).reshape(-1)
+
+    # with compensation, every tensor whose tables predict less KL so (here: all it may write) is written with its
+    # compensated blocks, whose codes differ from llama.cpp's rounding of the same weights
+    assert bool(plan.compensated) == compensate and info["compensated_tensors"] == sorted(plan.compensated)
+    assert ("+gptqx" in info["stored"]) == compensate
+    assert set(plan.compensated) <= {n for n in plan.types if n.startswith("blk.")}
+    for name, blocks in plan.compensated.items():
+        assert np.array_equal(stored(name), blocks.reshape(-1))
+    for name in (n for n in mlp if n in plan.compensated and plan.types[n] != "F16"):
+        assert not np.array_equal(stored(name), ggml_quants.quantize(
+            plan.types[name], mlp[name].weight.detach().numpy(), plan.imatrix[name]).reshape(-1))
+    quantized_mlp = [n for n in mlp if plan.types[n] != "F16"]
+    assert {n for n in quantized_mlp if n in plan.compensated} == (set(quantized_mlp) if compensate else set())
+    for name in (n for n in quantized_mlp if n not in plan.compensated and plan.types[n] != "Q8_0"):
+        assert np.array_equal(stored(name), ggml_quants.quantize(
+            plan.types[name], mlp[name].weight.detach().numpy(), plan.imatrix[name]).reshape(-1))
     tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
     assert tensor_bytes <= estimate  # the spec's size is an upper bound: a memory budget never lets one through
     with loaded(path, 64, 1) as llm:
@@ -447,7 +463,11 @@ def test_a_memory_budgeted_study_at_a_presets_size_ships_an_allocated_gguf(tiny_
     recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
     assert recipe["stages"][-1]["spec"]["method"] == "llama-quant"
     recorded = recipe["metrics"]["runtime"]["tensor_types"]
-    assert dict(recipe["stages"][-1]["spec"]["allocation"]["pinned"]) == recorded
+    compensated = set(recipe["metrics"]["runtime"]["compensated_tensors"])
+    assert compensated and compensated <= {n for n in recorded if n.startswith("blk.")}
+    # compensated tensors are pinned as such: a rebuild rounds them again with the same calibration tokens
+    assert dict(recipe["stages"][-1]["spec"]["allocation"]["pinned"]) == {
+        n: f"{k}+gptq" if n in compensated else k for n, k in recorded.items()}
     assert recipe["stages"][-1]["spec"]["allocation"]["speed"] == 1.0
     from targets.llamacpp import allocated
     from targets.llamacpp.imatrix import imatrix_digest

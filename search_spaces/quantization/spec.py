@@ -101,9 +101,13 @@ class AllocationSettings(DictSpec):
     # what was read back from that file): a rebuild quantizes to exactly these instead of solving the allocation
     # again, which on another machine (another cache, other decode costs) could choose other types.
     pinned: tuple[tuple[str, str], ...] = ()
+    # Whether a tensor may take a type with error-compensated (GPTQ) codes, ``<type>+gptq``, where its tables
+    # predict less KL than llama.cpp's own rounding in the same bytes (targets/llamacpp/compensated.py).
+    compensate: bool = True
 
     def __post_init__(self):
         check_float(1.0, 32.0)("AllocationSettings.bpw", self.bpw)
+        check_bool("AllocationSettings.compensate", self.compensate)
         if not all(len(pair) == 2 and all(isinstance(v, str) and v for v in pair) for pair in self.pinned):
             _fail("AllocationSettings.pinned", "expected a list of [tensor name, type name] pairs")
         if self.fill is not None:
@@ -126,6 +130,7 @@ class AllocationSpace(DictSpec):
     bpw: tuple[float, ...] = (4.5, 4.75, 5.0, 5.25, 5.5, 6.0, 6.5, 7.0)
     types: tuple[str, ...] = ALLOCATION_TYPES
     speed: tuple[float, ...] = (0.0, 0.1, 1.0)
+    compensate: tuple[bool, ...] = (True,)  # [true, false] searches llama.cpp's own rounding alone too
     exclude: tuple[str, ...] = ()  # not searched: every candidate leaves these types out
     samples: int = 16
     seq_len: int = 256
@@ -143,6 +148,7 @@ class AllocationSpace(DictSpec):
         if self.decode_budget is not None:
             check_float(0.0, 1e6, low_open=True)("AllocationSpace.decode_budget", self.decode_budget)
         check_choices("AllocationSpace.speed", self.speed, check_float(0.0, 1e6))
+        check_choices("AllocationSpace.compensate", self.compensate, check_bool)
         check_choices("AllocationSpace.types", self.types, check_member(ALLOCATION_TYPES))
         AllocationSettings(exclude=self.exclude, samples=self.samples, seq_len=self.seq_len)
 

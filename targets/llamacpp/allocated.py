@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,8 @@ from search_spaces.quantization.spec import AllocationSettings, QuantSpace, Quan
 from search_spaces.specs import SpecError
 from search_spaces.quantization.plan import LayerPlan
 from targets.llamacpp import sensitivity
+from targets.llamacpp.block_formats import COMPENSABLE
+from targets.llamacpp.compensated import base_kind, compensable, compensated_kind, compensated_round, hessian_factor, is_compensated
 from targets.llamacpp.imatrix import CALIBRATION_DATASET, importance_matrix
 from targets.llamacpp.quantize import FLOAT_TYPES, fallback_type, quant_type, type_bytes
 from targets.llamacpp import writer
@@ -55,7 +57,7 @@ FILE_TYPES = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "IQ4_XS": "IQ4_XS", "Q4_0": "Q4_
 class TypePlan:
     """What llama.cpp is asked for: a type per GGUF tensor, the importance matrix, and what was predicted."""
 
-    types: dict[str, str]
+    types: dict[str, str]  # GGML types: what llama.cpp is asked to write
     imatrix: dict[str, np.ndarray]
     calibration_tokens: int
     chunk_size: int
@@ -63,6 +65,9 @@ class TypePlan:
     bytes: int
     predicted_decode: float | None = None  # the decode ratio to the float GGUF the cost model predicts
     dataset: str = "planner calibration windows"
+    # tensors written with error-compensated codes: their blocks (rows x row bytes), in their planned type, put in
+    # place of what llama.cpp wrote for them
+    compensated: dict[str, np.ndarray] = field(default_factory=dict)
 
     def ftype(self) -> str:
         """llama-quantize's file type naming the mixture (`general.file_type`): that of the type most tensors
@@ -89,11 +94,12 @@ class LlamaQuant(QuantMethod):
             fill, bpw = None, choose(trial, self.param("bpw"), options.bpw)
         types = choose(trial, self.param("types"), options.types)
         speed = choose(trial, self.param("speed"), options.speed)
+        compensate = choose(trial, self.param("compensate"), options.compensate)
         return QuantSpec(method=self.name, bits={"attn": NOMINAL_BITS, "mlp": NOMINAL_BITS, "head": HEAD_BITS},
                          grid=space.grid, group_size=32,
                          allocation=AllocationSettings(bpw=bpw, types=types, speed=speed, exclude=options.exclude,
                                                        samples=options.samples, seq_len=options.seq_len, fill=fill,
-                                                       decode=options.decode_budget))
+                                                       decode=options.decode_budget, compensate=compensate))
 
     def _size(self, space: QuantSpace, bpw: float | None = None, fill: float | None = None) -> Params:
         """The parameter naming an allocation's byte target: its share of the budget in a budgeted space, else bpw."""
@@ -110,7 +116,8 @@ class LlamaQuant(QuantMethod):
         sizes = ([self._size(space, fill=max(options.fill))] if options.budgeted
                  else [self._size(space, bpw=min(options.bpw, key=lambda b: abs(b - t))) for t in (4.5, 5.5, 6.5)])
         for size in sizes:
-            params = {**size, self.param("types"): options.types[0], self.param("speed"): min(options.speed)}
+            params = {**size, self.param("types"): options.types[0], self.param("speed"): min(options.speed),
+                      self.param("compensate"): options.compensate[0]}
             if params not in chosen:
                 chosen.append(params)
         return chosen
@@ -122,13 +129,15 @@ class LlamaQuant(QuantMethod):
         options = space.allocation
         size = self._size(space, bpw=min(options.bpw), fill=min(options.fill) if options.budgeted else None)
         families = ("all",) if options.budgeted and "all" in options.types else options.types
-        return [{**size, self.param("types"): t, self.param("speed"): min(options.speed)} for t in families]
+        return [{**size, self.param("types"): t, self.param("speed"): min(options.speed),
+                 self.param("compensate"): options.compensate[0]} for t in families]
 
     def mode_label(self, spec: QuantSpec) -> list[str]:
         settings = spec.allocation
         speed = [f"speed {settings.speed:g}"] if settings.speed else []
         speed += [f"decode<={settings.decode:g}x"] if settings.decode is not None else []
         exclude = [f"-{','.join(settings.exclude)}"] if settings.exclude else []
+        exclude += [] if settings.compensate else ["no-gptq"]
         size = (f"{settings.bpw:.2f}bpw={settings.fill:.0%}budget" if settings.fill is not None
                 else f"{settings.bpw:g}bpw")
         return [size, settings.types, *exclude, *speed]
@@ -157,10 +166,13 @@ class LlamaQuant(QuantMethod):
 
     def pin(self, spec: QuantSpec, measurements: dict) -> QuantSpec:
         """The types read back from the measured file, per tensor (`measurements.runtime.tensor_types`)."""
-        written = (measurements.get("runtime") or {}).get("tensor_types")
+        runtime = measurements.get("runtime") or {}
+        written = runtime.get("tensor_types")
         if not written:
             return spec
-        return replace(spec, allocation=replace(spec.allocation, pinned=tuple(sorted(written.items()))))
+        compensated = set(runtime.get("compensated_tensors") or ())
+        pinned = {n: compensated_kind(k) if n in compensated else k for n, k in written.items()}
+        return replace(spec, allocation=replace(spec.allocation, pinned=tuple(sorted(pinned.items()))))
 
     def check(self, spec: QuantSpec) -> None:
         if not menu_of(spec.allocation):
@@ -197,9 +209,11 @@ class LlamaQuant(QuantMethod):
         weights = sum(t["size"] for t in tables["tensors"].values())
         costs = decode_costs(model, context) if settings.speed or settings.decode else None
         chosen = choose_types(tables, menu_of(settings), settings.bpw * weights / 8, costs, settings.speed,
-                              settings.exclude, settings.decode)
+                              settings.exclude, settings.decode, settings.compensate)
+        kinds = {name: o.kind for name, o in chosen.items()}
         setattr(model, PLAN_ATTRIBUTE, TypePlan(
-            types={name: o.kind for name, o in chosen.items()}, imatrix=tables["imatrix"],
+            types={name: base_kind(k) for name, k in kinds.items()}, imatrix=tables["imatrix"],
+            compensated=compensated_blocks(model, kinds, windows, context, tables["imatrix"]),
             calibration_tokens=int(windows.numel()), chunk_size=settings.seq_len,
             predicted_kl=float(sum(tables_kl(tables, chosen))), bytes=sum(o.bytes for o in chosen.values()),
             predicted_decode=None if costs is None else predicted_decode(tables, chosen, costs),
@@ -220,10 +234,14 @@ def pinned_plan(model: nn.Module, settings: AllocationSettings, windows, context
                                                                      else [])
     if problems:
         raise SpecError(f"QuantSpec.allocation.pinned: {'; '.join(problems)} (the types of another model's shape)")
-    types = {name: pinned[name] for name in tensors}
+    kinds = {name: pinned[name] for name in tensors}
+    types = {name: base_kind(kind) for name, kind in kinds.items()}
     for name, kind in types.items():
         quant_type(kind)  # a type llama.cpp knows, or its error
-    return TypePlan(types=types, imatrix=imatrix, calibration_tokens=int(windows.numel()), chunk_size=settings.seq_len,
+        if is_compensated(kinds[name]) and (name == "token_embd.weight" or not compensable(kind)):
+            raise SpecError(f"QuantSpec.allocation.pinned: {name} cannot be {kinds[name]} (compensated codes are "
+                            f"written for matmul weights in {', '.join(COMPENSABLE)})")
+    return TypePlan(types=types, imatrix=imatrix, compensated=compensated_blocks(model, kinds, windows, context, imatrix), calibration_tokens=int(windows.numel()), chunk_size=settings.seq_len,
                     predicted_kl=None, bytes=sum(type_bytes(types[n], t.shape) for n, t in tensors.items()),
                     dataset=CALIBRATION_DATASET.format(samples=settings.samples, seq_len=settings.seq_len))
 
@@ -238,16 +256,21 @@ MOST_SPEED = 1e6
 
 
 def choose_types(tables: dict, menu, byte_target: float, costs: dict[str, float] | None = None,
-                 speed: float = 0.0, exclude=(), decode_target: float | None = None) -> dict[str, Option]:
+                 speed: float = 0.0, exclude=(), decode_target: float | None = None,
+                 compensate: bool = True) -> dict[str, Option]:
     """Per tensor the option (type written, bytes, score) of the least predicted KL + `speed` x predicted
     decode ratio within `byte_target` bytes, among `menu`'s types as llama.cpp writes them on each tensor's
     row width, less the `exclude`d types also where llama.cpp would fall back to them (Q5_K is written as
     Q5_1 on 576-wide rows); a tensor left with no type keeps its written ones. `costs`: the decode ratio of
-    the whole model in each type (decode_costs); a tensor's share of it is its share of the weights.
+    the whole model in each type (decode_costs); a tensor's share of it is its share of the weights. Without
+    `compensate`, options with error-compensated codes (``<type>+gptq``) are left out.
 
     With `decode_target` (a decode ratio to the candidate's float GGUF), the weight of the decode term is raised
     from `speed` (a bisection) to the least that brings the predicted decode within it: the least accurate
     choice that is fast enough, not the fastest. Where even the fastest types are not, the fastest choice."""
+    def _weighed(*args):
+        return _weighed_options(*args, compensate)
+
     chosen = _weighed(tables, menu, byte_target, costs, speed, exclude)
     if decode_target is None or costs is None or predicted_decode(tables, chosen, costs) <= decode_target:
         return chosen
@@ -267,8 +290,8 @@ def choose_types(tables: dict, menu, byte_target: float, costs: dict[str, float]
     return fast
 
 
-def _weighed(tables: dict, menu, byte_target: float, costs: dict[str, float] | None, speed: float,
-             exclude) -> dict[str, Option]:
+def _weighed_options(tables: dict, menu, byte_target: float, costs: dict[str, float] | None, speed: float,
+                     exclude, compensate: bool) -> dict[str, Option]:
     total = sum(t["size"] for t in tables["tensors"].values())
     allowed = {}
     for name, opts in tables["options"].items():
@@ -276,8 +299,8 @@ def _weighed(tables: dict, menu, byte_target: float, costs: dict[str, float] | N
         written = (written - set(exclude)) or written
         share = tables["tensors"][name]["size"] / total
         # a type never timed (F16, on a row width no block fits) adds nothing: it is the only choice there
-        allowed[name] = [Option(o.kind, o.bytes, o.error + speed * share * (costs or {}).get(o.kind, 0.0))
-                         for o in opts if o.kind in written]
+        allowed[name] = [Option(o.kind, o.bytes, o.error + speed * share * (costs or {}).get(base_kind(o.kind), 0.0))
+                         for o in opts if base_kind(o.kind) in written and (compensate or not is_compensated(o.kind))]
     return allocate(allowed, byte_target)
 
 
@@ -289,7 +312,7 @@ def tables_kl(tables: dict, chosen: dict[str, Option]) -> list[float]:
 
 def predicted_decode(tables: dict, chosen: dict[str, Option], costs: dict[str, float]) -> float:
     total = sum(t["size"] for t in tables["tensors"].values())
-    return float(sum(tables["tensors"][n]["size"] / total * costs.get(o.kind, 1.0) for n, o in chosen.items()))
+    return float(sum(tables["tensors"][n]["size"] / total * costs.get(base_kind(o.kind), 1.0) for n, o in chosen.items()))
 
 
 # What the per-type decode costs are timed with: short, a few rounds (a cost model, not a verdict).
@@ -348,7 +371,7 @@ def _cache_file(context: BuildContext, depends: dict) -> Path | None:
     `upstream`) from `depends` (what else it was computed from)."""
     if context.cache_dir is None or not context.model_id:
         return None
-    key = json.dumps({"model": context.model_id, "upstream": list(context.upstream), **depends, "version": 2},
+    key = json.dumps({"model": context.model_id, "upstream": list(context.upstream), **depends, "version": 3},
                      sort_keys=True, default=str)
     return Path(context.cache_dir) / "llama-sensitivity" / hashlib.sha256(key.encode()).hexdigest()[:24]
 
@@ -385,7 +408,10 @@ def sensitivity_tables(model: nn.Module, windows, context: BuildContext) -> dict
         options = {n: [Option(*o) for o in opts] for n, opts in table["options"].items()}
         return {"imatrix": imatrix, "options": options, "tensors": table["tensors"]}
     tensors = sensitivity.quantizable(model, imatrix)
-    raw = sensitivity.type_options(model, tensors, sensitivity.MENUS["all"])  # the probe (Q4_0) is among them
+    covariances = sensitivity.compensable_inputs(model, tensors, windows)
+    # the probe (Q4_0) is among the types; each compensable one is offered with compensated codes too
+    raw = sensitivity.type_options(model, tensors, sensitivity.MENUS["all"], covariances=covariances)
+    del covariances
     gains = sensitivity.kl_gains(model, tensors, windows[:KL_WINDOWS])
     options = sensitivity.predicted_kl_options(raw, gains)
     info = {t.gguf_name: {"width": t.shape[1], "size": t.size} for t in tensors}
@@ -394,6 +420,37 @@ def sensitivity_tables(model: nn.Module, windows, context: BuildContext) -> dict
             "options": {n: [[o.kind, o.bytes, o.error] for o in opts] for n, opts in options.items()},
             "tensors": info, "gains": gains}))
     return {"imatrix": imatrix, "options": options, "tensors": info}
+
+
+def compensated_blocks(model: nn.Module, kinds: dict[str, str], windows, context: BuildContext,
+                       imatrix: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{GGUF name: the tensor's blocks with error-compensated codes} of the tensors whose kind is ``<type>+gptq``,
+    rounded on the whole tensor with the input covariance of these calibration tokens (deterministic: a rebuild
+    from the same tokens writes the same blocks); each kept in the cache beside the tables, so the trials of a
+    shape that choose a tensor's kind again read it back."""
+    wanted = {name: base_kind(kind) for name, kind in kinds.items() if is_compensated(kind)}
+    if not wanted:
+        return {}
+    folder = _cache_file(context, _calibration_key(windows))
+    files = {name: None if folder is None else folder / "compensated" / f"{name}.{kind}.npy"
+             for name, kind in wanted.items()}
+    blocks = {name: np.load(file) for name, file in files.items() if file is not None and file.is_file()}
+    missing = [name for name in wanted if name not in blocks]
+    if missing:
+        tensors = {t.gguf_name: t for t in sensitivity.quantizable(model, imatrix)}
+        weights = sensitivity.weights_of(model, [tensors[n] for n in missing])
+        covariances = sensitivity.compensable_inputs(model, [tensors[n] for n in missing], windows)
+        factors: dict[int, tuple] = {}
+        for name in missing:
+            covariance = covariances[name]
+            if id(covariance) not in factors:
+                factors[id(covariance)] = hessian_factor(covariance)
+            blocks[name] = compensated_round(weights[name].detach().float().cpu().numpy(), covariance, wanted[name],
+                                             tensors[name].importance, factor=factors[id(covariance)])
+            if files[name] is not None:
+                files[name].parent.mkdir(parents=True, exist_ok=True)
+                np.save(files[name], blocks[name])
+    return blocks
 
 
 METHOD = register_method(LlamaQuant())

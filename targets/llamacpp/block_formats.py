@@ -179,14 +179,31 @@ def _q6_k() -> BlockFormat:
     return _format("Q6_K", QK_K, 210, 16, np.arange(64) - 32, code, scales)
 
 
+def _two_bit_planes(base: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The 2 low code bits of Q2_K and Q3_K: in each 128-weight half, pass j (shift 2j) covers 32 weights, qs[l]
+    then qs[16 + l] (lane 0..31 of the half's 32 bytes from `base`)."""
+    index = np.arange(QK_K)
+    half, within = index // 128, index % 128
+    return [(base + half * 32 + within % 32, 2 * (within // 32) + b) for b in range(2)]
+
+
+def _q2_k() -> BlockFormat:
+    """Q2_K (84 bytes): scales[16] (low nibble the sub-block's scale, high its minimum; 16 sub-blocks of 16),
+    qs[64], fp16 d and dmin; value = (d * scale) * code - (dmin * min)."""
+    def scales(blocks):
+        packed = blocks[:, :16].astype(np.float32)
+        d, dmin = _fp16(blocks, 80)[:, None], _fp16(blocks, 82)[:, None]
+        return (d * (packed % 16)).astype(np.float32), -(dmin * (packed // 16)).astype(np.float32)
+    return _format("Q2_K", QK_K, 84, 16, np.arange(4), _two_bit_planes(16), scales)
+
+
 def _q3_k() -> BlockFormat:
     """Q3_K (110 bytes): hmask[32], qs[64], 12 bytes of 6-bit scales for 16 sub-blocks of 16, fp16 d. In each
     128-weight half, pass j (shift 2j of qs) covers 32 weights: qs[l] then qs[16 + l]; the third bit is bit
     4*half + j of hmask[l] (set: the level is the 2 bits; clear: 4 less)."""
     index = np.arange(QK_K)
     half, within = index // 128, index % 128
-    j, lane = within // 32, within % 32  # lane: 0..31 over q[l] (first 16) and q[l + 16]
-    code = [(32 + half * 32 + lane, 2 * j + b) for b in range(2)] + [(lane, 4 * half + j)]
+    code = _two_bit_planes(32) + [(within % 32, 4 * half + within // 32)]
 
     def scales(blocks):
         aux = blocks[:, 96:108].copy().view("<u4").astype(np.uint32)
@@ -219,9 +236,9 @@ def block_format(name: str) -> BlockFormat:
     makers = {"Q4_0": lambda: _legacy("Q4_0", 4, False), "Q4_1": lambda: _legacy("Q4_1", 4, True),
               "Q5_0": lambda: _legacy("Q5_0", 5, False), "Q5_1": lambda: _legacy("Q5_1", 5, True),
               "Q8_0": lambda: _legacy("Q8_0", 8, False), "IQ4_NL": lambda: _legacy("IQ4_NL", 4, False),
-              "Q3_K": _q3_k, "Q4_K": lambda: _k_affine("Q4_K", 4), "Q5_K": lambda: _k_affine("Q5_K", 5),
+              "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": lambda: _k_affine("Q4_K", 4), "Q5_K": lambda: _k_affine("Q5_K", 5),
               "Q6_K": _q6_k, "IQ4_XS": _iq4_xs}
     return makers[name]()
 
 
-COMPENSABLE = ("Q3_K", "IQ4_XS", "Q4_0", "IQ4_NL", "Q4_K", "Q4_1", "Q5_0", "Q5_K", "Q5_1", "Q6_K", "Q8_0")
+COMPENSABLE = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_0", "IQ4_NL", "Q4_K", "Q4_1", "Q5_0", "Q5_K", "Q5_1", "Q6_K", "Q8_0")

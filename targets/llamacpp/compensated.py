@@ -58,23 +58,35 @@ def _nearest_codes(values: torch.Tensor, step: torch.Tensor, offset: torch.Tenso
     return order[torch.bucketize(position, midpoints)]
 
 
+def hessian_factor(covariance: np.ndarray | torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the upper Cholesky factor of the damped H^-1, which inputs are never active) of an input covariance: what
+    every type's compensated rounding of the tensors reading that input shares."""
+    hessian = torch.as_tensor(covariance, dtype=torch.float32)
+    dead = hessian.diagonal() == 0
+    _, hessian = without_dead_columns(torch.zeros(hessian.shape[0], 1), hessian)
+    return inverse_hessian_factor(hessian, damp), dead
+
+
 @torch.no_grad()
 @one_thread()
 def compensated_round(weight: np.ndarray, covariance: np.ndarray | torch.Tensor, kind: str,
-                      importance: np.ndarray | None = None, damp: float = DAMP) -> np.ndarray:
+                      importance: np.ndarray | None = None, damp: float = DAMP,
+                      factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> np.ndarray:
     """The bytes (rows x row bytes, uint8) of `weight` (rows x width, float32) in GGML type `kind` with
     error-compensated codes; `covariance`: the mean of x x^T over the calibration tokens' inputs (width x width);
-    `importance`: what llama.cpp's quantizer weighs each column by when it fixes a block's scales (its diagonal
-    by default: the importance matrix)."""
+    `importance`: what llama.cpp's quantizer weighs each column by when it fixes a block's scales (the covariance's
+    diagonal by default: the importance matrix); `factor`: `hessian_factor(covariance, damp)` when already known."""
     fmt = block_format(kind)
     weight = np.ascontiguousarray(weight, dtype=np.float32)
     rows, width = weight.shape
     if width % fmt.block:
         raise ValueError(f"{kind} stores rows in blocks of {fmt.block}; a {width}-wide row does not fit")
-    hessian = torch.as_tensor(covariance, dtype=torch.float32)
-    importance = np.ascontiguousarray(hessian.diagonal().numpy() if importance is None else importance, np.float32)
-    work, hessian = without_dead_columns(torch.from_numpy(weight).t().contiguous(), hessian)
-    factor = inverse_hessian_factor(hessian, damp)
+    if importance is None:
+        importance = torch.as_tensor(covariance).diagonal().float().numpy()
+    importance = np.ascontiguousarray(importance, dtype=np.float32)
+    factor, dead = hessian_factor(covariance, damp) if factor is None else factor
+    work = torch.from_numpy(weight).t().contiguous()
+    work[dead] = 0  # an input never active: its weights do not matter (and H's factor ignores them)
     levels = torch.from_numpy(fmt.levels.astype(np.float32))
     sorted_levels, order = torch.sort(levels)
     midpoints = (sorted_levels[1:] + sorted_levels[:-1]) / 2

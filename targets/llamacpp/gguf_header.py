@@ -186,6 +186,24 @@ def write_zeroed(src: Path, dst: Path, types: Mapping[str, str], header: Header 
     return {new.name: new.kind for _, new in retyped}
 
 
+def put_tensor_data(path: Path, blocks: Mapping[str, "np.ndarray"], kinds: Mapping[str, str]) -> None:
+    """Write each tensor's `blocks` (uint8, exactly its stored bytes) in place of the data of the GGUF at `path`;
+    each tensor must be there, stored as `kinds[name]`, with that many bytes (GGUFFormatError otherwise: nothing
+    is written then)."""
+    header = read_header(path)
+    where = {t.name: t for t in header.tensors}
+    for name, data in blocks.items():
+        tensor = where.get(name)
+        if tensor is None or tensor.kind != kinds[name] or tensor.n_bytes != data.nbytes:
+            found = "no such tensor" if tensor is None else f"{tensor.kind}, {tensor.n_bytes} bytes"
+            raise GGUFFormatError(f"{Path(path).name}: {name} was to be {kinds[name]} in {data.nbytes} bytes; "
+                                  f"found {found}")
+    with Path(path).open("r+b") as file:
+        for name, data in blocks.items():
+            file.seek(header.data_start + where[name].offset)
+            file.write(data.tobytes())
+
+
 def _copy(source, out, n_bytes: int, chunk: int = 1 << 24) -> None:
     while n_bytes:
         block = source.read(min(chunk, n_bytes))
@@ -195,4 +213,5 @@ def _copy(source, out, n_bytes: int, chunk: int = 1 << 24) -> None:
         n_bytes -= len(block)
 
 
-__all__ = ["GGUFFormatError", "Header", "TensorInfo", "read_header", "stored_bytes", "write_zeroed"]
+__all__ = ["GGUFFormatError", "Header", "TensorInfo", "put_tensor_data", "read_header", "stored_bytes",
+           "write_zeroed"]

@@ -28,8 +28,8 @@ from torch import nn
 
 from search_spaces.layers import decoder_layers
 from search_spaces.quantization.allocation import Option
-from targets.llamacpp import ggml_quants
-from targets.llamacpp.imatrix import gguf_linear_names
+from targets.llamacpp import compensated, ggml_quants
+from targets.llamacpp.imatrix import gguf_linear_names, input_covariances
 from targets.llamacpp.quantize import fallback_type, quant_type, type_bytes
 
 # Types a dense decoder's allocation chooses from, per family (search_spaces' ALLOCATION_TYPES): 2 to 8 bits.
@@ -98,18 +98,27 @@ def sampled_rows(rows: int, most: int) -> np.ndarray:
 
 
 def type_options(model: nn.Module, tensors: Sequence[Tensor], menu: Sequence[str], rows: int = ROWS,
-                 threads: int | None = None) -> dict[str, list[Option]]:
+                 threads: int | None = None, covariances: Mapping[str, np.ndarray] | None = None
+                 ) -> dict[str, list[Option]]:
     """{GGUF name: [Option(type written, exact bytes, importance-weighted squared error)]}; a type falling back
     on a row width appears as the type written (once). Each type quantizes rows independently, so the error is
-    measured on `rows` evenly spaced rows and scaled to the whole tensor (seconds instead of minutes)."""
+    measured on `rows` evenly spaced rows and scaled to the whole tensor (seconds instead of minutes).
+
+    With `covariances` (per tensor, its input's mean x x^T), each type error-compensated rounding can write is
+    also offered as ``<type>+gptq`` (compensated.py), for the same bytes: its error is llama.cpp's rounding's
+    scaled by the ratio of the two roundings' output errors under the full covariance (the importance-weighted
+    error is its diagonal part only, and the compensation is exactly what moves error off the diagonal). Its
+    rows too are rounded independently, so the sampled rows are those of the whole tensor's rounding."""
     table = {}
     weights = weights_of(model, tensors)
+    factors: dict[int, tuple] = {}  # tensors reading one input share its covariance, and so its factor
     for tensor in tensors:
         full = weights[tensor.gguf_name].detach()
         picked = sampled_rows(full.shape[0], rows)
         weight = full[torch.from_numpy(picked)].float().cpu().numpy()
         scale = full.shape[0] / len(picked)
         written = dict.fromkeys(fallback_type(kind, weight.shape[1]) for kind in menu)
+        covariance = (covariances or {}).get(tensor.gguf_name)
         options = []
         for kind in written:
             stored = type_bytes(kind, full.shape)
@@ -117,9 +126,28 @@ def type_options(model: nn.Module, tensors: Sequence[Tensor], menu: Sequence[str
                 options.append(Option(kind, stored, 0.0))
                 continue
             restored, _ = ggml_quants.roundtrip(kind, weight, tensor.importance, threads)
-            options.append(Option(kind, stored, scale * _error(weight, restored, tensor.importance)))
+            error = scale * _error(weight, restored, tensor.importance)
+            options.append(Option(kind, stored, error))
+            if covariance is None or not compensated.compensable(kind):
+                continue
+            if id(covariance) not in factors:
+                factors[id(covariance)] = compensated.hessian_factor(covariance)
+            data = compensated.compensated_round(weight, covariance, kind, tensor.importance,
+                                                 factor=factors[id(covariance)])
+            ours = compensated.output_error(weight, ggml_quants.dequantize(kind, data, weight.shape[1]), covariance)
+            theirs = compensated.output_error(weight, restored, covariance)
+            options.append(Option(compensated.compensated_kind(kind), stored,
+                                  error * ours / theirs if theirs > 0 else 0.0))
         table[tensor.gguf_name] = options
     return table
+
+
+def compensable_inputs(model: nn.Module, tensors: Sequence[Tensor], windows: torch.Tensor) -> dict[str, np.ndarray]:
+    """{GGUF name: input covariance} of the tensors error-compensated rounding may write: every tensor that is a
+    matmul's weight (the decoder's and an untied head), not the token embedding, a lookup table (tied, it is the
+    head too, and its rows are the embedding's as well)."""
+    names = [t.gguf_name for t in tensors if t.gguf_name != "token_embd.weight"]
+    return input_covariances(model, windows, names)
 
 
 def _kl(logits: torch.Tensor, reference: torch.Tensor) -> float:

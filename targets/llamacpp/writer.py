@@ -15,7 +15,9 @@ from collections import Counter
 from pathlib import Path
 
 from targets.llamacpp.convert import architectures, check_vocab, convert, converter_supports, hf_architecture
+from targets.llamacpp.compensated import SUFFIX
 from targets.llamacpp.errors import UnsupportedForGGUF
+from targets.llamacpp.gguf_header import put_tensor_data
 from targets.llamacpp.imatrix import IMATRIX_FILE, imatrix_digest, quantize_metadata, write_imatrix_file
 from targets.llamacpp.quantize import FLOAT_TYPES, quantize_gguf
 from targets.llamacpp.gguf_file import gguf_architecture, vocab_of, write_gguf
@@ -67,20 +69,27 @@ def write(model, tokenizer, path: Path, name: str = "planner candidate") -> dict
         written = quantize_gguf(float_path, path, ftype=plan.ftype(), overrides=plan.types, imatrix=plan.imatrix,
                                 metadata=quantize_metadata(plan.imatrix, IMATRIX_FILE, [plan.dataset],
                                                            plan.calibration_tokens // plan.chunk_size))
+        # llama.cpp's blocks of the compensated tensors, replaced by the same type's blocks with compensated codes
+        put_tensor_data(path, plan.compensated, written)
     finally:
         float_path.unlink(missing_ok=True)
     return {**info, "quantizer": "llama.cpp", "quantize_seconds": time.perf_counter() - started,
-            "file_type": plan.ftype(), **types_written(written), "imatrix_digest": imatrix_digest(plan.imatrix),
+            "file_type": plan.ftype(), **types_written(written, plan.compensated),
+            "imatrix_digest": imatrix_digest(plan.imatrix),
             "predicted_kl": plan.predicted_kl,
             "allocated_bytes": plan.bytes}
 
 
-def types_written(written: dict[str, str]) -> dict:
-    """What a llama.cpp-quantized file holds, read back: its type per tensor, the count per type, and the
-    quantized types by count (`stored`, e.g. "Q5_0x112 Q8_0x44": what labels and reviews show)."""
-    counts = Counter(written.values())
+def types_written(written: dict[str, str], compensated=()) -> dict:
+    """What a llama.cpp-quantized file holds, read back: its type per tensor, the tensors whose codes are
+    error-compensated (`compensated`), the count per type, and the quantized types by count (`stored`, e.g.
+    "Q5_0+gptqx100 Q5_0x12 Q8_0x44": what labels and reviews show; ``+gptq`` marks compensated codes)."""
+    compensated = sorted(compensated)
+    shown = {n: k + SUFFIX if n in compensated else k for n, k in written.items()}
+    counts = Counter(shown.values())
     quantized = sorted(((n, k) for k, n in counts.items() if k not in FLOAT_TYPES), reverse=True)
-    return {"tensor_types": written, "type_counts": dict(counts), "stored": " ".join(f"{k}x{n}" for n, k in quantized)}
+    return {"tensor_types": written, "compensated_tensors": compensated, "type_counts": dict(counts),
+            "stored": " ".join(f"{k}x{n}" for n, k in quantized)}
 
 
 def write_imatrix(model, folder: Path) -> Path | None:
