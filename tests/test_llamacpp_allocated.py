@@ -216,8 +216,19 @@ def test_a_built_candidate_is_written_with_the_planned_types_and_its_imatrix(tok
     assert bool(plan.compensated) == compensate and info["compensated_tensors"] == sorted(plan.compensated)
     assert ("+gptqx" in info["stored"]) == compensate
     assert set(plan.compensated) <= {n for n in plan.types if n.startswith("blk.")}
-    for name, blocks in plan.compensated.items():
-        assert np.array_equal(stored(name), blocks.reshape(-1))
+    if compensate:  # each row's blocks where the writer put the row (llama's q and k rows are permuted)
+        setattr(built, PLAN_ATTRIBUTE, replace(plan, compensated={}))
+        writer.write(built, tokenizer, tmp_path / "rounded.gguf")
+        setattr(built, PLAN_ATTRIBUTE, plan)
+        rounded = {t.name: t for t in GGUFReader(str(tmp_path / "rounded.gguf")).tensors}
+        assert {"blk.0.attn_q.weight", "blk.0.attn_k.weight"} <= set(plan.compensated)
+        for name in plan.compensated:
+            kind, width = plan.types[name], rounded[name].shape[0]
+            ours = ggml_quants.dequantize(kind, stored(name), int(width))
+            theirs = ggml_quants.dequantize(kind, np.asarray(rounded[name].data).view(np.uint8), int(width))
+            assert np.linalg.norm(ours - theirs) < 0.5 * np.linalg.norm(theirs), name
+            # and nothing else than those blocks differs from llama.cpp's file
+            assert not np.array_equal(ours, theirs)
     for name in (n for n in mlp if n in plan.compensated and plan.types[n] != "F16"):
         assert not np.array_equal(stored(name), ggml_quants.quantize(
             plan.types[name], mlp[name].weight.detach().numpy(), plan.imatrix[name]).reshape(-1))

@@ -186,6 +186,30 @@ def write_zeroed(src: Path, dst: Path, types: Mapping[str, str], header: Header 
     return {new.name: new.kind for _, new in retyped}
 
 
+FLOAT_DTYPES = {"F32": "<f4", "F16": "<f2"}
+
+
+def read_float_tensor(path: Path, name: str, header: Header | None = None) -> "np.ndarray":
+    """A float tensor of the GGUF at `path` as float32 (rows, row width), rows in the file's order."""
+    import numpy as np
+
+    header = header or read_header(path)
+    tensor = next((t for t in header.tensors if t.name == name), None)
+    if tensor is None:
+        raise KeyError(f"{Path(path).name} has no tensor {name!r}")
+    if tensor.kind not in (*FLOAT_DTYPES, "BF16"):
+        raise GGUFFormatError(f"{name} is {tensor.kind} in {Path(path).name}, not a float type")
+    count = math.prod(tensor.shape)
+    with Path(path).open("rb") as file:
+        file.seek(header.data_start + tensor.offset)
+        raw = file.read(tensor.n_bytes)
+    if tensor.kind == "BF16":  # the high half of a float32
+        values = (np.frombuffer(raw, "<u2", count).astype(np.uint32) << 16).view(np.float32)
+    else:
+        values = np.frombuffer(raw, FLOAT_DTYPES[tensor.kind], count).astype(np.float32)
+    return values.reshape(-1, tensor.shape[-1])
+
+
 def put_tensor_data(path: Path, blocks: Mapping[str, "np.ndarray"], kinds: Mapping[str, str]) -> None:
     """Write each tensor's `blocks` (uint8, exactly its stored bytes) in place of the data of the GGUF at `path`;
     each tensor must be there, stored as `kinds[name]`, with that many bytes (GGUFFormatError otherwise: nothing
@@ -213,5 +237,5 @@ def _copy(source, out, n_bytes: int, chunk: int = 1 << 24) -> None:
         n_bytes -= len(block)
 
 
-__all__ = ["GGUFFormatError", "Header", "TensorInfo", "put_tensor_data", "read_header", "stored_bytes",
+__all__ = ["GGUFFormatError", "Header", "TensorInfo", "put_tensor_data", "read_float_tensor", "read_header", "stored_bytes",
            "write_zeroed"]

@@ -14,10 +14,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from targets.llamacpp.convert import architectures, check_vocab, convert, converter_supports, hf_architecture
 from targets.llamacpp.compensated import SUFFIX
 from targets.llamacpp.errors import UnsupportedForGGUF
-from targets.llamacpp.gguf_header import put_tensor_data
+from targets.llamacpp.gguf_header import put_tensor_data, read_float_tensor, read_header
 from targets.llamacpp.imatrix import IMATRIX_FILE, imatrix_digest, quantize_metadata, write_imatrix_file
 from targets.llamacpp.quantize import FLOAT_TYPES, quantize_gguf
 from targets.llamacpp.gguf_file import gguf_architecture, vocab_of, write_gguf
@@ -70,7 +72,7 @@ def write(model, tokenizer, path: Path, name: str = "planner candidate") -> dict
                                 metadata=quantize_metadata(plan.imatrix, IMATRIX_FILE, [plan.dataset],
                                                            plan.calibration_tokens // plan.chunk_size))
         # llama.cpp's blocks of the compensated tensors, replaced by the same type's blocks with compensated codes
-        put_tensor_data(path, plan.compensated, written)
+        put_tensor_data(path, in_file_order(model, float_path, plan.compensated), written)
     finally:
         float_path.unlink(missing_ok=True)
     return {**info, "quantizer": "llama.cpp", "quantize_seconds": time.perf_counter() - started,
@@ -78,6 +80,44 @@ def write(model, tokenizer, path: Path, name: str = "planner candidate") -> dict
             "imatrix_digest": imatrix_digest(plan.imatrix),
             "predicted_kl": plan.predicted_kl,
             "allocated_bytes": plan.bytes}
+
+
+def in_file_order(model, float_path: Path, blocks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`blocks` (per GGUF tensor, rows in the model's order) with their rows in the order of the float GGUF the
+    model was written as: writers reorder rows (llama's q and k for its rotary layout; the converter may do so for
+    other architectures), and rows are rounded independently, so each row's blocks go where its weights went. The
+    order is read from the file itself: each of its rows found among the model's (exactly, in the file's
+    precision). A row not found is refused (UnsupportedForGGUF) rather than written in the wrong place."""
+    if not blocks:
+        return {}
+    from targets.llamacpp.sensitivity import quantizable, weights_of
+
+    header = read_header(float_path)
+    tensors = [t for t in quantizable(model, {}) if t.gguf_name in blocks]
+    weights = weights_of(model, tensors)
+    placed = {}
+    for name, data in blocks.items():
+        in_file = read_float_tensor(float_path, name, header)
+        kind = next(t.kind for t in header.tensors if t.name == name)
+        ours = _as_stored(weights[name].detach().float().cpu().numpy(), kind)
+        where = {row.tobytes(): i for i, row in enumerate(ours)}
+        order = [where.get(row.tobytes()) for row in in_file]
+        if len(order) != len(ours) or None in order:
+            raise UnsupportedForGGUF(f"the rows of {name} in the written GGUF are not the model's rows: its "
+                                     "compensated blocks cannot be placed")
+        placed[name] = data[np.asarray(order)]
+    return placed
+
+
+def _as_stored(weights: np.ndarray, kind: str) -> np.ndarray:
+    """Float32 rows as a float GGUF of type `kind` holds them, read back as float32."""
+    if kind == "F16":
+        return weights.astype(np.float16).astype(np.float32)
+    if kind == "BF16":
+        import torch
+
+        return torch.from_numpy(weights).to(torch.bfloat16).float().numpy()
+    return weights
 
 
 def types_written(written: dict[str, str], compensated=()) -> dict:
