@@ -104,10 +104,14 @@ class AllocationSettings(DictSpec):
     # Whether a tensor may take a type with error-compensated (GPTQ) codes, ``<type>+gptq``, where its tables
     # predict less KL than llama.cpp's own rounding in the same bytes (targets/llamacpp/compensated.py).
     compensate: bool = True
+    # At most this many measured moves refining the allocation by KL on calibration windows (0: none; each is
+    # a forward pass from the first layer a move changes: targets/llamacpp/refine.py).
+    refine: int = 0
 
     def __post_init__(self):
         check_float(1.0, 32.0)("AllocationSettings.bpw", self.bpw)
         check_bool("AllocationSettings.compensate", self.compensate)
+        check_int(0)("AllocationSettings.refine", self.refine)
         if not all(len(pair) == 2 and all(isinstance(v, str) and v for v in pair) for pair in self.pinned):
             _fail("AllocationSettings.pinned", "expected a list of [tensor name, type name] pairs")
         if self.fill is not None:
@@ -131,6 +135,7 @@ class AllocationSpace(DictSpec):
     types: tuple[str, ...] = ALLOCATION_TYPES
     speed: tuple[float, ...] = (0.0, 0.1, 1.0)
     compensate: tuple[bool, ...] = (True,)  # [true, false] searches llama.cpp's own rounding alone too
+    refine: tuple[int, ...] = (0,)  # measured moves after the allocation (AllocationSettings.refine)
     exclude: tuple[str, ...] = ()  # not searched: every candidate leaves these types out
     samples: int = 16
     seq_len: int = 256
@@ -149,6 +154,7 @@ class AllocationSpace(DictSpec):
             check_float(0.0, 1e6, low_open=True)("AllocationSpace.decode_budget", self.decode_budget)
         check_choices("AllocationSpace.speed", self.speed, check_float(0.0, 1e6))
         check_choices("AllocationSpace.compensate", self.compensate, check_bool)
+        check_choices("AllocationSpace.refine", self.refine, check_int(0))
         check_choices("AllocationSpace.types", self.types, check_member(ALLOCATION_TYPES))
         AllocationSettings(exclude=self.exclude, samples=self.samples, seq_len=self.seq_len)
 

@@ -68,6 +68,7 @@ class TypePlan:
     # tensors written with error-compensated codes: their blocks (rows x row bytes), in their planned type, put in
     # place of what llama.cpp wrote for them
     compensated: dict[str, np.ndarray] = field(default_factory=dict)
+    refinement: dict | None = None  # what refining by measured KL did (refine.Refinement.report), if it ran
 
     def ftype(self) -> str:
         """llama-quantize's file type naming the mixture (`general.file_type`): that of the type most tensors
@@ -95,11 +96,13 @@ class LlamaQuant(QuantMethod):
         types = choose(trial, self.param("types"), options.types)
         speed = choose(trial, self.param("speed"), options.speed)
         compensate = choose(trial, self.param("compensate"), options.compensate)
+        refine = choose(trial, self.param("refine"), options.refine)
         return QuantSpec(method=self.name, bits={"attn": NOMINAL_BITS, "mlp": NOMINAL_BITS, "head": HEAD_BITS},
                          grid=space.grid, group_size=32,
                          allocation=AllocationSettings(bpw=bpw, types=types, speed=speed, exclude=options.exclude,
                                                        samples=options.samples, seq_len=options.seq_len, fill=fill,
-                                                       decode=options.decode_budget, compensate=compensate))
+                                                       decode=options.decode_budget, compensate=compensate,
+                                                       refine=refine))
 
     def _size(self, space: QuantSpace, bpw: float | None = None, fill: float | None = None) -> Params:
         """The parameter naming an allocation's byte target: its share of the budget in a budgeted space, else bpw."""
@@ -117,7 +120,7 @@ class LlamaQuant(QuantMethod):
                  else [self._size(space, bpw=min(options.bpw, key=lambda b: abs(b - t))) for t in (4.5, 5.5, 6.5)])
         for size in sizes:
             params = {**size, self.param("types"): options.types[0], self.param("speed"): min(options.speed),
-                      self.param("compensate"): options.compensate[0]}
+                      self.param("compensate"): options.compensate[0], self.param("refine"): options.refine[0]}
             if params not in chosen:
                 chosen.append(params)
         return chosen
@@ -130,7 +133,8 @@ class LlamaQuant(QuantMethod):
         size = self._size(space, bpw=min(options.bpw), fill=min(options.fill) if options.budgeted else None)
         families = ("all",) if options.budgeted and "all" in options.types else options.types
         return [{**size, self.param("types"): t, self.param("speed"): min(options.speed),
-                 self.param("compensate"): options.compensate[0]} for t in families]
+                 self.param("compensate"): options.compensate[0], self.param("refine"): options.refine[0]}
+                for t in families]
 
     def mode_label(self, spec: QuantSpec) -> list[str]:
         settings = spec.allocation
@@ -138,6 +142,7 @@ class LlamaQuant(QuantMethod):
         speed += [f"decode<={settings.decode:g}x"] if settings.decode is not None else []
         exclude = [f"-{','.join(settings.exclude)}"] if settings.exclude else []
         exclude += [] if settings.compensate else ["no-gptq"]
+        exclude += [f"refine {settings.refine}"] if settings.refine else []
         size = (f"{settings.bpw:.2f}bpw={settings.fill:.0%}budget" if settings.fill is not None
                 else f"{settings.bpw:g}bpw")
         return [size, settings.types, *exclude, *speed]
@@ -208,16 +213,22 @@ class LlamaQuant(QuantMethod):
         tables = sensitivity_tables(model, windows, context)
         weights = sum(t["size"] for t in tables["tensors"].values())
         costs = decode_costs(model, context) if settings.speed or settings.decode else None
-        chosen = choose_types(tables, menu_of(settings), settings.bpw * weights / 8, costs, settings.speed,
+        byte_target = settings.bpw * weights / 8
+        chosen = choose_types(tables, menu_of(settings), byte_target, costs, settings.speed,
                               settings.exclude, settings.decode, settings.compensate)
+        compensator = CompensatedBlocks(model, windows, context, tables["imatrix"])
+        refinement = None
+        if settings.refine:
+            refinement = refined(model, tables, chosen, byte_target, windows, compensator, settings, costs)
+            chosen = refinement.chosen
         kinds = {name: o.kind for name, o in chosen.items()}
         setattr(model, PLAN_ATTRIBUTE, TypePlan(
             types={name: base_kind(k) for name, k in kinds.items()}, imatrix=tables["imatrix"],
-            compensated=compensated_blocks(model, kinds, windows, context, tables["imatrix"]),
-            calibration_tokens=int(windows.numel()), chunk_size=settings.seq_len,
+            compensated=compensator.of(kinds), calibration_tokens=int(windows.numel()), chunk_size=settings.seq_len,
             predicted_kl=float(sum(tables_kl(tables, chosen))), bytes=sum(o.bytes for o in chosen.values()),
             predicted_decode=None if costs is None else predicted_decode(tables, chosen, costs),
-            dataset=CALIBRATION_DATASET.format(samples=settings.samples, seq_len=settings.seq_len)))
+            dataset=CALIBRATION_DATASET.format(samples=settings.samples, seq_len=settings.seq_len),
+            refinement=None if refinement is None else refinement.report()))
         return model
 
 
@@ -241,7 +252,7 @@ def pinned_plan(model: nn.Module, settings: AllocationSettings, windows, context
         if is_compensated(kinds[name]) and (name == "token_embd.weight" or not compensable(kind)):
             raise SpecError(f"QuantSpec.allocation.pinned: {name} cannot be {kinds[name]} (compensated codes are "
                             f"written for matmul weights in {', '.join(COMPENSABLE)})")
-    return TypePlan(types=types, imatrix=imatrix, compensated=compensated_blocks(model, kinds, windows, context, imatrix), calibration_tokens=int(windows.numel()), chunk_size=settings.seq_len,
+    return TypePlan(types=types, imatrix=imatrix, compensated=CompensatedBlocks(model, windows, context, imatrix).of(kinds), calibration_tokens=int(windows.numel()), chunk_size=settings.seq_len,
                     predicted_kl=None, bytes=sum(type_bytes(types[n], t.shape) for n, t in tensors.items()),
                     dataset=CALIBRATION_DATASET.format(samples=settings.samples, seq_len=settings.seq_len))
 
@@ -292,6 +303,13 @@ def choose_types(tables: dict, menu, byte_target: float, costs: dict[str, float]
 
 def _weighed_options(tables: dict, menu, byte_target: float, costs: dict[str, float] | None, speed: float,
                      exclude, compensate: bool) -> dict[str, Option]:
+    return allocate(allowed_options(tables, menu, costs, speed, exclude, compensate), byte_target)
+
+
+def allowed_options(tables: dict, menu, costs: dict[str, float] | None = None, speed: float = 0.0, exclude=(),
+                    compensate: bool = True) -> dict[str, list[Option]]:
+    """Per tensor the options an allocation chooses among (see choose_types), each scored by its predicted KL +
+    `speed` x its share of the predicted decode ratio."""
     total = sum(t["size"] for t in tables["tensors"].values())
     allowed = {}
     for name, opts in tables["options"].items():
@@ -301,7 +319,7 @@ def _weighed_options(tables: dict, menu, byte_target: float, costs: dict[str, fl
         # a type never timed (F16, on a row width no block fits) adds nothing: it is the only choice there
         allowed[name] = [Option(o.kind, o.bytes, o.error + speed * share * (costs or {}).get(base_kind(o.kind), 0.0))
                          for o in opts if base_kind(o.kind) in written and (compensate or not is_compensated(o.kind))]
-    return allocate(allowed, byte_target)
+    return allowed
 
 
 def tables_kl(tables: dict, chosen: dict[str, Option]) -> list[float]:
@@ -422,35 +440,79 @@ def sensitivity_tables(model: nn.Module, windows, context: BuildContext) -> dict
     return {"imatrix": imatrix, "options": options, "tensors": info}
 
 
-def compensated_blocks(model: nn.Module, kinds: dict[str, str], windows, context: BuildContext,
-                       imatrix: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """{GGUF name: the tensor's blocks with error-compensated codes} of the tensors whose kind is ``<type>+gptq``,
-    rounded on the whole tensor with the input covariance of these calibration tokens (deterministic: a rebuild
-    from the same tokens writes the same blocks); each kept in the cache beside the tables, so the trials of a
-    shape that choose a tensor's kind again read it back."""
-    wanted = {name: base_kind(kind) for name, kind in kinds.items() if is_compensated(kind)}
-    if not wanted:
-        return {}
-    folder = _cache_file(context, _calibration_key(windows))
-    files = {name: None if folder is None else folder / "compensated" / f"{name}.{kind}.npy"
-             for name, kind in wanted.items()}
-    blocks = {name: np.load(file) for name, file in files.items() if file is not None and file.is_file()}
-    missing = [name for name in wanted if name not in blocks]
-    if missing:
-        tensors = {t.gguf_name: t for t in sensitivity.quantizable(model, imatrix)}
-        weights = sensitivity.weights_of(model, [tensors[n] for n in missing])
-        covariances = sensitivity.compensable_inputs(model, [tensors[n] for n in missing], windows)
-        factors: dict[int, tuple] = {}
-        for name in missing:
-            covariance = covariances[name]
-            if id(covariance) not in factors:
-                factors[id(covariance)] = hessian_factor(covariance)
-            blocks[name] = compensated_round(weights[name].detach().float().cpu().numpy(), covariance, wanted[name],
-                                             tensors[name].importance, factor=factors[id(covariance)])
-            if files[name] is not None:
-                files[name].parent.mkdir(parents=True, exist_ok=True)
-                np.save(files[name], blocks[name])
-    return blocks
+def refined(model: nn.Module, tables: dict, chosen: dict[str, Option], byte_target: float, windows,
+            compensator: "CompensatedBlocks", settings: AllocationSettings, costs: dict[str, float] | None):
+    """The allocation refined by measured KL (refine.py) among the same options, on the calibration windows after
+    those the KL gains were measured on, within the byte target and any decode target."""
+    from targets.llamacpp import ggml_quants
+    from targets.llamacpp.refine import WINDOWS, refine
+
+    allowed = allowed_options(tables, menu_of(settings), costs, settings.speed, settings.exclude, settings.compensate)
+    # the allocation's choice among these options (under a decode target it was scored with another speed weight)
+    chosen = {name: next(o for o in allowed[name] if o.kind == option.kind) for name, option in chosen.items()}
+    kl = {(n, o.kind): o.error for n, opts in tables["options"].items() for o in opts}
+    widths = {n: t["width"] for n, t in tables["tensors"].items()}
+    if settings.compensate:
+        compensator.prepare()  # from the float weights, before refine puts decoded ones in their place
+
+    def decoded(name: str, kind: str, weight: np.ndarray) -> np.ndarray:
+        if is_compensated(kind):
+            return ggml_quants.dequantize(base_kind(kind), compensator(name, base_kind(kind), weight), widths[name])
+        if kind in FLOAT_TYPES:
+            return weight
+        return ggml_quants.roundtrip(kind, weight, tables["imatrix"].get(name))[0]
+
+    def fits(choice: dict[str, Option]) -> bool:
+        return settings.decode is None or costs is None or predicted_decode(tables, choice, costs) <= settings.decode
+
+    held_out = windows[KL_WINDOWS:KL_WINDOWS + WINDOWS] if len(windows) > KL_WINDOWS else windows
+    return refine(model, allowed, chosen, byte_target, held_out, decoded, lambda n, o: kl[(n, o.kind)],
+                  settings.refine, seed=0, fits=fits)
+
+
+class CompensatedBlocks:
+    """Each tensor's blocks with error-compensated codes in a type, rounded on the whole tensor with the input
+    covariance of the calibration tokens (deterministic: a rebuild from the same tokens writes the same blocks) and
+    kept in the cache beside the tables, so the trials of a shape that choose a tensor's type again read it back.
+    The covariances are computed from the model as it is when first needed (`prepare` computes them all up front,
+    before anything changes its weights)."""
+
+    def __init__(self, model: nn.Module, windows, context: BuildContext, imatrix: dict[str, np.ndarray]):
+        self.model, self.windows = model, windows
+        self.tensors = {t.gguf_name: t for t in sensitivity.quantizable(model, imatrix)}
+        folder = _cache_file(context, _calibration_key(windows))
+        self.folder = None if folder is None else folder / "compensated"
+        self.covariances: dict[str, np.ndarray] = {}
+        self.factors: dict[int, tuple] = {}
+
+    def prepare(self, names=None) -> None:
+        """The input covariances of `names` (every compensable tensor by default), from the model as it is now."""
+        wanted = [self.tensors[n] for n in (names or self.tensors) if n not in self.covariances]
+        if wanted:
+            self.covariances.update(sensitivity.compensable_inputs(self.model, wanted, self.windows))
+
+    def __call__(self, name: str, kind: str, weight: np.ndarray | None = None) -> np.ndarray:
+        """The blocks of tensor `name` in GGML type `kind`, rounded from `weight` (the model's, by default)."""
+        file = None if self.folder is None else self.folder / f"{name}.{kind}.npy"
+        if file is not None and file.is_file():
+            return np.load(file)
+        self.prepare([name])
+        covariance = self.covariances[name]
+        if id(covariance) not in self.factors:
+            self.factors[id(covariance)] = hessian_factor(covariance)
+        if weight is None:
+            weight = sensitivity.weights_of(self.model, [self.tensors[name]])[name].detach().float().cpu().numpy()
+        blocks = compensated_round(weight, covariance, kind, self.tensors[name].importance,
+                                   factor=self.factors[id(covariance)])
+        if file is not None:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            np.save(file, blocks)
+        return blocks
+
+    def of(self, kinds: dict[str, str]) -> dict[str, np.ndarray]:
+        """{GGUF name: blocks} of the tensors whose kind is ``<type>+gptq``."""
+        wanted = {name: base_kind(kind) for name, kind in kinds.items() if is_compensated(kind)}
+        return {name: self(name, kind) for name, kind in wanted.items()}
 
 
 METHOD = register_method(LlamaQuant())
