@@ -34,13 +34,14 @@ from llamacpp_presets import LATENCY, Reference, gguf_size, keep_row, measure_gg
 
 PRESETS = ("Q3_K_M", "Q4_0", "IQ4_XS", "Q4_K_M", "Q5_K_M")
 ORIGIN_LIKE = ("Q4_1", "Q5_1")  # the built-in weights' own grids (excluded also where a K-quant falls back to them)
-# key: (label, type family, types left out, speed, compensated codes allowed): the allocation's knobs as a study
-# samples them
-MENUS = {"all": ("all types", "all", (), 0.0, False), "all-gptq": ("all types, gptq", "all", (), 0.0, True),
-         "no-origin": ("no Q4_1/Q5_1", "all", ORIGIN_LIKE, 0.0, False),
-         "no-origin-speed": ("no Q4_1/Q5_1, speed 0.3", "all", ORIGIN_LIKE, 0.3, False),
-         "legacy-speed": ("legacy no Q4_1/Q5_1, speed 1", "legacy", ORIGIN_LIKE, 1.0, False),
-         "all-gptq-speed": ("all types, gptq, speed 0.3", "all", (), 0.3, True)}
+# key: (label, type family, types left out, speed, compensated codes allowed, measured moves refining it): the
+# allocation's knobs as a study samples them
+MENUS = {"all": ("all types", "all", (), 0.0, False, 0), "all-gptq": ("all types, gptq", "all", (), 0.0, True, 0),
+         "all-gptq-refine": ("all types, gptq, refined x32", "all", (), 0.0, True, 32),
+         "no-origin": ("no Q4_1/Q5_1", "all", ORIGIN_LIKE, 0.0, False, 0),
+         "no-origin-speed": ("no Q4_1/Q5_1, speed 0.3", "all", ORIGIN_LIKE, 0.3, False, 0),
+         "legacy-speed": ("legacy no Q4_1/Q5_1, speed 1", "legacy", ORIGIN_LIKE, 1.0, False, 0),
+         "all-gptq-speed": ("all types, gptq, speed 0.3", "all", (), 0.3, True, 0)}
 DEFAULT_MENUS = ("all", "no-origin", "no-origin-speed", "legacy-speed")
 
 
@@ -61,7 +62,7 @@ def main() -> None:
     from search_spaces.calibration import calibration_batches
     from search_spaces.quantization.spec import AllocationSettings
     from targets.llamacpp import sensitivity
-    from targets.llamacpp.allocated import (choose_types, compensated_blocks, decode_costs, predicted_decode,
+    from targets.llamacpp.allocated import (CompensatedBlocks, choose_types, decode_costs, predicted_decode, refined,
                                             sensitivity_tables, tables_kl)
     from targets.llamacpp.compensated import base_kind
     from targets.llamacpp.gguf_header import put_tensor_data
@@ -114,20 +115,27 @@ def main() -> None:
                     **measure_gguf(path, reference, args.threads, latency), **machine})
             target = gguf_size(path)["tensor_bytes"] - fixed
             path.unlink()
-            for label, family, excluded, speed, compensate in (MENUS[key] for key in args.menus.split(",")):
+            for label, family, excluded, speed, compensate, moves in (MENUS[key] for key in args.menus.split(",")):
                 menu = [k for k in sensitivity.MENUS[family] if k not in excluded]
+                started = time.perf_counter()
                 chosen = choose_types(tables, menu, target, costs, speed, excluded, compensate=compensate)
+                compensator = CompensatedBlocks(model, windows, context, matrix)
+                refinement = {}
+                if moves:
+                    options = AllocationSettings(types=family, exclude=excluded, speed=speed, compensate=compensate,
+                                                 refine=moves)
+                    refined_choice = refined(model, tables, chosen, target, windows, compensator, options, costs)
+                    chosen, refinement = refined_choice.chosen, {"refinement": refined_choice.report()}
                 types = {n: base_kind(o.kind) for n, o in chosen.items()}
                 if excluded:
                     assert not set(types.values()) & {"Q4_1", "Q5_1"}, "Q4_1 or Q5_1 was chosen"
                 path = work / f"alloc-{preset}.gguf"
-                started = time.perf_counter()
                 written = quantize_gguf(f32, path, "Q8_0", overrides=types, imatrix=matrix, metadata=metadata,
                                         threads=args.threads)
-                blocks = compensated_blocks(model, {n: o.kind for n, o in chosen.items()}, windows, context, matrix)
+                blocks = compensator.of({n: o.kind for n, o in chosen.items()})
                 put_tensor_data(path, in_file_order(model, f32, blocks), written)
                 record({"artifact": f"planner alloc @{preset} ({label})", "preset": preset, "menu": label,
-                        "compensated": len(blocks), "build_seconds": time.perf_counter() - started,
+                        "compensated": len(blocks), "build_seconds": time.perf_counter() - started, **refinement,
                         "predicted_kl": sum(tables_kl(tables, chosen)), "speed": speed,
                         "predicted_decode": predicted_decode(tables, chosen, costs),
                         **measure_gguf(path, reference, args.threads, latency), **machine})

@@ -25,7 +25,7 @@ QK_K = 256
 IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int32)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: one instance per type (block_format)
 class BlockFormat:
     name: str
     block: int  # weights per block
@@ -53,22 +53,12 @@ class BlockFormat:
         codes = np.asarray(codes, dtype=np.uint8).reshape(-1, self.block)
         if int(codes.max(initial=0)) >= len(self.levels):
             raise ValueError(f"{self.name} codes are below {len(self.levels)}, got {int(codes.max())}")
-        blocks &= self._kept_bits
+        blocks &= _kept_bits(self)
         # Two weights share a byte (a nibble each) but never a (byte, shift): within one bit and one shift the
         # bytes are distinct, so each fancy-indexed OR writes every byte once.
-        for bit, (where, shift) in enumerate(zip(self.code_bits[..., 0], self.code_bits[..., 1])):
-            for s in np.unique(shift):
-                at = shift == s
-                blocks[:, where[at]] |= ((codes[:, at] >> np.uint8(bit)) & 1) << np.uint8(s)
+        for bit, at, where, shift in _bit_runs(self):
+            blocks[:, where] |= ((codes[:, at] >> np.uint8(bit)) & 1) << np.uint8(shift)
         return blocks.reshape(data.shape)
-
-    @property
-    def _kept_bits(self) -> np.ndarray:
-        """Per byte of a block, the bits that are not code bits (scales, minima, d)."""
-        kept = np.full(self.block_bytes, 0xFF, dtype=np.uint8)
-        for where, shift in zip(self.code_bits[..., 0].ravel(), self.code_bits[..., 1].ravel()):
-            kept[where] &= np.uint8(~(1 << int(shift)) & 0xFF)
-        return kept
 
     def steps(self, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(step, offset) per weight's sub-block, (rows, row width / sub) float32 each (offset 0 without one)."""
@@ -83,6 +73,26 @@ class BlockFormat:
         levels = self.levels[self.codes(data)].astype(np.float32)
         expand = lambda a: np.repeat(a, self.sub, axis=1)  # noqa: E731
         return (expand(step) * levels + expand(offset)).astype(np.float32)
+
+
+@lru_cache(maxsize=None)
+def _kept_bits(fmt: BlockFormat) -> np.ndarray:
+    """Per byte of a block, the bits that are not code bits (scales, minima, d)."""
+    kept = np.full(fmt.block_bytes, 0xFF, dtype=np.uint8)
+    for where, shift in zip(fmt.code_bits[..., 0].ravel(), fmt.code_bits[..., 1].ravel()):
+        kept[where] &= np.uint8(~(1 << int(shift)) & 0xFF)
+    return kept
+
+
+@lru_cache(maxsize=None)
+def _bit_runs(fmt: BlockFormat) -> list[tuple[int, np.ndarray, np.ndarray, int]]:
+    """(code bit, which weights, their bytes, shift) for each code bit and shift value."""
+    runs = []
+    for bit, (where, shift) in enumerate(zip(fmt.code_bits[..., 0], fmt.code_bits[..., 1])):
+        for value in np.unique(shift):
+            at = np.flatnonzero(shift == value)
+            runs.append((bit, at, where[at], int(value)))
+    return runs
 
 
 def _blocks(data: np.ndarray, block_bytes: int) -> np.ndarray:

@@ -20,7 +20,7 @@ import torch
 
 from search_spaces.quantization.gptq_solver import inverse_hessian_factor, one_thread, without_dead_columns
 from targets.llamacpp import ggml_quants
-from targets.llamacpp.block_formats import COMPENSABLE, block_format
+from targets.llamacpp.block_formats import COMPENSABLE, IQ4_LEVELS, block_format
 
 SUFFIX = "+gptq"
 DAMP = 0.01  # of H's mean diagonal, added to its diagonal (GPTQ's default)
@@ -49,15 +49,6 @@ def compensable(kind: str) -> bool:
     return kind in COMPENSABLE
 
 
-def _nearest_codes(values: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, levels: torch.Tensor,
-                   order: torch.Tensor, midpoints: torch.Tensor) -> torch.Tensor:
-    """Per row the code whose value ``step * level + offset`` is nearest `values` (any sign of step; a zero step
-    decodes every code to the offset: code of the level nearest 0)."""
-    safe = torch.where(step == 0, torch.ones_like(step), step)
-    position = torch.where(step == 0, torch.zeros_like(values), (values - offset) / safe)
-    return order[torch.bucketize(position, midpoints)]
-
-
 def hessian_factor(covariance: np.ndarray | torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
     """(the upper Cholesky factor of the damped H^-1, which inputs are never active) of an input covariance: what
     every type's compensated rounding of the tensors reading that input shares."""
@@ -67,8 +58,6 @@ def hessian_factor(covariance: np.ndarray | torch.Tensor, damp: float = DAMP) ->
     return inverse_hessian_factor(hessian, damp), dead
 
 
-@torch.no_grad()
-@one_thread()
 def compensated_round(weight: np.ndarray, covariance: np.ndarray | torch.Tensor, kind: str,
                       importance: np.ndarray | None = None, damp: float = DAMP,
                       factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> np.ndarray:
@@ -76,44 +65,116 @@ def compensated_round(weight: np.ndarray, covariance: np.ndarray | torch.Tensor,
     error-compensated codes; `covariance`: the mean of x x^T over the calibration tokens' inputs (width x width);
     `importance`: what llama.cpp's quantizer weighs each column by when it fixes a block's scales (the covariance's
     diagonal by default: the importance matrix); `factor`: `hessian_factor(covariance, damp)` when already known."""
-    fmt = block_format(kind)
+    return compensated_rounds(weight, covariance, [kind], importance, damp, factor)[kind]
+
+
+class _Stack:
+    """Several types' roundings of one weight side by side, as rows of one matrix (their column loop is thousands
+    of tiny ops whatever the rows: rounded together, K types cost about what one does). Uniform types' codes are
+    levels lo..hi (rounded and clamped), IQ4's the nearest of its table (bucketed); the loop works in level values
+    and each type's codes are looked up at the end."""
+
+    def __init__(self, kinds: list[str], rows: int):
+        kinds = sorted(kinds, key=lambda k: block_format(k).levels is IQ4_LEVELS)  # the table types last
+        self.kinds, self.rows = kinds, rows
+        self.formats = [block_format(k) for k in kinds]
+        self.block = self.formats[0].block
+        bounds = [(f.levels.min(), f.levels.max()) for f in self.formats]
+        self.low = torch.tensor([b[0] for b in bounds for _ in range(rows)], dtype=torch.float32)
+        self.high = torch.tensor([b[1] for b in bounds for _ in range(rows)], dtype=torch.float32)
+        tables = [i for i, f in enumerate(self.formats) if f.levels is IQ4_LEVELS]
+        self.table_from = tables[0] * rows if tables else None
+        table = torch.from_numpy(IQ4_LEVELS.astype(np.float32))
+        self.table, self.midpoints = table, (table[1:] + table[:-1]) / 2
+        # per type, the code of each level value (offset by its least level)
+        self.code_of = []
+        for fmt in self.formats:
+            lowest = int(fmt.levels.min())
+            lookup = np.zeros(int(fmt.levels.max()) - lowest + 1, dtype=np.uint8)
+            lookup[fmt.levels.astype(np.int64) - lowest] = np.arange(len(fmt.levels), dtype=np.uint8)
+            self.code_of.append((lowest, lookup))
+
+    def levels(self, values: torch.Tensor, step: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Per row the level whose value ``step * level + offset`` is nearest `values` (any sign of step; a zero
+        step decodes every level to the offset: level 0, or the table's nearest 0)."""
+        safe = torch.where(step == 0, torch.ones_like(step), step)
+        position = torch.where(step == 0, torch.zeros_like(values), (values - offset) / safe)
+        level = torch.minimum(torch.maximum(torch.round(position), self.low), self.high)
+        if self.table_from is not None:
+            tail = position[self.table_from:]
+            level[self.table_from:] = self.table[torch.bucketize(tail, self.midpoints)]
+        return level
+
+    def scales(self, columns: torch.Tensor, importance: np.ndarray) -> tuple[list[np.ndarray], torch.Tensor, torch.Tensor]:
+        """llama.cpp's blocks of `columns` (block x stacked rows) per type, and each weight's step and offset
+        (block x stacked rows)."""
+        blocks, steps, offsets = [], [], []
+        for index, (kind, fmt) in enumerate(zip(self.kinds, self.formats)):
+            rows = slice(index * self.rows, (index + 1) * self.rows)
+            blocks.append(ggml_quants.quantize(kind, columns[:, rows].t().numpy(), importance, threads=1))
+            step, offset = fmt.steps(blocks[-1])
+            steps.append(np.repeat(step, fmt.sub, axis=1))
+            offsets.append(np.repeat(offset, fmt.sub, axis=1))
+        return blocks, torch.from_numpy(np.concatenate(steps).T.copy()), torch.from_numpy(np.concatenate(offsets).T.copy())
+
+    def codes(self, index: int, levels: torch.Tensor) -> np.ndarray:
+        """Type `index`'s codes (rows x block) of its rows' level values (block x stacked rows)."""
+        lowest, lookup = self.code_of[index]
+        mine = levels[:, index * self.rows:(index + 1) * self.rows].t().numpy().astype(np.int64)
+        return lookup[mine - lowest]
+
+
+@torch.no_grad()
+@one_thread()
+def compensated_rounds(weight: np.ndarray, covariance: np.ndarray | torch.Tensor, kinds, importance=None,
+                       damp: float = DAMP, factor: tuple[torch.Tensor, torch.Tensor] | None = None
+                       ) -> dict[str, np.ndarray]:
+    """`compensated_round` of one weight in each of `kinds`, the types of one block size rounded together."""
     weight = np.ascontiguousarray(weight, dtype=np.float32)
     rows, width = weight.shape
-    if width % fmt.block:
-        raise ValueError(f"{kind} stores rows in blocks of {fmt.block}; a {width}-wide row does not fit")
+    for kind in kinds:
+        if width % block_format(kind).block:
+            raise ValueError(f"{kind} stores rows in blocks of {block_format(kind).block}; a {width}-wide row does "
+                             "not fit")
     if importance is None:
         importance = torch.as_tensor(covariance).diagonal().float().numpy()
     importance = np.ascontiguousarray(importance, dtype=np.float32)
     factor, dead = hessian_factor(covariance, damp) if factor is None else factor
-    work = torch.from_numpy(weight).t().contiguous()
+    out = {}
+    for block in sorted({block_format(k).block for k in kinds}):
+        stack = _Stack([k for k in kinds if block_format(k).block == block], rows)
+        out.update(_round_stack(weight, stack, factor, dead, importance))
+    return {kind: out[kind] for kind in kinds}
+
+
+def _round_stack(weight: np.ndarray, stack: _Stack, factor: torch.Tensor, dead: torch.Tensor,
+                 importance: np.ndarray) -> dict[str, np.ndarray]:
+    rows, width = weight.shape
+    block = stack.block
+    work = torch.from_numpy(weight).t().repeat(1, len(stack.kinds)).contiguous()  # W^T once per type, side by side
     work[dead] = 0  # an input never active: its weights do not matter (and H's factor ignores them)
-    levels = torch.from_numpy(fmt.levels.astype(np.float32))
-    sorted_levels, order = torch.sort(levels)
-    midpoints = (sorted_levels[1:] + sorted_levels[:-1]) / 2
-    out = np.empty((rows, width // fmt.block * fmt.block_bytes), dtype=np.uint8)
-    lazy = max(fmt.block, LAZY_COLUMNS // fmt.block * fmt.block)
+    out = {k: np.empty((rows, width // block * f.block_bytes), dtype=np.uint8)
+           for k, f in zip(stack.kinds, stack.formats)}
+    lazy = max(block, LAZY_COLUMNS // block * block)
     for start in range(0, width, lazy):
         end = min(start + lazy, width)
         chunk = work[start:end].clone()
         errors = torch.empty_like(chunk)
         pivots = factor[start:end, start:end].diagonal().tolist()
-        for first in range(0, end - start, fmt.block):
+        for first in range(0, end - start, block):
             # llama.cpp fixes this block's scales from its columns as compensated so far
             column0 = start + first
-            data = ggml_quants.quantize(kind, chunk[first:first + fmt.block].t().numpy(),
-                                        importance[column0:column0 + fmt.block], threads=1)
-            steps, offsets = (torch.from_numpy(a) for a in fmt.steps(data))
-            codes = torch.empty(fmt.block, rows, dtype=torch.int64)
-            for i in range(first, first + fmt.block):
-                sub = (i - first) // fmt.sub
-                step, offset = steps[:, sub], offsets[:, sub]
-                codes[i - first] = _nearest_codes(chunk[i], step, offset, levels, order, midpoints)
-                value = step * levels[codes[i - first]] + offset
-                error = (chunk[i] - value) / pivots[i]
+            blocks, steps, offsets = stack.scales(chunk[first:first + block], importance[column0:column0 + block])
+            levels = torch.empty(block, chunk.shape[1])
+            for i in range(first, first + block):
+                step, offset = steps[i - first], offsets[i - first]
+                levels[i - first] = stack.levels(chunk[i], step, offset)
+                error = (chunk[i] - (step * levels[i - first] + offset)) / pivots[i]
                 chunk[i:].addr_(factor[start + i, start + i:end], error, alpha=-1)
                 errors[i] = error
-            row_bytes = slice(column0 // fmt.block * fmt.block_bytes, (column0 + fmt.block) // fmt.block * fmt.block_bytes)
-            out[:, row_bytes] = fmt.with_codes(data, codes.t().numpy().astype(np.uint8))
+            for index, (kind, fmt) in enumerate(zip(stack.kinds, stack.formats)):
+                at = column0 // block * fmt.block_bytes
+                out[kind][:, at:at + fmt.block_bytes] = fmt.with_codes(blocks[index], stack.codes(index, levels))
         work[end:].addmm_(factor[start:end, end:].t(), errors, alpha=-1)
     return out
 

@@ -87,6 +87,9 @@ def quantize(type_name: str, weight: np.ndarray, imatrix: np.ndarray | None = No
                                 _as_float(imatrix))
 
     workers = max(1, min(threads or default_threads(), rows))
+    if workers == 1:  # no pool: a pool's start and join cost more than a small block's quantization
+        chunk((0, rows))
+        return out
     edges = np.linspace(0, rows, workers + 1).astype(int)
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(chunk, zip(edges[:-1], edges[1:])))

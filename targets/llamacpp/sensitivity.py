@@ -119,25 +119,26 @@ def type_options(model: nn.Module, tensors: Sequence[Tensor], menu: Sequence[str
         scale = full.shape[0] / len(picked)
         written = dict.fromkeys(fallback_type(kind, weight.shape[1]) for kind in menu)
         covariance = (covariances or {}).get(tensor.gguf_name)
-        options = []
+        options, rounded = [], {}
         for kind in written:
             stored = type_bytes(kind, full.shape)
             if not quant_type(kind).quantized:
                 options.append(Option(kind, stored, 0.0))
                 continue
-            restored, _ = ggml_quants.roundtrip(kind, weight, tensor.importance, threads)
-            error = scale * _error(weight, restored, tensor.importance)
-            options.append(Option(kind, stored, error))
-            if covariance is None or not compensated.compensable(kind):
-                continue
+            rounded[kind], _ = ggml_quants.roundtrip(kind, weight, tensor.importance, threads)
+            options.append(Option(kind, stored, scale * _error(weight, rounded[kind], tensor.importance)))
+        compensable = [kind for kind in rounded if compensated.compensable(kind)]
+        if covariance is not None and compensable:
             if id(covariance) not in factors:
                 factors[id(covariance)] = compensated.hessian_factor(covariance)
-            data = compensated.compensated_round(weight, covariance, kind, tensor.importance,
-                                                 factor=factors[id(covariance)])
-            ours = compensated.output_error(weight, ggml_quants.dequantize(kind, data, weight.shape[1]), covariance)
-            theirs = compensated.output_error(weight, restored, covariance)
-            options.append(Option(compensated.compensated_kind(kind), stored,
-                                  error * ours / theirs if theirs > 0 else 0.0))
+            blocks = compensated.compensated_rounds(weight, covariance, compensable, tensor.importance,
+                                                    factor=factors[id(covariance)])
+            for option in [o for o in options if o.kind in blocks]:
+                restored = ggml_quants.dequantize(option.kind, blocks[option.kind], weight.shape[1])
+                ours = compensated.output_error(weight, restored, covariance)
+                theirs = compensated.output_error(weight, rounded[option.kind], covariance)
+                options.append(Option(compensated.compensated_kind(option.kind), option.bytes,
+                                      option.error * ours / theirs if theirs > 0 else 0.0))
         table[tensor.gguf_name] = options
     return table
 

@@ -78,7 +78,7 @@ def write(model, tokenizer, path: Path, name: str = "planner candidate") -> dict
     return {**info, "quantizer": "llama.cpp", "quantize_seconds": time.perf_counter() - started,
             "file_type": plan.ftype(), **types_written(written, plan.compensated),
             "imatrix_digest": imatrix_digest(plan.imatrix),
-            "predicted_kl": plan.predicted_kl,
+            "predicted_kl": plan.predicted_kl, **({"refinement": plan.refinement} if plan.refinement else {}),
             "allocated_bytes": plan.bytes}
 
 
