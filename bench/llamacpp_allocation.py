@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:smollm2-135m")
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--rounds", type=int, default=LATENCY.repeats)
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="keep the tables and compensated blocks here between runs (default: none)")
     parser.add_argument("--menus", default=",".join(DEFAULT_MENUS), help=f"of {', '.join(MENUS)}")
     parser.add_argument("--out", type=Path, default=Path("bench/results/llamacpp_allocation"))
     args = parser.parse_args()
@@ -87,7 +89,8 @@ def main() -> None:
         write_gguf(model, tokenizer, f32, name=f"{args.model} F32")
         reference = Reference.compute(f32, tokenizer, corpus.eval, args.threads)
         windows = calibration_batches(tokenizer, corpus.train, settings.samples, settings.seq_len, 0)
-        context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, cache_dir=None)
+        context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, cache_dir=args.cache,
+                               model_id=args.model if args.cache else "")
         started = time.perf_counter()
         tables = sensitivity_tables(model, windows, context)
         seconds = time.perf_counter() - started
