@@ -389,6 +389,20 @@ def test_pinned_types_are_built_as_they_are_and_only_on_their_own_shape(tokenize
             pinned, allocation=replace(pinned.allocation, pinned=tuple(less.items()))), context)
     with pytest.raises(SpecError, match=r"AllocationSettings.pinned: expected a list of \[tensor name, type name\]"):
         AllocationSettings(pinned=(("blk.0.attn_q.weight",),))
+    # compensated tensors are pinned as <type>+gptq and rounded again; the embedding (a lookup) never is
+    measured["runtime"]["compensated_tensors"] = ["blk.0.attn_q.weight", "blk.1.ffn_down.weight"]
+    pinned = TECHNIQUES["quantization"].pin(spec(bpw=5.0), measured)
+    kinds = dict(pinned.allocation.pinned)
+    assert kinds["blk.0.attn_q.weight"] == measured["runtime"]["tensor_types"]["blk.0.attn_q.weight"] + "+gptq"
+    assert sum(k.endswith("+gptq") for k in kinds.values()) == 2
+    plan = getattr(TECHNIQUES["quantization"].apply(make_tiny_llama(vocab_size=len(tokenizer), **WIDE), pinned, context),
+                   PLAN_ATTRIBUTE)
+    assert sorted(plan.compensated) == ["blk.0.attn_q.weight", "blk.1.ffn_down.weight"]
+    assert plan.types["blk.0.attn_q.weight"] == measured["runtime"]["tensor_types"]["blk.0.attn_q.weight"]
+    embedding = {**kinds, "token_embd.weight": "Q8_0+gptq"}
+    with pytest.raises(SpecError, match=r"pinned: token_embd.weight cannot be Q8_0\+gptq"):
+        TECHNIQUES["quantization"].apply(make_tiny_llama(vocab_size=len(tokenizer), **WIDE), replace(
+            pinned, allocation=replace(pinned.allocation, pinned=tuple(embedding.items()))), context)
 
 
 def test_the_specs_checks_and_labels():
