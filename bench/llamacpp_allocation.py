@@ -92,7 +92,8 @@ def main() -> None:
         context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, cache_dir=args.cache,
                                model_id=args.model if args.cache else "")
         started = time.perf_counter()
-        tables = sensitivity_tables(model, windows, context)
+        chosen_menus = [MENUS[key] for key in args.menus.split(",")]
+        tables = sensitivity_tables(model, windows, context, compensate=any(m[4] for m in chosen_menus))
         seconds = time.perf_counter() - started
         print(f"importance matrix and sensitivity of {len(tables['tensors'])} tensors: {seconds:.0f} s", flush=True)
         started = time.perf_counter()
@@ -118,7 +119,7 @@ def main() -> None:
                     **measure_gguf(path, reference, args.threads, latency), **machine})
             target = gguf_size(path)["tensor_bytes"] - fixed
             path.unlink()
-            for label, family, excluded, speed, compensate, moves in (MENUS[key] for key in args.menus.split(",")):
+            for label, family, excluded, speed, compensate, moves in chosen_menus:
                 menu = [k for k in sensitivity.MENUS[family] if k not in excluded]
                 started = time.perf_counter()
                 chosen = choose_types(tables, menu, target, costs, speed, excluded, compensate=compensate)

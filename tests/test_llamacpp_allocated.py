@@ -268,6 +268,18 @@ def test_a_family_restricts_the_types_and_the_cache_serves_the_second_build(toke
         again = sensitivity_tables(model, windows, context)
     assert first["options"] == again["options"] and first["tensors"] == again["tensors"]
     assert all(np.array_equal(first["imatrix"][n], again["imatrix"][n]) for n in first["imatrix"])
+    assert not any(o.kind.endswith("+gptq") for opts in first["options"].values() for o in opts)
+    # the compensated options only when asked for, computed once, beside the same table (its gains)
+    with_compensated = sensitivity_tables(model, windows, context, compensate=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sensitivity, "kl_gains", lambda *a, **k: pytest.fail("KL gains recomputed"))
+        patch.setattr(sensitivity, "compensated_options", lambda *a, **k: pytest.fail("compensation recomputed"))
+        assert sensitivity_tables(model, windows, context, compensate=True)["options"] == with_compensated["options"]
+    for name, options in with_compensated["options"].items():
+        plain = {o.kind for o in first["options"][name]}
+        assert [o for o in options if o.kind in plain] == first["options"][name]
+        compensable = plain - {"F16"} if name != "token_embd.weight" else set()  # a lookup table: never
+        assert {o.kind[:-5] for o in options if o.kind.endswith("+gptq")} == compensable
     folders = set((context.cache_dir / "llama-sensitivity").iterdir())
     other = sensitivity_tables(model, windows.roll(1, dims=1), context)  # another text: the same tokens, moved
     assert len(set((context.cache_dir / "llama-sensitivity").iterdir()) - folders) == 1  # its own entry
@@ -441,7 +453,7 @@ def test_a_memory_budgeted_study_at_a_presets_size_ships_an_allocated_gguf(tiny_
     text = tiny_study_file.read_text().replace('methods = ["none", "rtn", "dynamic-int8"]',
                                                'methods = ["llama-quant"]\n[space.quantization.allocation]\n'
                                                'bpw = [4.5, 5.0, 6.0]\nspeed = [0.0, 1.0]\nsamples = 4\n'
-                                               'seq_len = 32\n')
+                                               'seq_len = 32\ncompensate = [true]\n')
     tiny_study_file.write_text(text)
     # bytes and accuracy only: a 2-layer model's decode ratio is timer noise, and apply would re-time it
     code = cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "3", "--target", "llama.cpp",

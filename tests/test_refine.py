@@ -104,7 +104,8 @@ def test_a_refined_build_records_predicted_against_measured_kl(setup, tmp_path):
     context = BuildContext(tokenizer=tokenizer, calibration=[Doc(SAMPLE_TEXT * 40)], seed=0, cache_dir=tmp_path,
                            model_id="tiny-refine", progress=False)
     spec = QuantSpec(method="llama-quant", bits={"attn": 4, "mlp": 4, "head": 16}, grid="gguf", group_size=32,
-                     allocation=AllocationSettings(bpw=4.5, samples=6, seq_len=32, refine=6))
+                     allocation=AllocationSettings(bpw=4.5, samples=6, seq_len=32, refine=6,
+                                                              compensate=True))
     built = TECHNIQUES["quantization"].apply(model, spec, context)
     plan = getattr(built, PLAN_ATTRIBUTE)
     report = plan.refinement

@@ -141,7 +141,7 @@ class LlamaQuant(QuantMethod):
         speed = [f"speed {settings.speed:g}"] if settings.speed else []
         speed += [f"decode<={settings.decode:g}x"] if settings.decode is not None else []
         exclude = [f"-{','.join(settings.exclude)}"] if settings.exclude else []
-        exclude += [] if settings.compensate else ["no-gptq"]
+        exclude += ["gptq"] if settings.compensate else []
         exclude += [f"refine {settings.refine}"] if settings.refine else []
         size = (f"{settings.bpw:.2f}bpw={settings.fill:.0%}budget" if settings.fill is not None
                 else f"{settings.bpw:g}bpw")
@@ -210,7 +210,7 @@ class LlamaQuant(QuantMethod):
         if settings.pinned:
             setattr(model, PLAN_ATTRIBUTE, pinned_plan(model, settings, windows, context))
             return model
-        tables = sensitivity_tables(model, windows, context)
+        tables = sensitivity_tables(model, windows, context, settings.compensate)
         weights = sum(t["size"] for t in tables["tensors"].values())
         costs = decode_costs(model, context) if settings.speed or settings.decode else None
         byte_target = settings.bpw * weights / 8
@@ -416,27 +416,41 @@ def cached_imatrix(model: nn.Module, windows, context: BuildContext) -> dict:
     return imatrix
 
 
-def sensitivity_tables(model: nn.Module, windows, context: BuildContext) -> dict:
-    """{"imatrix", "options" (predicted-KL options per tensor, every type of the full menu), "tensors"
-    (row width and size)}: computed once per candidate shape and calibration text, then read from the cache."""
+def sensitivity_tables(model: nn.Module, windows, context: BuildContext, compensate: bool = False) -> dict:
+    """{"imatrix", "options" (predicted-KL options per tensor, every type of the full menu; with `compensate`, each
+    compensable type's ``<type>+gptq`` option too), "tensors" (row width and size)}: computed once per candidate
+    shape and calibration text, then read from the cache (the compensated options in a file of their own: only
+    allocations that may choose them pay for them)."""
     folder = _cache_file(context, _calibration_key(windows))
     imatrix = cached_imatrix(model, windows, context)
+    tensors = None
     if folder is not None and (folder / "table.json").is_file():
         table = json.loads((folder / "table.json").read_text())
         options = {n: [Option(*o) for o in opts] for n, opts in table["options"].items()}
-        return {"imatrix": imatrix, "options": options, "tensors": table["tensors"]}
-    tensors = sensitivity.quantizable(model, imatrix)
-    covariances = sensitivity.compensable_inputs(model, tensors, windows)
-    # the probe (Q4_0) is among the types; each compensable one is offered with compensated codes too
-    raw = sensitivity.type_options(model, tensors, sensitivity.MENUS["all"], covariances=covariances)
-    del covariances
-    gains = sensitivity.kl_gains(model, tensors, windows[:KL_WINDOWS])
-    options = sensitivity.predicted_kl_options(raw, gains)
-    info = {t.gguf_name: {"width": t.shape[1], "size": t.size} for t in tensors}
-    if folder is not None:
-        (folder / "table.json").write_text(json.dumps({
-            "options": {n: [[o.kind, o.bytes, o.error] for o in opts] for n, opts in options.items()},
-            "tensors": info, "gains": gains}))
+        info, gains = table["tensors"], {n: tuple(g) for n, g in table["gains"].items()}
+    else:
+        tensors = sensitivity.quantizable(model, imatrix)
+        raw = sensitivity.type_options(model, tensors, sensitivity.MENUS["all"])  # the probe (Q4_0) is among them
+        gains = sensitivity.kl_gains(model, tensors, windows[:KL_WINDOWS])
+        options = sensitivity.predicted_kl_options(raw, gains)
+        info = {t.gguf_name: {"width": t.shape[1], "size": t.size} for t in tensors}
+        if folder is not None:
+            (folder / "table.json").write_text(json.dumps({
+                "options": {n: [[o.kind, o.bytes, o.error] for o in opts] for n, opts in options.items()},
+                "tensors": info, "gains": gains}))
+    if compensate:
+        file = None if folder is None else folder / "compensated.json"
+        if file is not None and file.is_file():
+            raw = {n: [Option(*o) for o in opts] for n, opts in json.loads(file.read_text()).items()}
+        else:
+            tensors = tensors or sensitivity.quantizable(model, imatrix)
+            covariances = sensitivity.compensable_inputs(model, tensors, windows)
+            raw = sensitivity.compensated_options(model, tensors, sensitivity.MENUS["all"], covariances)
+            del covariances
+            if file is not None:
+                file.write_text(json.dumps({n: [[o.kind, o.bytes, o.error] for o in opts] for n, opts in raw.items()}))
+        for name, extra in sensitivity.predicted_kl_options(raw, gains).items():
+            options[name] = options[name] + extra
     return {"imatrix": imatrix, "options": options, "tensors": info}
 
 

@@ -97,48 +97,64 @@ def sampled_rows(rows: int, most: int) -> np.ndarray:
     return np.arange(rows) if rows <= most else np.linspace(0, rows - 1, most).round().astype(int)
 
 
-def type_options(model: nn.Module, tensors: Sequence[Tensor], menu: Sequence[str], rows: int = ROWS,
-                 threads: int | None = None, covariances: Mapping[str, np.ndarray] | None = None
-                 ) -> dict[str, list[Option]]:
-    """{GGUF name: [Option(type written, exact bytes, importance-weighted squared error)]}; a type falling back
-    on a row width appears as the type written (once). Each type quantizes rows independently, so the error is
-    measured on `rows` evenly spaced rows and scaled to the whole tensor (seconds instead of minutes).
-
-    With `covariances` (per tensor, its input's mean x x^T), each type error-compensated rounding can write is
-    also offered as ``<type>+gptq`` (compensated.py), for the same bytes: its error is llama.cpp's rounding's
-    scaled by the ratio of the two roundings' output errors under the full covariance (the importance-weighted
-    error is its diagonal part only, and the compensation is exactly what moves error off the diagonal). Its
-    rows too are rounded independently, so the sampled rows are those of the whole tensor's rounding."""
-    table = {}
+def _sampled(model: nn.Module, tensors: Sequence[Tensor], rows: int):
+    """(tensor, `rows` evenly spaced rows of its weight as float32, rows of the whole per sampled row)."""
     weights = weights_of(model, tensors)
-    factors: dict[int, tuple] = {}  # tensors reading one input share its covariance, and so its factor
     for tensor in tensors:
         full = weights[tensor.gguf_name].detach()
         picked = sampled_rows(full.shape[0], rows)
-        weight = full[torch.from_numpy(picked)].float().cpu().numpy()
-        scale = full.shape[0] / len(picked)
-        written = dict.fromkeys(fallback_type(kind, weight.shape[1]) for kind in menu)
-        covariance = (covariances or {}).get(tensor.gguf_name)
-        options, rounded = [], {}
-        for kind in written:
-            stored = type_bytes(kind, full.shape)
+        yield tensor, full[torch.from_numpy(picked)].float().cpu().numpy(), full.shape[0] / len(picked)
+
+
+def type_options(model: nn.Module, tensors: Sequence[Tensor], menu: Sequence[str], rows: int = ROWS,
+                 threads: int | None = None) -> dict[str, list[Option]]:
+    """{GGUF name: [Option(type written, exact bytes, importance-weighted squared error)]}; a type falling back
+    on a row width appears as the type written (once). Each type quantizes rows independently, so the error is
+    measured on `rows` evenly spaced rows and scaled to the whole tensor (seconds instead of minutes)."""
+    table = {}
+    for tensor, weight, scale in _sampled(model, tensors, rows):
+        options = []
+        for kind in dict.fromkeys(fallback_type(kind, weight.shape[1]) for kind in menu):
+            stored = type_bytes(kind, tensor.shape)
             if not quant_type(kind).quantized:
                 options.append(Option(kind, stored, 0.0))
                 continue
-            rounded[kind], _ = ggml_quants.roundtrip(kind, weight, tensor.importance, threads)
-            options.append(Option(kind, stored, scale * _error(weight, rounded[kind], tensor.importance)))
-        compensable = [kind for kind in rounded if compensated.compensable(kind)]
-        if covariance is not None and compensable:
-            if id(covariance) not in factors:
-                factors[id(covariance)] = compensated.hessian_factor(covariance)
-            blocks = compensated.compensated_rounds(weight, covariance, compensable, tensor.importance,
-                                                    factor=factors[id(covariance)])
-            for option in [o for o in options if o.kind in blocks]:
-                restored = ggml_quants.dequantize(option.kind, blocks[option.kind], weight.shape[1])
-                ours = compensated.output_error(weight, restored, covariance)
-                theirs = compensated.output_error(weight, rounded[option.kind], covariance)
-                options.append(Option(compensated.compensated_kind(option.kind), option.bytes,
-                                      option.error * ours / theirs if theirs > 0 else 0.0))
+            restored, _ = ggml_quants.roundtrip(kind, weight, tensor.importance, threads)
+            options.append(Option(kind, stored, scale * _error(weight, restored, tensor.importance)))
+        table[tensor.gguf_name] = options
+    return table
+
+
+def compensated_options(model: nn.Module, tensors: Sequence[Tensor], menu: Sequence[str],
+                        covariances: Mapping[str, np.ndarray], rows: int = ROWS,
+                        threads: int | None = None) -> dict[str, list[Option]]:
+    """{GGUF name: [Option(``<type>+gptq``, exact bytes, error)]} for each type of `menu` (as written on the row
+    width) that error-compensated rounding writes (compensated.py), for the tensors `covariances` has (their
+    inputs' mean x x^T). The error is llama.cpp's rounding's importance-weighted error (`type_options`) scaled by
+    the ratio of the two roundings' output errors under the full covariance: the importance-weighted error is its
+    diagonal part only, and the compensation is exactly what moves error off the diagonal. Rows are rounded
+    independently here too, so the sampled rows are those of the whole tensor's rounding."""
+    table: dict[str, list[Option]] = {}
+    factors: dict[int, tuple] = {}  # tensors reading one input share its covariance, and so its factor
+    for tensor, weight, scale in _sampled(model, [t for t in tensors if t.gguf_name in covariances], rows):
+        covariance = covariances[tensor.gguf_name]
+        kinds = [k for k in dict.fromkeys(fallback_type(k, weight.shape[1]) for k in menu)
+                 if quant_type(k).quantized and compensated.compensable(k)]
+        if not kinds:
+            continue
+        if id(covariance) not in factors:
+            factors[id(covariance)] = compensated.hessian_factor(covariance)
+        blocks = compensated.compensated_rounds(weight, covariance, kinds, tensor.importance,
+                                                factor=factors[id(covariance)])
+        options = []
+        for kind in kinds:
+            rounded, _ = ggml_quants.roundtrip(kind, weight, tensor.importance, threads)
+            restored = ggml_quants.dequantize(kind, blocks[kind], weight.shape[1])
+            ours = compensated.output_error(weight, restored, covariance)
+            theirs = compensated.output_error(weight, rounded, covariance)
+            error = scale * _error(weight, rounded, tensor.importance)
+            options.append(Option(compensated.compensated_kind(kind), type_bytes(kind, tensor.shape),
+                                  error * ours / theirs if theirs > 0 else 0.0))
         table[tensor.gguf_name] = options
     return table
 
