@@ -140,6 +140,7 @@ class Target(abc.ABC):
         return f"load {artifact} with {self.runtime}"
 
 
-TARGETS: Registry = Registry("deployment target")
+# A plug-in package's targets are this entry-point group's (the project's own: an import in targets/__init__.py).
+TARGETS: Registry = Registry("deployment target", plugins="planner.targets")
 register_target = TARGETS.add
 AUTO = "auto"
