@@ -98,7 +98,7 @@ def test_each_toy_searches_applies_and_reviews(toy_run, tiny_model_dir, toys):
         assert_clipped(deploy, tiny_model_dir)
     elif toy == "grid":
         assert spec["grid"] == "toy-int6" and spec["bits"] == {"attn": 6, "mlp": 6, "head": 6}
-        assert_codes_decode_to_the_shipped_model(deploy, toys.target)
+        assert_codes_decode_to_the_evaluated_model(deploy, spec, tiny_model_dir, toys.target)
     else:
         assert reviewed["target"] == "toy" and recipe["provenance"]["target"] == "toy"
         assert trial.user_attrs["measurements"]["runtime"] == {"target": "toy", "prepared": True}
@@ -129,18 +129,23 @@ def assert_clipped(deploy: Path, source: Path) -> None:
     assert clipped > 0  # the source has weights past the limit, so round to nearest would not pass this
 
 
-def assert_codes_decode_to_the_shipped_model(deploy: Path, runtime) -> None:
-    """The artifact stores 6-bit codes in blocks of 32 for every layer, which the toy runtime (`runtime`: the toy
-    target's module) decodes to the model `apply` re-measured."""
+def assert_codes_decode_to_the_evaluated_model(deploy: Path, spec: dict, source: Path, runtime) -> None:
+    """The artifact stores 6-bit codes in blocks of 32 for every quantized layer, and the toy runtime (`runtime`:
+    the toy target's module) decodes it, tensor by tensor, to exactly the weights the study evaluated (the recipe's
+    spec built again here)."""
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from search_spaces import BuildContext
+    from search_spaces.quantization import QuantSpec, apply
 
     grids = json.loads((deploy / runtime.GRIDS).read_text())
     assert grids and all(g == {"bits": 6, "group_size": 32} for g in grids.values())
     stored = load_file(deploy / "model.safetensors")
-    model = dict(runtime.load(deploy).named_parameters())
-    for name in grids:
-        codes, scales = stored[f"{name}.codes"], stored[f"{name}.scales"]
-        assert codes.dtype == torch.int8 and -32 <= int(codes.min()) and int(codes.max()) <= 31
-        out, width = codes.shape
-        decoded = (codes.float().reshape(out, width // 32, 32) * scales.float().unsqueeze(-1)).reshape(out, width)
-        assert torch.equal(model[f"{name}.weight"], decoded), name
+    assert all(stored[f"{name}.codes"].dtype == torch.int8 and -32 <= int(stored[f"{name}.codes"].min())
+               and int(stored[f"{name}.codes"].max()) <= 31 for name in grids)
+    evaluated = apply(AutoModelForCausalLM.from_pretrained(source), QuantSpec.from_dict(spec),
+                      BuildContext(tokenizer=None, calibration=(), seed=0, progress=False))
+    built, shipped = dict(evaluated.named_parameters()), dict(runtime.load(deploy).named_parameters())
+    assert shipped.keys() == built.keys()
+    assert [name for name in built if not torch.equal(shipped[name], built[name])] == []
