@@ -15,7 +15,8 @@ from planner.budgets import MEETS, UNDECIDED, Budget, row_confidence, shown_rati
 from planner.errors import PlannerError
 from planner.recipes import Recipe, load_recipe
 from planner.settings import StudySettings
-from planner.sources import DataSource, ModelSource, content_hash, load_corpus, load_model, resolve_device
+from planner.sources import (DEFAULT_DATA, DataSource, ModelSource, content_hash, load_corpus, load_model,
+                             resolve_device)
 from search_spaces import TECHNIQUES, BuildContext
 from targets import TargetError, check_usable
 
@@ -110,7 +111,7 @@ def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool
     except TargetError as exc:
         raise PlannerError(str(exc)) from None
     model, tokenizer = load_model(source, torch_device)
-    data = recipe.provenance.get("data") or "builtin:shakespeare"
+    data = recipe.provenance.get("data") or DEFAULT_DATA
     corpus = load_corpus(DataSource.parse(data))
     context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, device=torch_device,
                            seed=int(recipe.provenance.get("seed", 0)), cache_dir=assets.cache_root(),

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from planner.errors import PlannerError
-from search_spaces.distillation.cache import sha256_file  # one file-hash helper for every cache
+from search_spaces.hashing import sha256_file
 
 MARKER = "planner-asset.json"
 

@@ -5,7 +5,8 @@ what stands in for an unmeasured value.
 A trial's metrics row is keyed by these names; tables, JSON, the HTML report, the study's objective values and
 directions, and the budgets all read them from here. Adding an accuracy objective: a scorer
 (`evaluators.scoring.WindowScorer`, scoring any runtime's held-out logits) and one `Objective` line in
-`FIGURES`, at the column it shows in; a cost objective: one line naming the row key a target measures.
+`FIGURES`, at the column it shows in; a cost objective: one line naming the row key a target measures. A
+plug-in package's figures: a module calling `register_figure`, named in the `planner.figures` entry-point group.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from evaluators.kl import KLScorer
 from evaluators.perplexity import PerplexityScorer
 from evaluators.scoring import ScorerFactory, ScoringSetup, WindowScorer
 from planner.errors import PlannerError
+from search_spaces.base import load_plugins
 
 ACCURACY, COST = "accuracy", "cost"
 MINIMIZE, MAXIMIZE = "minimize", "maximize"
@@ -175,3 +177,8 @@ def scorers(evaluators: set[str], setup: ScoringSetup) -> tuple[ScorerFactory, .
 def needs_reference(evaluators: set[str]) -> bool:
     """Whether a needed scorer compares against the base model's stored distributions."""
     return any(o.uses_reference and o.evaluator in evaluators for o in OBJECTIVES.values())
+
+
+# Plug-in packages' figures, registered by their modules when imported: last, as they import this module, and
+# before any reader sees the registry, so what it holds never depends on what was imported first.
+load_plugins("planner.figures")

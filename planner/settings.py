@@ -20,6 +20,7 @@ from planner.budgets import Budget, parse_budget
 from planner.errors import PlannerError, first_line, read_user_text
 from planner.objectives import parse_objectives
 from planner.samplers import DEFAULT_SAMPLER
+from planner.sources import DEFAULT_DATA, DEFAULT_MODEL
 
 # Lighter than `planner evaluate`'s defaults: every trial pays these.
 SEARCH_PERPLEXITY = PerplexityProtocol(context_length=512, stride=512, max_tokens=2048)
@@ -28,8 +29,8 @@ SEARCH_LATENCY = LatencyProtocol(prompt_tokens=64, new_tokens=16, warmup=1, repe
 
 @dataclass(frozen=True)
 class StudySettings:
-    model: str = "builtin:smollm2-135m"
-    data: str = "builtin:shakespeare"
+    model: str = DEFAULT_MODEL
+    data: str = DEFAULT_DATA
     study: str = "planner"
     storage: str | None = None  # default: sqlite:///studies/<study>.db
     sampler: str = DEFAULT_SAMPLER

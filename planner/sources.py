@@ -1,7 +1,12 @@
-"""Where models and corpora come from: `builtin:NAME`, local folders and files, hub ids, `datasets` names.
+"""Where models and corpora come from, resolved end to end here: `builtin:NAME`, local folders and files, hub
+ids, `datasets` names. The study, `evaluate` and `apply` all go through this module's public functions: parse a
+source, load it, hash a model's weights.
 
 Parsing a source is cheap and checks what can be checked without loading (unknown built-in names,
-missing paths); loading does the real work and turns library errors into one-line PlannerErrors.
+missing paths); loading does the real work and turns library errors into one-line PlannerErrors. A built-in
+source is the one that needs the asset store (planner/assets.py: the pinned packages, fetched and built once
+into the cache); this module asks it two things only: whether a name is built in (`_builtin`), and the folder
+and recorded facts of a fetched asset (`_fetched`).
 """
 from __future__ import annotations
 
@@ -13,10 +18,25 @@ from pathlib import Path
 from evaluators.corpus import Corpus, CorpusError, Document, load_split_folders, read_documents, split_documents
 from planner import assets
 from planner.errors import PlannerError, first_line
+from search_spaces.hashing import sha256_file
 
 BUILTIN = "builtin:"
+DEFAULT_MODEL = BUILTIN + "smollm2-135m"
+DEFAULT_DATA = BUILTIN + "shakespeare"
 # owner/name as the Hugging Face hub spells repository ids.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _builtin(kind: str, spec: str) -> str:
+    """The built-in asset's name in `spec` (`builtin:NAME`); an unknown one is refused with the known names."""
+    return assets.lookup(kind, spec[len(BUILTIN):]).name
+
+
+def _fetched(kind: str, name: str) -> tuple[Path, dict]:
+    """A built-in asset's folder, fetched and built first if it is not in the cache, and the facts its marker
+    records (a corpus's split rule, a model's weight hashes)."""
+    folder = assets.ensure(assets.lookup(kind, name))
+    return folder, assets.read_marker(folder)
 
 
 @dataclass(frozen=True)
@@ -28,7 +48,7 @@ class ModelSource:
     @classmethod
     def parse(cls, spec: str) -> "ModelSource":
         if spec.startswith(BUILTIN):
-            return cls(spec, "builtin", assets.lookup("model", spec[len(BUILTIN):]).name)
+            return cls(spec, "builtin", _builtin("model", spec))
         path = Path(spec).expanduser()
         if path.exists():
             if not path.is_dir():
@@ -51,7 +71,7 @@ class DataSource:
     @classmethod
     def parse(cls, spec: str) -> "DataSource":
         if spec.startswith(BUILTIN):
-            return cls(spec, "builtin", assets.lookup("corpus", spec[len(BUILTIN):]).name)
+            return cls(spec, "builtin", _builtin("corpus", spec))
         path = Path(spec).expanduser()
         if path.exists():
             return cls(spec, "path", str(path.resolve()))
@@ -92,9 +112,8 @@ def resolve_dtype(name: str, device):
 
 
 def _pretrained_location(source: ModelSource) -> str:
-    if source.kind == "builtin":
-        return str(assets.ensure(assets.lookup("model", source.location)))
-    return source.location
+    """What from_pretrained loads: a built-in model's fetched folder, a local folder, a hub id."""
+    return str(_fetched("model", source.location)[0]) if source.kind == "builtin" else source.location
 
 
 def load_model(source: ModelSource, device=None, dtype=None, trust_remote_code: bool = False):
@@ -137,8 +156,8 @@ def is_causal_lm(config, trust_remote_code: bool = False) -> bool:
 def load_corpus(source: DataSource) -> Corpus:
     try:
         if source.kind == "builtin":
-            folder = assets.ensure(assets.lookup("corpus", source.location))
-            return load_split_folders(source.spec, folder, assets.read_marker(folder)["split_rule"])
+            folder, facts = _fetched("corpus", source.location)
+            return load_split_folders(source.spec, folder, facts["split_rule"])
         if source.kind == "path":
             return split_documents(source.spec, read_documents(Path(source.location)))
         return _load_datasets_corpus(source)
@@ -178,9 +197,8 @@ def content_hash(source: ModelSource) -> str:
     """sha256 over the model's weight files (names and bytes), so a recipe can tell its model apart."""
     import hashlib
 
-    if source.kind == "builtin":
-        folder = assets.ensure(assets.lookup("model", source.location))
-        digests = assets.read_marker(folder)["weights_sha256"]
+    if source.kind == "builtin":  # its weights' hashes, recorded when it was built
+        digests = _fetched("model", source.location)[1]["weights_sha256"]
         return "sha256:" + hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
     folder = Path(source.location)
     if source.kind == "hub":
@@ -191,5 +209,5 @@ def content_hash(source: ModelSource) -> str:
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())
-        digest.update(assets.sha256_file(path).encode())
+        digest.update(sha256_file(path).encode())
     return "sha256:" + digest.hexdigest()

@@ -188,12 +188,22 @@ class Technique(abc.ABC):
         model.save_pretrained(folder)
 
 
+def load_plugins(group: str) -> None:
+    """Import every module the entry-point group `group` names (pyproject's [project.entry-points] of this
+    project or of any installed plug-in package): each registers what it brings when imported."""
+    from importlib.metadata import entry_points
+
+    for point in entry_points(group=group):
+        point.load()
+
+
 class Registry(dict):
-    """Named things of one kind (techniques, quantization methods), each registered once by its `name`.
+    """Named things of one kind (techniques, quantization methods, storage schemes, targets), each registered
+    once by its `name`.
 
     `plugins`: an entry-point group (pyproject's [project.entry-points]) whose modules register more of them when
-    imported, e.g. a deployment target's own quantization method. They are imported on the first read of the
-    registry, so what it holds never depends on which package happened to be imported first."""
+    imported, e.g. a deployment target's own quantization method, or a plug-in package's. They are imported on the
+    first read of the registry, so what it holds never depends on which package happened to be imported first."""
 
     def __init__(self, kind: str, plugins: str | None = None):
         super().__init__()
@@ -211,10 +221,7 @@ class Registry(dict):
         if self._plugins_loaded:
             return
         self._plugins_loaded = True  # first: a plugin reading the registry while it loads must not recurse
-        from importlib.metadata import entry_points
-
-        for point in entry_points(group=self.plugins):
-            point.load()
+        load_plugins(self.plugins)
 
     def __getitem__(self, name):
         self.load_plugins()

@@ -6,8 +6,8 @@ storage grid the quantizers round onto), turning a built candidate into its arti
 that artifact in its own runtime (`measure`): latency, resident memory, perplexity and KL from the runtime's
 logits. Techniques stay target-agnostic apart from the grid they round onto (`QuantSpace.grid`).
 
-Adding a target: one module with a registered subclass and its import in targets/__init__.py (see the
-checklist in search_spaces/README.md).
+Adding a target: one module with a registered subclass and its import in targets/__init__.py, or from a package
+of your own an entry point in the `planner.targets` group (see the checklist in search_spaces/README.md).
 """
 from __future__ import annotations
 
@@ -140,6 +140,7 @@ class Target(abc.ABC):
         return f"load {artifact} with {self.runtime}"
 
 
-TARGETS: Registry = Registry("deployment target")
+# A plug-in package's targets are this entry-point group's (the project's own: an import in targets/__init__.py).
+TARGETS: Registry = Registry("deployment target", plugins="planner.targets")
 register_target = TARGETS.add
 AUTO = "auto"

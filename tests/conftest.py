@@ -1,14 +1,98 @@
-"""Shared fixtures: tiny random models of two architectures and a tiny local Hugging Face folder.
+"""Shared fixtures: tiny random models of two architectures and a tiny local Hugging Face folder, and the toy
+extensions (tests/toys: a plug-in package registered through its entry points).
 
 Everything here is built offline in a second or two, so most tests never touch the built-in assets.
+`PLANNER_TOYS=1 pytest` runs the whole suite with the four toys registered, in this process and in every
+process the tests start.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import sys
+import tempfile
+import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+
+TOYS = Path(__file__).parent / "toys"  # the toys' plug-in package: planner_toys/ and its pyproject.toml
+TOYS_PACKAGE = "planner_toys"
+
+
+def toy_entry_points() -> dict[str, dict[str, str]]:
+    """The toys' entry points as their pyproject declares them: group -> {registered name: module}."""
+    return tomllib.loads((TOYS / "pyproject.toml").read_text())["project"]["entry-points"]
+
+
+def install_toys(site: Path) -> list[str]:
+    """What `pip install tests/toys` writes for the registries to find, without changing the shared environment:
+    the package's metadata and entry points in a dist-info folder under `site`. Returns the path entries (`site`,
+    and the folder holding planner_toys) that make importlib.metadata find them as an installed package's."""
+    project = tomllib.loads((TOYS / "pyproject.toml").read_text())["project"]
+    info = site / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    (info / "entry_points.txt").write_text("".join(
+        f"[{group}]\n" + "".join(f"{name} = {module}\n" for name, module in points.items()) + "\n"
+        for group, points in toy_entry_points().items()))
+    return [str(site), str(TOYS)]
+
+
+# Before any test module imports a registry: the registries then find the toys on their first read.
+TOYS_REGISTERED = os.environ.get("PLANNER_TOYS") == "1"
+if TOYS_REGISTERED and str(TOYS) not in sys.path:  # once, though a test imports this module as tests.conftest too
+    _site = Path(tempfile.mkdtemp(prefix="planner-toys-"))
+    atexit.register(shutil.rmtree, _site, ignore_errors=True)
+    _paths = install_toys(_site)
+    sys.path[:0] = _paths
+    os.environ["PYTHONPATH"] = os.pathsep.join(_paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
+
+
+def pytest_report_header(config):
+    return f"toys: {'registered (PLANNER_TOYS=1)' if TOYS_REGISTERED else 'not registered'}"
+
+
+def _unregister(group: str, name: str) -> None:
+    from planner.objectives import unregister_figure
+    from search_spaces.quantization import QUANT_METHODS, STORAGE_SCHEMES
+    from targets import TARGETS
+
+    if group == "planner.figures":
+        unregister_figure(name)
+    else:
+        {"planner.storage_schemes": STORAGE_SCHEMES, "planner.quantization_methods": QUANT_METHODS,
+         "planner.targets": TARGETS}[group].pop(name)
+
+
+@pytest.fixture
+def toys(tmp_path_factory):
+    """The four toys registered as their entry points register them: for the whole session under PLANNER_TOYS=1,
+    else for this test (installed, each entry-point group loaded by the registries' own loader, and what the toys
+    registered taken back afterwards). Yields their modules (objective, grid, method, target)."""
+    from search_spaces.base import load_plugins
+
+    points = toy_entry_points()
+    paths = [] if TOYS_REGISTERED else install_toys(tmp_path_factory.mktemp("toys-site"))
+    sys.path[:0] = paths
+    try:
+        for group in points:  # imported already where a registry has been read: then nothing happens
+            load_plugins(group)
+        yield SimpleNamespace(**{name: sys.modules[f"{TOYS_PACKAGE}.{name}"]
+                                 for name in ("objective", "grid", "method", "target")})
+    finally:
+        if paths:
+            for group, names in points.items():
+                for name in names:
+                    _unregister(group, name)
+            for path in paths:
+                sys.path.remove(path)
+            for module in [m for m in sys.modules if m.split(".")[0] == TOYS_PACKAGE]:
+                del sys.modules[module]  # imported anew (and registered again) by the next test that asks
+
 
 SAMPLE_TEXT = (
     "Shall I compare thee to a summer's day? Thou art more lovely and more temperate. "
@@ -26,6 +110,14 @@ def _quiet_and_seeded():
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.manual_seed(0)
+
+
+def methods_rounding_onto(scheme: str) -> tuple[str, ...]:
+    """The default space's methods that round onto the storage scheme `scheme` by their own word (`rounds_onto`),
+    whatever is registered: what a target storing on it keeps."""
+    from search_spaces.quantization import QUANT_METHODS, STORAGE_SCHEMES, QuantSpace
+
+    return tuple(m for m in QuantSpace().methods if m != "none" and QUANT_METHODS[m].rounds_onto(STORAGE_SCHEMES[scheme]))
 
 
 def make_tiny_llama(vocab_size: int = 128, **overrides):

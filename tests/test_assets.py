@@ -7,6 +7,7 @@ import pytest
 
 from planner import assets
 from planner.errors import PlannerError
+from search_spaces.hashing import CHUNK, sha256_file
 
 
 @pytest.fixture
@@ -140,7 +141,7 @@ def test_builtin_model_folder_is_a_plain_transformers_checkpoint():
     marker = assets.read_marker(folder)
     assert marker["parameters"] == 134_515_008
     for name, digest in marker["weights_sha256"].items():
-        assert assets.sha256_file(folder / name) == digest
+        assert sha256_file(folder / name) == digest
 
 
 def test_off_grid_moves_every_weight_within_its_own_grid_cell():
@@ -177,3 +178,11 @@ def test_the_float_benchmark_model_is_fetched_only_when_named(capsys, monkeypatc
     assert "builtin:smollm2-135m-float model  cached" in out
     assert cli.main(["assets", "fetch", "builtin:nope"]) == 2
     assert "unknown built-in asset 'builtin:nope'" in capsys.readouterr().err
+
+
+def test_the_file_hash_is_sha256_of_the_whole_file_read_in_blocks(tmp_path):
+    data = os.urandom(2 * CHUNK + 123)  # two whole blocks and a part
+    (tmp_path / "w.bin").write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    assert sha256_file(tmp_path / "w.bin") == hashlib.sha256(data).hexdigest()
+    assert sha256_file(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import cli
 from planner.recipes import RecipeError, load_recipe
 from search_spaces import TECHNIQUES
+from targets import TARGETS
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ CASES = [
     (["search", "--study-file", "{root}/fractional-window.toml"], "context_length must be a whole number of tokens"),
     (["review", "--study", "tiny", "--storage", "{url}", "--dashboard", "--port", "-1"],
      "expected a port number from 0 to 65535, got -1"),
-    (SEARCH + ["--target", "onnx"], "unknown target 'onnx' (known: auto, llama.cpp, transformers, vllm)"),
+    (SEARCH + ["--target", "onnx"], "unknown target 'onnx' (known: auto, {targets})"),  # every registered one
     (SEARCH + ["--target", "llama.cpp"], "study 'tiny' measures candidates for target transformers, not llama.cpp"),
     (SEARCH + ["--target", "llama.cpp", "--model", "{root}/gpt2", "--study", "gpt2"],
      # the converter's own reason (at this llama.cpp commit it reads a config key transformers 5 no longer writes)
@@ -170,7 +171,7 @@ CASES = [
 def test_bad_input(world, argv, message, capsys):
     before = hashlib.sha256(world["db"].read_bytes()).hexdigest()
     filled = [str(a).format(**world) for a in argv]
-    message = message.format(**world)
+    message = message.format(**world, targets=", ".join(TARGETS))
     code = cli.main(filled)
     out, err = capsys.readouterr()
     assert code == 2, (out, err)

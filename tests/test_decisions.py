@@ -11,6 +11,7 @@ These tests are also the test command of the mutation run (`[tool.mutmut]` in py
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -19,8 +20,8 @@ import pytest
 
 from planner.budgets import Budget, of_kind, parse_budget
 from planner.errors import PlannerError
-from planner.objectives import (DEFAULT, METRICS, OBJECTIVES, UNMEASURED_KL, UNMEASURED_PERPLEXITY_FACTOR,
-                                evaluators_for, metric, parse_objectives, values)
+from planner.objectives import (ACCURACY, DEFAULT, METRICS, OBJECTIVES, UNMEASURED_KL,
+                                UNMEASURED_PERPLEXITY_FACTOR, evaluators_for, metric, parse_objectives, values)
 from planner.outcome import (CLOSEST_SHOWN, best_trials, decide, dominates, feasible, measured, pareto_front,
                              stored_outcome, study_objectives, total_excess, trial_to_export)
 from planner.recipes import Stage
@@ -407,13 +408,14 @@ def test_parse_objectives(given, expected):
 
 
 @pytest.mark.parametrize("given, message", [
-    ("perplexity,speed", r"^unknown objective 'speed' \(known: perplexity, kl, decode_ms_p50, weight_mb\)$"),
+    # {known}: every registered objective; {accuracy}: the accuracy ones (perplexity, kl, and a plug-in's)
+    ("perplexity,speed", r"^unknown objective 'speed' \(known: {known}\)$"),
     ("perplexity,weight_mb,weight_mb", r"^objective 'weight_mb' is listed twice$"),
     ("perplexity,weight_mb,memory", r"^objective 'memory' is listed twice$"),  # an alias of one listed
     ("perplexity", r"^a study needs at least two objectives to trade off, got perplexity$"),
     (["kl"], r"^a study needs at least two objectives to trade off, got kl$"),
     ("decode_ms_p50,perplexity", r"^the first objective is the accuracy the recommendation optimises: "
-                                 r"perplexity or kl, got decode_ms_p50$"),
+                                 r"{accuracy}, got decode_ms_p50$"),
     ("memory,kl", r"^the first objective is .* got weight_mb$"),
     ("", r"^objectives must be a comma-separated list of names, got ''$"),
     ("perplexity,,kl", r"^objectives must be a comma-separated list of names, got 'perplexity,,kl'$"),
@@ -421,7 +423,10 @@ def test_parse_objectives(given, expected):
     (["perplexity", 3], r"^objectives must be a comma-separated list of names, got \['perplexity', 3\]$"),
 ])
 def test_parse_objectives_refuses(given, message):
-    with pytest.raises(PlannerError, match=message):
+    known, accuracy = list(OBJECTIVES), [n for n, o in OBJECTIVES.items() if o.kind == ACCURACY]
+    assert {"perplexity", "kl", "decode_ms_p50", "weight_mb"} <= set(known) and {"perplexity", "kl"} <= set(accuracy)
+    with pytest.raises(PlannerError, match=message.replace("{known}", re.escape(", ".join(known)))
+                       .replace("{accuracy}", re.escape(" or ".join(accuracy)))):
         parse_objectives(given)
 
 

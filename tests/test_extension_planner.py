@@ -1,86 +1,18 @@
-"""Extension in one module: a toy accuracy objective (a scorer + one registry line) and a toy deployment target
-(one class + one register line) go through a real study, review, HTML report, recipe and apply with nothing
-else changed. If adding either needs another edit, the registries leak and these tests say where."""
+"""The toy accuracy objective (a scorer and one `Objective`, tests/toys/planner_toys/objective.py) and the toy
+deployment target (one class, planner_toys/target.py), registered through their entry points, go through a real
+study, review, HTML report, recipe and apply with nothing else changed. If either needs another edit, the
+registries leak and these tests say where."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import optuna
-import pytest
-import torch
 import yaml
 
 import cli
-from evaluators.scoring import WindowScorer
 from planner import objectives
-from planner.objectives import ACCURACY, MAXIMIZE, Objective
 from planner.storage import open_storage
-from targets import TARGETS
-from targets.base import Measured, Target
-from targets.transformers_target import TRANSFORMERS, measure_torch
-
-
-class TokenAccuracy(WindowScorer):
-    """Fraction of scored positions whose most likely token is the one that follows: higher is better."""
-
-    name = "token_accuracy"
-
-    def __init__(self, setup):
-        self.right = self.total = 0
-
-    def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        self.right += int((logits.argmax(dim=-1) == targets).sum())
-        self.total += targets.numel()
-
-    def result(self, protocol, encoded, device, dtype, start):
-        accuracy = self.right / self.total
-        return type("Result", (), {"to_dict": lambda _: {"right": self.right, "total": self.total},
-                                   "figures": lambda _: {"token_accuracy": accuracy}})()
-
-
-TOKEN_ACCURACY = Objective("token_accuracy", "token acc", "fraction", "{:.3f}", "token_accuracy", brief="acc",
-                           kind=ACCURACY, direction=MAXIMIZE, scorer=TokenAccuracy,
-                           unmeasured=lambda baseline: 0.0)
-
-
-class ToyTarget(Target):
-    """Ships a plain checkpoint and measures it as transformers does; says how to load it in its own words."""
-
-    name, runtime, artifact = "toy", "toy runtime", "a toy folder"
-    artifacts = frozenset({"compressed-tensors"})  # what its ship writes (transformers' checkpoint)
-    prepared: list = []
-
-    def prepare(self, request) -> None:
-        self.prepared.append(request.model)
-
-    def measure(self, request, model, label: str) -> Measured:
-        measured = measure_torch(request, model, label)
-        measured.details["runtime"] = {"target": self.name}
-        return measured
-
-    def ship(self, model, tokenizer, stages, out: Path) -> Path:
-        return TRANSFORMERS.ship(model, tokenizer, stages, out)
-
-    def measure_shipped(self, request, artifact: Path) -> Measured:
-        return TRANSFORMERS.measure_shipped(request, artifact)
-
-    def how_to_load(self, artifact: Path, latency) -> str:
-        return f"the toy runtime opens {artifact}"
-
-
-@pytest.fixture
-def token_accuracy():
-    objectives.register_figure(TOKEN_ACCURACY, before="decode_ms_p50")
-    yield TOKEN_ACCURACY
-    objectives.unregister_figure("token_accuracy")
-
-
-@pytest.fixture
-def toy_target():
-    TARGETS.add(ToyTarget())
-    yield TARGETS["toy"]
-    TARGETS.pop("toy")
+from targets.transformers_target import measure_torch
 
 
 def run(argv, capsys):
@@ -89,7 +21,7 @@ def run(argv, capsys):
     return code, out, err
 
 
-def test_a_maximised_accuracy_objective_in_one_line(tiny_study_file, tmp_path, capsys, token_accuracy):
+def test_a_maximised_accuracy_objective_in_one_line(tiny_study_file, tmp_path, capsys, toys):
     tiny_study_file.write_text(tiny_study_file.read_text().replace('"dynamic-int8"', '"gptq"'))
     code, out, err = run(["search", "--study-file", tiny_study_file, "--trials", "4", "-q",
                           "--objectives", "token_accuracy,weight_mb"], capsys)
@@ -121,16 +53,20 @@ def test_a_maximised_accuracy_objective_in_one_line(tiny_study_file, tmp_path, c
     assert "token acc" in page and "higher is better" in page
 
 
-def test_a_target_in_one_class(tiny_study_file, tmp_path, capsys, toy_target):
+def test_a_target_in_one_class(tiny_study_file, tmp_path, capsys, toys):
     tiny_study_file.write_text(tiny_study_file.read_text().replace('target = "transformers"', 'target = "toy"')
                                .replace('"dynamic-int8"', '"gptq"'))
     code, out, err = run(["search", "--study-file", tiny_study_file, "--trials", "3", "-q"], capsys)
     assert code == 0, err
-    assert toy_target.prepared, "the target's prepare hook runs before the baseline"
     study = optuna.load_study(study_name="tiny", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db"))
     assert study.user_attrs["target"] == "toy"
-    assert all(t.user_attrs["measurements"]["runtime"] == {"target": "toy"}
-               for t in study.trials if "measurements" in t.user_attrs)
+    measured = [t for t in study.trials if "measurements" in t.user_attrs]
+    # the target's prepare hook ran before the first measurement of the model
+    assert measured and all(t.user_attrs["measurements"]["runtime"] == {"target": "toy", "prepared": True}
+                            for t in measured)
+    # its space is its own grid's: every quantized candidate on the toy grid
+    quantized = [s["spec"] for t in measured for s in t.user_attrs["stages"] if s["technique"] == "quantization"]
+    assert all(spec["grid"] == toys.grid.INT6.name for spec in quantized)
     recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
     assert recipe["provenance"]["target"] == "toy"
     code, out, err = run(["apply", tmp_path / "recipe.yaml", "--out", tmp_path / "deploy"], capsys)

@@ -1,22 +1,21 @@
-"""Extending quantization in one module each: a toy storage scheme (symmetric 6-bit codes, one byte each, a scale
-per block of 32) and a toy rounding method (round to nearest after clipping outliers), each one class and one
-register line, registered for these tests only. They go through specs, the targets' fitted spaces, the plan,
-the build and the exact size with nothing else changed."""
+"""Extending quantization in one module each: the toy storage grid (symmetric 6-bit codes, one byte each, a scale
+per block of 32: tests/toys/planner_toys/grid.py) and the toy rounding method (round to nearest after clipping
+outliers: planner_toys/method.py), each one class and one register call, registered through their entry points.
+They go through specs, the targets' fitted spaces, the plan, the build and the exact size with nothing else
+changed."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, methods_rounding_onto
 from evaluators.memory import weight_bytes
 from search_spaces.base import BuildContext
 from search_spaces.quantization import (
-    QUANT_METHODS, STORAGE_SCHEMES, QuantSpace, QuantSpec, StorageScheme, apply, estimate_weight_bytes, fit_to_scheme,
-    register_scheme, scheme_space_defaults,
+    QUANT_METHODS, STORAGE_SCHEMES, QuantSpace, QuantSpec, apply, estimate_weight_bytes, fit_to_scheme,
+    scheme_space_defaults,
 )
 from search_spaces.quantization.grid import decode, round_to_nearest
-from search_spaces.quantization.methods import register_method
-from search_spaces.quantization.methods.weight_only import GridMethod
 from search_spaces.quantization.modules import PACKED, StoredWeights
 from search_spaces.quantization.pack import pack, stored_layout
 from search_spaces.specs import SpecError
@@ -25,40 +24,8 @@ from targets import LLAMA_CPP, TRANSFORMERS, VLLM
 CONTEXT = BuildContext(tokenizer=None, calibration=(), seed=0, progress=False)
 
 
-class Int6Blocks(StorageScheme):
-    """Symmetric 6-bit codes stored one int8 each, one scale per block of 32 in the model's float dtype."""
-
-    name, bits, group_sizes, symmetric = "toy-int6", (6,), (32,), (True,)
-
-    def layout(self, out_features, in_features, fmt, dtype):
-        return {"codes": ((out_features, in_features), torch.int8),
-                "scales": ((out_features, in_features // 32), dtype)}
-
-    def pack(self, quantized):
-        return {"codes": quantized.codes.contiguous(), "scales": quantized.scale.contiguous()}
-
-
-class ClippedRTN(GridMethod):
-    """Round to nearest after clipping each row to 2.5 standard deviations: a finer grid for most weights."""
-
-    name = "toy-clipped"
-    schemes = ("toy-int6", "compressed-tensors")  # not gguf
-
-    def round_layer(self, weight, fmt, scale_dtype):
-        limit = 2.5 * weight.float().std(dim=1, keepdim=True)
-        return round_to_nearest(weight.float().clamp(-limit, limit), fmt, scale_dtype)
-
-
-@pytest.fixture
-def toys():
-    scheme, method = register_scheme(Int6Blocks()), register_method(ClippedRTN())
-    yield scheme, method
-    STORAGE_SCHEMES.pop(scheme.name)
-    QUANT_METHODS.pop(method.name)
-
-
 def test_the_toy_scheme_stores_codes_that_decode_to_the_rounded_weights(toys):
-    scheme, _ = toys
+    scheme = toys.grid.INT6
     weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
     fmt = scheme.layer_grid(6, 64, 32, True)
     assert (fmt.bits, fmt.group_size, fmt.symmetric, fmt.scheme) == (6, 32, True, "toy-int6")
@@ -90,15 +57,22 @@ def test_targets_offer_the_toy_method_only_on_a_scheme_it_rounds_onto(toys):
     model = make_tiny_llama()
     space = QuantSpace()
     assert "toy-clipped" in space.methods  # registered methods are searched by default
-    assert VLLM.fit_spaces({"quantization": space}, model)["quantization"].methods == (
-        "none", "rtn", "gptq", "toy-clipped")  # compressed-tensors: the toy rounds onto it
-    assert LLAMA_CPP.fit_spaces({"quantization": space}, model)["quantization"].methods == (
-        "none", "rtn", "gptq", "llama-quant")  # gguf: and llama.cpp's own quantizer, not the toy
-    # every method whose layers a transformers checkpoint holds (the toy too), not llama.cpp's own types
-    assert TRANSFORMERS.fit_spaces({"quantization": space}, model)["quantization"].methods == tuple(
-        m for m in space.methods if m != "llama-quant")
+    fitted = {target.name: target.fit_spaces({"quantization": space}, model)["quantization"].methods
+              for target in (VLLM, LLAMA_CPP, TRANSFORMERS)}
+    assert "toy-clipped" in fitted["vllm"] and "toy-clipped" in fitted["transformers"]  # compressed-tensors
+    assert "toy-clipped" not in fitted["llama.cpp"]  # gguf: not one of the toy's schemes
+    assert all({"none", "rtn", "gptq"} <= set(methods) for methods in fitted.values())  # they round onto any grid
+    # vLLM and llama.cpp keep exactly what rounds onto their grid, in the space's order, whatever else is
+    # registered; transformers also stores a library's own layers, never llama.cpp's own types
+    assert fitted["vllm"] == ("none", *methods_rounding_onto("compressed-tensors"))
+    assert fitted["llama.cpp"] == ("none", *methods_rounding_onto("gguf"))
+    compressed = STORAGE_SCHEMES["compressed-tensors"]
+    assert fitted["transformers"] == tuple(m for m in space.methods
+                                           if m == "none" or QUANT_METHODS[m].accepts(compressed))
+    assert {"bnb", "dynamic-int8"} <= set(fitted["transformers"]) and "llama-quant" not in fitted["transformers"]
     toy = fit_to_scheme(QuantSpace.from_dict(scheme_space_defaults("toy-int6")), "toy-int6")
-    assert toy.methods == ("none", "rtn", "gptq", "toy-clipped") and toy.grid == "toy-int6"
+    assert toy.methods == ("none", *methods_rounding_onto("toy-int6"))
+    assert {"rtn", "gptq", "toy-clipped"} <= set(toy.methods) and toy.grid == "toy-int6"
     assert (toy.bits, toy.group_sizes, toy.symmetric) == ((6, 16), (32,), (True,))
     assert toy.head_bits == (None, 16)
 

@@ -5,6 +5,7 @@ imported half-initialised); isort's order, or a user importing one module first,
 from __future__ import annotations
 
 import ast
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -113,10 +114,10 @@ def test_the_check_finds_a_circle_and_ignores_type_checking_and_function_imports
         {"planner", "planner.errors"}
 
 
-@pytest.mark.parametrize("method", ["llama-quant"])
+@pytest.mark.parametrize("method", [point.name for point in entry_points(group="planner.quantization_methods")])
 def test_a_method_a_target_brings_is_in_the_space_whatever_was_imported_first(method):
     """The quantization space's methods do not depend on whether `targets` was imported: a fresh interpreter
-    that imports only search_spaces knows every method."""
+    that imports only search_spaces knows every method an entry point brings (llama-quant, a plug-in's)."""
     import subprocess
     import sys
 

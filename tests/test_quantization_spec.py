@@ -11,13 +11,12 @@ from search_spaces.specs import SpecError
 from search_spaces.quantization.grid import effective_group_size
 from search_spaces.quantization.plan import plan_layers
 from search_spaces.quantization import (
-    QUANT_METHODS, GPTQSettings, LayerOverride, QuantSpace, QuantSpec, available_methods, estimate_weight_bytes, presets,
-    suggest,
+    QUANT_METHODS, STORAGE_SCHEMES, GPTQSettings, LayerOverride, QuantSpace, QuantSpec, available_methods,
+    estimate_weight_bytes, presets, scheme_space_defaults, suggest,
 )
 from search_spaces.quantization.spec import AllocationSettings, method_runs_on
 import targets  # noqa: E402,F401  (registers llama.cpp's own quantizer, llama-quant)
 
-METHODS = tuple(QUANT_METHODS)
 QUANTIZATION = TECHNIQUES["quantization"]
 
 EXAMPLES = [
@@ -34,8 +33,19 @@ EXAMPLES = [
 ]
 
 
-def test_examples_cover_every_method():
-    assert {spec.method for spec in EXAMPLES} == set(METHODS)
+def test_every_registered_method_round_trips_on_every_grid_it_stores_on():
+    """Whatever is registered (a plug-in's methods and grids too): specs each method's own suggest draws on each
+    grid it accepts come back equal from their plain dict, as a recipe stores them."""
+    for name, method in QUANT_METHODS.items():
+        grids = [scheme.name for scheme in STORAGE_SCHEMES.values() if method.accepts(scheme)]
+        assert grids, f"{name} stores on no registered grid"
+        for grid in grids:
+            space = QuantSpace.from_dict({**scheme_space_defaults(grid), "methods": [name]})
+            specs = [spec for _, spec in _sample(space, trials=8)]
+            assert {(spec.method, spec.grid) for spec in specs} == {(name, grid)}
+            for spec in specs:
+                data = json.loads(json.dumps(spec.to_dict()))
+                assert data == spec.to_dict() and QuantSpec.from_dict(data) == spec
 
 
 @pytest.mark.parametrize("spec", EXAMPLES, ids=lambda s: s.method)
@@ -133,8 +143,10 @@ def test_suggest_draws_only_valid_specs_that_run_on_the_device():
     space = QuantSpace()
     drawn = _sample(space)
     specs = [spec for _, spec in drawn if spec is not None]
-    # every method that stores on the default grid is reachable on the CPU (llama-quant: on gguf only)
-    assert {s.method for s in specs} == set(METHODS) - {"llama-quant"}
+    # every registered method that stores on the default grid is reachable on the CPU (llama-quant: on gguf only)
+    default = STORAGE_SCHEMES[space.grid]
+    assert {s.method for s in specs} == {n for n, m in QUANT_METHODS.items() if m.accepts(default)}
+    assert {"rtn", "gptq", "bnb", "dynamic-int8"} <= {s.method for s in specs}
     gguf = _sample(QuantSpace(grid="gguf", bits=(4, 5, 8, 16), group_sizes=(32,), head_bits=(None, 16, 8, 4)), 60)
     assert "llama-quant" in {spec.method for _, spec in gguf if spec is not None}
     assert any(spec is None for _, spec in drawn)  # and so is "no quantization"
@@ -179,7 +191,11 @@ def test_presets_switch_the_stage_off_then_give_hand_picked_candidates():
         specs.append(suggest(trial, space))
         study.tell(trial, 0.0)
     assert specs[0] is None
-    assert [(s.method, s.bits["attn"], s.bits["mlp"]) for s in specs[1:]] == [
+    drawn = [(s.method, s.bits["attn"], s.bits["mlp"]) for s in specs[1:]]
+    # each available method's own presets, method by method in registry order (a plug-in's among them)
+    assert [m for m, _, _ in drawn] == [m.name for m in QUANT_METHODS.values() if m.name in available_methods(space)
+                                        for _ in m.presets(space)]
+    assert [d for d in drawn if d[0] in ("rtn", "gptq", "dynamic-int8")] == [  # the project's own, by hand
         ("rtn", 8, 8), ("rtn", 4, 4), ("gptq", 4, 4), ("dynamic-int8", 8, 8)]
     narrow = QuantSpace(methods=("gptq",), bits=(3, 4), mixed=False)  # cannot switch off, no rtn
     assert QUANTIZATION.off(narrow) == {}

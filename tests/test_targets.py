@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from search_spaces import BuildContext
-from search_spaces.quantization import QuantSpace, QuantSpec, apply
+from search_spaces.quantization import QUANT_METHODS, STORAGE_SCHEMES, QuantSpace, QuantSpec, apply
 from search_spaces.quantization.grid import GGUF_GRID, StorageGrid, round_to_nearest
 from search_spaces.quantization.pack import pack_gguf
 from search_spaces.specs import SpecError
-from tests.conftest import make_tiny_llama, make_tiny_tokenizer
+from tests.conftest import make_tiny_llama, make_tiny_tokenizer, methods_rounding_onto
 
 import llama_cpp  # noqa: F401  (required: a broken install fails here)
 from gguf import GGMLQuantizationType, GGUFReader, quants
@@ -60,12 +60,16 @@ def test_the_llama_cpp_space_holds_only_what_gguf_serves():
     assert defaults.grid == "gguf" and defaults.bits == (4, 5, 8, 16) and defaults.group_sizes == (32,)
     spaces = LLAMA_CPP.fit_spaces({"quantization": QuantSpace(), "pruning": None}, make_tiny_llama())
     quant = spaces["quantization"]
-    assert quant.methods == ("none", "rtn", "gptq", "llama-quant") and quant.grid == "gguf" and quant.group_sizes == (32,)
+    # what rounds onto gguf, whatever is registered: llama.cpp's own quantizer too, no library's own layers
+    assert quant.methods == ("none", *methods_rounding_onto("gguf")) and quant.grid == "gguf" and quant.group_sizes == (32,)
+    assert {"rtn", "gptq", "llama-quant"} <= set(quant.methods) and not {"bnb", "dynamic-int8"} & set(quant.methods)
     assert quant.bits == (4, 8, 16) and all(b in (None, 4, 8, 16) for b in quant.head_bits)
     with pytest.raises(SpecError, match=r"QuantSpace.bits\[0\]"):  # a study file asking GGUF for 3 bits
         QuantSpace.from_dict({**LLAMA_CPP.space_defaults()["quantization"], "bits": [3, 4]})
     kept = TRANSFORMERS.fit_spaces({"quantization": QuantSpace()}, None)["quantization"]
-    assert kept.methods == ("none", "rtn", "gptq", "bnb", "dynamic-int8")  # not llama.cpp's own types (llama-quant)
+    compressed = STORAGE_SCHEMES["compressed-tensors"]
+    assert kept.methods == tuple(m for m in QuantSpace().methods if m == "none" or QUANT_METHODS[m].accepts(compressed))
+    assert {"rtn", "gptq", "bnb", "dynamic-int8"} <= set(kept.methods) and "llama-quant" not in kept.methods
 
 
 def _context(tokenizer):
@@ -209,7 +213,9 @@ def test_the_vllm_target_ships_a_compressed_tensors_checkpoint(tmp_path):
     model = make_tiny_llama(vocab_size=len(tokenizer))
     spec = QuantSpec(method="gptq", bits={"attn": 4, "mlp": 4}, group_size=32)
     model = apply(model, QuantSpec(method="rtn", bits={"attn": 4, "mlp": 4}, group_size=32), _context(tokenizer))
-    assert VLLM.fit_spaces({"quantization": QuantSpace()}, model)["quantization"].methods == ("none", "rtn", "gptq")
+    fitted = VLLM.fit_spaces({"quantization": QuantSpace()}, model)["quantization"].methods
+    assert fitted == ("none", *methods_rounding_onto("compressed-tensors"))  # whatever is registered
+    assert {"rtn", "gptq"} <= set(fitted) and not {"bnb", "dynamic-int8", "llama-quant"} & set(fitted)
     folder = VLLM.ship(model, tokenizer, [Stage("quantization", spec)], tmp_path)
     config = json.loads((folder / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"

@@ -27,18 +27,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from search_spaces.hashing import sha256_file
+
 FORMAT = 2  # bump when the entry layout or the fields of the stored report change: old entries then miss
 MANIFEST = "entry.json"
-CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks (the student cache's and the built-in assets' integrity checks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def data_identity(documents: Sequence[Any]) -> str:

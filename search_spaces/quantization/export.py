@@ -50,8 +50,10 @@ def _stored_modules(model: nn.Module) -> dict[str, StoredWeights]:
     return {name: m for name, m in model.named_modules() if isinstance(m, StoredWeights)}
 
 
-def _compressed_state(model: nn.Module, stored: dict[str, StoredWeights]) -> dict:
-    """The model's state dict with every rtn/gptq layer's own tensors replaced by its stored ones."""
+def stored_state(model: nn.Module, stored: dict[str, StoredWeights] | None = None) -> dict:
+    """The model's state dict with every rtn/gptq layer's own tensors replaced by its stored ones: what a target's
+    writer saves, whatever file format it ships (`stored`: the model's stored layers, when already found)."""
+    stored = _stored_modules(model) if stored is None else stored
     state = {key: tensor for key, tensor in model.state_dict().items() if key.rpartition(".")[0] not in stored}
     for name, module in stored.items():
         state.update({f"{name}.{leaf}": tensor for leaf, tensor in module.stored_tensors().items()})
@@ -88,7 +90,7 @@ def _save_compressed_tensors(model: nn.Module, stored: dict[str, StoredWeights],
     from compressed_tensors.compressors import ModelCompressor
 
     by_format = _packed_formats(stored)
-    model.save_pretrained(out, state_dict=_compressed_state(model, stored))
+    model.save_pretrained(out, state_dict=stored_state(model, stored))
     if by_format:  # only 16-bit layers: a plain float checkpoint
         ModelCompressor(quantization_config=_quantization_config(by_format)).update_config(str(out))
     if any(not fmt.symmetric for fmt in by_format):

@@ -8,8 +8,9 @@ offset, scale dtype: `schemes.StorageGrid`) to the layer plan and its storage sc
 they round onto (`rounds_onto`): deployment targets keep the methods that round onto their scheme
 (`spec.fit_to_scheme`), never a list of names.
 
-Adding a method: one module in this folder with a subclass registered by `register_method`, and its import
-in `methods/__init__.py` (see search_spaces/README.md).
+Adding a method: one module in this folder with a subclass registered by `register_method`, and its name in
+the methods' import line of `quantization/__init__.py`; from a target's folder or a package of your own, an
+entry point in the `planner.quantization_methods` group (see search_spaces/README.md).
 """
 from __future__ import annotations
 

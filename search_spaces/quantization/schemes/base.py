@@ -199,7 +199,8 @@ class StorageScheme(abc.ABC):
         return words
 
 
-STORAGE_SCHEMES: Registry = Registry("storage scheme")
+# A plug-in package's schemes are this entry-point group's (the project's own: an import in schemes/__init__.py).
+STORAGE_SCHEMES: Registry = Registry("storage scheme", plugins="planner.storage_schemes")
 register_scheme = STORAGE_SCHEMES.add
 
 
