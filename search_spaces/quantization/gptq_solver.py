@@ -58,14 +58,13 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def without_dead_columns(work_t: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W^T, H) with inputs that are always zero taken out of play: their weights are irrelevant (set to 0) and
-    their diagonal set to 1 so H stays invertible. Copies; the arguments are not changed."""
-    work_t, hessian = work_t.float().clone(), hessian.float().clone()
+def without_dead_inputs(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a float copy of H whose never-active inputs have diagonal 1, so it stays invertible; which inputs those
+    are): their weights are irrelevant, and the callers set them to 0."""
+    hessian = hessian.float().clone()
     dead = hessian.diagonal() == 0
     hessian[dead, dead] = 1
-    work_t[dead] = 0
-    return work_t, hessian
+    return hessian, dead
 
 
 def _group_params(work_t: torch.Tensor, size: int, fmt: StorageGrid, scale_dtype: torch.dtype):
@@ -87,8 +86,9 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, fmt: StorageGrid, sc
     format keeps its groups in column order; without it, columns go left to right and each group's
     scale is taken from its error-compensated columns when the group is reached.
     """
-    # W^T: the column being rounded is a contiguous row
-    work, hessian = without_dead_columns(weight.detach().float().t().contiguous(), hessian)
+    hessian, dead = without_dead_inputs(hessian)
+    work = weight.detach().float().t().contiguous()  # W^T: the column being rounded is a contiguous row
+    work[dead] = 0
     width, out = work.shape
     group_size, symmetric = fmt.group_size, fmt.symmetric
     size = width if group_size is None else group_size

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from search_spaces.quantization.gptq_solver import inverse_hessian_factor, one_thread, without_dead_columns
+from search_spaces.quantization.gptq_solver import inverse_hessian_factor, one_thread, without_dead_inputs
 from targets.llamacpp import ggml_quants
 from targets.llamacpp.block_formats import COMPENSABLE, IQ4_LEVELS, block_format
 
@@ -52,9 +52,7 @@ def compensable(kind: str) -> bool:
 def hessian_factor(covariance: np.ndarray | torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
     """(the upper Cholesky factor of the damped H^-1, which inputs are never active) of an input covariance: what
     every type's compensated rounding of the tensors reading that input shares."""
-    hessian = torch.as_tensor(covariance, dtype=torch.float32)
-    dead = hessian.diagonal() == 0
-    _, hessian = without_dead_columns(torch.zeros(hessian.shape[0], 1), hessian)
+    hessian, dead = without_dead_inputs(torch.as_tensor(covariance))
     return inverse_hessian_factor(hessian, damp), dead
 
 
