@@ -4,8 +4,8 @@ the compensated options, and the compensated blocks of a whole allocation, timed
     .venv/bin/python bench/compensation_cost.py [--model builtin:smollm2-135m-float] [--threads 2]
 
 Stages (the study's defaults: 16 x 256 calibration tokens): the importance matrix; each tensor's error in every
-type of the menu (llama.cpp's rounding only: the tables before compensation); the input covariances; the same
-with every compensable type's compensated option; the KL gains; then the compensated blocks of every tensor in
+type of the menu (llama.cpp's rounding: the tables before compensation); the input covariances; every
+compensable type's compensated option (what compensation adds to the tables); the KL gains; then the compensated blocks of every tensor in
 one type (Q5_0, or Q5_K where a row takes 256-blocks) on whole tensors, as a build writes them. Prints seconds,
 threads, CPU capability and load; appends a row to bench/results/compensation_cost.jsonl. Figures, not assertions.
 """
@@ -35,7 +35,7 @@ def main() -> None:
     from search_spaces.quantization.spec import AllocationSettings
     from targets.llamacpp import sensitivity
     from targets.llamacpp.allocated import KL_WINDOWS
-    from targets.llamacpp.compensated import compensated_round, hessian_factor
+    from targets.llamacpp.compensated import compensated_round, concurrently, hessian_factor
     from targets.llamacpp.imatrix import importance_matrix
 
     quiet_libraries()
@@ -58,24 +58,28 @@ def main() -> None:
     menu = sensitivity.MENUS["all"]
     timed("type errors, llama.cpp's rounding", lambda: sensitivity.type_options(model, tensors, menu))
     covariances = timed("input covariances", lambda: sensitivity.compensable_inputs(model, tensors, windows))
-    timed("type errors with compensated options",
-          lambda: sensitivity.type_options(model, tensors, menu, covariances=covariances))
+    timed("compensated options", lambda: sensitivity.compensated_options(model, tensors, menu, covariances,
+                                                                         threads=args.threads))
     timed("KL gains", lambda: sensitivity.kl_gains(model, tensors, windows[:KL_WINDOWS]))
     weights = sensitivity.weights_of(model, tensors)
 
-    def blocks():
+    def blocks():  # as a build rounds them (CompensatedBlocks.of): factors first, then tensors side by side
         factors = {}
-        for tensor in (t for t in tensors if t.gguf_name in covariances):
+        chosen = [t for t in tensors if t.gguf_name in covariances]
+        for tensor in chosen:
             covariance = covariances[tensor.gguf_name]
             if id(covariance) not in factors:
                 factors[id(covariance)] = hessian_factor(covariance)
+
+        def rounded(tensor):
+            covariance = covariances[tensor.gguf_name]
             kind = "Q5_K" if tensor.shape[1] % 256 == 0 else "Q5_0"
-            compensated_round(weights[tensor.gguf_name].detach().float().numpy(), covariance, kind,
-                              tensor.importance, factor=factors[id(covariance)])
+            return compensated_round(weights[tensor.gguf_name].detach().float().numpy(), covariance, kind,
+                                     tensor.importance, factor=factors[id(covariance)])
+        concurrently(rounded, chosen, args.threads)
     timed("compensated blocks of every tensor, whole", blocks)
     before = seconds["importance matrix"] + seconds["type errors, llama.cpp's rounding"] + seconds["KL gains"]
-    after = before - seconds["type errors, llama.cpp's rounding"] + seconds["input covariances"] + \
-        seconds["type errors with compensated options"]
+    after = before + seconds["input covariances"] + seconds["compensated options"]
     row = {"model": args.model, "threads": args.threads, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "load": round(os.getloadavg()[0], 2), "seconds": seconds, "tables_before": round(before, 1),
            "tables_after": round(after, 1), "ratio": round(after / before, 2)}

@@ -104,3 +104,37 @@ def test_compensation_lowers_the_output_error_of_llama_cpps_importance_weighted_
     restored = ggml_quants.dequantize(kind, data, weight.shape[1])
     assert np.array_equal(restored, block_format(kind).decode(data))
     assert output_error(weight, restored, covariance) < 0.7 * output_error(weight, rounded, covariance)
+
+
+def test_several_types_rounded_in_one_loop_are_each_types_own_rounding():
+    """32- and 256-wide types share one column loop (their rows side by side): each comes out as it does alone."""
+    from targets.llamacpp.compensated import compensated_rounds
+
+    weight, importance = _weights(rows=16)
+    rng = np.random.default_rng(3)
+    inputs = rng.standard_normal((2048, weight.shape[1])).astype(np.float32) * importance
+    covariance = inputs.T @ inputs / len(inputs)
+    kinds = ["Q4_K", "Q5_0", "IQ4_NL", "Q6_K", "IQ4_XS"]
+    together = compensated_rounds(weight, covariance, kinds, importance)
+    for kind in kinds:
+        assert np.array_equal(together[kind], compensated_round(weight, covariance, kind, importance)), kind
+
+
+def test_tensors_rounded_side_by_side_give_what_one_at_a_time_gives_and_keep_torchs_threads():
+    from targets.llamacpp.compensated import concurrently
+
+    rng = np.random.default_rng(4)
+    jobs = []
+    for seed in range(4):
+        weight, importance = _weights(rows=8, width=256, seed=seed)
+        inputs = rng.standard_normal((512, 256)).astype(np.float32)
+        jobs.append((weight, inputs.T @ inputs / 512, importance))
+    threads, seen = torch.get_num_threads(), []
+
+    def rounded(job):
+        seen.append(torch.get_num_threads())  # torch single-threaded for every job, not only inside each loop
+        return compensated_round(job[0], job[1], "Q4_K", job[2])
+    side_by_side = concurrently(rounded, jobs, threads=2)
+    assert seen == [1] * len(jobs) and torch.get_num_threads() == threads
+    for job, blocks in zip(jobs, side_by_side):  # in order, and each as rounded alone
+        assert np.array_equal(blocks, compensated_round(job[0], job[1], "Q4_K", job[2]))

@@ -229,6 +229,12 @@ def test_a_built_candidate_is_written_with_the_planned_types_and_its_imatrix(tok
             assert np.linalg.norm(ours - theirs) < 0.5 * np.linalg.norm(theirs), name
             # and nothing else than those blocks differs from llama.cpp's file
             assert not np.array_equal(ours, theirs)
+        with pytest.MonkeyPatch.context() as patch:  # a rebuild reads its blocks back: no covariance computed
+            patch.setattr(sensitivity, "compensable_inputs", lambda *a, **k: pytest.fail("covariances recomputed"))
+            rebuilt = getattr(TECHNIQUES["quantization"].apply(make_tiny_llama(vocab_size=len(tokenizer), **WIDE),
+                                                               chosen, context), PLAN_ATTRIBUTE)
+        assert rebuilt.compensated.keys() == plan.compensated.keys()
+        assert all(np.array_equal(rebuilt.compensated[n], plan.compensated[n]) for n in plan.compensated)
     for name in (n for n in mlp if n in plan.compensated and plan.types[n] != "F16"):
         assert not np.array_equal(stored(name), ggml_quants.quantize(
             plan.types[name], mlp[name].weight.detach().numpy(), plan.imatrix[name]).reshape(-1))

@@ -37,7 +37,8 @@ from search_spaces.specs import SpecError
 from search_spaces.quantization.plan import LayerPlan
 from targets.llamacpp import sensitivity
 from targets.llamacpp.block_formats import COMPENSABLE
-from targets.llamacpp.compensated import base_kind, compensable, compensated_kind, compensated_round, hessian_factor, is_compensated
+from targets.llamacpp.compensated import (base_kind, compensable, compensated_kind, compensated_round, concurrently,
+                                          hessian_factor, is_compensated)
 from targets.llamacpp.imatrix import CALIBRATION_DATASET, importance_matrix
 from targets.llamacpp.quantize import FLOAT_TYPES, fallback_type, quant_type, type_bytes
 from targets.llamacpp import writer
@@ -507,26 +508,42 @@ class CompensatedBlocks:
 
     def __call__(self, name: str, kind: str, weight: np.ndarray | None = None) -> np.ndarray:
         """The blocks of tensor `name` in GGML type `kind`, rounded from `weight` (the model's, by default)."""
-        file = None if self.folder is None else self.folder / f"{name}.{kind}.npy"
-        if file is not None and file.is_file():
+        file = self._file(name, kind)
+        if self._cached(name, kind):
             return np.load(file)
-        self.prepare([name])
-        covariance = self.covariances[name]
-        if id(covariance) not in self.factors:
-            self.factors[id(covariance)] = hessian_factor(covariance)
+        covariance, factor = self._factor(name)
         if weight is None:
             weight = sensitivity.weights_of(self.model, [self.tensors[name]])[name].detach().float().cpu().numpy()
-        blocks = compensated_round(weight, covariance, kind, self.tensors[name].importance,
-                                   factor=self.factors[id(covariance)])
+        blocks = compensated_round(weight, covariance, kind, self.tensors[name].importance, factor=factor)
         if file is not None:
             file.parent.mkdir(parents=True, exist_ok=True)
             np.save(file, blocks)
         return blocks
 
+    def _file(self, name: str, kind: str) -> Path | None:
+        return None if self.folder is None else self.folder / f"{name}.{kind}.npy"
+
+    def _cached(self, name: str, kind: str) -> bool:
+        file = self._file(name, kind)
+        return file is not None and file.is_file()
+
+    def _factor(self, name: str) -> tuple[np.ndarray, tuple]:
+        """(the input covariance of tensor `name`, its `hessian_factor`: shared by the tensors reading one input)."""
+        self.prepare([name])
+        covariance = self.covariances[name]
+        if id(covariance) not in self.factors:
+            self.factors[id(covariance)] = hessian_factor(covariance)
+        return covariance, self.factors[id(covariance)]
+
     def of(self, kinds: dict[str, str]) -> dict[str, np.ndarray]:
-        """{GGUF name: blocks} of the tensors whose kind is ``<type>+gptq``."""
+        """{GGUF name: blocks} of the tensors whose kind is ``<type>+gptq``, several rounded at once."""
         wanted = {name: base_kind(kind) for name, kind in kinds.items() if is_compensated(kind)}
-        return {name: self(name, kind) for name, kind in wanted.items()}
+        rounded = [n for n, kind in wanted.items() if not self._cached(n, kind)]
+        if rounded:  # the covariances and factors first (none for blocks in the cache): the threads only read them
+            self.prepare(rounded)
+            for name in rounded:
+                self._factor(name)
+        return dict(zip(wanted, concurrently(lambda item: self(*item), wanted.items())))
 
 
 METHOD = register_method(LlamaQuant())

@@ -15,12 +15,16 @@ A type chosen this way is named ``<type>+gptq`` in allocation tables and recipes
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, TypeVar
+
 import numpy as np
 import torch
 
 from search_spaces.quantization.gptq_solver import inverse_hessian_factor, one_thread, without_dead_inputs
 from targets.llamacpp import ggml_quants
 from targets.llamacpp.block_formats import COMPENSABLE, IQ4_LEVELS, block_format
+from targets.llamacpp.quantize import default_threads
 
 SUFFIX = "+gptq"
 DAMP = 0.01  # of H's mean diagonal, added to its diagonal (GPTQ's default)
@@ -30,6 +34,20 @@ DAMP = 0.01  # of H's mean diagonal, added to its diagonal (GPTQ's default)
 # error by under 0.5% (measured on the float benchmark model's layers).
 ROW_STATISTICS = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1"})
 LAZY_COLUMNS = 256  # columns rounded before the columns after them are updated at once (a multiple of 32 and 256)
+
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def concurrently(work: Callable[[Item], Result], items: Iterable[Item], threads: int | None = None) -> list[Result]:
+    """`work` of each item, `threads` items (the process's CPUs) at once: a tensor's column loop runs on one
+    thread (thousands of tiny ops), and llama.cpp's quantizer and torch's kernels run without the GIL, so several
+    tensors round side by side. torch stays single-threaded throughout (the loops' own `one_thread` would
+    otherwise restore each other's thread counts out of order)."""
+    items = list(items)
+    with one_thread(), ThreadPoolExecutor(max(1, min(threads or default_threads(), len(items) or 1))) as pool:
+        return list(pool.map(work, items))
 
 
 def compensated_kind(kind: str) -> str:
@@ -68,15 +86,16 @@ def compensated_round(weight: np.ndarray, covariance: np.ndarray | torch.Tensor,
 
 class _Stack:
     """Several types' roundings of one weight side by side, as rows of one matrix (their column loop is thousands
-    of tiny ops whatever the rows: rounded together, K types cost about what one does). Uniform types' codes are
+    of tiny ops whatever the rows: rounded together, K types cost about what one does; 32- and 256-wide blocks
+    share the loop, each type's scales fixed when the loop reaches one of its blocks). Uniform types' codes are
     levels lo..hi (rounded and clamped), IQ4's the nearest of its table (bucketed); the loop works in level values
-    and each type's codes are looked up at the end."""
+    and each type's codes are looked up when its block is done."""
 
     def __init__(self, kinds: list[str], rows: int):
         kinds = sorted(kinds, key=lambda k: block_format(k).levels is IQ4_LEVELS)  # the table types last
         self.kinds, self.rows = kinds, rows
         self.formats = [block_format(k) for k in kinds]
-        self.block = self.formats[0].block
+        self.block_sizes = sorted({f.block for f in self.formats})
         bounds = [(f.levels.min(), f.levels.max()) for f in self.formats]
         self.low = torch.tensor([b[0] for b in bounds for _ in range(rows)], dtype=torch.float32)
         self.high = torch.tensor([b[1] for b in bounds for _ in range(rows)], dtype=torch.float32)
@@ -92,34 +111,37 @@ class _Stack:
             lookup[fmt.levels.astype(np.int64) - lowest] = np.arange(len(fmt.levels), dtype=np.uint8)
             self.code_of.append((lowest, lookup))
 
-    def levels(self, values: torch.Tensor, step: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """Per row the level whose value ``step * level + offset`` is nearest `values` (any sign of step; a zero
-        step decodes every level to the offset: level 0, or the table's nearest 0)."""
-        safe = torch.where(step == 0, torch.ones_like(step), step)
-        position = torch.where(step == 0, torch.zeros_like(values), (values - offset) / safe)
-        level = torch.minimum(torch.maximum(torch.round(position), self.low), self.high)
+    def of_block(self, block: int) -> list[int]:
+        """The types (their indices) stored in `block`-wide blocks."""
+        return [i for i, f in enumerate(self.formats) if f.block == block]
+
+    def rows_of(self, index: int) -> slice:
+        return slice(index * self.rows, (index + 1) * self.rows)
+
+    def levels(self, values: torch.Tensor, inverse_step: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Per row the level whose value ``step * level + offset`` is nearest `values` (any sign of step;
+        `inverse_step` is 0 where a step is: such a sub-block decodes every level to the offset, and takes
+        level 0, or the table's nearest 0)."""
+        position = (values - offset) * inverse_step
+        level = torch.clamp(torch.round(position), self.low, self.high)
         if self.table_from is not None:
-            tail = position[self.table_from:]
-            level[self.table_from:] = self.table[torch.bucketize(tail, self.midpoints)]
+            level[self.table_from:] = self.table[torch.bucketize(position[self.table_from:], self.midpoints)]
         return level
 
-    def scales(self, columns: torch.Tensor, importance: np.ndarray) -> tuple[list[np.ndarray], torch.Tensor, torch.Tensor]:
-        """llama.cpp's blocks of `columns` (block x stacked rows) per type, and each weight's step and offset
-        (block x stacked rows)."""
-        blocks, steps, offsets = [], [], []
-        for index, (kind, fmt) in enumerate(zip(self.kinds, self.formats)):
-            rows = slice(index * self.rows, (index + 1) * self.rows)
-            blocks.append(ggml_quants.quantize(kind, columns[:, rows].t().numpy(), importance, threads=1))
-            step, offset = fmt.steps(blocks[-1])
-            steps.append(np.repeat(step, fmt.sub, axis=1))
-            offsets.append(np.repeat(offset, fmt.sub, axis=1))
-        return blocks, torch.from_numpy(np.concatenate(steps).T.copy()), torch.from_numpy(np.concatenate(offsets).T.copy())
+    def scales(self, index: int, columns: torch.Tensor, importance: np.ndarray, step: torch.Tensor,
+               offset: torch.Tensor) -> np.ndarray:
+        """llama.cpp's blocks of type `index`'s rows of `columns` (block x stacked rows); each weight's step and
+        offset written into `step`, `offset` (block x stacked rows) at its rows."""
+        fmt, rows = self.formats[index], self.rows_of(index)
+        blocks = ggml_quants.quantize(self.kinds[index], columns[:, rows].t().numpy(), importance, threads=1)
+        steps, offsets = (torch.from_numpy(np.repeat(a, fmt.sub, axis=1).T) for a in fmt.steps(blocks))
+        step[:, rows], offset[:, rows] = steps, offsets
+        return blocks
 
     def codes(self, index: int, levels: torch.Tensor) -> np.ndarray:
         """Type `index`'s codes (rows x block) of its rows' level values (block x stacked rows)."""
         lowest, lookup = self.code_of[index]
-        mine = levels[:, index * self.rows:(index + 1) * self.rows].t().numpy().astype(np.int64)
-        return lookup[mine - lowest]
+        return lookup[levels[:, self.rows_of(index)].t().numpy().astype(np.int64) - lowest]
 
 
 @torch.no_grad()
@@ -127,7 +149,7 @@ class _Stack:
 def compensated_rounds(weight: np.ndarray, covariance: np.ndarray | torch.Tensor, kinds, importance=None,
                        damp: float = DAMP, factor: tuple[torch.Tensor, torch.Tensor] | None = None
                        ) -> dict[str, np.ndarray]:
-    """`compensated_round` of one weight in each of `kinds`, the types of one block size rounded together."""
+    """`compensated_round` of one weight in each of `kinds`, rounded together in one column loop."""
     weight = np.ascontiguousarray(weight, dtype=np.float32)
     rows, width = weight.shape
     for kind in kinds:
@@ -138,41 +160,47 @@ def compensated_rounds(weight: np.ndarray, covariance: np.ndarray | torch.Tensor
         importance = torch.as_tensor(covariance).diagonal().float().numpy()
     importance = np.ascontiguousarray(importance, dtype=np.float32)
     factor, dead = hessian_factor(covariance, damp) if factor is None else factor
-    out = {}
-    for block in sorted({block_format(k).block for k in kinds}):
-        stack = _Stack([k for k in kinds if block_format(k).block == block], rows)
-        out.update(_round_stack(weight, stack, factor, dead, importance))
+    out = _round_stack(weight, _Stack(list(dict.fromkeys(kinds)), rows), factor, dead, importance)
     return {kind: out[kind] for kind in kinds}
 
 
 def _round_stack(weight: np.ndarray, stack: _Stack, factor: torch.Tensor, dead: torch.Tensor,
                  importance: np.ndarray) -> dict[str, np.ndarray]:
     rows, width = weight.shape
-    block = stack.block
     work = torch.from_numpy(weight).t().repeat(1, len(stack.kinds)).contiguous()  # W^T once per type, side by side
     work[dead] = 0  # an input never active: its weights do not matter (and H's factor ignores them)
-    out = {k: np.empty((rows, width // block * f.block_bytes), dtype=np.uint8)
+    out = {k: np.empty((rows, width // f.block * f.block_bytes), dtype=np.uint8)
            for k, f in zip(stack.kinds, stack.formats)}
-    lazy = max(block, LAZY_COLUMNS // block * block)
+    groups = {block: stack.of_block(block) for block in stack.block_sizes}
+    lazy = max(stack.block_sizes[-1], LAZY_COLUMNS // stack.block_sizes[-1] * stack.block_sizes[-1])
+    blocks: dict[int, np.ndarray] = {}  # per type, llama.cpp's block being rounded
     for start in range(0, width, lazy):
         end = min(start + lazy, width)
         chunk = work[start:end].clone()
-        errors = torch.empty_like(chunk)
-        pivots = factor[start:end, start:end].diagonal().tolist()
-        for first in range(0, end - start, block):
-            # llama.cpp fixes this block's scales from its columns as compensated so far
-            column0 = start + first
-            blocks, steps, offsets = stack.scales(chunk[first:first + block], importance[column0:column0 + block])
-            levels = torch.empty(block, chunk.shape[1])
-            for i in range(first, first + block):
-                step, offset = steps[i - first], offsets[i - first]
-                levels[i - first] = stack.levels(chunk[i], step, offset)
-                error = (chunk[i] - (step * levels[i - first] + offset)) / pivots[i]
-                chunk[i:].addr_(factor[start + i, start + i:end], error, alpha=-1)
-                errors[i] = error
-            for index, (kind, fmt) in enumerate(zip(stack.kinds, stack.formats)):
-                at = column0 // block * fmt.block_bytes
-                out[kind][:, at:at + fmt.block_bytes] = fmt.with_codes(blocks[index], stack.codes(index, levels))
+        errors, levels = torch.empty_like(chunk), torch.empty_like(chunk)
+        step, offset = torch.empty_like(chunk), torch.empty_like(chunk)
+        inverse = torch.empty_like(chunk)
+        inverse_pivots = (1 / factor[start:end, start:end].diagonal()).tolist()
+        for i in range(end - start):
+            for block, members in groups.items():
+                if i % block == 0:  # llama.cpp fixes these types' scales from the block's columns as compensated so far
+                    at = slice(i, i + block)
+                    for index in members:
+                        blocks[index] = stack.scales(index, chunk[at], importance[start + i:start + i + block],
+                                                     step[at], offset[at])
+                    inverse[at] = torch.where(step[at] == 0, 0.0, 1 / step[at])
+            levels[i] = stack.levels(chunk[i], inverse[i], offset[i])
+            error = (chunk[i] - torch.addcmul(offset[i], step[i], levels[i])) * inverse_pivots[i]
+            chunk[i + 1:].addr_(factor[start + i, start + i + 1:end], error, alpha=-1)
+            errors[i] = error
+            for block, members in groups.items():
+                if (i + 1) % block == 0:  # these types' blocks are done: their codes written in
+                    at = slice(i + 1 - block, i + 1)
+                    for index in members:
+                        fmt, kind = stack.formats[index], stack.kinds[index]
+                        column = (start + i + 1 - block) // block * fmt.block_bytes
+                        out[kind][:, column:column + fmt.block_bytes] = fmt.with_codes(
+                            blocks[index], stack.codes(index, levels[at]))
         work[end:].addmm_(factor[start:end, end:].t(), errors, alpha=-1)
     return out
 
@@ -181,5 +209,8 @@ def output_error(weight: np.ndarray, restored: np.ndarray, covariance: np.ndarra
     """``sum_rows e C e^T`` with e = weight - restored: the mean squared error of the projection's outputs over
     the calibration tokens whose input covariance is C (its diagonal alone gives llama.cpp's importance-weighted
     error)."""
-    error = torch.from_numpy(np.asarray(weight, dtype=np.float64) - np.asarray(restored, dtype=np.float64))
-    return float(((error @ torch.as_tensor(covariance, dtype=torch.float64)) * error).sum())
+    # the difference in float64 (weights and their rounding are close), the quadratic form in float32: a sum of
+    # rows' non-negative terms, where float32 loses nothing that matters and is several times faster
+    error = torch.from_numpy((np.asarray(weight, dtype=np.float64) - np.asarray(restored, dtype=np.float64))
+                             .astype(np.float32))
+    return float(((error @ torch.as_tensor(covariance, dtype=torch.float32)) * error).sum(dtype=torch.float64))

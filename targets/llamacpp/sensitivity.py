@@ -133,30 +133,34 @@ def compensated_options(model: nn.Module, tensors: Sequence[Tensor], menu: Seque
     inputs' mean x x^T). The error is llama.cpp's rounding's importance-weighted error (`type_options`) scaled by
     the ratio of the two roundings' output errors under the full covariance: the importance-weighted error is its
     diagonal part only, and the compensation is exactly what moves error off the diagonal. Rows are rounded
-    independently here too, so the sampled rows are those of the whole tensor's rounding."""
-    table: dict[str, list[Option]] = {}
+    independently here too, so the sampled rows are those of the whole tensor's rounding. `threads` tensors are
+    rounded at once (`compensated.concurrently`)."""
     factors: dict[int, tuple] = {}  # tensors reading one input share its covariance, and so its factor
+    work = []
     for tensor, weight, scale in _sampled(model, [t for t in tensors if t.gguf_name in covariances], rows):
-        covariance = covariances[tensor.gguf_name]
         kinds = [k for k in dict.fromkeys(fallback_type(k, weight.shape[1]) for k in menu)
                  if quant_type(k).quantized and compensated.compensable(k)]
-        if not kinds:
-            continue
-        if id(covariance) not in factors:
+        covariance = covariances[tensor.gguf_name]
+        if kinds and id(covariance) not in factors:
             factors[id(covariance)] = compensated.hessian_factor(covariance)
-        blocks = compensated.compensated_rounds(weight, covariance, kinds, tensor.importance,
-                                                factor=factors[id(covariance)])
-        options = []
+        if kinds:
+            work.append((tensor, weight, scale, kinds, covariance, factors[id(covariance)]))
+
+    def options(tensor, weight, scale, kinds, covariance, factor) -> list[Option]:
+        blocks = compensated.compensated_rounds(weight, covariance, kinds, tensor.importance, factor=factor)
+        found = []
         for kind in kinds:
-            rounded, _ = ggml_quants.roundtrip(kind, weight, tensor.importance, threads)
+            rounded, _ = ggml_quants.roundtrip(kind, weight, tensor.importance, threads=1)
             restored = ggml_quants.dequantize(kind, blocks[kind], weight.shape[1])
             ours = compensated.output_error(weight, restored, covariance)
             theirs = compensated.output_error(weight, rounded, covariance)
             error = scale * _error(weight, rounded, tensor.importance)
-            options.append(Option(compensated.compensated_kind(kind), type_bytes(kind, tensor.shape),
-                                  error * ours / theirs if theirs > 0 else 0.0))
-        table[tensor.gguf_name] = options
-    return table
+            found.append(Option(compensated.compensated_kind(kind), type_bytes(kind, tensor.shape),
+                                error * ours / theirs if theirs > 0 else 0.0))
+        return found
+
+    found = compensated.concurrently(lambda item: options(*item), work, threads)
+    return {item[0].gguf_name: opts for item, opts in zip(work, found)}
 
 
 def compensable_inputs(model: nn.Module, tensors: Sequence[Tensor], windows: torch.Tensor) -> dict[str, np.ndarray]:
