@@ -617,3 +617,21 @@ def test_a_latency_budget_reaches_every_allocation_as_its_decode_target():
     drawn = quant.suggest(CornerTrial({}), fitted)
     assert drawn.allocation.decode == 0.4 and "decode<=0.4x" in quant.describe(drawn)
     assert quant.suggest(CornerTrial({}), space).allocation.decode is None
+
+
+def test_a_types_decode_cost_is_its_own_where_its_file_fell_back_on_most_tensors():
+    """Whole-model files timed per type asked for; Q4_K is written as Q5_0 on the narrow tensors: its cost is
+    recovered from its file less the Q5_0 part (linear in the tensors' shares), the other types' stand."""
+    from targets.llamacpp.allocated import written_type_costs
+
+    sizes = {"narrow.a": 300, "narrow.b": 500, "wide": 200}
+    true = {"Q4_K": 0.10, "Q5_0": 0.20, "Q8_0": 0.25}
+    written = {"Q4_K": {"narrow.a": "Q5_0", "narrow.b": "Q5_0", "wide": "Q4_K"},
+               "Q5_0": dict.fromkeys(sizes, "Q5_0"), "Q8_0": dict.fromkeys(sizes, "Q8_0")}
+    ratios = {k: sum(sizes[n] * true[t] for n, t in types.items()) / 1000 for k, types in written.items()}
+    assert ratios["Q4_K"] == pytest.approx(0.18)  # the file's own ratio: mostly Q5_0's
+    costs = written_type_costs(ratios, written, sizes)
+    assert costs == pytest.approx(true)
+    # a type written nowhere as itself keeps its file's ratio
+    nowhere = {**written, "Q6_K": dict.fromkeys(sizes, "Q8_0")}
+    assert written_type_costs({**ratios, "Q6_K": 0.25}, nowhere, sizes)["Q6_K"] == 0.25

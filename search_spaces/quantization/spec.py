@@ -102,9 +102,9 @@ class AllocationSettings(DictSpec):
     # again, which on another machine (another cache, other decode costs) could choose other types.
     pinned: tuple[tuple[str, str], ...] = ()
     # Whether a tensor may take a type with error-compensated (GPTQ) codes, ``<type>+gptq``, where its tables
-    # predict less KL than llama.cpp's own rounding in the same bytes (targets/llamacpp/compensated.py). Off by
-    # default for now: it adds minutes per candidate shape (docs/benchmarks.md section 12).
-    compensate: bool = False
+    # predict less KL than llama.cpp's own rounding in the same bytes (targets/llamacpp/compensated.py). It adds
+    # about 1.2x the tables' own time per candidate shape (docs/benchmarks.md section 12).
+    compensate: bool = True
     # At most this many measured moves refining the allocation by KL on calibration windows (0: none; each is
     # a forward pass from the first layer a move changes: targets/llamacpp/refine.py).
     refine: int = 0
@@ -135,7 +135,7 @@ class AllocationSpace(DictSpec):
     bpw: tuple[float, ...] = (4.5, 4.75, 5.0, 5.25, 5.5, 6.0, 6.5, 7.0)
     types: tuple[str, ...] = ALLOCATION_TYPES
     speed: tuple[float, ...] = (0.0, 0.1, 1.0)
-    compensate: tuple[bool, ...] = (False,)  # [true] or [true, false]: compensated codes may be chosen
+    compensate: tuple[bool, ...] = (True,)  # [false] or [true, false]: compensated codes may be chosen
     refine: tuple[int, ...] = (0,)  # measured moves after the allocation (AllocationSettings.refine)
     exclude: tuple[str, ...] = ()  # not searched: every candidate leaves these types out
     samples: int = 16

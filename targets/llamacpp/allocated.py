@@ -339,9 +339,10 @@ COST_PROTOCOL = dict(prompt_tokens=32, new_tokens=16, warmup=1, repeats=3, seed=
 
 
 def decode_costs(model: nn.Module, context: BuildContext) -> dict[str, float]:
-    """{type: decode ratio to the float GGUF of the model with every quantizable tensor in that type (as llama.cpp
-    writes it on each row width)}, timed A/B in llama.cpp. Types llama.cpp writes as the same file on these rows
-    (Q4_K as Q5_0 on 576-wide rows) are timed once. Each file is the float GGUF retyped with zeroed blocks
+    """{type: decode ratio to the float GGUF of the model with every quantizable tensor in that type, where it is
+    written as that type (`written_type_costs`)}, from files timed A/B in llama.cpp with every quantizable tensor
+    asked for in one type. Types llama.cpp writes as the same file on these rows (Q4_K as Q5_0 on 576-wide rows)
+    are timed once. Each file is the float GGUF retyped with zeroed blocks
     (gguf_header.write_zeroed: the same tensors, types and bytes llama-quantize writes, without quantizing: the
     kernels' work does not depend on the values). A cost model: timed on the first shape of a source model that
     asks, per decode thread count, and used for every shape of it (a type's ratio to float moves little with the
@@ -356,11 +357,12 @@ def decode_costs(model: nn.Module, context: BuildContext) -> dict[str, float]:
     # cost of a type differs with the thread count, so each count has its own cached file
     threads = serving_threads().decode
     folder = _cache_file(replace(context, upstream=()), {"costs": sorted(sensitivity.MENUS["all"]), "files": "zeroed",
-                                                         "protocol": COST_PROTOCOL})
+                                                         "protocol": COST_PROTOCOL, "per": "type written"})
     cached = None if folder is None else folder / f"decode-{threads}-threads.json"
     if cached is not None and cached.is_file():
         return json.loads(cached.read_text())
-    widths = {t.gguf_name: t.shape[1] for t in sensitivity.quantizable(model, {})}
+    tensors = sensitivity.quantizable(model, {})
+    widths = {t.gguf_name: t.shape[1] for t in tensors}
 
     def written(kind: str) -> str:  # the type llama.cpp writes for every tensor when asked for `kind`
         return json.dumps({n: fallback_type(kind, w) for n, w in widths.items()}, sort_keys=True)
@@ -378,10 +380,34 @@ def decode_costs(model: nn.Module, context: BuildContext) -> dict[str, float]:
             write_zeroed(source, paths[-1], json.loads(types), header)
         timings = time_many(paths, source, LatencyProtocol(**COST_PROTOCOL, threads=threads))
     timed = {types: timing.decode_ratio for types, timing in zip(files, timings)}
-    costs = {kind: timed[written(kind)] for kind in sensitivity.MENUS["all"]}
+    costs = written_type_costs({kind: timed[written(kind)] for kind in sensitivity.MENUS["all"]},
+                               {kind: json.loads(written(kind)) for kind in sensitivity.MENUS["all"]},
+                               {t.gguf_name: t.size for t in tensors})
     if cached is not None:
         folder.mkdir(parents=True, exist_ok=True)
         cached.write_text(json.dumps(costs))
+    return costs
+
+
+def written_type_costs(ratios: dict[str, float], written: dict[str, dict[str, str]],
+                       sizes: dict[str, int]) -> dict[str, float]:
+    """Per type, the decode ratio of a model all in that type where it is written: `ratios` are whole-model files'
+    (type asked for -> ratio), `written` what each file held per tensor. A K-quant asked for on a model whose rows
+    do not take its blocks (576-wide) is written as its fallback on most tensors (Q4_K -> Q5_0), so its file's
+    ratio is mostly the fallback's; the allocation's options are types as written, and charging a Q4_K tensor
+    Q5_0's time misjudged the presets' mixes by 5-10% (measured head to head). The model is linear in the tensors'
+    shares of the weights (as `predicted_decode`): a file's ratio = sum of share x its written type's cost, so a
+    type's own cost is its file's ratio less its fallbacks' part (each fallback's cost from its own file, which
+    falls back nowhere), over its own share."""
+    total = sum(sizes.values())
+    costs = dict(ratios)
+    for kind, types in written.items():
+        own = sum(sizes[n] for n, t in types.items() if t == kind) / total
+        others = {t for t in types.values() if t != kind}
+        if own == 0 or not others or not all(t in ratios and set(written.get(t, {}).values()) == {t} for t in others):
+            continue  # written nowhere as itself, or as something not timed on its own: the file's ratio stands
+        rest = sum(sizes[n] / total * ratios[t] for n, t in types.items() if t != kind)
+        costs[kind] = (ratios[kind] - rest) / own
     return costs
 
 
