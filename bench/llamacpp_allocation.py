@@ -12,8 +12,11 @@ presets' harness (`llamacpp_presets.measure_gguf`: full-vocabulary KL against th
 positions, top-1, perplexity, A/B decode ratio). The presets get the same importance matrix. Two menus:
 every type, and without Q4_1 and Q5_1 (also where a K-quant falls back to them: Q5_K on 576-wide rows), on
 which the built-in weights (from a Q4_1 file) sit almost losslessly. Predicted KL (the
-allocation's sum of gain x error) is stored beside the measured one.
-Raw rows: bench/results/llamacpp_allocation.jsonl; table: .txt. Figures, not assertions.
+allocation's sum of gain x error) is stored beside the measured one. `--versus-preset ROUNDS` times each
+allocation head to head against its preset's file (paired rounds in fresh loads, extended while the decode
+interval straddles 1); a 'decode <= preset' menu holds the allocation's predicted decode to the preset's own mix
+under the same cost model, tightened by `--decode-factors` while the file is slower beyond its interval.
+`--plot` draws KL against bytes. Raw rows: bench/results/llamacpp_allocation.jsonl; table: .txt. Figures, not assertions.
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ MENUS = {"all": Menu("all types", "all"), "all-gptq": Menu("all types, gptq", "a
          "all-gptq-refine": Menu("all types, gptq, refined x32", "all", compensate=True, moves=32),
          "all-gptq-decode": Menu("all types, gptq, decode <= preset", "all", compensate=True, preset_decode=True),
          "no-origin": Menu("no Q4_1/Q5_1", "all", ORIGIN_LIKE),
+         "no-origin-gptq": Menu("no Q4_1/Q5_1, gptq", "all", ORIGIN_LIKE, compensate=True),
          "no-origin-speed": Menu("no Q4_1/Q5_1, speed 0.3", "all", ORIGIN_LIKE, 0.3),
          "no-origin-gptq-decode": Menu("no Q4_1/Q5_1, gptq, decode <= preset", "all", ORIGIN_LIKE, compensate=True,
                                        preset_decode=True),
@@ -226,7 +230,7 @@ def versus_presets(rows: list[dict]) -> str:
         preset, versus = presets[row["preset"]], row["versus_preset"]
         decode, prefill = versus["decode"], versus["prefill"]
         lines.append(f"{row['artifact']:<52} KL x {row['kl'] / preset['kl']:.2f}  bytes x "
-                     f"{row['mb'] / preset['mb']:.3f}  decode x {shown(decode['ratio'], decode['low'], decode['high'])}"
+                     f"{row['mb'] / preset['mb']:.3f}  decode x {shown(decode['ratio'], decode['low'], decode['high'], decode['confidence'])}"
                      f" {versus['decode_verdict']}, prefill x {prefill['ratio']:.3f}; {versus['rounds']} rounds")
     return "\n\nagainst the preset at its bytes (decode/prefill: paired rounds, the allocation's time over the " \
         "preset's):\n" + "\n".join(lines) if lines else ""
@@ -241,17 +245,25 @@ def plot(rows: list[dict], path: Path, model: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = {"llama.cpp presets + imatrix": [r for r in rows if "menu" not in r]}
-    for row in (r for r in rows if "menu" in r):
+    tried = [r for r in rows if "decode_factor" in r]  # 'decode <= preset' tries: the kept one per preset drawn
+    for row in (r for r in rows if "menu" in r and "decode_factor" not in r):
         series.setdefault(f"planner ({row['menu']})", []).append(row)
+    kept = [r for r in tried if r.get("versus_preset", {}).get("decode_verdict") != "slower"]
+    if kept:
+        series["planner, decode no slower than the preset head to head"] = kept
     for (label, points), marker in zip(series.items(), "osD^vP*X"):
         points = sorted(points, key=lambda r: r["mb"])
         ax.plot([r["mb"] for r in points], [r["kl"] for r in points], marker=marker, label=label)
+    if tried:
+        ax.scatter([r["mb"] for r in tried], [r["kl"] for r in tried], s=12, c="grey", zorder=0,
+                   label="each try at the preset's predicted decode x 1, 0.96, ...")
     for row in series["llama.cpp presets + imatrix"]:
         ax.annotate(row["preset"], (row["mb"], row["kl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_yscale("log")
     ax.set_xlabel("tensor bytes of the file, MB")
     ax.set_ylabel("KL to the F32 model (full vocabulary, 4096 positions)")
-    ax.set_title(f"{model}: llama.cpp's presets and the planner's allocations at their bytes", fontsize=9)
+    origin = " (weights from a Q4_1 file)" if model == "builtin:smollm2-135m" else ""
+    ax.set_title(f"{model}{origin}: llama.cpp's presets and the planner's allocations at their bytes", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

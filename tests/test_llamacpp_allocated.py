@@ -424,11 +424,11 @@ def test_pinned_types_are_built_as_they_are_and_only_on_their_own_shape(tokenize
 
 
 def test_the_specs_checks_and_labels():
-    assert spec(bpw=5.5, types="k").summary() == "quant(llama-quant 5.5bpw k)"
+    assert spec(bpw=5.5, types="k").summary() == "quant(llama-quant 5.5bpw k gptq)"  # compensated codes: default
     fast = QuantSpec(method="llama-quant", bits={"attn": 4, "mlp": 4, "head": 16}, grid="gguf", group_size=32,
-                     allocation=AllocationSettings(bpw=4.5, types="legacy", speed=0.3))
+                     allocation=AllocationSettings(bpw=4.5, types="legacy", speed=0.3, compensate=False))
     assert fast.summary() == "quant(llama-quant 4.5bpw legacy speed 0.3)"
-    without = AllocationSettings(types="legacy", exclude=("Q4_1", "Q5_1"))
+    without = AllocationSettings(types="legacy", exclude=("Q4_1", "Q5_1"), compensate=False)
     assert QuantSpec(method="llama-quant", bits={"attn": 4, "mlp": 4, "head": 16}, grid="gguf", group_size=32,
                      allocation=without).summary() == "quant(llama-quant 5bpw legacy -Q4_1,Q5_1)"
     with pytest.raises(SpecError, match="exclude: leaves no type of the legacy family"):

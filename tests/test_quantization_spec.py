@@ -120,7 +120,7 @@ def test_summaries_are_short_and_say_what_matters():
         "quant(bnb int8 8/16)",
         "quant(bnb fp4 4/4)",
         "quant(dynamic-int8 8/8 +1 overrides)",
-        "quant(llama-quant 5.5bpw k -Q2_K speed 0.1)",
+        "quant(llama-quant 5.5bpw k gptq -Q2_K speed 0.1)",
     ]
 
 

@@ -141,12 +141,12 @@ class LlamaQuant(QuantMethod):
         settings = spec.allocation
         speed = [f"speed {settings.speed:g}"] if settings.speed else []
         speed += [f"decode<={settings.decode:g}x"] if settings.decode is not None else []
+        rounding = ["gptq"] if settings.compensate else []  # compensated codes allowed: beside the type family
         exclude = [f"-{','.join(settings.exclude)}"] if settings.exclude else []
-        exclude += ["gptq"] if settings.compensate else []
         exclude += [f"refine {settings.refine}"] if settings.refine else []
         size = (f"{settings.bpw:.2f}bpw={settings.fill:.0%}budget" if settings.fill is not None
                 else f"{settings.bpw:g}bpw")
-        return [size, settings.types, *exclude, *speed]
+        return [size, settings.types, *rounding, *exclude, *speed]
 
     def aim(self, spec: QuantSpec, size_of, limit: float) -> QuantSpec:
         """`bpw` resolved from `fill`: the most bits per weight (to 1/1000) whose exact stored bytes on the
