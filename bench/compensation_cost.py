@@ -35,7 +35,7 @@ def main() -> None:
     from search_spaces.quantization.spec import AllocationSettings
     from targets.llamacpp import sensitivity
     from targets.llamacpp.allocated import KL_WINDOWS
-    from targets.llamacpp.compensated import compensated_round, concurrently, hessian_factor
+    from targets.llamacpp.compensated import FactorCache, block_of, compensated_round, layer_by_layer
     from targets.llamacpp.imatrix import importance_matrix
 
     quiet_libraries()
@@ -63,20 +63,16 @@ def main() -> None:
     timed("KL gains", lambda: sensitivity.kl_gains(model, tensors, windows[:KL_WINDOWS]))
     weights = sensitivity.weights_of(model, tensors)
 
-    def blocks():  # as a build rounds them (CompensatedBlocks.of): factors first, then tensors side by side
-        factors = {}
-        chosen = [t for t in tensors if t.gguf_name in covariances]
-        for tensor in chosen:
-            covariance = covariances[tensor.gguf_name]
-            if id(covariance) not in factors:
-                factors[id(covariance)] = hessian_factor(covariance)
+    def blocks():  # as a build rounds them (CompensatedBlocks.of): a decoder block's tensors side by side
+        factors = FactorCache()
 
         def rounded(tensor):
             covariance = covariances[tensor.gguf_name]
             kind = "Q5_K" if tensor.shape[1] % 256 == 0 else "Q5_0"
             return compensated_round(weights[tensor.gguf_name].detach().float().numpy(), covariance, kind,
-                                     tensor.importance, factor=factors[id(covariance)])
-        concurrently(rounded, chosen, args.threads)
+                                     tensor.importance, factor=factors(covariance))
+        layer_by_layer(rounded, [t for t in tensors if t.gguf_name in covariances],
+                       lambda tensor: block_of(tensor.gguf_name), args.threads, factors.clear)
     timed("compensated blocks of every tensor, whole", blocks)
     before = seconds["importance matrix"] + seconds["type errors, llama.cpp's rounding"] + seconds["KL gains"]
     after = before + seconds["input covariances"] + seconds["compensated options"]

@@ -138,3 +138,29 @@ def test_tensors_rounded_side_by_side_give_what_one_at_a_time_gives_and_keep_tor
     assert seen == [1] * len(jobs) and torch.get_num_threads() == threads
     for job, blocks in zip(jobs, side_by_side):  # in order, and each as rounded alone
         assert np.array_equal(blocks, compensated_round(job[0], job[1], "Q4_K", job[2]))
+
+
+def test_a_layers_tensors_round_side_by_side_one_layer_at_a_time_with_their_factors_freed_between(monkeypatch):
+    from targets.llamacpp import compensated
+    from targets.llamacpp.compensated import FactorCache, block_of, layer_by_layer
+
+    rng = np.random.default_rng(5)
+    inputs = {layer: rng.standard_normal((256, 64)).astype(np.float32) for layer in range(3)}
+    covariances = {layer: x.T @ x / 256 for layer, x in inputs.items()}
+    names = [f"blk.{layer}.{role}.weight" for layer in range(3) for role in ("attn_q", "attn_k", "ffn_up")]
+    computed, events = [], []
+    factor_of = compensated.hessian_factor
+    monkeypatch.setattr(compensated, "hessian_factor", lambda c, damp: computed.append(id(c)) or factor_of(c, damp))
+    factors = FactorCache()
+
+    def work(name):
+        events.append(("work", block_of(name)))
+        return name, factors(covariances[int(name.split(".")[1])])
+
+    results = layer_by_layer(work, names, block_of, threads=2, done=lambda: (events.append(("done",)),
+                                                                               factors.clear()))
+    assert [name for name, _ in results] == names  # in order
+    assert sorted(computed) == sorted(id(c) for c in covariances.values())  # once per input, shared by its layer
+    assert events == [e for layer in range(3) for e in [("work", f"blk.{layer}")] * 3 + [("done",)]]
+    assert not factors._factors  # nothing held after the last layer
+    assert block_of("blk.12.ffn_down.weight") == "blk.12" and block_of("output.weight") == "output.weight"

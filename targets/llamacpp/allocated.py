@@ -37,8 +37,8 @@ from search_spaces.specs import SpecError
 from search_spaces.quantization.plan import LayerPlan
 from targets.llamacpp import sensitivity
 from targets.llamacpp.block_formats import COMPENSABLE
-from targets.llamacpp.compensated import (base_kind, compensable, compensated_kind, compensated_round, concurrently,
-                                          hessian_factor, is_compensated)
+from targets.llamacpp.compensated import (FactorCache, base_kind, block_of, compensable, compensated_kind,
+                                          compensated_round, is_compensated, layer_by_layer)
 from targets.llamacpp.imatrix import CALIBRATION_DATASET, importance_matrix
 from targets.llamacpp.quantize import FLOAT_TYPES, fallback_type, quant_type, type_bytes
 from targets.llamacpp import writer
@@ -524,7 +524,7 @@ class CompensatedBlocks:
         folder = _cache_file(context, _calibration_key(windows))
         self.folder = None if folder is None else folder / "compensated"
         self.covariances: dict[str, np.ndarray] = {}
-        self.factors: dict[int, tuple] = {}
+        self.factors = FactorCache()
 
     def prepare(self, names=None) -> None:
         """The input covariances of `names` (every compensable tensor by default), from the model as it is now."""
@@ -557,19 +557,18 @@ class CompensatedBlocks:
         """(the input covariance of tensor `name`, its `hessian_factor`: shared by the tensors reading one input)."""
         self.prepare([name])
         covariance = self.covariances[name]
-        if id(covariance) not in self.factors:
-            self.factors[id(covariance)] = hessian_factor(covariance)
-        return covariance, self.factors[id(covariance)]
+        return covariance, self.factors(covariance)
 
     def of(self, kinds: dict[str, str]) -> dict[str, np.ndarray]:
-        """{GGUF name: blocks} of the tensors whose kind is ``<type>+gptq``, several rounded at once."""
+        """{GGUF name: blocks} of the tensors whose kind is ``<type>+gptq``, a decoder block's side by side, one
+        block at a time (its inputs' factors held only while it is rounded)."""
         wanted = {name: base_kind(kind) for name, kind in kinds.items() if is_compensated(kind)}
         rounded = [n for n, kind in wanted.items() if not self._cached(n, kind)]
-        if rounded:  # the covariances and factors first (none for blocks in the cache): the threads only read them
+        if rounded:  # the covariances first, in one pass (none for blocks in the cache): the threads only read them
             self.prepare(rounded)
-            for name in rounded:
-                self._factor(name)
-        return dict(zip(wanted, concurrently(lambda item: self(*item), wanted.items())))
+        blocks = layer_by_layer(lambda item: self(*item), wanted.items(), lambda item: block_of(item[0]),
+                                done=self.factors.clear, size=lambda item: self.tensors[item[0]].size)
+        return dict(zip(wanted, blocks))
 
 
 METHOD = register_method(LlamaQuant())

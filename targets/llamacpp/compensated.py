@@ -15,6 +15,7 @@ A type chosen this way is named ``<type>+gptq`` in allocation tables and recipes
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, TypeVar
 
@@ -48,6 +49,52 @@ def concurrently(work: Callable[[Item], Result], items: Iterable[Item], threads:
     items = list(items)
     with one_thread(), ThreadPoolExecutor(max(1, min(threads or default_threads(), len(items) or 1))) as pool:
         return list(pool.map(work, items))
+
+
+def layer_by_layer(work: Callable[[Item], Result], items: Iterable[Item], layer: Callable[[Item], object],
+                   threads: int | None = None, done: Callable[[], None] | None = None,
+                   size: Callable[[Item], float] | None = None) -> list[Result]:
+    """`concurrently`, the items of one `layer(item)` side by side and one layer at a time (in the order the
+    layers first appear; within one, by `size` descending where given), `done()` after each: what a layer's
+    rounding needs (its inputs' Hessian factors, a `FactorCache`: tens to hundreds of MB each on a 1B model)
+    lives only while that layer is rounded. Results in the items' order."""
+    items = list(items)
+    groups: dict[object, list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault(layer(item), []).append(index)
+    if size is not None:  # the longest first: the others fill the other threads while it runs
+        groups = {key: sorted(indices, key=lambda i: -size(items[i])) for key, indices in groups.items()}
+    results: dict[int, Result] = {}
+    for indices in groups.values():
+        results.update(zip(indices, concurrently(work, [items[i] for i in indices], threads)))
+        if done is not None:
+            done()
+    return [results[i] for i in range(len(items))]
+
+
+def block_of(gguf_name: str) -> str:
+    """The decoder block a GGUF tensor belongs to ("blk.3"), or its own name outside the blocks."""
+    parts = gguf_name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "blk" else gguf_name
+
+
+class FactorCache:
+    """`hessian_factor` of each input covariance, computed once for the tensors reading that input (under a lock:
+    the rounding threads ask at once) and kept until `clear`."""
+
+    def __init__(self, damp: float = DAMP):
+        self.damp, self._lock = damp, threading.Lock()
+        self._factors: dict[int, tuple] = {}  # id -> (the covariance, kept alive so the id stays its own; factor)
+
+    def __call__(self, covariance: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._lock:
+            if id(covariance) not in self._factors:
+                self._factors[id(covariance)] = (covariance, hessian_factor(covariance, self.damp))
+            return self._factors[id(covariance)][1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._factors.clear()
 
 
 def compensated_kind(kind: str) -> str:

@@ -134,20 +134,18 @@ def compensated_options(model: nn.Module, tensors: Sequence[Tensor], menu: Seque
     the ratio of the two roundings' output errors under the full covariance: the importance-weighted error is its
     diagonal part only, and the compensation is exactly what moves error off the diagonal. Rows are rounded
     independently here too, so the sampled rows are those of the whole tensor's rounding. `threads` tensors are
-    rounded at once (`compensated.concurrently`)."""
-    factors: dict[int, tuple] = {}  # tensors reading one input share its covariance, and so its factor
+    rounded at once, one decoder block at a time (`compensated.layer_by_layer`: the Hessian factors of one block's
+    inputs held at once)."""
+    factors = compensated.FactorCache()  # tensors reading one input share its covariance, and so its factor
     work = []
     for tensor, weight, scale in _sampled(model, [t for t in tensors if t.gguf_name in covariances], rows):
         kinds = [k for k in dict.fromkeys(fallback_type(k, weight.shape[1]) for k in menu)
                  if quant_type(k).quantized and compensated.compensable(k)]
-        covariance = covariances[tensor.gguf_name]
-        if kinds and id(covariance) not in factors:
-            factors[id(covariance)] = compensated.hessian_factor(covariance)
         if kinds:
-            work.append((tensor, weight, scale, kinds, covariance, factors[id(covariance)]))
+            work.append((tensor, weight, scale, kinds, covariances[tensor.gguf_name]))
 
-    def options(tensor, weight, scale, kinds, covariance, factor) -> list[Option]:
-        blocks = compensated.compensated_rounds(weight, covariance, kinds, tensor.importance, factor=factor)
+    def options(tensor, weight, scale, kinds, covariance) -> list[Option]:
+        blocks = compensated.compensated_rounds(weight, covariance, kinds, tensor.importance, factor=factors(covariance))
         found = []
         for kind in kinds:
             rounded, _ = ggml_quants.roundtrip(kind, weight, tensor.importance, threads=1)
@@ -159,7 +157,8 @@ def compensated_options(model: nn.Module, tensors: Sequence[Tensor], menu: Seque
                                 error * ours / theirs if theirs > 0 else 0.0))
         return found
 
-    found = compensated.concurrently(lambda item: options(*item), work, threads)
+    found = compensated.layer_by_layer(lambda item: options(*item), work, lambda item: compensated.block_of(
+        item[0].gguf_name), threads, factors.clear, size=lambda item: item[1].shape[1] * len(item[3]))
     return {item[0].gguf_name: opts for item, opts in zip(work, found)}
 
 

@@ -1,0 +1,177 @@
+"""How the default search's stages grow with the model: seconds and peak resident memory per stage on Llama-shaped
+models of 135 M, 360 M and 1.24 B parameters (random weights, the built-in tokenizer and corpus).
+
+    nice -n 5 .venv/bin/python bench/cost_growth.py [--sizes 135M,360M,1.24B] [--plot docs/cost_growth.png]
+
+Each size runs in a fresh process (its peak memory is its own), on the llama.cpp target with the demo study's
+evaluation protocol (studies/demo.toml), stage by stage:
+- reference + baseline: the float model written as the reference GGUF and measured (perplexity, decode);
+- llama-quant tables: the importance matrix, every tensor's error in every type with its compensated options, the
+  KL gains (`allocated.sensitivity_tables`, as the first llama-quant trial of a shape computes them);
+- decode costs: the per-type decode cost model (`allocated.decode_costs`);
+- llama-quant trial: one trial at 5 bits per weight, every type, compensated codes (its tables from the cache);
+- student rung: a depth-0.8 student distilled for 16 steps, quantized with RTN Q4_0;
+- healed cut: the MLP pruned to 0.75, healed by 16 distillation steps, RTN Q4_0.
+Random weights give nonsense perplexity but the same work per token. Rows: bench/results/cost_growth.jsonl (a size
+already there is not run again); figures, not assertions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from trial_cost import LLAMA_1B, PeakMemory, new_study, run_trial, settings_for  # noqa: E402
+
+LOG = ROOT / "bench" / "results" / "cost_growth.jsonl"
+SIZES = {
+    "135M": {},  # the built-in model's own configuration
+    "360M": dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
+                 intermediate_size=2560, head_dim=64),
+    "1.24B": LLAMA_1B,
+}
+RTN_Q4_0 = {"quantization.method": "rtn", "quantization.rtn.attn_bits": 4, "quantization.rtn.mlp_bits": 4,
+            "quantization.rtn.head_bits": 16, "quantization.rtn.group_size": 32, "quantization.rtn.symmetric": True}
+# trial parameters as the demo study's space names them (the rung of a student or a healed cut: its first, 16 steps)
+TRIALS = {
+    "llama-quant trial": {"distillation.enabled": False, "pruning.enabled": False, "quantization.method": "llama-quant",
+                          "quantization.llama-quant.bpw": 5.0, "quantization.llama-quant.types": "all",
+                          "quantization.llama-quant.speed": 0.0, "quantization.llama-quant.compensate": True,
+                          "quantization.llama-quant.refine": 0},
+    "student rung": {"distillation.enabled": True, "distillation.depth_keep": 0.8, "pruning.enabled": False,
+                     **RTN_Q4_0},
+    "healed cut": {"distillation.enabled": False, "pruning.enabled": True, "pruning.depth_keep": 1.0,
+                   "pruning.mlp_keep": 0.75, "pruning.heal": True, **RTN_Q4_0},
+}
+STAGES = ("reference + baseline", "llama-quant tables", "decode costs", *TRIALS)
+
+
+def child(size: str) -> dict:
+    """Every stage on one size, in this (fresh) process."""
+    import resource
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from planner import assets
+    from planner.study import prepare, resolve_spaces
+    from search_spaces.calibration import calibration_batches
+    from search_spaces.quantization.spec import AllocationSettings
+    from targets.llamacpp.allocated import decode_costs, sensitivity_tables
+
+    cache = Path(tempfile.mkdtemp(prefix="bench-growth-"))  # nothing cached from another run
+    base = prepare(settings_for(study=f"bench-growth-{size}", latency_budget=None, target="llama.cpp"))
+    config = AutoConfig.from_pretrained(assets.cache_root() / "models" / "smollm2-135m")
+    for key, value in SIZES[size].items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    parameters = sum(p.numel() for p in model.parameters())
+    target = base.target
+    spaces = target.fit_spaces(resolve_spaces(base.settings, model, target.space_defaults()), model)
+    context = replace(base.context, model_id=f"random:{size}", cache_dir=cache, progress=False)
+    bench = replace(base, model=model, spaces=spaces, context=context, baseline={})
+    stages = {}
+
+    def staged(name, work):
+        started = time.perf_counter()
+        with PeakMemory() as peak:
+            result = work()
+        stages[name] = {"seconds": round(time.perf_counter() - started, 1), "peak_rss": peak.peak,
+                        "load": round(os.getloadavg()[0], 2)}
+        print(f"{size} {name}: {stages[name]['seconds']} s, peak {peak.peak / 1e9:.2f} GB", flush=True)
+        return result
+
+    study = staged("reference + baseline", lambda: new_study(bench))
+    allocation = AllocationSettings()
+    windows = calibration_batches(context.tokenizer, context.calibration, allocation.samples, allocation.seq_len,
+                                  context.seed)
+    staged("llama-quant tables", lambda: sensitivity_tables(model, windows, context, compensate=True))
+    staged("decode costs", lambda: decode_costs(model, context))
+    trials = {name: staged(name, lambda p=params: run_trial(bench, study, p)) for name, params in TRIALS.items()}
+    return {"size": size, "parameters": parameters, "float32_bytes": 4 * parameters, "stages": stages,
+            "trials": {name: {"seconds": t["seconds"], "label": t["label"]} for name, t in trials.items()},
+            "peak_rss_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+
+
+def load() -> dict:
+    rows = [json.loads(line) for line in LOG.read_text().splitlines() if line.strip()] if LOG.exists() else []
+    return {row["size"]: row for row in rows}
+
+
+def table(rows: dict) -> str:
+    sizes = [s for s in SIZES if s in rows]
+    head = f"{'stage':<22}" + "".join(f"{s + ' s':>10}{s + ' GB':>10}" for s in sizes)
+    lines = [head, "-" * len(head)]
+    for stage in STAGES:
+        cells = [rows[s]["stages"].get(stage) for s in sizes]
+        lines.append(f"{stage:<22}" + "".join(f"{c['seconds']:>10.1f}{c['peak_rss'] / 1e9:>10.2f}" if c else
+                                              f"{'-':>10}{'-':>10}" for c in cells))
+    lines.append(f"{'parameters (M)':<22}" + "".join(f"{rows[s]['parameters'] / 1e6:>10.0f}{'':>10}" for s in sizes))
+    return "\n".join(lines)
+
+
+def plot(rows: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [s for s in SIZES if s in rows]
+    params = [rows[s]["parameters"] for s in sizes]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for stage in STAGES:
+        points = [(p, rows[s]["stages"][stage]["seconds"]) for p, s in zip(params, sizes) if stage in rows[s]["stages"]]
+        ax.plot(*zip(*points), marker="o", label=stage)
+    ax.plot(params, [rows[sizes[0]]["stages"]["reference + baseline"]["seconds"] * p / params[0] for p in params],
+            "k:", label="proportional to the parameters")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("seconds (2 cores)")
+    ax.set_title("The default search's stages against the model's size (Llama shapes, random weights)", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=",".join(SIZES), help=f"of {', '.join(SIZES)}")
+    parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        row = child(args.child)
+        LOG.parent.mkdir(parents=True, exist_ok=True)
+        with LOG.open("a") as file:
+            file.write(json.dumps(row) + "\n")
+        return
+    for size in args.sizes.split(","):
+        if size not in load():
+            print(f"{size}: a fresh process", flush=True)
+            out = subprocess.run([sys.executable, __file__, "--child", size])
+            if out.returncode != 0:
+                raise SystemExit(f"the {size} run failed")
+    rows = load()
+    print(table(rows))
+    if args.plot and len(rows) > 1:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
