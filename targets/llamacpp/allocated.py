@@ -443,6 +443,14 @@ def cached_imatrix(model: nn.Module, windows, context: BuildContext) -> dict:
     return imatrix
 
 
+def _options_to_json(options: dict[str, list[Option]]) -> dict:
+    return {n: [[o.kind, o.bytes, o.error] for o in opts] for n, opts in options.items()}
+
+
+def _options_from_json(raw: dict) -> dict[str, list[Option]]:
+    return {n: [Option(*o) for o in opts] for n, opts in raw.items()}
+
+
 def sensitivity_tables(model: nn.Module, windows, context: BuildContext, compensate: bool = False) -> dict:
     """{"imatrix", "options" (predicted-KL options per tensor, every type of the full menu; with `compensate`, each
     compensable type's ``<type>+gptq`` option too), "tensors" (row width and size)}: computed once per candidate
@@ -453,7 +461,7 @@ def sensitivity_tables(model: nn.Module, windows, context: BuildContext, compens
     tensors = None
     if folder is not None and (folder / "table.json").is_file():
         table = json.loads((folder / "table.json").read_text())
-        options = {n: [Option(*o) for o in opts] for n, opts in table["options"].items()}
+        options = _options_from_json(table["options"])
         info, gains = table["tensors"], {n: tuple(g) for n, g in table["gains"].items()}
     else:
         tensors = sensitivity.quantizable(model, imatrix)
@@ -463,19 +471,19 @@ def sensitivity_tables(model: nn.Module, windows, context: BuildContext, compens
         info = {t.gguf_name: {"width": t.shape[1], "size": t.size} for t in tensors}
         if folder is not None:
             (folder / "table.json").write_text(json.dumps({
-                "options": {n: [[o.kind, o.bytes, o.error] for o in opts] for n, opts in options.items()},
+                "options": _options_to_json(options),
                 "tensors": info, "gains": gains}))
     if compensate:
         file = None if folder is None else folder / "compensated.json"
         if file is not None and file.is_file():
-            raw = {n: [Option(*o) for o in opts] for n, opts in json.loads(file.read_text()).items()}
+            raw = _options_from_json(json.loads(file.read_text()))
         else:
             tensors = tensors or sensitivity.quantizable(model, imatrix)
             covariances = sensitivity.compensable_inputs(model, tensors, windows)
             raw = sensitivity.compensated_options(model, tensors, sensitivity.MENUS["all"], covariances)
             del covariances
             if file is not None:
-                file.write_text(json.dumps({n: [[o.kind, o.bytes, o.error] for o in opts] for n, opts in raw.items()}))
+                file.write_text(json.dumps(_options_to_json(raw)))
         for name, extra in sensitivity.predicted_kl_options(raw, gains).items():
             options[name] = options[name] + extra
     return {"imatrix": imatrix, "options": options, "tensors": info}

@@ -176,13 +176,15 @@ class _Stack:
         return level
 
     def scales(self, index: int, columns: torch.Tensor, importance: np.ndarray, step: torch.Tensor,
-               offset: torch.Tensor) -> np.ndarray:
-        """llama.cpp's blocks of type `index`'s rows of `columns` (block x stacked rows); each weight's step and
-        offset written into `step`, `offset` (block x stacked rows) at its rows."""
+               offset: torch.Tensor, inverse: torch.Tensor) -> np.ndarray:
+        """llama.cpp's blocks of type `index`'s rows of `columns` (block x stacked rows); each weight's step, offset
+        and inverse step (0 for a zero step: `levels`) written into `step`, `offset`, `inverse` (block x stacked
+        rows) at its rows."""
         fmt, rows = self.formats[index], self.rows_of(index)
         blocks = ggml_quants.quantize(self.kinds[index], columns[:, rows].t().numpy(), importance, threads=1)
         steps, offsets = (torch.from_numpy(np.repeat(a, fmt.sub, axis=1).T) for a in fmt.steps(blocks))
         step[:, rows], offset[:, rows] = steps, offsets
+        inverse[:, rows] = torch.where(steps == 0, 0.0, 1 / steps)
         return blocks
 
     def codes(self, index: int, levels: torch.Tensor) -> np.ndarray:
@@ -234,8 +236,7 @@ def _round_stack(weight: np.ndarray, stack: _Stack, factor: torch.Tensor, dead: 
                     at = slice(i, i + block)
                     for index in members:
                         blocks[index] = stack.scales(index, chunk[at], importance[start + i:start + i + block],
-                                                     step[at], offset[at])
-                    inverse[at] = torch.where(step[at] == 0, 0.0, 1 / step[at])
+                                                     step[at], offset[at], inverse[at])
             levels[i] = stack.levels(chunk[i], inverse[i], offset[i])
             error = (chunk[i] - torch.addcmul(offset[i], step[i], levels[i])) * inverse_pivots[i]
             chunk[i + 1:].addr_(factor[start + i, start + i + 1:end], error, alpha=-1)
