@@ -57,7 +57,8 @@ def main() -> None:
     tensors = sensitivity.quantizable(model, imatrix)
     menu = sensitivity.MENUS["all"]
     timed("type errors, llama.cpp's rounding", lambda: sensitivity.type_options(model, tensors, menu))
-    covariances = timed("input covariances", lambda: sensitivity.compensable_inputs(model, tensors, windows))
+    covariances = timed("input covariances", lambda: {
+        n: c for chunk in sensitivity.compensable_inputs(model, tensors, windows) for n, c in chunk.items()})
     timed("compensated options", lambda: sensitivity.compensated_options(model, tensors, menu, covariances,
                                                                          threads=args.threads))
     timed("KL gains", lambda: sensitivity.kl_gains(model, tensors, windows[:KL_WINDOWS]))

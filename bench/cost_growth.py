@@ -88,8 +88,9 @@ def child(size: str) -> dict:
         with PeakMemory() as peak:
             result = work()
         stages[name] = {"seconds": round(time.perf_counter() - started, 1), "peak_rss": peak.peak,
-                        "load": round(os.getloadavg()[0], 2)}
-        print(f"{size} {name}: {stages[name]['seconds']} s, peak {peak.peak / 1e9:.2f} GB", flush=True)
+                        "peak_anon": peak.anon, "peak_file": peak.file, "load": round(os.getloadavg()[0], 2)}
+        print(f"{size} {name}: {stages[name]['seconds']} s, peak {peak.peak / 1e9:.2f} GB (anonymous "
+              f"{peak.anon / 1e9:.2f}, mapped files {peak.file / 1e9:.2f})", flush=True)
         return result
 
     study = staged("reference + baseline", lambda: new_study(bench))
@@ -112,14 +113,17 @@ def load() -> dict:
 
 
 def table(rows: dict) -> str:
+    """Seconds, peak resident GB and its anonymous part (what the process allocated; the rest is mapped GGUF pages)
+    per stage and size."""
     sizes = [s for s in SIZES if s in rows]
-    head = f"{'stage':<22}" + "".join(f"{s + ' s':>10}{s + ' GB':>10}" for s in sizes)
+    head = f"{'stage':<22}" + "".join(f"{s + ' s':>9}{'GB':>7}{'anon':>6}" for s in sizes)
     lines = [head, "-" * len(head)]
     for stage in STAGES:
         cells = [rows[s]["stages"].get(stage) for s in sizes]
-        lines.append(f"{stage:<22}" + "".join(f"{c['seconds']:>10.1f}{c['peak_rss'] / 1e9:>10.2f}" if c else
-                                              f"{'-':>10}{'-':>10}" for c in cells))
-    lines.append(f"{'parameters (M)':<22}" + "".join(f"{rows[s]['parameters'] / 1e6:>10.0f}{'':>10}" for s in sizes))
+        lines.append(f"{stage:<22}" + "".join(
+            f"{c['seconds']:>9.1f}{c['peak_rss'] / 1e9:>7.2f}{c.get('peak_anon', float('nan')) / 1e9:>6.2f}" if c
+            else f"{'-':>9}{'-':>7}{'-':>6}" for c in cells))
+    lines.append(f"{'parameters (M)':<22}" + "".join(f"{rows[s]['parameters'] / 1e6:>9.0f}{'':>13}" for s in sizes))
     return "\n".join(lines)
 
 

@@ -304,34 +304,45 @@ ONE_B_CASES = {
 
 class PeakMemory:
     """The process's resident memory sampled every 50 ms on a thread (what the trial's stages hold at once;
-    pages of llama.cpp's memory-mapped GGUF files count, as the kernel counts them)."""
+    pages of llama.cpp's memory-mapped GGUF files count, as the kernel counts them): `peak` of the whole, `anon` of
+    its anonymous part (what the process allocated: tensors, arrays) and `file` of its file-backed part (mapped
+    GGUF files: clean pages the kernel can drop and read again), each peak on its own."""
 
     def __init__(self):
         import threading
 
-        self.peak, self._stop = 0, threading.Event()
+        self.peak = self.anon = self.file = 0
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
     def rss() -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
+        return PeakMemory.parts()["VmRSS"]
+
+    @staticmethod
+    def parts() -> dict[str, int]:
+        wanted = ("VmRSS", "RssAnon", "RssFile")
+        lines = (line.split(":") for line in Path("/proc/self/status").read_text().splitlines())
+        return {key: int(value.split()[0]) * 1024 for key, value in lines if key in wanted}
+
+    def _sample(self):
+        now = self.parts()
+        self.peak, self.anon = max(self.peak, now["VmRSS"]), max(self.anon, now["RssAnon"])
+        self.file = max(self.file, now["RssFile"])
 
     def _run(self):
         while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self.rss())
+            self._sample()
 
     def __enter__(self):
-        self.peak = self.rss()
+        self._sample()
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.rss())
+        self._sample()
 
 
 def one_b_child(case_name: str) -> dict:

@@ -183,6 +183,13 @@ class Technique(abc.ABC):
         loaded (its result cannot be saved, and applying it needs no calibration data)."""
         return False
 
+    def keeps_weights(self, spec) -> bool:
+        """Whether `apply` leaves every tensor of the model it is given unchanged (it may replace modules, set
+        attributes): a candidate of only such stages is built on a copy sharing the base model's tensors, not a
+        whole copy of its weights. False unless a technique knows: training, pruning masks and rounding in place
+        all write into tensors."""
+        return False
+
     def save(self, model, spec, folder: Path) -> None:
         """Write a built model as a checkpoint plain transformers loads (the caller saves the tokenizer)."""
         model.save_pretrained(folder)

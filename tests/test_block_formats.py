@@ -164,3 +164,34 @@ def test_a_layers_tensors_round_side_by_side_one_layer_at_a_time_with_their_fact
     assert events == [e for layer in range(3) for e in [("work", f"blk.{layer}")] * 3 + [("done",)]]
     assert not factors._factors  # nothing held after the last layer
     assert block_of("blk.12.ffn_down.weight") == "blk.12" and block_of("output.weight") == "output.weight"
+
+
+def test_covariances_a_group_of_blocks_at_a_time_are_the_one_pass_sums_within_the_budget(monkeypatch):
+    """Groups of whole decoder blocks within the byte budget (the head last), each pass stopped at the first layer
+    past its group, and the same sums as one pass over every layer."""
+    from search_spaces.calibration import calibration_batches
+    from targets.llamacpp.imatrix import covariance_chunks, gguf_linear_names, input_covariance_chunks, \
+        input_covariances
+    from tests.conftest import SAMPLE_TEXT, make_tiny_llama, make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    model = make_tiny_llama(vocab_size=len(tokenizer), num_hidden_layers=4, tie_word_embeddings=False)
+    windows = calibration_batches(tokenizer, [type("Doc", (), {"text": SAMPLE_TEXT * 8})()], 6, 16, 0)
+    names = list(gguf_linear_names(model, head=True).values())
+    block = sum(4 * m.in_features ** 2 for n, m in model.model.layers[0].named_modules() if isinstance(m, torch.nn.Linear))
+    chunks = covariance_chunks(model, names, budget=2 * block)
+    assert [sorted({n.split(".")[1] for n in c}) for c in chunks] == [["0", "1"], ["2", "3"], ["weight"]]
+    assert covariance_chunks(model, names, budget=block // 2)[0] == [n for n in names if n.startswith("blk.0.")]
+    calls = []
+    for index, layer in enumerate(model.model.layers):
+        monkeypatch.setattr(layer, "forward", lambda *a, _f=layer.forward, _i=index, **k: calls.append(_i) or _f(*a, **k))
+    whole = input_covariances(model, windows, names)
+    calls.clear()
+    seen, ran = [], []
+    for chunk in input_covariance_chunks(model, windows, names, budget=2 * block, batch_size=4):
+        ran.append(sorted(set(calls)))  # the layers this group's pass ran
+        calls.clear()
+        seen.extend(chunk)
+        for name, covariance in chunk.items():
+            np.testing.assert_array_equal(covariance, whole[name])
+    assert ran == [[0, 1], [0, 1, 2, 3], [0, 1, 2, 3]] and sorted(seen) == sorted(names)

@@ -635,3 +635,34 @@ def test_a_types_decode_cost_is_its_own_where_its_file_fell_back_on_most_tensors
     # a type written nowhere as itself keeps its file's ratio
     nowhere = {**written, "Q6_K": dict.fromkeys(sizes, "Q8_0")}
     assert written_type_costs({**ratios, "Q6_K": 0.25}, nowhere, sizes)["Q6_K"] == 0.25
+
+
+def _tensors(model) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in (*model.named_parameters(), *model.named_buffers())}
+
+
+def test_a_candidate_of_stages_that_keep_weights_shares_the_base_tensors_and_others_get_their_own(tokenizer, context):
+    """llama-quant leaves every weight as it is (llama.cpp rounds the file): its candidate is a copy of the modules on
+    the base model's very tensors (no second float copy of a big model), its plan set on the copy only. A stage
+    that writes into tensors (unstructured pruning masks in place, training) gets its own copy, and the base model
+    comes out of either unchanged."""
+    from planner.candidates import build
+    from planner.recipes import Stage
+    from search_spaces.pruning import PruneSpec
+
+    model = make_tiny_llama(vocab_size=len(tokenizer), **WIDE)
+    before = _tensors(model)
+    storage = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    quant = Stage("quantization", spec(bpw=5.0))
+    kept = build(model, [quant], context).model
+    assert kept is not model and getattr(kept, PLAN_ATTRIBUTE) is not None and not hasattr(model, PLAN_ATTRIBUTE)
+    assert {t.untyped_storage().data_ptr() for t in kept.parameters()} <= storage
+    sparse = Stage("pruning", PruneSpec(sparsity={"mlp": 0.5}, method="magnitude", calibration_samples=1,
+                                        calibration_seq_len=8))
+    for stages in ([sparse], [sparse, quant]):
+        cut = build(model, stages, context).model
+        assert not {t.untyped_storage().data_ptr() for t in cut.parameters()} & storage
+        zeroed = float((cut.model.layers[0].mlp.up_proj.weight == 0).float().mean())
+        assert zeroed == pytest.approx(0.5, abs=0.02)  # the masks went into the copy's tensors...
+    after = _tensors(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)  # ...never into the base model's

@@ -155,6 +155,9 @@ class Quantization(Technique):
     def applied_at_load(self, spec: QuantSpec) -> bool:
         return spec.quant_method.applied_at_load
 
+    def keeps_weights(self, spec: QuantSpec) -> bool:
+        return spec.quant_method.keeps_weights
+
     def save(self, model: nn.Module, spec: QuantSpec, folder) -> None:
         export(model, spec, folder)
 

@@ -81,6 +81,7 @@ class LlamaQuant(QuantMethod):
     name = "llama-quant"
     bits = (NOMINAL_BITS, HEAD_BITS)
     sets_head = True
+    keeps_weights = True  # the model goes out as it came in, with its type plan beside (llama.cpp rounds the file)
 
     def rounds_onto(self, scheme) -> bool:
         return scheme.name == "gguf"  # it writes llama.cpp's own types: only where the artifact is a GGUF
@@ -479,9 +480,10 @@ def sensitivity_tables(model: nn.Module, windows, context: BuildContext, compens
             raw = _options_from_json(json.loads(file.read_text()))
         else:
             tensors = tensors or sensitivity.quantizable(model, imatrix)
-            covariances = sensitivity.compensable_inputs(model, tensors, windows)
-            raw = sensitivity.compensated_options(model, tensors, sensitivity.MENUS["all"], covariances)
-            del covariances
+            raw = {}
+            for covariances in sensitivity.compensable_inputs(model, tensors, windows):  # a few blocks' at a time
+                raw.update(sensitivity.compensated_options(model, tensors, sensitivity.MENUS["all"], covariances))
+                del covariances
             if file is not None:
                 file.write_text(json.dumps(_options_to_json(raw)))
         for name, extra in sensitivity.predicted_kl_options(raw, gains).items():
@@ -538,7 +540,8 @@ class CompensatedBlocks:
         """The input covariances of `names` (every compensable tensor by default), from the model as it is now."""
         wanted = [self.tensors[n] for n in (names or self.tensors) if n not in self.covariances]
         if wanted:
-            self.covariances.update(sensitivity.compensable_inputs(self.model, wanted, self.windows))
+            for chunk in sensitivity.compensable_inputs(self.model, wanted, self.windows):
+                self.covariances.update(chunk)
 
     def __call__(self, name: str, kind: str, weight: np.ndarray | None = None) -> np.ndarray:
         """The blocks of tensor `name` in GGML type `kind`, rounded from `weight` (the model's, by default)."""
@@ -571,12 +574,22 @@ class CompensatedBlocks:
         """{GGUF name: blocks} of the tensors whose kind is ``<type>+gptq``, a decoder block's side by side, one
         block at a time (its inputs' factors held only while it is rounded)."""
         wanted = {name: base_kind(kind) for name, kind in kinds.items() if is_compensated(kind)}
-        rounded = [n for n, kind in wanted.items() if not self._cached(n, kind)]
-        if rounded:  # the covariances first, in one pass (none for blocks in the cache): the threads only read them
-            self.prepare(rounded)
-        blocks = layer_by_layer(lambda item: self(*item), wanted.items(), lambda item: block_of(item[0]),
-                                done=self.factors.clear, size=lambda item: self.tensors[item[0]].size)
-        return dict(zip(wanted, blocks))
+        blocks: dict[str, np.ndarray] = {}
+
+        def rounded(items: list) -> None:
+            blocks.update(zip((name for name, _ in items), layer_by_layer(
+                lambda item: self(*item), items, lambda item: block_of(item[0]), done=self.factors.clear,
+                size=lambda item: self.tensors[item[0]].size)))
+
+        # the covariances a group of blocks at a time (none for blocks in the cache), rounded and freed before the next
+        missing = [self.tensors[n] for n, kind in wanted.items() if not self._cached(n, kind) and n not in self.covariances]
+        for chunk in sensitivity.compensable_inputs(self.model, missing, self.windows) if missing else ():
+            self.covariances.update(chunk)
+            rounded([(n, kind) for n, kind in wanted.items() if n in chunk])
+            for name in chunk:
+                del self.covariances[name]
+        rounded([(n, kind) for n, kind in wanted.items() if n not in blocks])
+        return {name: blocks[name] for name in wanted}
 
 
 METHOD = register_method(LlamaQuant())

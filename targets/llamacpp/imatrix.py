@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ CALIBRATION_DATASET = "planner: {samples} x {seq_len} tokens of the calibration 
 # the keys llama-quantize adds to a model quantized with an importance matrix (tools/quantize/quantize.cpp)
 QUANTIZE_KEYS = {"file": "quantize.imatrix.file", "dataset": "quantize.imatrix.dataset",
                  "entries": IMATRIX_ENTRIES_KEY, "chunks": "quantize.imatrix.chunks_count"}
+
+# bytes of input covariances held at once by error-compensated rounding (input_covariance_chunks)
+COVARIANCE_BUDGET = 2 << 30
 
 
 def gguf_arch_name(model: nn.Module) -> str:
@@ -123,11 +126,66 @@ def input_covariances(model: nn.Module, windows: torch.Tensor, names: Sequence[s
     return _input_means(model, windows, batch_size, head, lambda x: x.float().T @ x.float(), names)
 
 
+def covariance_chunks(model: nn.Module, names: Sequence[str], budget: int = COVARIANCE_BUDGET,
+                      head: bool = True) -> list[list[str]]:
+    """`names` (GGUF tensors) in groups of whole decoder blocks, in the model's order, each group's input
+    covariances within `budget` bytes (float32, one width x width array per tensor: tensors sharing an input make it
+    an overestimate); a block larger than the budget is a group of its own, tensors outside the blocks (the head)
+    the last group."""
+    widths = {g: m.in_features for name, m in model.named_modules() if isinstance(m, nn.Linear)
+              for g in [gguf_linear_names(model, head).get(name)] if g in set(names)}
+    blocks: dict[str, list[str]] = {}
+    for g in widths:  # named_modules order: the model's
+        parts = g.split(".")
+        blocks.setdefault(".".join(parts[:2]) if parts[0] == "blk" else "", []).append(g)
+    chunks, held = [[]], 0
+    for key, members in blocks.items():
+        size = sum(4 * widths[g] ** 2 for g in members)
+        if chunks[-1] and (held + size > budget or not key):
+            chunks.append([])
+            held = 0
+        chunks[-1].extend(members)
+        held += size
+    return [c for c in chunks if c]
+
+
+def input_covariance_chunks(model: nn.Module, windows: torch.Tensor, names: Sequence[str],
+                            budget: int = COVARIANCE_BUDGET, batch_size: int = 4,
+                            head: bool = True) -> Iterator[dict[str, np.ndarray]]:
+    """`input_covariances` of `names` a group of decoder blocks at a time (`covariance_chunks`): what is held at once
+    stays within `budget` whatever the model's size (a 1B model's covariances are 5 GB, a 3B's 11). Each group is
+    its own pass over the windows, stopped at the first decoder layer past the group: c groups cost about
+    (c + 1) / 2 forward passes, and the same sums as one pass."""
+    for chunk in covariance_chunks(model, names, budget, head):
+        yield _input_means(model, windows, batch_size, head, lambda x: x.float().T @ x.float(), chunk)
+
+
+class _Enough(Exception):
+    """Raised by the first decoder layer past the ones whose inputs are collected: the rest of the pass is not
+    needed."""
+
+
+def _stop_layer(model: nn.Module, names: Mapping[str, str]) -> nn.Module | None:
+    """The decoder layer after the last one holding a module of `names` (None: the pass must run to the end)."""
+    from search_spaces.layers import decoder_layers
+
+    try:
+        prefix, layers = decoder_layers(model)
+    except ValueError:
+        return None
+    last = -1
+    for module_name in names:
+        if not module_name.startswith(prefix + "."):
+            return None  # the head (or a module outside the blocks): the whole pass
+        last = max(last, int(module_name[len(prefix) + 1:].split(".")[0]))
+    return layers[last + 1] if last + 1 < len(layers) else None
+
+
 def _input_means(model: nn.Module, windows: torch.Tensor, batch_size: int, head: bool, statistic,
                  only: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """{GGUF tensor name: the mean over the windows' tokens of `statistic` of each linear layer's input (`statistic`
     returns a batch's sum, summed over batches in its dtype; float32 result)}; layers reading the very same input
-    tensor in a forward share one sum."""
+    tensor in a forward share one sum. With `only`, each pass stops at the first decoder layer past theirs."""
     names = {m: g for m, g in gguf_linear_names(model, head).items() if only is None or g in only}
     modules = dict(model.named_modules())
     sums: dict[str, torch.Tensor] = {}
@@ -149,6 +207,9 @@ def _input_means(model: nn.Module, windows: torch.Tensor, batch_size: int, head:
         return collect
 
     handles = [modules[name].register_forward_pre_hook(hook(name)) for name in names]
+    stop = _stop_layer(model, names) if only is not None else None
+    if stop is not None:
+        handles.append(stop.register_forward_pre_hook(_enough))
     was_training = model.training
     model.eval()
     runner = model if head else model.get_decoder()
@@ -156,7 +217,10 @@ def _input_means(model: nn.Module, windows: torch.Tensor, batch_size: int, head:
     try:
         for start in range(0, windows.shape[0], batch_size):
             seen.clear()
-            runner(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
+            try:
+                runner(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
+            except _Enough:
+                pass
     finally:
         for handle in handles:
             handle.remove()
@@ -167,6 +231,10 @@ def _input_means(model: nn.Module, windows: torch.Tensor, batch_size: int, head:
     for m in list(sums):  # in place, one at a time: no second copy of every sum at once
         means[m] = sums.pop(m).div_(counts[m]).float().cpu().numpy()
     return {names[m]: means[owner.get(m, m)] for m in names}
+
+
+def _enough(module, inputs):
+    raise _Enough
 
 
 def write_imatrix_file(path: Path, matrix: Mapping[str, np.ndarray], tokens: int, chunk_size: int,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from torch import nn
 from search_spaces.layers import decoder_layers
 from search_spaces.quantization.allocation import Option
 from targets.llamacpp import compensated, ggml_quants
-from targets.llamacpp.imatrix import gguf_linear_names, input_covariances
+from targets.llamacpp.imatrix import gguf_linear_names, input_covariance_chunks
 from targets.llamacpp.quantize import fallback_type, quant_type, type_bytes
 
 # Types a dense decoder's allocation chooses from, per family (search_spaces' ALLOCATION_TYPES): 2 to 8 bits.
@@ -162,12 +162,14 @@ def compensated_options(model: nn.Module, tensors: Sequence[Tensor], menu: Seque
     return {item[0].gguf_name: opts for item, opts in zip(work, found)}
 
 
-def compensable_inputs(model: nn.Module, tensors: Sequence[Tensor], windows: torch.Tensor) -> dict[str, np.ndarray]:
-    """{GGUF name: input covariance} of the tensors error-compensated rounding may write: every tensor that is a
-    matmul's weight (the decoder's and an untied head), not the token embedding, a lookup table (tied, it is the
-    head too, and its rows are the embedding's as well)."""
+def compensable_inputs(model: nn.Module, tensors: Sequence[Tensor], windows: torch.Tensor
+                       ) -> Iterator[dict[str, np.ndarray]]:
+    """{GGUF name: input covariance} of the tensors error-compensated rounding may write, a group of decoder blocks
+    at a time (`input_covariance_chunks`: what is held at once is bounded, whatever the model's size): every tensor
+    that is a matmul's weight (the decoder's and an untied head), not the token embedding, a lookup table (tied, it
+    is the head too, and its rows are the embedding's as well)."""
     names = [t.gguf_name for t in tensors if t.gguf_name != "token_embd.weight"]
-    return input_covariances(model, windows, names)
+    return input_covariance_chunks(model, windows, names)
 
 
 def _kl(logits: torch.Tensor, reference: torch.Tensor) -> float:

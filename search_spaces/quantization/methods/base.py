@@ -39,6 +39,9 @@ class QuantMethod(abc.ABC):
     # Its layers cannot be saved, but it is re-applied to the loaded float checkpoint, deterministically and
     # without calibration (a checkpoint target ships the model before it, with the spec beside).
     applied_at_load: ClassVar[bool] = False
+    # Its build changes no tensor of the model it is given (it may replace modules or set attributes): a candidate
+    # of only such stages is built on a copy that shares the base model's tensors (candidates.build).
+    keeps_weights: ClassVar[bool] = False
 
     def param(self, name: str) -> str:
         """The method's own trial parameter, relative to the quantization technique's prefix."""
