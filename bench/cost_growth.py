@@ -39,6 +39,8 @@ SIZES = {
     "360M": dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
                  intermediate_size=2560, head_dim=64),
     "1.24B": LLAMA_1B,
+    "3.21B": {**LLAMA_1B, "hidden_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 24,
+              "head_dim": 128},  # Llama-3.2-3B's shape
 }
 RTN_Q4_0 = {"quantization.method": "rtn", "quantization.rtn.attn_bits": 4, "quantization.rtn.mlp_bits": 4,
             "quantization.rtn.head_bits": 16, "quantization.rtn.group_size": 32, "quantization.rtn.symmetric": True}
@@ -56,8 +58,9 @@ TRIALS = {
 STAGES = ("reference + baseline", "llama-quant tables", "decode costs", *TRIALS)
 
 
-def child(size: str) -> dict:
-    """Every stage on one size, in this (fresh) process."""
+def child(key: str, only: tuple[str, ...] = STAGES) -> dict:
+    """The stages `only` on one size (a key of SIZES, ``@bfloat16`` or ``@float16`` after it to hold the model in that
+    precision, as the study would where float32 does not fit), in this (fresh) process."""
     import resource
 
     import torch
@@ -65,17 +68,19 @@ def child(size: str) -> dict:
 
     from planner import assets
     from planner.study import prepare, resolve_spaces
+    from planner.trial import release_memory
     from search_spaces.calibration import calibration_batches
     from search_spaces.quantization.spec import AllocationSettings
     from targets.llamacpp.allocated import decode_costs, sensitivity_tables
 
+    size, _, dtype = key.partition("@")
     cache = Path(tempfile.mkdtemp(prefix="bench-growth-"))  # nothing cached from another run
     base = prepare(settings_for(study=f"bench-growth-{size}", latency_budget=None, target="llama.cpp"))
     config = AutoConfig.from_pretrained(assets.cache_root() / "models" / "smollm2-135m")
     for key, value in SIZES[size].items():
         setattr(config, key, value)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype or "float32")).eval()
     parameters = sum(p.numel() for p in model.parameters())
     target = base.target
     spaces = target.fit_spaces(resolve_spaces(base.settings, model, target.space_defaults()), model)
@@ -83,10 +88,17 @@ def child(size: str) -> dict:
     bench = replace(base, model=model, spaces=spaces, context=context, baseline={})
     stages = {}
 
+    partial = LOG.with_name(f"cost_growth.{key}.partial.json")
+
     def staged(name, work):
+        if name not in only:
+            return None
         started = time.perf_counter()
+        partial.write_text(json.dumps({"size": key, "parameters": parameters, "float32_bytes": 4 * parameters,
+                                       "stages": stages, "failed_at": name}))  # kept if this stage kills the run
         with PeakMemory() as peak:
             result = work()
+        release_memory()  # as after each trial of a study (tables and decode costs are inside a study's first trials)
         stages[name] = {"seconds": round(time.perf_counter() - started, 1), "peak_rss": peak.peak,
                         "peak_anon": peak.anon, "peak_file": peak.file, "load": round(os.getloadavg()[0], 2)}
         print(f"{size} {name}: {stages[name]['seconds']} s, peak {peak.peak / 1e9:.2f} GB (anonymous "
@@ -100,8 +112,9 @@ def child(size: str) -> dict:
     staged("llama-quant tables", lambda: sensitivity_tables(model, windows, context, compensate=True))
     staged("decode costs", lambda: decode_costs(model, context))
     trials = {name: staged(name, lambda p=params: run_trial(bench, study, p)) for name, params in TRIALS.items()}
-    return {"size": size, "parameters": parameters, "float32_bytes": 4 * parameters, "stages": stages,
-            "trials": {name: {"seconds": t["seconds"], "label": t["label"]} for name, t in trials.items()},
+    partial.unlink(missing_ok=True)
+    return {"size": key, "dtype": dtype or "float32", "parameters": parameters, "float32_bytes": 4 * parameters, "stages": stages,
+            "trials": {name: {"seconds": t["seconds"], "label": t["label"]} for name, t in trials.items() if t},
             "peak_rss_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "peak_rss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
@@ -112,10 +125,15 @@ def load() -> dict:
     return {row["size"]: row for row in rows}
 
 
+def ordered(rows: dict) -> list[str]:
+    """The measured sizes, smallest first (a float32 row before a 16-bit one of the same shape)."""
+    return sorted(rows, key=lambda key: (rows[key]["parameters"], "@" in key))
+
+
 def table(rows: dict) -> str:
     """Seconds, peak resident GB and its anonymous part (what the process allocated; the rest is mapped GGUF pages)
     per stage and size."""
-    sizes = [s for s in SIZES if s in rows]
+    sizes = ordered(rows)
     head = f"{'stage':<22}" + "".join(f"{s + ' s':>9}{'GB':>7}{'anon':>6}" for s in sizes)
     lines = [head, "-" * len(head)]
     for stage in STAGES:
@@ -133,21 +151,32 @@ def plot(rows: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = [s for s in SIZES if s in rows]
-    params = [rows[s]["parameters"] for s in sizes]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for stage in STAGES:
-        points = [(p, rows[s]["stages"][stage]["seconds"]) for p, s in zip(params, sizes) if stage in rows[s]["stages"]]
-        ax.plot(*zip(*points), marker="o", label=stage)
-    ax.plot(params, [rows[sizes[0]]["stages"]["reference + baseline"]["seconds"] * p / params[0] for p in params],
-            "k:", label="proportional to the parameters")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("seconds (2 cores)")
-    ax.set_title("The default search's stages against the model's size (Llama shapes, random weights)", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    sizes = ordered(rows)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for index, stage in enumerate(STAGES):
+        color = f"C{index}"
+        for axis, figure in ((left, "seconds"), (right, "peak_anon")):
+            for half in (False, True):  # float32 rows joined by a line; 16-bit ones as hollow markers
+                points = [(rows[s]["parameters"], rows[s]["stages"][stage][figure] / (1 if figure == "seconds" else 1e9))
+                          for s in sizes if ("@" in s) == half and figure in rows[s]["stages"].get(stage, {})]
+                if points:
+                    axis.plot(*zip(*points), marker="o", color=color, linestyle=":" if half else "-",
+                              fillstyle="none" if half else "full",
+                              label=None if half or axis is right else stage)
+    floats = [s for s in sizes if "@" not in s]
+    params = [rows[s]["parameters"] for s in floats]
+    left.plot(params, [rows[floats[0]]["stages"]["reference + baseline"]["seconds"] * p / params[0] for p in params],
+              "k:", label="proportional to the parameters")
+    right.plot(params, [4 * p / 1e9 for p in params], "k--", label="the float32 model")
+    right.axhline(16, color="grey", linewidth=0.8)
+    for axis, label in ((left, "seconds (2 cores)"), (right, "peak anonymous GB (hollow: held in bfloat16)")):
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("parameters")
+        axis.set_ylabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7)
+    fig.suptitle("The default search's stages against the model's size (Llama shapes, random weights)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     print(f"plot: {path}")
@@ -155,12 +184,14 @@ def plot(rows: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default=",".join(SIZES), help=f"of {', '.join(SIZES)}")
+    parser.add_argument("--sizes", default="135M,360M,1.24B",
+                        help=f"of {', '.join(SIZES)}; SIZE@bfloat16 holds the model in bfloat16")
+    parser.add_argument("--stages", default=",".join(STAGES), help="the stages to run (default: all)")
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        row = child(args.child)
+        row = child(args.child, tuple(args.stages.split(",")))
         LOG.parent.mkdir(parents=True, exist_ok=True)
         with LOG.open("a") as file:
             file.write(json.dumps(row) + "\n")
@@ -168,9 +199,16 @@ def main() -> None:
     for size in args.sizes.split(","):
         if size not in load():
             print(f"{size}: a fresh process", flush=True)
-            out = subprocess.run([sys.executable, __file__, "--child", size])
+            out = subprocess.run([sys.executable, __file__, "--child", size, "--stages", args.stages])
             if out.returncode != 0:
-                raise SystemExit(f"the {size} run failed")
+                partial = LOG.with_name(f"cost_growth.{size}.partial.json")
+                if not partial.exists():
+                    raise SystemExit(f"the {size} run failed")
+                row = {**json.loads(partial.read_text()), "exit": out.returncode}  # -9: killed (out of memory)
+                with LOG.open("a") as file:
+                    file.write(json.dumps(row) + "\n")
+                partial.unlink()
+                print(f"the {size} run ended with {out.returncode} in stage {row['failed_at']!r}", flush=True)
     rows = load()
     print(table(rows))
     if args.plot and len(rows) > 1:

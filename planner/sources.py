@@ -116,17 +116,24 @@ def _pretrained_location(source: ModelSource) -> str:
     return str(_fetched("model", source.location)[0]) if source.kind == "builtin" else source.location
 
 
+def model_config(source: ModelSource, trust_remote_code: bool = False):
+    """The model's config alone (no weights read), or a one-line PlannerError."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(_pretrained_location(source), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - hub/IO/parse errors all become one line
+        raise PlannerError(f"cannot load the model config of {source.spec}: {first_line(exc)}") from None
+
+
 def load_model(source: ModelSource, device=None, dtype=None, trust_remote_code: bool = False):
     """(model, tokenizer) on the device in eval mode. Refuses models that are not causal LMs."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or resolve_device()
     location = _pretrained_location(source)
-    try:
-        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - hub/IO/parse errors all become one line
-        raise PlannerError(f"cannot load the model config of {source.spec}: {first_line(exc)}") from None
+    config = model_config(source, trust_remote_code)
     if not is_causal_lm(config, trust_remote_code):
         raise PlannerError(
             f"{source.spec} is a '{config.model_type}' model, not a causal language model (decoder with an LM head)"

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from evaluators.kl import ReferenceDistributions
 from evaluators.memory import weight_bytes
 from evaluators.perplexity import check_protocol
-from planner import assets, workers
+from planner import assets, footprint, workers
 from planner import objectives as objective_registry
 from planner.budgets import Budget, of_kind
 from planner.candidates import describe, smallest_candidate, starting_points
@@ -27,8 +27,8 @@ from planner.outcome import Outcome, decide
 from planner.report import not_counted, trial_line
 from planner.samplers import make_sampler
 from planner.settings import StudySettings, make_settings
-from planner.sources import (DataSource, ModelSource, content_hash, load_corpus, load_model, resolve_device,
-                             resolve_dtype)
+from planner.sources import (DataSource, ModelSource, content_hash, load_corpus, load_model, model_config,
+                             resolve_device, resolve_dtype)
 from planner.storage import default_storage_url, open_storage
 from planner.trial import Workbench, measure_baseline, measure_stock, objective
 from search_spaces import TECHNIQUES, BuildContext, SpecError
@@ -162,7 +162,8 @@ def prepare(settings: StudySettings, study: optuna.Study | None = None, verbose:
     model_source, data_source = ModelSource.parse(settings.model), DataSource.parse(settings.data)
     device = resolve_device(settings.device)
     corpus = load_corpus(data_source)
-    model, tokenizer = load_model(model_source, device, resolve_dtype(settings.dtype, device),
+    precision = held_precision(model_source, settings, device)
+    model, tokenizer = load_model(model_source, device, resolve_dtype(precision.dtype, device),
                                   settings.trust_remote_code)
     model_hash = content_hash(model_source)
     try:
@@ -177,6 +178,8 @@ def prepare(settings: StudySettings, study: optuna.Study | None = None, verbose:
     for line in methods_left_out(target, resolved, spaces, model):
         tqdm.write(line)
     spaces = fit_budget(spaces, memory_limit(budgets, model))
+    if not precision.training:
+        spaces = footprint.without_training(spaces)
     context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, device=device, seed=settings.seed,
                            cache_dir=assets.cache_root(), model_id=f"{settings.model}@{model_hash}",
                            progress=verbose)
@@ -190,6 +193,21 @@ def prepare(settings: StudySettings, study: optuna.Study | None = None, verbose:
     if study is not None:
         join(bench, study)
     return bench
+
+
+def held_precision(source: ModelSource, settings: StudySettings, device) -> footprint.Precision:
+    """The precision the model is held in and whether training fits (footprint.choose_precision, on the CPU: a GPU's
+    `auto` is its 16-bit type already, and its memory is not this machine's); its line printed when it is not
+    plain float32 with training."""
+    if device.type != "cpu":
+        return footprint.Precision(settings.dtype, True, None)
+    config = model_config(source, settings.trust_remote_code)
+    precision = footprint.choose_precision(footprint.parameter_count(config, settings.trust_remote_code),
+                                           settings.dtype, footprint.checkpoint_dtype(config),
+                                           footprint.available_memory(), source.spec)
+    if precision.note:
+        tqdm.write(f"planner: {precision.note}")
+    return precision
 
 
 def check_grid_ships(spaces: dict, target) -> None:
@@ -263,6 +281,7 @@ def join(bench: Workbench, study: optuna.Study) -> None:
         raise PlannerError(f"study '{bench.settings.study}' was made for model {stored['source']} "
                            f"({stored['content_hash'][:19]}...), not {bench.settings.model}")
     check_budgets(study, bench.budgets, study.user_attrs.get("baseline", {}))
+    check_precision(study, bench.model)
     if objective_registry.needs_reference(bench.evaluators()):
         bench.reference = reference_distributions(bench)
     bench.baseline = study.user_attrs.get("baseline") or _measure_baseline(bench, study)
@@ -271,6 +290,18 @@ def join(bench: Workbench, study: optuna.Study) -> None:
     bench.spaces = fit_budget(bench.spaces, memory and memory.limit, decode_ratio_limit(bench.budgets, bench.baseline))
     study.set_user_attr("budgets", [b.to_dict() for b in bench.budgets])
     study.set_user_attr("target", bench.target.name)
+
+
+def check_precision(study: optuna.Study, model) -> None:
+    """Every process of a study holds the model in one precision (its candidates and reference are made from it):
+    a worker or a resumed run that would hold it otherwise is refused, saying which to pass."""
+    held = str(next(model.parameters()).dtype).removeprefix("torch.")
+    stored = study.user_attrs.get("dtype")
+    if stored is None:
+        study.set_user_attr("dtype", held)
+    elif stored != held:
+        raise PlannerError(f"study '{study.study_name}' holds the model in {stored}, this process in {held} (pass "
+                           f"--dtype {stored}, on a machine with the memory for it)")
 
 
 def memory_limit(budgets: list[Budget], model) -> float | None:

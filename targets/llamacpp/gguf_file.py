@@ -84,6 +84,8 @@ def _float_array(tensor: torch.Tensor) -> tuple[np.ndarray, object]:
     from gguf import GGMLQuantizationType as T
 
     tensor = tensor.detach().cpu()
+    if tensor.dim() <= 1:  # norms and biases in F32 whatever the model's precision, as the converter writes them
+        return tensor.float().numpy(), T.F32  # (llama.cpp's CPU kernels multiply by no 16-bit vector)
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: its bits as uint16
         return tensor.view(torch.uint16).numpy(), T.BF16
     array = tensor.numpy() if tensor.dtype in (torch.float32, torch.float16) else tensor.float().numpy()

@@ -1,0 +1,142 @@
+"""How much memory a study needs for a model, the precision its float model is held in, and what cannot fit.
+
+A study holds the float model the whole time; on top of it, at its peak, one stage's work. Measured on Llama shapes
+of 135 M to 1.24 B parameters (bench/cost_growth.py, docs/benchmarks.md section 13: peak anonymous memory; the
+mapped pages of llama.cpp's GGUF files are the kernel's to drop and are not counted):
+- a candidate without training (quantization, a cut): the model and one more copy of its size at most (a cut's
+  weights; a llama-quant candidate shares the model's tensors), input covariances (bounded: 2 GiB), activations;
+- training (a student's rung, a healed cut): the trained copy, its gradients and AdamW's two moments, each the
+  size of the weights in their precision, besides the teacher (the model itself).
+So a study needs about `STUDY_COPIES` x the model's bytes and training `TRAINING_COPIES` x, plus `OVERHEAD`.
+
+On the CPU, `dtype = "auto"` keeps float32 when the whole space fits in it (every candidate compared against an
+F32 reference GGUF, as before), else the precision the checkpoint comes in (bfloat16 or float16: the model, every
+candidate built from it and the reference GGUF in it; every candidate still compared against that one reference).
+Training is left out of the space (distillation, healing) where it would not fit but the rest would; a model
+that cannot fit at all is refused up front, saying how much memory it needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from planner.errors import PlannerError
+
+STUDY_COPIES = 2.0  # the model, one candidate's copy
+TRAINING_COPIES = 5.0  # the teacher, the student, its gradients, AdamW's two moments
+OVERHEAD = 1.5e9  # activations, logits, covariances, the runtime: measured 1.1-1.4 GB at 135 M-1.24 B
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """A model's memory needs in one precision."""
+
+    parameters: int
+    dtype: str  # float32, bfloat16, float16
+
+    @property
+    def model_bytes(self) -> int:
+        return self.parameters * BYTES[self.dtype]
+
+    @property
+    def study_bytes(self) -> int:
+        """Peak of a study without training."""
+        return int(STUDY_COPIES * self.model_bytes + OVERHEAD)
+
+    @property
+    def training_bytes(self) -> int:
+        """Peak of a study that trains (students, healing)."""
+        return int(TRAINING_COPIES * self.model_bytes + OVERHEAD)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What `choose_precision` decided: the dtype the model is held in, whether training fits, and why."""
+
+    dtype: str
+    training: bool
+    note: str | None  # a line for the user when the choice is not the plain one (None: float32 and training)
+
+
+def available_memory() -> int:
+    """Bytes this process may still use: the kernel's MemAvailable, or less under a cgroup's memory limit."""
+    meminfo = {line.split(":")[0]: int(line.split()[1]) * 1024
+               for line in Path("/proc/meminfo").read_text().splitlines() if line.split()[1:]}
+    available = meminfo.get("MemAvailable", meminfo.get("MemTotal", 0))
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def checkpoint_dtype(config) -> str:
+    """The precision the checkpoint's weights are stored in (its config's dtype; float32 when it names none)."""
+    for key in ("dtype", "torch_dtype"):
+        value = getattr(config, key, None)
+        if value is not None:
+            name = str(value).removeprefix("torch.")
+            if name in BYTES:
+                return name
+    return "float32"
+
+
+def gb(size: float) -> str:
+    return f"{size / 1e9:.1f} GB"
+
+
+def choose_precision(parameters: int, requested: str, stored: str, available: int, name: str) -> Precision:
+    """The precision a study on the CPU holds a model of `parameters` in: `requested` ("auto" or a dtype), the
+    checkpoint's `stored` dtype, `available` bytes. "auto": float32 where the whole space fits in it, else the
+    checkpoint's 16-bit precision where the whole space fits in that, else the first of the two in which a study
+    without training fits (training left out); a dtype asked for is kept, training left out where it would not fit.
+    A model that does not fit at all is refused (PlannerError, one line)."""
+    half = stored if stored != "float32" else "bfloat16"
+    choices = [requested] if requested != "auto" else ["float32", half]
+    for training in (True, False):
+        for dtype in choices:
+            needs = Footprint(parameters, dtype)
+            if (needs.training_bytes if training else needs.study_bytes) <= available:
+                return Precision(dtype, training, _note(needs, training, available, requested, name))
+    smallest = Footprint(parameters, choices[-1])
+    raise PlannerError(f"{name} needs about {gb(smallest.study_bytes)} of memory for a study ({parameters / 1e9:.2f} B "
+                       f"parameters held in {smallest.dtype}, {gb(smallest.training_bytes)} with distillation); this "
+                       f"machine has {gb(available)} available")
+
+
+def _note(needs: Footprint, training: bool, available: int, requested: str, name: str) -> str | None:
+    parts = []
+    if needs.dtype != "float32" and requested == "auto":
+        parts.append(f"{name} is held in {needs.dtype} as its checkpoint is (in float32 a study needs about "
+                     f"{gb(Footprint(needs.parameters, 'float32').training_bytes)}, {gb(available)} available): "
+                     f"the reference GGUF is {needs.dtype}, every candidate compared against it")
+    if not training:
+        parts.append(f"distillation and healing left out: training needs about {gb(needs.training_bytes)} in "
+                     f"{needs.dtype}, {gb(available)} available")
+    return "; ".join(parts) or None
+
+
+def without_training(spaces: dict) -> dict:
+    """The spaces with nothing trained: no students, no healed cuts."""
+    from dataclasses import replace
+
+    out = dict(spaces)
+    if "distillation" in out:
+        out["distillation"] = replace(out["distillation"], enabled=(False,))
+    if "pruning" in out:
+        out["pruning"] = replace(out["pruning"], heal=(False,))
+    return out
+
+
+def parameter_count(config, trust_remote_code: bool = False) -> int:
+    """The model's parameter count from its config alone (built on the meta device: no memory, no weights read)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
