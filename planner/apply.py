@@ -16,7 +16,7 @@ from planner.errors import PlannerError
 from planner.recipes import Recipe, load_recipe
 from planner.settings import StudySettings
 from planner.sources import (DEFAULT_DATA, DataSource, ModelSource, content_hash, load_corpus, load_model,
-                             resolve_device)
+                             resolve_device, resolve_dtype)
 from search_spaces import TECHNIQUES, BuildContext
 from targets import TargetError, check_usable
 
@@ -110,7 +110,8 @@ def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool
         check_usable(chosen, torch_device.type)
     except TargetError as exc:
         raise PlannerError(str(exc)) from None
-    model, tokenizer = load_model(source, torch_device)
+    # in the precision the study held it in (recipes before it: float32 on the CPU)
+    model, tokenizer = load_model(source, torch_device, resolve_dtype(recipe.provenance.get("dtype", "auto"), torch_device))
     data = recipe.provenance.get("data") or DEFAULT_DATA
     corpus = load_corpus(DataSource.parse(data))
     context = BuildContext(tokenizer=tokenizer, calibration=corpus.train, device=torch_device,

@@ -179,6 +179,8 @@ def recipe_for(study, trial) -> Recipe:
             "data": settings.get("data"),
             # Where the figures were measured and the artifact ships (`planner apply` re-measures it there).
             "target": study.user_attrs.get("target", "transformers"),
+            # the precision the model was held in: candidates and the reference were made from it (footprint.py)
+            **({"dtype": study.user_attrs["dtype"]} if "dtype" in study.user_attrs else {}),
             "evaluation": settings.get("evaluation") or {},
             "planner": planner.__version__,
             "torch": str(torch.__version__),  # a str subclass that YAML's safe dumper refuses

@@ -98,6 +98,8 @@ def test_a_study_of_a_model_that_fits_only_in_its_bfloat16_runs_on_a_bf16_refere
     parameters = sum(p.numel() for p in make_tiny_llama(vocab_size=len(make_tiny_tokenizer())).parameters())
     fits = Footprint(parameters, "bfloat16").training_bytes  # bfloat16 with training fits; float32 does not
     monkeypatch.setattr(footprint, "available_memory", lambda: fits)
+    trims = []
+    monkeypatch.setattr("planner.trial.trim_heap", lambda: trims.append(1))
     written = []
     real_write = llamacpp_target.writer.write
 
@@ -126,8 +128,18 @@ def test_a_study_of_a_model_that_fits_only_in_its_bfloat16_runs_on_a_bf16_refere
                                       for s in t.user_attrs["stages"] if s["technique"] == "quantization"}
     failed = [t.user_attrs["failure"] for t in study.trials if "failure" in t.user_attrs]
     assert not failed, failed
+    assert len(trims) >= len(study.trials)  # the heap trimmed after every trial
+    import yaml
+
+    import planner.apply
+
+    assert yaml.safe_load((tmp_path / "recipe.yaml").read_text())["provenance"]["dtype"] == "bfloat16"
+    loaded_as = []
+    real_load = planner.apply.load_model
+    monkeypatch.setattr(planner.apply, "load_model", lambda *a, **k: loaded_as.append(a[2]) or real_load(*a, **k))
     code = cli.main(["apply", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "deploy")])
     assert code == 0, capsys.readouterr().err
+    assert loaded_as == [torch.bfloat16]  # rebuilt from the model as the study held it
     assert (tmp_path / "deploy" / "model.gguf").is_file()
 
     monkeypatch.setattr(footprint, "available_memory", lambda: 10 ** 12)  # a worker with room for float32
