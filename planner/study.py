@@ -161,8 +161,8 @@ def prepare(settings: StudySettings, study: optuna.Study | None = None, verbose:
     objectives = settings.objective_names()
     model_source, data_source = ModelSource.parse(settings.model), DataSource.parse(settings.data)
     device = resolve_device(settings.device)
+    precision = held_precision(model_source, settings, device)  # a model that cannot fit: refused before any fetch
     corpus = load_corpus(data_source)
-    precision = held_precision(model_source, settings, device)
     model, tokenizer = load_model(model_source, device, resolve_dtype(precision.dtype, device),
                                   settings.trust_remote_code)
     model_hash = content_hash(model_source)

@@ -169,3 +169,21 @@ def test_the_heap_trimmed_after_a_trial_hands_back_the_pages_of_freed_tensors():
     release_memory()
     assert left > 500e6 and _anonymous() - before < 0.25 * left
     del kept
+
+
+def test_a_model_too_big_for_the_machine_is_refused_before_its_weights_are_read(tmp_path, capsys, monkeypatch):
+    """Only the config is read (a folder without weights is enough to refuse): one line, a non-zero exit, no study."""
+    from transformers import LlamaConfig
+
+    monkeypatch.setenv("PLANNER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(footprint, "available_memory", lambda: int(20e9))
+    folder = tmp_path / "llama-8b"
+    LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                dtype="bfloat16").save_pretrained(folder)
+    code = cli.main(["search", "--model", str(folder), "--study", "big", "--storage",
+                     f"sqlite:///{tmp_path}/big.db", "--trials", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1, err  # nothing fetched before it
+    assert f"{folder} needs about 33.6 GB of memory for a study (8.03 B parameters held in bfloat16" in err
+    assert "20.0 GB available" in err and not (tmp_path / "big.db").exists()
