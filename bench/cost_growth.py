@@ -105,7 +105,7 @@ def child(key: str, only: tuple[str, ...] = STAGES) -> dict:
               f"{peak.anon / 1e9:.2f}, mapped files {peak.file / 1e9:.2f})", flush=True)
         return result
 
-    study = staged("reference + baseline", lambda: new_study(bench))
+    study = staged("reference + baseline", lambda: new_study(bench)) or new_study(bench)  # trials need one
     allocation = AllocationSettings()
     windows = calibration_batches(context.tokenizer, context.calibration, allocation.samples, allocation.seq_len,
                                   context.seed)

@@ -208,10 +208,22 @@ class Screened(Exception):
 
 def copy_modules(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of the model's modules holding the very same parameter and buffer tensors: a stage may replace its
-    modules or set attributes without touching the original, but must not write into a tensor (at 1.24 B parameters
-    a whole copy is 5 GB more for a stage that never changes a weight)."""
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return copy.deepcopy(model, memo=shared)
+    modules or set attributes without touching the original, but must not write into a tensor."""
+    return copy.deepcopy(model, memo={id(t): t for t in _tensors(model)})
+
+
+def own_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A whole copy, tensors included."""
+    return copy.deepcopy(model)
+
+
+def _tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
+
+
+def _shares_tensors(model: torch.nn.Module, base: torch.nn.Module) -> bool:
+    held = {t.untyped_storage().data_ptr() for t in _tensors(base)}
+    return any(t.untyped_storage().data_ptr() in held for t in _tensors(model))
 
 
 def build(base_model: torch.nn.Module, stages: list[Stage], context: BuildContext,
@@ -219,9 +231,13 @@ def build(base_model: torch.nn.Module, stages: list[Stage], context: BuildContex
     """Apply the stages in order to a copy of the base model; the base model is never changed (it is each
     stage's `context.teacher`, and the stages before one are its `context.upstream`). With `screen`, the model
     the stages before the last one made is judged first (a reason and its figures: `Screened` is raised, the
-    last stage, its artifact and its timing are never paid for)."""
-    model = copy_modules(base_model) if all(TECHNIQUES[s.technique].keeps_weights(s.spec) for s in stages) \
-        else copy.deepcopy(base_model)
+    last stage, its artifact and its timing are never paid for).
+
+    The copy is of the modules only, sharing the base model's tensors, for as long as the stages leave tensors as
+    they find them (`keeps_weights`: llama-quant's plan, a student made as a new model); a stage that writes into
+    tensors gets a whole copy first, unless the model it is given already holds tensors of its own (a student):
+    at 1.24 B parameters each whole copy not made is 5 GB (float32) off a trial's peak."""
+    model = copy_modules(base_model)
     seconds, training, plain = {}, {}, plain_stages(stages)
     for index, stage in enumerate(stages):
         if screen is not None and index == len(stages) - 1 and index > 0:
@@ -232,6 +248,8 @@ def build(base_model: torch.nn.Module, stages: list[Stage], context: BuildContex
                 raise Screened(verdict[0], verdict[1], seconds, training)
         technique = TECHNIQUES[stage.technique]
         started = time.perf_counter()
+        if not technique.keeps_weights(stage.spec) and _shares_tensors(model, base_model):
+            model = own_copy(model)
         model = technique.apply(model, stage.spec, replace(context, teacher=base_model, upstream=tuple(plain[:index])))
         seconds[stage.technique] = time.perf_counter() - started
         report = technique.training_report(model)

@@ -641,14 +641,22 @@ def _tensors(model) -> dict[str, torch.Tensor]:
     return {n: t.detach().clone() for n, t in (*model.named_parameters(), *model.named_buffers())}
 
 
-def test_a_candidate_of_stages_that_keep_weights_shares_the_base_tensors_and_others_get_their_own(tokenizer, context):
+def test_a_candidate_of_stages_that_keep_weights_shares_the_base_tensors_and_others_get_their_own(tokenizer, context,
+                                                                                                   monkeypatch):
     """llama-quant leaves every weight as it is (llama.cpp rounds the file): its candidate is a copy of the modules on
     the base model's very tensors (no second float copy of a big model), its plan set on the copy only. A stage
-    that writes into tensors (unstructured pruning masks in place, training) gets its own copy, and the base model
-    comes out of either unchanged."""
+    that writes into tensors (unstructured pruning masks in place, training) gets its own copy, unless what it is
+    given holds its own tensors already (a student, a new model); the base model comes out of every one unchanged."""
+    import planner.candidates
     from planner.candidates import build
     from planner.recipes import Stage
+    from evaluators.corpus import Document
+    from search_spaces.distillation import DistillSpec
     from search_spaces.pruning import PruneSpec
+
+    copies = []
+    real_copy = planner.candidates.own_copy
+    monkeypatch.setattr(planner.candidates, "own_copy", lambda m: copies.append(1) or real_copy(m))
 
     model = make_tiny_llama(vocab_size=len(tokenizer), **WIDE)
     before = _tensors(model)
@@ -656,13 +664,21 @@ def test_a_candidate_of_stages_that_keep_weights_shares_the_base_tensors_and_oth
     quant = Stage("quantization", spec(bpw=5.0))
     kept = build(model, [quant], context).model
     assert kept is not model and getattr(kept, PLAN_ATTRIBUTE) is not None and not hasattr(model, PLAN_ATTRIBUTE)
-    assert {t.untyped_storage().data_ptr() for t in kept.parameters()} <= storage
+    assert {t.untyped_storage().data_ptr() for t in kept.parameters()} <= storage and not copies
     sparse = Stage("pruning", PruneSpec(sparsity={"mlp": 0.5}, method="magnitude", calibration_samples=1,
                                         calibration_seq_len=8))
     for stages in ([sparse], [sparse, quant]):
         cut = build(model, stages, context).model
-        assert not {t.untyped_storage().data_ptr() for t in cut.parameters()} & storage
+        assert not {t.untyped_storage().data_ptr() for t in cut.parameters()} & storage and len(copies) == 1
         zeroed = float((cut.model.layers[0].mlp.up_proj.weight == 0).float().mean())
         assert zeroed == pytest.approx(0.5, abs=0.02)  # the masks went into the copy's tensors...
+        copies.clear()
+    student = Stage("distillation", DistillSpec(depth_keep=0.5, steps=2, batch_size=1, seq_len=16,
+                                                importance_samples=2, importance_seq_len=16))
+    rtn = Stage("quantization", QuantSpec(method="rtn", bits={"attn": 4, "mlp": 4}, grid="gguf", group_size=32))
+    texts = replace(context, calibration=[Document("sample", SAMPLE_TEXT * 8)])
+    for stages in ([student, sparse], [student, rtn]):  # a student is its own: written into without a copy
+        built = build(model, stages, texts).model
+        assert not {t.untyped_storage().data_ptr() for t in built.parameters()} & storage and not copies
     after = _tensors(model)
     assert all(torch.equal(before[n], after[n]) for n in before)  # ...never into the base model's

@@ -159,6 +159,9 @@ class Distillation(StructuredTechnique):
     def apply(self, teacher: nn.Module, spec: DistillSpec, context: BuildContext) -> nn.Module:
         return apply(teacher, spec, context)
 
+    def keeps_weights(self, spec: DistillSpec) -> bool:
+        return True  # the student is a new model (derive_student copies the teacher); the teacher only runs
+
     def shapes(self, space: DistillSpace) -> list[Params]:
         """The student shapes as warm starts, each with the storage stages' shape presets (screened at the first
         rung: a seed costs one short training run)."""
