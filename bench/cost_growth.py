@@ -77,8 +77,8 @@ def child(key: str, only: tuple[str, ...] = STAGES) -> dict:
     cache = Path(tempfile.mkdtemp(prefix="bench-growth-"))  # nothing cached from another run
     base = prepare(settings_for(study=f"bench-growth-{size}", latency_budget=None, target="llama.cpp"))
     config = AutoConfig.from_pretrained(assets.cache_root() / "models" / "smollm2-135m")
-    for key, value in SIZES[size].items():
-        setattr(config, key, value)
+    for name, value in SIZES[size].items():
+        setattr(config, name, value)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype or "float32")).eval()
     parameters = sum(p.numel() for p in model.parameters())
@@ -137,8 +137,10 @@ def table(rows: dict) -> str:
     head = f"{'stage':<22}" + "".join(f"{s + ' s':>9}{'GB':>7}{'anon':>6}" for s in sizes)
     lines = [head, "-" * len(head)]
     for stage in STAGES:
-        cells = [rows[s]["stages"].get(stage) for s in sizes]
+        cells = [rows[s]["stages"].get(stage) or ("killed" if rows[s].get("failed_at") == stage else None)
+                 for s in sizes]
         lines.append(f"{stage:<22}" + "".join(
+            f"{'killed':>9}{'-':>7}{'-':>6}" if c == "killed" else
             f"{c['seconds']:>9.1f}{c['peak_rss'] / 1e9:>7.2f}{c.get('peak_anon', float('nan')) / 1e9:>6.2f}" if c
             else f"{'-':>9}{'-':>7}{'-':>6}" for c in cells))
     lines.append(f"{'parameters (M)':<22}" + "".join(f"{rows[s]['parameters'] / 1e6:>9.0f}{'':>13}" for s in sizes))

@@ -22,9 +22,12 @@ from pathlib import Path
 
 from planner.errors import PlannerError
 
-STUDY_COPIES = 2.0  # the model, one candidate's copy
-TRAINING_COPIES = 5.0  # the teacher, the student, its gradients, AdamW's two moments
-OVERHEAD = 1.5e9  # activations, logits, covariances, the runtime: measured 1.1-1.4 GB at 135 M-1.24 B
+# Fitted to the peaks measured (anonymous GB; float32 model 0.54 / 1.45 / 4.94 GB at 135 M / 360 M / 1.24 B):
+# without training 3.65 / 7.12 / 13.94 (a llama-quant trial with compensation), with training 3.91 / 8.63 / killed
+# past 24.4 (a healed cut, a student rung); each line covers every point measured.
+STUDY_COPIES = 2.4  # the model, a candidate's work (its cut or its compensated blocks, their covariances)
+TRAINING_COPIES = 5.2  # the teacher, the student, its gradients, AdamW's two moments (slope 5.19 measured)
+OVERHEAD = 3.7e9  # what does not grow with the weights: logits, activations, the runtime
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -111,8 +114,10 @@ def choose_precision(parameters: int, requested: str, stored: str, available: in
 def _note(needs: Footprint, training: bool, available: int, requested: str, name: str) -> str | None:
     parts = []
     if needs.dtype != "float32" and requested == "auto":
+        in_float32 = Footprint(needs.parameters, "float32")
         parts.append(f"{name} is held in {needs.dtype} as its checkpoint is (in float32 a study needs about "
-                     f"{gb(Footprint(needs.parameters, 'float32').training_bytes)}, {gb(available)} available): "
+                     f"{gb(in_float32.training_bytes if training else in_float32.study_bytes)}, {gb(available)} "
+                     f"available): "
                      f"the reference GGUF is {needs.dtype}, every candidate compared against it")
     if not training:
         parts.append(f"distillation and healing left out: training needs about {gb(needs.training_bytes)} in "
