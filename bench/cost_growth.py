@@ -134,16 +134,16 @@ def table(rows: dict) -> str:
     """Seconds, peak resident GB and its anonymous part (what the process allocated; the rest is mapped GGUF pages)
     per stage and size."""
     sizes = ordered(rows)
-    head = f"{'stage':<22}" + "".join(f"{s.replace('@bfloat16', ' bf16') + ' s':>12}{'GB':>7}{'anon':>6}" for s in sizes)
+    head = f"{'stage':<22}" + "".join(f"{s.replace('@bfloat16', ' bf16') + ' s':>14}{'GB':>7}{'anon':>6}" for s in sizes)
     lines = [head, "-" * len(head)]
     for stage in STAGES:
         cells = [rows[s]["stages"].get(stage) or ("killed" if rows[s].get("failed_at") == stage else None)
                  for s in sizes]
         lines.append(f"{stage:<22}" + "".join(
-            f"{'killed':>12}{'-':>7}{'-':>6}" if c == "killed" else
-            f"{c['seconds']:>12.1f}{c['peak_rss'] / 1e9:>7.2f}{c.get('peak_anon', float('nan')) / 1e9:>6.2f}" if c
-            else f"{'-':>12}{'-':>7}{'-':>6}" for c in cells))
-    lines.append(f"{'parameters (M)':<22}" + "".join(f"{rows[s]['parameters'] / 1e6:>12.0f}{'':>13}" for s in sizes))
+            f"{'killed':>14}{'-':>7}{'-':>6}" if c == "killed" else
+            f"{c['seconds']:>14.1f}{c['peak_rss'] / 1e9:>7.2f}{c.get('peak_anon', float('nan')) / 1e9:>6.2f}" if c
+            else f"{'-':>14}{'-':>7}{'-':>6}" for c in cells))
+    lines.append(f"{'parameters (M)':<22}" + "".join(f"{rows[s]['parameters'] / 1e6:>14.0f}{'':>13}" for s in sizes))
     return "\n".join(lines)
 
 

@@ -3,8 +3,9 @@
 A study holds the float model the whole time; on top of it, at its peak, one stage's work. Measured on Llama shapes
 of 135 M to 1.24 B parameters (bench/cost_growth.py, docs/benchmarks.md section 13: peak anonymous memory; the
 mapped pages of llama.cpp's GGUF files are the kernel's to drop and are not counted):
-- a candidate without training (quantization, a cut): the model and one more copy of its size at most (a cut's
-  weights; a llama-quant candidate shares the model's tensors), input covariances (bounded: 2 GiB), activations;
+- a candidate without training (quantization, a cut): the model, a cut's own weights (a llama-quant candidate
+  shares the model's), the compensated rounding's work (input covariances bounded to 2 GiB, Hessian factors),
+  activations and logits;
 - training (a student's rung, a healed cut): the trained copy, its gradients and AdamW's two moments, each the
   size of the weights in their precision, besides the teacher (the model itself).
 So a study needs about `STUDY_COPIES` x the model's bytes and training `TRAINING_COPIES` x, plus `OVERHEAD`.
@@ -17,13 +18,13 @@ that cannot fit at all is refused up front, saying how much memory it needs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from planner.errors import PlannerError
 
 # Fitted to the peaks measured (anonymous GB; float32 model 0.54 / 1.45 / 4.94 GB at 135 M / 360 M / 1.24 B):
-# without training 3.65 / 7.12 / 13.94 (a llama-quant trial with compensation), with training 3.91 / 8.63 / killed
+# without training 3.65 / 7.12 / 13.94 (a llama-quant trial with compensation), with training 3.91 / 8.71 / killed
 # past 24.4 (a healed cut, a student rung); each line covers every point measured.
 STUDY_COPIES = 2.4  # the model, a candidate's work (its cut or its compensated blocks, their covariances)
 TRAINING_COPIES = 5.2  # the teacher, the student, its gradients, AdamW's two moments (slope 5.19 measured)
@@ -127,8 +128,6 @@ def _note(needs: Footprint, training: bool, available: int, requested: str, name
 
 def without_training(spaces: dict) -> dict:
     """The spaces with nothing trained: no students, no healed cuts."""
-    from dataclasses import replace
-
     out = dict(spaces)
     if "distillation" in out:
         out["distillation"] = replace(out["distillation"], enabled=(False,))
