@@ -8,7 +8,8 @@ mapped pages of llama.cpp's GGUF files are the kernel's to drop and are not coun
   activations and logits;
 - training (a student's rung, a healed cut): the trained copy, its gradients and AdamW's two moments, each the
   size of the weights in their precision, besides the teacher (the model itself).
-So a study needs about `STUDY_COPIES` x the model's bytes and training `TRAINING_COPIES` x, plus `OVERHEAD`.
+So a study needs the model, `WORK_BYTES` a parameter and `STUDY_OVERHEAD`; training `TRAINING_COPIES` x the
+model's bytes and `TRAINING_OVERHEAD`, or the former if more.
 
 On the CPU, `dtype = "auto"` keeps float32 when the whole space fits in it (every candidate compared against an
 F32 reference GGUF, as before), else the precision the checkpoint comes in (bfloat16 or float16: the model, every
@@ -23,12 +24,14 @@ from pathlib import Path
 
 from planner.errors import PlannerError
 
-# Fitted to the peaks measured (anonymous GB; float32 model 0.54 / 1.45 / 4.94 GB at 135 M / 360 M / 1.24 B):
-# without training 3.65 / 7.12 / 13.94 (a llama-quant trial with compensation), with training 3.91 / 8.71 / killed
-# past 24.4 (a healed cut, a student rung); each line covers every point measured.
-STUDY_COPIES = 2.4  # the model, a candidate's work (its cut or its compensated blocks, their covariances)
-TRAINING_COPIES = 5.2  # the teacher, the student, its gradients, AdamW's two moments (slope 5.19 measured)
-OVERHEAD = 3.7e9  # what does not grow with the weights: logits, activations, the runtime
+# Fitted to the peaks measured (anonymous GB at 135 M / 360 M / 1.24 B in float32, 1.24 B and 3.21 B in bfloat16):
+# without training 3.65 / 7.12 / 13.94 / - / 21.11 (the sensitivity tables and a llama-quant trial with compensation:
+# their work is in float32 whatever the model's precision, about 3 bytes a parameter beyond the model), with training
+# 3.91 / 8.71 / killed past 24.4 / 14.18 / killed (a healed cut, a student rung); every point is covered.
+WORK_BYTES = 3.2  # per parameter: the tables' and the compensated rounding's float32 work
+STUDY_OVERHEAD = 5.1e9  # what does not grow with the weights: logits, activations, the runtime
+TRAINING_COPIES = 5.4  # the teacher, the student, its gradients, AdamW's two moments (slope 5.35 measured)
+TRAINING_OVERHEAD = 1.5e9
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -45,13 +48,13 @@ class Footprint:
 
     @property
     def study_bytes(self) -> int:
-        """Peak of a study without training."""
-        return int(STUDY_COPIES * self.model_bytes + OVERHEAD)
+        """Peak of a study without training: the model and the float32 work of its sensitivity tables."""
+        return int(self.model_bytes + WORK_BYTES * self.parameters + STUDY_OVERHEAD)
 
     @property
     def training_bytes(self) -> int:
-        """Peak of a study that trains (students, healing)."""
-        return int(TRAINING_COPIES * self.model_bytes + OVERHEAD)
+        """Peak of a study that trains (students, healing), its other stages included."""
+        return max(self.study_bytes, int(TRAINING_COPIES * self.model_bytes + TRAINING_OVERHEAD))
 
 
 @dataclass(frozen=True)
