@@ -66,7 +66,7 @@ class WeightMemory:
         }
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -147,7 +147,7 @@ def weight_bytes(model: torch.nn.Module) -> WeightMemory:
             if identity in seen:
                 continue
             seen.add(identity)
-            name = _dtype_name(t.dtype)
+            name = dtype_name(t.dtype)
             by_dtype[name] = by_dtype.get(name, 0) + tensor_bytes(t)
     return WeightMemory(total_bytes=sum(by_dtype.values()), by_dtype=by_dtype, num_tensors=len(seen))
 
@@ -196,7 +196,9 @@ def _reset_rss_hwm() -> bool:
         return False
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
+    """Python's garbage collected, then the C heap's free pages handed back to the kernel: glibc keeps the pages of
+    freed tensors and arrays mapped for reuse, and they count as resident until trimmed."""
     gc.collect()
     try:
         ctypes.CDLL(None).malloc_trim(0)
@@ -223,7 +225,7 @@ class _RssSampler(threading.Thread):
 
 
 def _cpu_peak(forward: Callable[[], Any]) -> tuple[str, int, int]:
-    _release_freed_memory()
+    release_freed_memory()
     if _reset_rss_hwm():
         before = _status_bytes("VmRSS")
         forward()

@@ -22,6 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import psutil
+
+from evaluators.memory import dtype_name
 from planner.errors import PlannerError
 
 # Fitted to the peaks measured (anonymous GB at 135 M / 360 M / 1.24 B in float32, 1.24 B and 3.21 B in bfloat16):
@@ -68,9 +71,7 @@ class Precision:
 
 def available_memory() -> int:
     """Bytes this process may still use: the kernel's MemAvailable, or less under a cgroup's memory limit."""
-    meminfo = {line.split(":")[0]: int(line.split()[1]) * 1024
-               for line in Path("/proc/meminfo").read_text().splitlines() if line.split()[1:]}
-    available = meminfo.get("MemAvailable", meminfo.get("MemTotal", 0))
+    available = psutil.virtual_memory().available
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         used = int(Path("/sys/fs/cgroup/memory.current").read_text())
@@ -85,10 +86,8 @@ def checkpoint_dtype(config) -> str:
     """The precision the checkpoint's weights are stored in (its config's dtype; float32 when it names none)."""
     for key in ("dtype", "torch_dtype"):
         value = getattr(config, key, None)
-        if value is not None:
-            name = str(value).removeprefix("torch.")
-            if name in BYTES:
-                return name
+        if value is not None and dtype_name(value) in BYTES:
+            return dtype_name(value)
     return "float32"
 
 

@@ -15,8 +15,9 @@ import optuna
 from tqdm import tqdm
 
 from evaluators.kl import ReferenceDistributions
-from evaluators.memory import weight_bytes
+from evaluators.memory import dtype_name, weight_bytes
 from evaluators.perplexity import check_protocol
+from evaluators.runtime import model_dtype
 from planner import assets, footprint, workers
 from planner import objectives as objective_registry
 from planner.budgets import Budget, of_kind
@@ -295,7 +296,7 @@ def join(bench: Workbench, study: optuna.Study) -> None:
 def check_precision(study: optuna.Study, model) -> None:
     """Every process of a study holds the model in one precision (its candidates and reference are made from it):
     a worker or a resumed run that would hold it otherwise is refused, saying which to pass."""
-    held = str(next(model.parameters()).dtype).removeprefix("torch.")
+    held = dtype_name(model_dtype(model))
     stored = study.user_attrs.get("dtype")
     if stored is None:
         study.set_user_attr("dtype", held)

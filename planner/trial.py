@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 import optuna
 
 from evaluators.kl import ReferenceDistributions
+from evaluators.memory import release_freed_memory
 from evaluators.scoring import ScoringSetup
 from planner import candidates
 from planner import objectives as objective_registry
@@ -274,22 +275,11 @@ def objective(bench: Workbench):
     return run
 
 
-def trim_heap() -> None:
-    """glibc's malloc_trim: the free pages of the C heap handed back to the kernel (nothing where libc is not glibc)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def release_memory() -> None:
     """Return a trial's memory before the next one: Python objects, the C heap's free pages, CUDA's cached blocks.
     glibc keeps the pages of freed tensors and arrays mapped for reuse: without the trim, a study's resident memory
     after a stage is what that stage held at its peak, and the next stage's peak lands on top of it."""
-    gc.collect()
-    trim_heap()
+    release_freed_memory()
     import torch
 
     if torch.cuda.is_available():

@@ -102,7 +102,7 @@ def test_a_study_of_a_model_that_fits_only_in_its_bfloat16_runs_on_a_bf16_refere
     fits = Footprint(parameters, "bfloat16").training_bytes  # bfloat16 with training fits; float32 does not
     monkeypatch.setattr(footprint, "available_memory", lambda: fits)
     trims = []
-    monkeypatch.setattr("planner.trial.trim_heap", lambda: trims.append(1))
+    monkeypatch.setattr("planner.trial.release_freed_memory", lambda: trims.append(1))
     written = []
     real_write = llamacpp_target.writer.write
 

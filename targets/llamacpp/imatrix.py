@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from search_spaces.layers import text_config
+from targets.llamacpp.compensated import block_of
 from targets.llamacpp.gguf_file import ARCHITECTURES
 from targets.llamacpp.quantize import IMATRIX_ENTRIES_KEY
 
@@ -123,7 +124,11 @@ def input_covariances(model: nn.Module, windows: torch.Tensor, names: Sequence[s
     share one array."""
     # float32 throughout (a batch's thousand-odd products and a handful of batches: nothing the damped rounding
     # notices is lost, it is twice as fast, and a 1B model's covariances are 5 GB in float32, 10 in float64)
-    return _input_means(model, windows, batch_size, head, lambda x: x.float().T @ x.float(), names)
+    return _input_means(model, windows, batch_size, head, _second_moment, names)
+
+
+def _second_moment(x: torch.Tensor) -> torch.Tensor:
+    return x.float().T @ x.float()
 
 
 def covariance_chunks(model: nn.Module, names: Sequence[str], budget: int = COVARIANCE_BUDGET,
@@ -132,16 +137,15 @@ def covariance_chunks(model: nn.Module, names: Sequence[str], budget: int = COVA
     covariances within `budget` bytes (float32, one width x width array per tensor: tensors sharing an input make it
     an overestimate); a block larger than the budget is a group of its own, tensors outside the blocks (the head)
     the last group."""
-    widths = {g: m.in_features for name, m in model.named_modules() if isinstance(m, nn.Linear)
-              for g in [gguf_linear_names(model, head).get(name)] if g in set(names)}
+    wanted, modules = set(names), dict(model.named_modules())
+    widths = {g: modules[m].in_features for m, g in gguf_linear_names(model, head).items() if g in wanted}
     blocks: dict[str, list[str]] = {}
     for g in widths:  # named_modules order: the model's
-        parts = g.split(".")
-        blocks.setdefault(".".join(parts[:2]) if parts[0] == "blk" else "", []).append(g)
+        blocks.setdefault(block_of(g), []).append(g)
     chunks, held = [[]], 0
     for key, members in blocks.items():
         size = sum(4 * widths[g] ** 2 for g in members)
-        if chunks[-1] and (held + size > budget or not key):
+        if chunks[-1] and (held + size > budget or not key.startswith("blk.")):
             chunks.append([])
             held = 0
         chunks[-1].extend(members)
@@ -157,7 +161,7 @@ def input_covariance_chunks(model: nn.Module, windows: torch.Tensor, names: Sequ
     its own pass over the windows, stopped at the first decoder layer past the group: c groups cost about
     (c + 1) / 2 forward passes, and the same sums as one pass."""
     for chunk in covariance_chunks(model, names, budget, head):
-        yield _input_means(model, windows, batch_size, head, lambda x: x.float().T @ x.float(), chunk)
+        yield _input_means(model, windows, batch_size, head, _second_moment, chunk)
 
 
 class _Enough(Exception):
