@@ -308,10 +308,12 @@ class PeakMemory:
     its anonymous part (what the process allocated: tensors, arrays) and `file` of its file-backed part (mapped
     GGUF files: clean pages the kernel can drop and read again), each peak on its own."""
 
-    def __init__(self):
+    def __init__(self, pid: int | None = None, interval: float = 0.05):
+        """`pid`: another process, summed with its descendants (a whole `planner search`), instead of this one."""
         import threading
 
         self.peak = self.anon = self.file = 0
+        self.pid, self.interval = pid, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -320,18 +322,34 @@ class PeakMemory:
         return PeakMemory.parts()["VmRSS"]
 
     @staticmethod
-    def parts() -> dict[str, int]:
+    def parts(pid: int | str = "self") -> dict[str, int]:
         wanted = ("VmRSS", "RssAnon", "RssFile")
-        lines = (line.split(":") for line in Path("/proc/self/status").read_text().splitlines())
+        lines = (line.split(":") for line in Path(f"/proc/{pid}/status").read_text().splitlines())
         return {key: int(value.split()[0]) * 1024 for key, value in lines if key in wanted}
 
+    def _tree(self) -> dict[str, int]:
+        import psutil
+
+        total = dict.fromkeys(("VmRSS", "RssAnon", "RssFile"), 0)
+        try:
+            pids = [self.pid] + [c.pid for c in psutil.Process(self.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return total
+        for pid in pids:
+            try:
+                for key, value in self.parts(pid).items():
+                    total[key] += value
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # gone between the listing and the read
+        return total
+
     def _sample(self):
-        now = self.parts()
+        now = self.parts() if self.pid is None else self._tree()
         self.peak, self.anon = max(self.peak, now["VmRSS"]), max(self.anon, now["RssAnon"])
         self.file = max(self.file, now["RssFile"])
 
     def _run(self):
-        while not self._stop.wait(0.05):
+        while not self._stop.wait(self.interval):
             self._sample()
 
     def __enter__(self):
