@@ -166,6 +166,38 @@ def test_a_layers_tensors_round_side_by_side_one_layer_at_a_time_with_their_fact
     assert block_of("blk.12.ffn_down.weight") == "blk.12" and block_of("output.weight") == "output.weight"
 
 
+def test_a_factor_being_computed_holds_up_only_the_threads_that_need_that_input(monkeypatch):
+    """Two inputs' factors asked for at once: the second is computed while the first is still being computed (one
+    cache-wide lock made every rounding thread wait for the widest input's factor), each once."""
+    import threading
+
+    from targets.llamacpp import compensated
+    from targets.llamacpp.compensated import FactorCache
+
+    rng = np.random.default_rng(6)
+    wide, narrow = (x.T @ x / 64 for x in (rng.standard_normal((64, n)).astype(np.float32) for n in (32, 16)))
+    narrow_done, computed = threading.Event(), []
+    factor_of = compensated.hessian_factor
+
+    def slow(covariance, damp):
+        if covariance is wide:  # finishes only once the narrow one was computed beside it
+            assert narrow_done.wait(timeout=10), "the narrow input's factor waited for the wide one's"
+        computed.append(covariance.shape[0])
+        return factor_of(covariance, damp)
+    monkeypatch.setattr(compensated, "hessian_factor", slow)
+    factors = FactorCache()
+    results = {}
+    wide_thread = threading.Thread(target=lambda: results.update(wide=factors(wide)))
+    wide_thread.start()
+    results["narrow"] = factors(narrow)
+    narrow_done.set()
+    wide_thread.join(timeout=20)
+    assert computed == [16, 32] and results["wide"][0].shape == (32, 32)
+    for which, covariance in (("wide", wide), ("narrow", narrow)):  # asked again: the same factor, not recomputed
+        assert factors(covariance) is results[which]
+    assert computed == [16, 32]
+
+
 def test_covariances_a_group_of_blocks_at_a_time_are_the_one_pass_sums_within_the_budget(monkeypatch):
     """Groups of whole decoder blocks within the byte budget (the head last), each pass stopped at the first layer
     past its group, and the same sums as one pass over every layer."""
