@@ -218,6 +218,9 @@ def test_covariances_a_group_of_blocks_at_a_time_are_the_one_pass_sums_within_th
     for index, layer in enumerate(model.model.layers):
         monkeypatch.setattr(layer, "forward", lambda *a, _f=layer.forward, _i=index, **k: calls.append(_i) or _f(*a, **k))
     whole = input_covariances(model, windows, names)
+    # tensors fed the very same input share one array (and so one Hessian factor), the others do not
+    assert whole["blk.0.attn_q.weight"] is whole["blk.0.attn_v.weight"] is not whole["blk.0.attn_output.weight"]
+    assert whole["blk.1.ffn_gate.weight"] is whole["blk.1.ffn_up.weight"] is not whole["blk.1.ffn_down.weight"]
     calls.clear()
     seen, ran = [], []
     for chunk in input_covariance_chunks(model, windows, names, budget=2 * block, batch_size=4):

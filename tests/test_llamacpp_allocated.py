@@ -9,6 +9,7 @@ budget at a preset's size and ships the GGUF with its imatrix file; the transfor
 from __future__ import annotations
 
 import json
+import os
 
 import itertools
 from dataclasses import replace
@@ -682,3 +683,51 @@ def test_a_candidate_of_stages_that_keep_weights_shares_the_base_tensors_and_oth
         assert not {t.untyped_storage().data_ptr() for t in built.parameters()} & storage and not copies
     after = _tensors(model)
     assert all(torch.equal(before[n], after[n]) for n in before)  # ...never into the base model's
+
+
+def test_the_tables_factors_serve_the_trials_whole_tensor_rounding_bit_for_bit(tokenizer, tmp_path, monkeypatch):
+    """The sensitivity tables keep each compensable tensor's Hessian factor (`FactorStore`, tensors of one input
+    linked to one file); a candidate's compensated blocks are then rounded with no calibration pass and no factor
+    computed, and are the very bytes rounded from the covariances."""
+    from targets.llamacpp import allocated, compensated
+    from targets.llamacpp.allocated import CompensatedBlocks, factor_folder
+
+    cached = BuildContext(tokenizer=tokenizer, calibration=[Doc(SAMPLE_TEXT * 4)], seed=0, cache_dir=tmp_path,
+                          model_id="tiny-factors", progress=False)
+    model = make_tiny_llama(vocab_size=len(tokenizer), **WIDE)
+    windows = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(2))
+    tables = sensitivity_tables(model, windows, cached, compensate=True)
+    folder = factor_folder(allocated._cache_file(cached, allocated._calibration_key(windows)))
+    compensable = sorted(n for n, opts in tables["options"].items() if any(o.kind.endswith("+gptq") for o in opts))
+    assert sorted(f.name[:-4] for f in folder.iterdir()) == compensable
+    q, k = (os.stat(folder / f"blk.0.attn_{r}.weight.npz") for r in ("q", "k"))
+    down, up = (os.stat(folder / f"blk.0.ffn_{r}.weight.npz") for r in ("down", "up"))
+    assert q.st_ino == k.st_ino and down.st_ino != up.st_ino  # one input, one file
+    kinds = {name: "Q4_K+gptq" if i % 2 else "Q5_0+gptq" for i, name in enumerate(compensable)}
+    fresh = CompensatedBlocks(model, windows, replace(cached, cache_dir=None), tables["imatrix"]).of(kinds)
+    with monkeypatch.context() as patch:
+        patch.setattr(sensitivity, "compensable_inputs", lambda *a, **k: pytest.fail("covariances recomputed"))
+        patch.setattr(compensated, "hessian_factor", lambda *a, **k: pytest.fail("a factor recomputed"))
+        served = CompensatedBlocks(model, windows, cached, tables["imatrix"]).of(kinds)
+    assert sorted(served) == sorted(fresh) == compensable
+    for name in compensable:
+        np.testing.assert_array_equal(served[name], fresh[name])
+
+
+def test_a_stored_factor_reads_back_as_it_was(tmp_path):
+    from targets.llamacpp.compensated import FactorStore, hessian_factor
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((96, 40)).astype(np.float32)
+    x[:, 7] = 0  # an input never active
+    factor = hessian_factor(x.T @ x / 96)
+    store = FactorStore(tmp_path / "factors")
+    assert store.load("a") is None and not store.has("a")
+    store.save("a", factor)
+    store.save("b", factor)  # the same input: linked
+    upper, dead = FactorStore(tmp_path / "factors").load("b")
+    assert torch.equal(upper, factor[0]) and torch.equal(dead, factor[1]) and bool(dead[7])
+    assert os.stat(tmp_path / "factors" / "a.npz").st_ino == os.stat(tmp_path / "factors" / "b.npz").st_ino
+    assert not [f for f in (tmp_path / "factors").iterdir() if f.name.endswith(".tmp")]
+    FactorStore(None).save("a", factor)  # no cache: nothing kept, nothing read
+    assert FactorStore(None).load("a") is None

@@ -37,8 +37,8 @@ from search_spaces.specs import SpecError
 from search_spaces.quantization.plan import LayerPlan
 from targets.llamacpp import sensitivity
 from targets.llamacpp.block_formats import COMPENSABLE
-from targets.llamacpp.compensated import (FactorCache, base_kind, block_of, compensable, compensated_kind,
-                                          compensated_round, is_compensated, layer_by_layer)
+from targets.llamacpp.compensated import (FactorCache, FactorStore, base_kind, block_of, compensable,
+                                          compensated_kind, compensated_round, is_compensated, layer_by_layer)
 from targets.llamacpp.imatrix import CALIBRATION_DATASET, importance_matrix
 from targets.llamacpp.quantize import FLOAT_TYPES, fallback_type, quant_type, type_bytes
 from targets.llamacpp import writer
@@ -480,15 +480,21 @@ def sensitivity_tables(model: nn.Module, windows, context: BuildContext, compens
             raw = _options_from_json(json.loads(file.read_text()))
         else:
             tensors = tensors or sensitivity.quantizable(model, imatrix)
-            raw = {}
+            raw, store = {}, FactorStore(None if folder is None else factor_folder(folder))
             for covariances in sensitivity.compensable_inputs(model, tensors, windows):  # a few blocks' at a time
-                raw.update(sensitivity.compensated_options(model, tensors, sensitivity.MENUS["all"], covariances))
+                raw.update(sensitivity.compensated_options(model, tensors, sensitivity.MENUS["all"], covariances,
+                                                           store=store))
                 del covariances
             if file is not None:
                 file.write_text(json.dumps(_options_to_json(raw)))
         for name, extra in sensitivity.predicted_kl_options(raw, gains).items():
             options[name] = options[name] + extra
     return {"imatrix": imatrix, "options": options, "tensors": info}
+
+
+def factor_folder(folder: Path) -> Path:
+    """Where a shape's Hessian factors are kept (`FactorStore`), beside its compensated blocks."""
+    return folder / "compensated" / "factors"
 
 
 def refined(model: nn.Module, tables: dict, chosen: dict[str, Option], byte_target: float, windows,
@@ -535,6 +541,8 @@ class CompensatedBlocks:
         self.folder = None if folder is None else folder / "compensated"
         self.covariances: dict[str, np.ndarray] = {}
         self.factors = FactorCache()
+        # the factors the tables computed (or an earlier trial): a tensor whose factor is stored needs no covariance
+        self.store = FactorStore(None if folder is None else factor_folder(folder))
 
     def prepare(self, names=None) -> None:
         """The input covariances of `names` (every compensable tensor by default), from the model as it is now."""
@@ -551,7 +559,10 @@ class CompensatedBlocks:
         covariance, factor = self._factor(name)
         if weight is None:
             weight = sensitivity.weights_of(self.model, [self.tensors[name]])[name].detach().float().cpu().numpy()
-        blocks = compensated_round(weight, covariance, kind, self.tensors[name].importance, factor=factor)
+        importance = self.tensors[name].importance
+        if importance is None:  # the covariance's diagonal then (compensated_round's default)
+            importance = np.diagonal(self._covariance(name)).astype(np.float32)
+        blocks = compensated_round(weight, covariance, kind, importance, factor=factor)
         if file is not None:
             file.parent.mkdir(parents=True, exist_ok=True)
             np.save(file, blocks)
@@ -564,11 +575,20 @@ class CompensatedBlocks:
         file = self._file(name, kind)
         return file is not None and file.is_file()
 
-    def _factor(self, name: str) -> tuple[np.ndarray, tuple]:
-        """(the input covariance of tensor `name`, its `hessian_factor`: shared by the tensors reading one input)."""
+    def _covariance(self, name: str) -> np.ndarray:
         self.prepare([name])
-        covariance = self.covariances[name]
-        return covariance, self.factors(covariance)
+        return self.covariances[name]
+
+    def _factor(self, name: str) -> tuple[np.ndarray | None, tuple]:
+        """(the input covariance of tensor `name`, None where its factor was stored; its `hessian_factor`: shared by
+        the tensors reading one input), the factor stored for the trials after."""
+        stored = self.store.load(name)
+        if stored is not None:
+            return None, stored
+        covariance = self._covariance(name)
+        factor = self.factors(covariance)
+        self.store.save(name, factor)
+        return covariance, factor
 
     def of(self, kinds: dict[str, str]) -> dict[str, np.ndarray]:
         """{GGUF name: blocks} of the tensors whose kind is ``<type>+gptq``, a decoder block's side by side, one
@@ -582,7 +602,8 @@ class CompensatedBlocks:
                 size=lambda item: self.tensors[item[0]].size)))
 
         # the covariances a group of blocks at a time (none for blocks in the cache), rounded and freed before the next
-        missing = [self.tensors[n] for n, kind in wanted.items() if not self._cached(n, kind) and n not in self.covariances]
+        missing = [self.tensors[n] for n, kind in wanted.items()
+                   if not self._cached(n, kind) and n not in self.covariances and not self.store.has(n)]
         for chunk in sensitivity.compensable_inputs(self.model, missing, self.windows) if missing else ():
             self.covariances.update(chunk)
             rounded([(n, kind) for n, kind in wanted.items() if n in chunk])

@@ -199,13 +199,14 @@ def _input_means(model: nn.Module, windows: torch.Tensor, batch_size: int, head:
 
     def hook(module_name):
         def collect(module, inputs):
-            x = inputs[0].detach()
-            first = next((name for ref, name in seen if ref is x), None)
+            given = inputs[0]  # the very object the forward passed (detach() would make a new one each call)
+            x = given.detach()
+            first = next((name for ref, name in seen if ref is given), None)
             counts[module_name] += x.numel() // x.shape[-1]
             if first is not None:
                 owner.setdefault(module_name, first)
                 return
-            seen.append((x, module_name))
+            seen.append((given, module_name))
             value = statistic(x.reshape(-1, x.shape[-1]))  # the sum of one batch
             sums[module_name] = value if module_name not in sums else sums[module_name].add_(value)
         return collect

@@ -126,8 +126,8 @@ def type_options(model: nn.Module, tensors: Sequence[Tensor], menu: Sequence[str
 
 
 def compensated_options(model: nn.Module, tensors: Sequence[Tensor], menu: Sequence[str],
-                        covariances: Mapping[str, np.ndarray], rows: int = ROWS,
-                        threads: int | None = None) -> dict[str, list[Option]]:
+                        covariances: Mapping[str, np.ndarray], rows: int = ROWS, threads: int | None = None,
+                        store: "compensated.FactorStore | None" = None) -> dict[str, list[Option]]:
     """{GGUF name: [Option(``<type>+gptq``, exact bytes, error)]} for each type of `menu` (as written on the row
     width) that error-compensated rounding writes (compensated.py), for the tensors `covariances` has (their
     inputs' mean x x^T). The error is llama.cpp's rounding's importance-weighted error (`type_options`) scaled by
@@ -135,7 +135,7 @@ def compensated_options(model: nn.Module, tensors: Sequence[Tensor], menu: Seque
     diagonal part only, and the compensation is exactly what moves error off the diagonal. Rows are rounded
     independently here too, so the sampled rows are those of the whole tensor's rounding. `threads` tensors are
     rounded at once, one decoder block at a time (`compensated.layer_by_layer`: the Hessian factors of one block's
-    inputs held at once)."""
+    inputs held at once). `store`: where each tensor's factor is kept for the whole-tensor rounding of the trials."""
     factors = compensated.FactorCache()  # tensors reading one input share its covariance, and so its factor
     work = []
     for tensor, weight, scale in _sampled(model, [t for t in tensors if t.gguf_name in covariances], rows):
@@ -145,7 +145,10 @@ def compensated_options(model: nn.Module, tensors: Sequence[Tensor], menu: Seque
             work.append((tensor, weight, scale, kinds, covariances[tensor.gguf_name]))
 
     def options(tensor, weight, scale, kinds, covariance) -> list[Option]:
-        blocks = compensated.compensated_rounds(weight, covariance, kinds, tensor.importance, factor=factors(covariance))
+        factor = factors(covariance)
+        if store is not None:
+            store.save(tensor.gguf_name, factor)
+        blocks = compensated.compensated_rounds(weight, covariance, kinds, tensor.importance, factor=factor)
         found = []
         for kind in kinds:
             rounded, _ = ggml_quants.roundtrip(kind, weight, tensor.importance, threads=1)
