@@ -31,6 +31,7 @@ from search_spaces.quantization.spec import AllocationSettings
 from search_spaces.specs import SpecError
 from targets.llamacpp import ggml_quants, sensitivity, writer
 from targets.llamacpp.allocated import PLAN_ATTRIBUTE, choose_types, predicted_decode, sensitivity_tables, tables_kl
+from targets.llamacpp.gguf_header import read_float_tensor
 from targets.llamacpp.imatrix import collected_by_llama_imatrix, importance_matrix, read_imatrix_file
 from targets.llamacpp.quantize import fallback_type, quantize_gguf, tensor_types, type_bytes
 from targets.llamacpp.runtime import loaded
@@ -230,6 +231,21 @@ def test_a_built_candidate_is_written_with_the_planned_types_and_its_imatrix(tok
             assert np.linalg.norm(ours - theirs) < 0.5 * np.linalg.norm(theirs), name
             # and nothing else than those blocks differs from llama.cpp's file
             assert not np.array_equal(ours, theirs)
+        # llama.cpp is handed the compensated tensors as zeros (its own rounding of them is replaced whole), and the
+        # file is byte for byte the one written from their weights
+        handed = {}
+
+        def quantize_seen(src, *args, **kwargs):
+            handed.update({n: np.any(read_float_tensor(src, n)) for n in plan.compensated})
+            return quantize_gguf(src, *args, **kwargs)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(writer, "quantize_gguf", quantize_seen)
+            writer.write(built, tokenizer, tmp_path / "zeroed.gguf")
+            assert handed == dict.fromkeys(plan.compensated, False)
+            patch.setattr(writer, "zero_tensors", lambda *a: None)
+            writer.write(built, tokenizer, tmp_path / "whole.gguf")
+            assert set(handed.values()) == {True}
+        assert (tmp_path / "zeroed.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes() == path.read_bytes()
         with pytest.MonkeyPatch.context() as patch:  # a rebuild reads its blocks back: no covariance computed
             patch.setattr(sensitivity, "compensable_inputs", lambda *a, **k: pytest.fail("covariances recomputed"))
             rebuilt = getattr(TECHNIQUES["quantization"].apply(make_tiny_llama(vocab_size=len(tokenizer), **WIDE),

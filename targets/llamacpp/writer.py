@@ -68,11 +68,13 @@ def write(model, tokenizer, path: Path, name: str = "planner candidate") -> dict
     try:
         info = _write_float(model, tokenizer, float_path, name)
         started = time.perf_counter()
+        compensated = in_file_order(model, float_path, plan.compensated)
+        zero_tensors(float_path, compensated)
         written = quantize_gguf(float_path, path, ftype=plan.ftype(), overrides=plan.types, imatrix=plan.imatrix,
                                 metadata=quantize_metadata(plan.imatrix, IMATRIX_FILE, [plan.dataset],
                                                            plan.calibration_tokens // plan.chunk_size))
         # llama.cpp's blocks of the compensated tensors, replaced by the same type's blocks with compensated codes
-        put_tensor_data(path, in_file_order(model, float_path, plan.compensated), written)
+        put_tensor_data(path, compensated, written)
     finally:
         float_path.unlink(missing_ok=True)
     return {**info, "quantizer": "llama.cpp", "quantize_seconds": time.perf_counter() - started,
@@ -80,6 +82,19 @@ def write(model, tokenizer, path: Path, name: str = "planner candidate") -> dict
             "imatrix_digest": imatrix_digest(plan.imatrix),
             "predicted_kl": plan.predicted_kl, **({"refinement": plan.refinement} if plan.refinement else {}),
             "allocated_bytes": plan.bytes}
+
+
+def zero_tensors(float_path: Path, names) -> None:
+    """Zero the data of tensors `names` in a float GGUF: those whose blocks llama.cpp writes only to have them
+    replaced (the compensated ones) are quantized from zeros, in no time, rather than by its importance-weighted
+    scale search (a minute a trial on a 1.24 B model, measured). What it writes for the others, and so the file
+    once the compensated blocks are put in place, is byte for byte the same."""
+    if not names:
+        return
+    header = read_header(float_path)
+    stored = {t.name: t for t in header.tensors}
+    put_tensor_data(float_path, {n: np.zeros(stored[n].n_bytes, dtype=np.uint8) for n in names},
+                    {n: stored[n].kind for n in names})
 
 
 def in_file_order(model, float_path: Path, blocks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
