@@ -16,6 +16,7 @@ import contextlib
 from collections import defaultdict
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,14 +36,24 @@ DAMP_RETRIES = 5  # each retry multiplies the damping by 10 when H is not positi
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 after dampening H's diagonal (more damping if H is not PD)."""
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U) after dampening H's diagonal (more damping if H is not PD).
+
+    One Cholesky factorisation and one triangular inverse (LAPACK trtri), about half the work of inverting H and
+    factoring the inverse (GPTQ's reference code; on a 1B model's 8192-wide MLP input that was seconds a layer):
+    with J the order-reversing permutation and J H J = M M^T (M lower), H^-1 = (J M^-1 J)^T (J M^-1 J), and
+    J M^-1 J is upper triangular with a positive diagonal: the factor itself."""
+    from scipy.linalg import lapack
+
     mean_diag = hessian.diagonal().mean()
     for attempt in range(DAMP_RETRIES):
-        damped = hessian.clone()
+        damped = hessian.flip(0, 1)  # J H J (a copy)
         damped.diagonal().add_(damp * 10 ** attempt * mean_diag)
         lower, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
-            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+            inverse, info = lapack.strtri(lower.cpu().numpy(), lower=1) if lower.dtype == torch.float32 \
+                else lapack.dtrtri(lower.double().cpu().numpy(), lower=1)
+            if info == 0:
+                return torch.from_numpy(np.tril(inverse)).to(hessian.dtype).to(hessian.device).flip(0, 1)
     raise RuntimeError(f"GPTQ: the Hessian stays singular even with damping {damp * 10 ** DAMP_RETRIES:g}")
 
 

@@ -417,7 +417,7 @@ def _cache_file(context: BuildContext, depends: dict) -> Path | None:
     `upstream`) from `depends` (what else it was computed from)."""
     if context.cache_dir is None or not context.model_id:
         return None
-    key = json.dumps({"model": context.model_id, "upstream": list(context.upstream), **depends, "version": 3},
+    key = json.dumps({"model": context.model_id, "upstream": list(context.upstream), **depends, "version": 4},
                      sort_keys=True, default=str)
     return Path(context.cache_dir) / "llama-sensitivity" / hashlib.sha256(key.encode()).hexdigest()[:24]
 
