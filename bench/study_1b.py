@@ -119,7 +119,8 @@ def main() -> None:
     log.write_text("")
     row = {"size": args.size, "trials": args.trials, "budget": args.budget, "started": time.strftime("%Y-%m-%d %H:%M"),
            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
-           "load_before": os.getloadavg()[0]}
+           "load_before": os.getloadavg()[0], "code": subprocess.run(
+               ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True).stdout.strip()}
     row["search"] = run(["search", "--study-file", "studies/demo.toml", "--model", str(model), "--study", name,
                          "--storage", storage, "--memory-budget", args.budget, "--trials", str(args.trials),
                          "--recipe", str(recipe)], log, env, args.stop_after)
