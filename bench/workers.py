@@ -9,8 +9,9 @@ of its own (taskset; llama.cpp and torch on those cores only, the study's decode
 workers on a machine's two halves stand for two machines of that many cores (the storage, memory bandwidth and
 page cache are shared here, not across machines). The space is the llama.cpp target's quantization alone (RTN
 onto GGUF's grids and llama-quant allocations) on the built-in model with the demo's evaluation protocol, so
-every trial is of the same kind. Throughput: counted trials over the span from the first trial's start to the
-last one's end. Rows: bench/results/workers.jsonl. Figures, not assertions.
+every trial is of the same kind. Each configuration starts from an empty cache (the built-in assets only), so each
+pays for its own sensitivity tables and decode costs as a new study does. Throughput: counted trials over the span
+from the first trial's start to the last one's end. Rows: bench/results/workers.jsonl. Figures, not assertions.
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from study_1b import fresh_cache  # noqa: E402
 
 STUDY_FILE = """
 model = "builtin:smollm2-135m"
@@ -57,10 +62,11 @@ head_bits = [16, 8, 4]
 """
 
 
-def planner(argv: list[str], log: Path, cores: list[int] | None = None) -> subprocess.Popen:
-    """The planner CLI in its own process (pinned to `cores`), its output appended to `log`."""
+def planner(argv: list[str], log: Path, cache: Path, cores: list[int] | None = None) -> subprocess.Popen:
+    """The planner CLI in its own process (pinned to `cores`, with the cache `cache`), its output appended to `log`."""
     pin = ["taskset", "-c", ",".join(map(str, cores))] if cores else []
-    env = {**os.environ, "OMP_NUM_THREADS": str(len(cores)) if cores else os.environ.get("OMP_NUM_THREADS", "")}
+    env = {**os.environ, "PLANNER_CACHE": str(cache),
+           "OMP_NUM_THREADS": str(len(cores)) if cores else os.environ.get("OMP_NUM_THREADS", "")}
     out = log.open("a")
     out.write(f"$ {' '.join(pin)} planner {' '.join(argv)}\n")
     out.flush()
@@ -113,10 +119,11 @@ def main() -> None:
     rows = []
     for count in (1, 2):
         name = f"workers-{count}-{stamp}"
-        finished(planner(["create", "--study-file", str(study_file), "--study", name, "--storage", args.storage,
-                         ], log), "planner create")
+        cache = fresh_cache(args.work / f"cache-{count}")  # each configuration computes its own tables and costs
+        finished(planner(["create", "--study-file", str(study_file), "--study", name, "--storage", args.storage],
+                         log, cache), "planner create")
         started = time.perf_counter()
-        processes = [planner(["worker", "--study", name, "--storage", args.storage, "-q"], log,
+        processes = [planner(["worker", "--study", name, "--storage", args.storage, "-q"], log, cache,
                              list(range(i * args.cores, (i + 1) * args.cores))) for i in range(count)]
         for process in processes:
             finished(process, "planner worker")
