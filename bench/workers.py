@@ -80,16 +80,18 @@ def finished(process: subprocess.Popen, what: str) -> None:
 
 
 def throughput(storage: str, name: str) -> dict:
-    """Counted trials (built and measured) and the span from the first one's start to the last one's end."""
+    """Counted trials (distinct candidates built and measured) and the span from the first one's start to the last
+    one's end."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=name, storage=storage)
-    measured = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and "measurements" in t.user_attrs]
+    measured = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and "measurements" in t.user_attrs
+                and "duplicate_of" not in t.user_attrs]  # a twin takes its candidate's figures: not counted
     begin = min(t.datetime_start for t in measured)
     end = max(t.datetime_complete for t in measured)
     span = (end - begin).total_seconds()
-    workers = {t.user_attrs.get("worker") for t in measured} - {None}
+    workers = {json.dumps(t.user_attrs["worker"], sort_keys=True) for t in measured if t.user_attrs.get("worker")}
     return {"counted": len(measured), "span_s": round(span, 1), "per_hour": round(3600 * len(measured) / span, 1),
             "mean_trial_s": round(sum((t.datetime_complete - t.datetime_start).total_seconds() for t in measured)
                                   / len(measured), 1), "workers_seen": len(workers) or None,
