@@ -560,8 +560,8 @@ class CompensatedBlocks:
         if weight is None:
             weight = sensitivity.weights_of(self.model, [self.tensors[name]])[name].detach().float().cpu().numpy()
         importance = self.tensors[name].importance
-        if importance is None:  # the covariance's diagonal then (compensated_round's default)
-            importance = np.diagonal(self._covariance(name)).astype(np.float32)
+        if covariance is None and importance is None:  # compensated_round then weighs by the covariance's diagonal
+            covariance = self._covariance(name)
         blocks = compensated_round(weight, covariance, kind, importance, factor=factor)
         if file is not None:
             file.parent.mkdir(parents=True, exist_ok=True)

@@ -129,12 +129,8 @@ class FactorStore:
             return None
         with np.load(self._file(name)) as stored:
             packed, dead = stored["upper"], stored["dead"]
-        width = len(dead)
-        factor = np.zeros((width, width), dtype=np.float32)
-        start = 0
-        for row in range(width):  # row i holds columns i..width-1
-            factor[row, row:] = packed[start:start + width - row]
-            start += width - row
+        factor = np.zeros((len(dead), len(dead)), dtype=np.float32)
+        factor[_upper(len(dead))] = packed
         return torch.from_numpy(factor), torch.from_numpy(dead)
 
     def save(self, name: str, factor: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -160,13 +156,17 @@ class FactorStore:
             except OSError:
                 pass  # a file system without hard links: written again below
         upper, dead = (t.detach().cpu().numpy() for t in factor)
-        width = upper.shape[0]
-        packed = np.concatenate([upper[row, row:] for row in range(width)]).astype(np.float32, copy=False)
+        packed = upper[_upper(len(upper))].astype(np.float32, copy=False)
         partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         with open(partial, "wb") as out:
             np.savez(out, upper=packed, dead=np.asarray(dead, dtype=bool))
         os.replace(partial, target)
         self._written[id(factor[0])] = (weakref.ref(factor[0]), target)
+
+
+def _upper(width: int) -> np.ndarray:
+    """The upper triangle's mask: indexing with it packs row by row (row i: columns i..width-1), and back."""
+    return np.triu(np.ones((width, width), dtype=bool))
 
 
 def compensated_kind(kind: str) -> str:
