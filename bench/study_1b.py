@@ -70,20 +70,26 @@ def fresh_cache(folder: Path) -> Path:
     return folder
 
 
+def start(argv: list[str], log: Path, env: dict, prefix: list[str] = ()) -> subprocess.Popen:
+    """The planner CLI started in its own process (after `prefix`, e.g. a taskset pinning), its output appended to
+    `log` after the command line."""
+    with log.open("a") as out:
+        out.write(f"$ {' '.join([*prefix, 'planner', *argv])}\n")
+        out.flush()
+        return subprocess.Popen([*prefix, sys.executable, "-m", "cli", *argv], stdout=out, stderr=subprocess.STDOUT,
+                                cwd=ROOT, env=env)
+
+
 def run(argv: list[str], log: Path, env: dict, stop_after: float | None) -> dict:
     """The planner CLI in its own process, its output appended to `log`: wall seconds, exit code, peak memory."""
     started = time.perf_counter()
-    with log.open("a") as out:
-        out.write(f"$ planner {' '.join(argv)}\n")
-        out.flush()
-        process = subprocess.Popen([sys.executable, "-m", "cli", *argv], stdout=out, stderr=subprocess.STDOUT,
-                                   cwd=ROOT, env=env)
-        with PeakMemory(process.pid, interval=0.5) as peak:
-            try:
-                code = process.wait(timeout=stop_after)
-            except subprocess.TimeoutExpired:
-                process.terminate()
-                code = process.wait()
+    process = start(argv, log, env)
+    with PeakMemory(process.pid, interval=0.5) as peak:
+        try:
+            code = process.wait(timeout=stop_after)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            code = process.wait()
     return {"seconds": round(time.perf_counter() - started, 1), "exit": code, "peak_rss": peak.peak,
             "peak_anon": peak.anon, "peak_file": peak.file}
 

@@ -29,7 +29,7 @@ RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from study_1b import fresh_cache  # noqa: E402
+from study_1b import fresh_cache, start  # noqa: E402
 
 STUDY_FILE = """
 model = "builtin:smollm2-135m"
@@ -67,11 +67,7 @@ def planner(argv: list[str], log: Path, cache: Path, cores: list[int] | None = N
     pin = ["taskset", "-c", ",".join(map(str, cores))] if cores else []
     env = {**os.environ, "PLANNER_CACHE": str(cache),
            "OMP_NUM_THREADS": str(len(cores)) if cores else os.environ.get("OMP_NUM_THREADS", "")}
-    out = log.open("a")
-    out.write(f"$ {' '.join(pin)} planner {' '.join(argv)}\n")
-    out.flush()
-    return subprocess.Popen([*pin, sys.executable, "-m", "cli", *argv], stdout=out, stderr=subprocess.STDOUT,
-                            cwd=ROOT, env={k: v for k, v in env.items() if v})
+    return start(argv, log, {k: v for k, v in env.items() if v}, pin)
 
 
 def finished(process: subprocess.Popen, what: str) -> None:
