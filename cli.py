@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 EXIT_USAGE = 2
 
@@ -346,7 +348,34 @@ COMMANDS = {"evaluate": cmd_evaluate, "search": cmd_search, "create": cmd_create
             "export": cmd_export, "apply": cmd_apply, "review": cmd_review, "assets": cmd_assets}
 
 
+@contextlib.contextmanager
+def stopped_on_termination() -> Iterator[None]:
+    """A termination signal (`kill`, a scheduler ending a job) stops the command as Ctrl-C does: the trial in
+    progress is noted and runs again on the next start, and the exit hooks run (the default action skips them,
+    and left the llama.cpp target's work folder behind: gigabytes a study on a 1B model). The handler before is
+    put back after (main() also runs inside other programs: the tests)."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with stopped_on_termination():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         from planner.quiet import quiet_libraries

@@ -23,27 +23,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 
+def calibrated(model_name: str, threads: int):
+    """(model, its calibration windows as llama-quant's tables take them: the study's defaults on the built-in
+    corpus), torch on `threads` threads."""
+    from planner.quiet import quiet_libraries
+    from planner.sources import DataSource, ModelSource, load_corpus, load_model
+    from search_spaces.calibration import calibration_batches
+    from search_spaces.quantization.spec import AllocationSettings
+
+    quiet_libraries()
+    torch.set_num_threads(threads)
+    model, tokenizer = load_model(ModelSource.parse(model_name), torch.device("cpu"))
+    corpus = load_corpus(DataSource.parse("builtin:shakespeare"))
+    settings = AllocationSettings()
+    return model, calibration_batches(tokenizer, corpus.train, settings.samples, settings.seq_len, 0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin:smollm2-135m-float")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    from planner.quiet import quiet_libraries
-    from planner.sources import DataSource, ModelSource, load_corpus, load_model
-    from search_spaces.calibration import calibration_batches
-    from search_spaces.quantization.spec import AllocationSettings
     from targets.llamacpp import sensitivity
     from targets.llamacpp.allocated import KL_WINDOWS
     from targets.llamacpp.compensated import FactorCache, block_of, compensated_round, layer_by_layer
     from targets.llamacpp.imatrix import importance_matrix
 
-    quiet_libraries()
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(ModelSource.parse(args.model), torch.device("cpu"))
-    corpus = load_corpus(DataSource.parse("builtin:shakespeare"))
-    settings = AllocationSettings()
-    windows = calibration_batches(tokenizer, corpus.train, settings.samples, settings.seq_len, 0)
+    model, windows = calibrated(args.model, args.threads)
     seconds = {}
 
     def timed(stage, work):

@@ -21,6 +21,7 @@ from planner.errors import first_line
 from planner.recipes import Stage, plain_stages
 from planner.settings import StudySettings
 from search_spaces import BuildContext
+from search_spaces.compute import float32_compute
 from targets import TRANSFORMERS, Measured, Request, Target
 from targets.figures import metrics_row
 from targets.transformers_target import measure_torch
@@ -144,7 +145,8 @@ def screen(bench: Workbench, study: optuna.Study):
                       scorers=objective_registry.scorers(needed, ScoringSetup(bench.reference, str(bench.context.device))))
 
     def judge(model) -> tuple[str, dict] | None:
-        value = measure_torch(request, model, "screen").row[name]
+        with float32_compute(model):  # the planner's own figure, not the deployment's: computed fast and exact
+            value = measure_torch(request, model, "screen").row[name]
         if value <= SCREEN_FACTOR * best:
             return None
         shown = objective_registry.OBJECTIVES[name].shown(value)

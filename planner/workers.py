@@ -74,6 +74,11 @@ def _alive(worker: dict) -> bool:
         return False
 
 
+def stopped_by(stop: KeyboardInterrupt) -> str:
+    """What stopped a trial: Ctrl-C, or the termination signal cli.py turns into the same interruption."""
+    return f"stopped by {stop.args[0]}" if stop.args else "stopped with Ctrl-C"
+
+
 def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
     """Queue the parameters of a trial that was cut short, so the next free process runs it again."""
     study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retry_reason": reason})
@@ -187,8 +192,8 @@ def run_trials(study: optuna.Study, objective: Callable, target: int, timeout: f
             raise optuna.TrialPruned()
         try:
             return objective(trial)
-        except KeyboardInterrupt:
-            trial.set_user_attr("interrupted", "stopped with Ctrl-C")
+        except KeyboardInterrupt as stop:
+            trial.set_user_attr("interrupted", stopped_by(stop))
             raise
 
     def after(study_, trial):
@@ -228,8 +233,8 @@ def run_trials(study: optuna.Study, objective: Callable, target: int, timeout: f
             continue
         try:
             study.optimize(guarded, n_trials=1, catch=(Exception,), callbacks=[after], gc_after_trial=True)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             cut = study.get_trials(deepcopy=False)[current["number"]] if "number" in current else None
             if cut is not None and cut.state == TrialState.FAIL and "interrupted" in cut.user_attrs:
-                retry(study, cut, "stopped with Ctrl-C")
+                retry(study, cut, stopped_by(stop))
             raise

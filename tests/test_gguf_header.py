@@ -118,3 +118,39 @@ def test_the_decode_cost_files_are_zeroed_copies_not_quantized(monkeypatch, tmp_
     # one file per distinct written mix, each with the type (or fallback) asked for on every matrix
     assert len(seen) == len({fallback_type(k, 512) + fallback_type(k, 320) for k in sensitivity.MENUS["all"]})
     assert any(set(types.values()) == {"IQ4_XS", "IQ4_NL", "F32"} for types in seen)
+
+
+def test_a_large_models_decode_costs_are_timed_on_its_first_layers(monkeypatch):
+    """Past COST_PARAMETERS the cost files hold only the model's first decoder layers (at least
+    COST_LEAST_LAYERS); the model itself keeps all of them, and a smaller model is timed whole."""
+    from types import SimpleNamespace
+
+    from search_spaces.base import BuildContext
+    from targets.llamacpp import allocated, runtime
+
+    blocks = []
+
+    def fake_time_many(paths, source, protocol):
+        for path in [source, *paths]:
+            blocks.append({t.name.split(".")[1] for t in read_header(path).tensors if t.name.startswith("blk.")})
+        return [SimpleNamespace(decode_ratio=0.5) for _ in paths]
+
+    monkeypatch.setattr(runtime, "time_many", fake_time_many)
+    tokenizer = make_tiny_tokenizer()
+    model = make_tiny_llama(vocab_size=len(tokenizer), num_hidden_layers=6)
+    context = BuildContext(tokenizer=tokenizer, calibration=[], seed=0, cache_dir=None, model_id=None, progress=False)
+    assert allocated.cost_layers(model) is None  # far under COST_PARAMETERS: all six
+    allocated.decode_costs(model, context)
+    assert blocks and all(kept == {str(i) for i in range(6)} for kept in blocks)
+
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    rest = sum(p.numel() for p in model.parameters()) - 6 * per_layer
+    monkeypatch.setattr(allocated, "COST_LEAST_LAYERS", 2)
+    monkeypatch.setattr(allocated, "COST_PARAMETERS", rest + 3 * per_layer)
+    assert allocated.cost_layers(model) == 3
+    monkeypatch.setattr(allocated, "COST_PARAMETERS", rest)  # not even one layer: the least
+    assert allocated.cost_layers(model) == 2
+    blocks.clear()
+    allocated.decode_costs(model, context)
+    assert blocks and all(kept == {"0", "1"} for kept in blocks)  # the reference too: a ratio of like to like
+    assert len(model.model.layers) == 6 and model.config.num_hidden_layers == 6

@@ -108,6 +108,36 @@ def test_sampled_rows_estimate_the_whole_tensors_error():
     assert sampled.error == pytest.approx(full.error, rel=0.05) and sampled.error != full.error
 
 
+def test_a_compensated_options_ratio_is_measured_on_fewer_rows_of_a_wide_tensor_and_scales_all_rows_error():
+    """The ratio of the compensated rounding's output error to llama.cpp's rounding's costs rows x width^2: a wide
+    tensor measures it on fewer of the sampled rows (as many weights as 128 rows of 1536, at least 32), and the
+    error it scales stays the importance-weighted error of all sampled rows (the plain option's)."""
+    from targets.llamacpp import compensated
+
+    assert [sensitivity.compensated_rows(w) for w in (576, 1536, 2048, 8192, 16384)] == [128, 128, 96, 32, 32]
+    rng = np.random.default_rng(0)
+    width, rows = 256, 512
+    model = torch.nn.Module()
+    model.proj = torch.nn.Linear(width, rows, bias=False)
+    model.proj.weight.data = torch.from_numpy(rng.standard_normal((rows, width)).astype(np.float32))
+    inputs = rng.standard_normal((4096, width)).astype(np.float32) * np.linspace(0.2, 3, width, dtype=np.float32)
+    inputs[:, 1::2] += inputs[:, ::2]  # correlated inputs: something to compensate
+    covariance = inputs.T @ inputs / len(inputs)
+    importance = np.ascontiguousarray(covariance.diagonal())
+    tensor = sensitivity.Tensor("blk.0.ffn_down.weight", ("proj",), importance, (rows, width))
+    plain = sensitivity.type_options(model, [tensor], ["Q4_0"])[tensor.gguf_name][0]
+    found = sensitivity.compensated_options(model, [tensor], ["Q4_0"], {tensor.gguf_name: covariance},
+                                            ratio_rows=lambda w: 16, threads=1)[tensor.gguf_name]
+    assert [o.kind for o in found] == ["Q4_0+gptq"]
+    sampled = model.proj.weight.detach().numpy()[sensitivity.sampled_rows(rows, sensitivity.ROWS)]
+    part = sampled[sensitivity.sampled_rows(len(sampled), 16)]
+    ours = ggml_quants.dequantize("Q4_0", compensated.compensated_round(part, covariance, "Q4_0", importance), width)
+    theirs, _ = ggml_quants.roundtrip("Q4_0", part, importance)
+    ratio = compensated.output_error(part, ours, covariance) / compensated.output_error(part, theirs, covariance)
+    assert 0 < ratio < 0.95
+    assert found[0].error == pytest.approx(plain.error * ratio, rel=1e-6)
+
+
 def test_choose_types_keeps_to_the_menu_as_written_and_the_byte_target():
     tables = {"tensors": {"a": {"width": 576, "size": 576 * 64}, "b": {"width": 512, "size": 512 * 64}},
               "options": {"a": [Option("Q4_0", 100, 5.0), Option("Q5_0", 120, 2.0), Option("Q8_0", 200, 0.1)],

@@ -72,7 +72,8 @@ def interrupt_a_search(study_file, tmp_path, trials: int, sig) -> tuple[str, lis
     """A search in its own process, sent `sig` in the middle of a trial once another has finished."""
     url = f"sqlite:///{tmp_path}/tiny.db"
     search = ["search", "--study-file", str(slow(study_file)), "--trials", str(trials), "-q"]
-    process = planner(*search)
+    (tmp_path / "tmp").mkdir()
+    process = planner(*search, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})  # what it leaves behind
     wait_for(running_after_a_complete(url))
     process.send_signal(sig)
     return url, search, process
@@ -98,17 +99,19 @@ def test_sigkill_mid_trial_then_rerun_keeps_every_finished_trial(tiny_study_file
     assert finished(after) == 6
 
 
-def test_ctrl_c_stops_cleanly_and_says_what_was_saved(tiny_study_file, tmp_path, capsys):
-    url, search, process = interrupt_a_search(tiny_study_file, tmp_path, 5, signal.SIGINT)
+@pytest.mark.parametrize("sig, reason", [(signal.SIGINT, "stopped with Ctrl-C"), (signal.SIGTERM, "stopped by SIGTERM")])
+def test_ctrl_c_or_sigterm_stops_cleanly_and_says_what_was_saved(tiny_study_file, tmp_path, capsys, sig, reason):
+    url, search, process = interrupt_a_search(tiny_study_file, tmp_path, 5, sig)
     out, err = process.communicate(timeout=120)
     # A shell reports both as status 130. Rarely (1 run in ~10 here) CPython ends the process by re-raising
     # SIGINT after main() has returned 130, when a KeyboardInterrupt once escaped a C-level evaluation.
-    assert process.returncode in (130, -signal.SIGINT), (process.returncode, err)
+    assert process.returncode in (130, -sig), (process.returncode, err)
     assert err.strip().splitlines()[-1].startswith("planner: interrupted: ") and "are saved in study 'tiny'" in err
     assert "Traceback" not in err
     stopped = load(url)
     cut = [t for t in stopped.trials if "interrupted" in t.user_attrs]
-    assert len(cut) == 1 and cut[0].state == TrialState.FAIL
+    assert len(cut) == 1 and cut[0].state == TrialState.FAIL and cut[0].user_attrs["interrupted"] == reason
+    assert not list((tmp_path / "tmp").iterdir())  # the exit hooks ran: the target's work folder is gone
     assert any(t.state == TrialState.WAITING and t.user_attrs.get("retry_of") == cut[0].number
                for t in stopped.trials)
     assert cli.main(search) == 0, capsys.readouterr().err

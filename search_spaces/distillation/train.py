@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from evaluators.runtime import model_device
+from search_spaces.compute import float32_compute
 
 WARMUP_STEPS = 10
 SMOOTHING = 0.9  # running loss shown on the progress bar: exponential moving average
@@ -113,7 +114,7 @@ def train_student(student: nn.Module, teacher: nn.Module, batches: torch.Tensor,
                     group["lr"] = settings.lr * lr_factor(step)
                 row = (step - start_step) * settings.batch_size
                 ids = batches[row:row + settings.batch_size].to(device)
-                with torch.no_grad():
+                with torch.no_grad(), float32_compute(teacher):
                     teacher_logits = teacher(input_ids=ids, use_cache=False).logits
                 student_logits = student(input_ids=ids, use_cache=False).logits
                 loss = kd_loss(student_logits, teacher_logits, ids, settings.temperature, settings.alpha)

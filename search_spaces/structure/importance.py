@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evaluators.runtime import inference_eval, model_device
+from search_spaces.compute import float32_compute
 from search_spaces.layers import decoder_layers, text_config, weight_out_in
 from search_spaces.structure.anatomy import attention_parts, head_layout, mlp_parts
 
@@ -103,7 +104,7 @@ def calibrate(model: nn.Module, batches: torch.Tensor, pre_hooks: Iterable[tuple
     body = getattr(model, "base_model", model)
     device = model_device(model)
     try:
-        with inference_eval(model):
+        with inference_eval(model), float32_compute(model):
             for start in range(0, batches.shape[0], MICRO_BATCH):
                 body(input_ids=batches[start:start + MICRO_BATCH].to(device), use_cache=False)
     finally:

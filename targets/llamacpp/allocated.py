@@ -337,9 +337,37 @@ def predicted_decode(tables: dict, chosen: dict[str, Option], costs: dict[str, f
 
 # What the per-type decode costs are timed with: short, a few rounds (a cost model, not a verdict).
 COST_PROTOCOL = dict(prompt_tokens=32, new_tokens=16, warmup=1, repeats=3, seed=0)
+# A large model's decode costs are timed on a copy with only its first decoder layers (the files are zeroed, so
+# only the shapes matter): at most this many parameters where the layers allow, at least COST_LEAST_LAYERS layers.
+# On a 1.24 B Llama, 4 of 16 layers: the files and their timing 2.4x smaller. A type's cost is per weight (its
+# kernel's), so it moves little with the depth (bench/decode_cost_depth.py measures how little).
+COST_PARAMETERS = 400_000_000
+COST_LEAST_LAYERS = 4
 
 
-def decode_costs(model: nn.Module, context: BuildContext) -> dict[str, float]:
+def cost_layers(model: nn.Module) -> int | None:
+    """How many of the model's first decoder layers its decode costs are timed on; None: all of them."""
+    from search_spaces.layers import decoder_layers
+
+    _, blocks = decoder_layers(model)
+    per_layer = sum(p.numel() for p in blocks[0].parameters())
+    rest = sum(p.numel() for p in model.parameters()) - per_layer * len(blocks)
+    keep = max(COST_LEAST_LAYERS, int((COST_PARAMETERS - rest) // per_layer))
+    return None if keep >= len(blocks) else keep
+
+
+def first_layers(model: nn.Module, count: int) -> nn.Module:
+    """A copy of the model with only its first `count` decoder layers, sharing the model's tensors."""
+    import copy
+
+    from search_spaces.structure.surgery import drop_layers
+
+    shallow = copy.deepcopy(model, memo={id(t): t for t in [*model.parameters(), *model.buffers()]})
+    drop_layers(shallow, range(count))
+    return shallow
+
+
+def decode_costs(model: nn.Module, context: BuildContext, layers: int | str | None = "auto") -> dict[str, float]:
     """{type: decode ratio to the float GGUF of the model with every quantizable tensor in that type, where it is
     written as that type (`written_type_costs`)}, from files timed A/B in llama.cpp with every quantizable tensor
     asked for in one type. Types llama.cpp writes as the same file on these rows (Q4_K as Q5_0 on 576-wide rows)
@@ -347,7 +375,8 @@ def decode_costs(model: nn.Module, context: BuildContext) -> dict[str, float]:
     (gguf_header.write_zeroed: the same tensors, types and bytes llama-quantize writes, without quantizing: the
     kernels' work does not depend on the values). A cost model: timed on the first shape of a source model that
     asks, per decode thread count, and used for every shape of it (a type's ratio to float moves little with the
-    depth or width cut: the work per weight is the type's)."""
+    depth or width cut: the work per weight is the type's). `layers`: how many of the first decoder layers the
+    files hold (`cost_layers` by default: all, but a large model's first few; None: all)."""
     import tempfile
 
     from evaluators.latency import LatencyProtocol
@@ -357,11 +386,14 @@ def decode_costs(model: nn.Module, context: BuildContext) -> dict[str, float]:
     # timed with the runtime's default decode threads (a study's own `threads` is not known at build time); the
     # cost of a type differs with the thread count, so each count has its own cached file
     threads = serving_threads().decode
+    depth = cost_layers(model) if layers == "auto" else layers
     folder = _cache_file(replace(context, upstream=()), {"costs": sorted(sensitivity.MENUS["all"]), "files": "zeroed",
-                                                         "protocol": COST_PROTOCOL, "per": "type written"})
+                                                         "protocol": COST_PROTOCOL, "per": "type written",
+                                                         **({} if depth is None else {"layers": depth})})
     cached = None if folder is None else folder / f"decode-{threads}-threads.json"
     if cached is not None and cached.is_file():
         return json.loads(cached.read_text())
+    model = model if depth is None else first_layers(model, depth)
     tensors = sensitivity.quantizable(model, {})
     widths = {t.gguf_name: t.shape[1] for t in tensors}
 

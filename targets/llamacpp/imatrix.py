@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from search_spaces.compute import float32_compute
 from search_spaces.layers import text_config
 from targets.llamacpp.compensated import block_of
 from targets.llamacpp.gguf_file import ARCHITECTURES
@@ -220,12 +221,13 @@ def _input_means(model: nn.Module, windows: torch.Tensor, batch_size: int, head:
     runner = model if head else model.get_decoder()
     device = next(model.parameters()).device
     try:
-        for start in range(0, windows.shape[0], batch_size):
-            seen.clear()
-            try:
-                runner(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
-            except _Enough:
-                pass
+        with float32_compute(model):
+            for start in range(0, windows.shape[0], batch_size):
+                seen.clear()
+                try:
+                    runner(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
+                except _Enough:
+                    pass
     finally:
         for handle in handles:
             handle.remove()

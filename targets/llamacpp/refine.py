@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from search_spaces.compute import float32_compute
 from search_spaces.quantization.allocation import Option, hull
 from targets.llamacpp import sensitivity
 
@@ -81,14 +82,15 @@ def refine(model: nn.Module, allowed: Mapping[str, Sequence[Option]], chosen: Ma
     windows = windows.to(next(model.parameters()).device)
     out = Refinement(dict(chosen))
     try:
-        reference = model(input_ids=windows, use_cache=False).logits.float().log_softmax(-1)
+        with float32_compute(model):
+            reference = model(input_ids=windows, use_cache=False).logits.float().log_softmax(-1)
 
         def install(name: str, option: Option) -> None:
             array = originals[name].float().cpu().numpy()
             weights[name].copy_(torch.from_numpy(decoded(name, option.kind, array)).to(weights[name].dtype))
 
         def measured(first: int) -> float:
-            with replay.recording(), replay.from_layer(first):
+            with replay.recording(), replay.from_layer(first), float32_compute(model):
                 logits = model(input_ids=windows, use_cache=False).logits.float().log_softmax(-1)
             return float(torch.nn.functional.kl_div(logits, reference, log_target=True, reduction="none")
                          .sum(-1).mean())

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from search_spaces.compute import float32_compute
 from search_spaces.layers import decoder_layers
 from search_spaces.quantization.allocation import Option
 from targets.llamacpp import compensated, ggml_quants
@@ -43,6 +44,18 @@ MENUS = {
 PROBE = "Q4_0"  # every row width the planner quantizes is a multiple of 32: the probe never falls back
 BUCKETS = 4  # bands of layers whose tensors of one role share a measured KL gain (4 x 7 roles + 2 forwards)
 ROWS = 128  # rows per tensor on which each type's error is measured (a vocabulary embedding has 49k-128k)
+# A compensated option's ratio to llama.cpp's rounding costs rows x width^2 per type (the column loop's updates
+# and both output errors under the full covariance): on 128 rows a 1B model's 8192-wide MLP down projection cost
+# 16x a 2048-wide one. The ratio is measured on a subset of the sampled rows holding at least as many weights as
+# 128 rows of the built-in model's widest (1536), and at least 32 rows: 96 rows of 2048, 32 of 8192 (the built-in
+# model's tensors keep all 128); the error it scales is still the one of all sampled rows (`type_options`').
+COMPENSATED_WEIGHTS = ROWS * 1536
+COMPENSATED_LEAST_ROWS = 32
+
+
+def compensated_rows(width: int) -> int:
+    """On how many of a `width`-wide tensor's sampled rows its compensated options' ratio is measured."""
+    return max(COMPENSATED_LEAST_ROWS, min(ROWS, -(-COMPENSATED_WEIGHTS // width)))
 
 
 @dataclass(frozen=True)
@@ -126,14 +139,16 @@ def type_options(model: nn.Module, tensors: Sequence[Tensor], menu: Sequence[str
 
 
 def compensated_options(model: nn.Module, tensors: Sequence[Tensor], menu: Sequence[str],
-                        covariances: Mapping[str, np.ndarray], rows: int = ROWS, threads: int | None = None,
+                        covariances: Mapping[str, np.ndarray], rows: int = ROWS,
+                        ratio_rows: Callable[[int], int] = compensated_rows, threads: int | None = None,
                         store: "compensated.FactorStore | None" = None) -> dict[str, list[Option]]:
     """{GGUF name: [Option(``<type>+gptq``, exact bytes, error)]} for each type of `menu` (as written on the row
     width) that error-compensated rounding writes (compensated.py), for the tensors `covariances` has (their
     inputs' mean x x^T). The error is llama.cpp's rounding's importance-weighted error (`type_options`) scaled by
     the ratio of the two roundings' output errors under the full covariance: the importance-weighted error is its
     diagonal part only, and the compensation is exactly what moves error off the diagonal. Rows are rounded
-    independently here too, so the sampled rows are those of the whole tensor's rounding. `threads` tensors are
+    independently here too, so the sampled rows are those of the whole tensor's rounding; the ratio is measured
+    on `ratio_rows(width)` of them, evenly spaced. `threads` tensors are
     rounded at once, one decoder block at a time (`compensated.layer_by_layer`: the Hessian factors of one block's
     inputs held at once). `store`: where each tensor's factor is kept for the whole-tensor rounding of the trials."""
     factors = compensated.FactorCache()  # tensors reading one input share its covariance, and so its factor
@@ -148,13 +163,15 @@ def compensated_options(model: nn.Module, tensors: Sequence[Tensor], menu: Seque
         factor = factors(covariance)
         if store is not None:
             store.save(tensor.gguf_name, factor)
-        blocks = compensated.compensated_rounds(weight, covariance, kinds, tensor.importance, factor=factor)
+        subset = sampled_rows(len(weight), ratio_rows(weight.shape[1]))
+        part = weight[subset]
+        blocks = compensated.compensated_rounds(part, covariance, kinds, tensor.importance, factor=factor)
         found = []
         for kind in kinds:
             rounded, _ = ggml_quants.roundtrip(kind, weight, tensor.importance, threads=1)
             restored = ggml_quants.dequantize(kind, blocks[kind], weight.shape[1])
-            ours = compensated.output_error(weight, restored, covariance)
-            theirs = compensated.output_error(weight, rounded, covariance)
+            ours = compensated.output_error(part, restored, covariance)
+            theirs = compensated.output_error(part, rounded[subset], covariance)
             error = scale * _error(weight, rounded, tensor.importance)
             found.append(Option(compensated.compensated_kind(kind), type_bytes(kind, tensor.shape),
                                 error * ours / theirs if theirs > 0 else 0.0))
@@ -254,7 +271,14 @@ def kl_gains(model: nn.Module, tensors: Sequence[Tensor], windows: torch.Tensor,
              buckets: int = BUCKETS, threads: int | None = None, replay: bool = True) -> dict[str, tuple[float, float]]:
     """{GGUF name: (KL, importance-weighted error)} of the tensor's group (`gain_groups`) stored in `probe`
     together, the rest of the model in float: a tensor's gain is its group's KL per unit of error. `replay`:
-    the layers before a group's first are not computed again (`_Replay`); False runs every layer every time."""
+    the layers before a group's first are not computed again (`_Replay`); False runs every layer every time.
+    A 16-bit model on a CPU without 16-bit instructions computes in float32 (`float32_compute`)."""
+    with float32_compute(model):
+        return _kl_gains(model, tensors, windows, probe, buckets, threads, replay)
+
+
+def _kl_gains(model: nn.Module, tensors: Sequence[Tensor], windows: torch.Tensor, probe: str, buckets: int,
+              threads: int | None, replay: bool) -> dict[str, tuple[float, float]]:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
