@@ -30,7 +30,8 @@ def test_float32_compute_gives_the_float32_models_logits_and_leaves_the_model_as
     torch.testing.assert_close(computed, expected, rtol=1e-5, atol=1e-5)
     assert (plain.float() - expected).abs().max() > 10 * (computed - expected).abs().max()
     assert {n: (p, p.dtype) for n, p in half.named_parameters()} == before  # the same objects, still bfloat16
-    assert not half.model.layers[0].mlp.up_proj._forward_pre_hooks  # nothing left installed
+    assert not half.model.layers[0].input_layernorm._forward_pre_hooks  # nothing left installed
+    assert "forward" not in half.model.layers[0].mlp.up_proj.__dict__
 
 
 def test_a_forward_that_raises_puts_the_parameters_back():
@@ -51,10 +52,26 @@ def test_a_forward_that_raises_puts_the_parameters_back():
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
 
 
-def test_it_refuses_a_pass_with_gradients():
-    half, _ = _pair()
-    with float32_compute(half, when=True), pytest.raises(RuntimeError, match="without gradients"):
-        half(input_ids=torch.zeros((1, 4), dtype=torch.long))
+def test_gradients_through_it_are_the_float32_models_in_the_weights_precision():
+    """Training a 16-bit model within it: every weight gets the float32 twin's gradient, rounded to its own
+    precision, and no float32 copy of a linear layer's weight is kept for the backward pass."""
+    half, full = _pair()
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    full(input_ids=ids, labels=ids).loss.backward()
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((t.dtype, t.shape)) or t, lambda t: t):
+        with float32_compute(half, when=True):
+            loss = half(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert loss.dtype == torch.float32
+    for (name, ours), theirs in zip(half.named_parameters(), full.parameters()):
+        assert ours.grad is not None and ours.grad.dtype == torch.bfloat16, name
+        # bfloat16 keeps 8 bits; the tied embedding's lookup gradient is summed in it (as torch trains it anyway)
+        scale = theirs.grad.abs().max().item()
+        torch.testing.assert_close(ours.grad.float(), theirs.grad, rtol=1e-2, atol=1e-2 * scale)
+    up = half.model.layers[0].mlp.up_proj.weight
+    assert (torch.float32, up.shape) not in kept and (torch.bfloat16, up.shape) in kept
+    assert "forward" not in half.model.layers[0].mlp.up_proj.__dict__  # the instance's forward removed again
 
 
 def test_only_a_16_bit_model_on_a_cpu_without_its_instructions_computes_slowly(monkeypatch):
@@ -92,3 +109,20 @@ def test_the_calibration_passes_compute_in_float32_where_the_cpu_needs_it(monkey
     assert logits and set(logits) == {torch.float32 if exact else torch.bfloat16}
     scores = [structural_importance(m, windows, heads=False, neurons=False).layers.double() for m in (half, full)]
     assert torch.allclose(*scores, rtol=1e-4) == exact
+
+
+@pytest.mark.parametrize("flags, computed", [(frozenset({"avx2"}), torch.float32),
+                                             (frozenset({"avx512_bf16"}), torch.bfloat16)])
+def test_distillation_computes_in_float32_where_the_cpu_needs_it(monkeypatch, flags, computed):
+    from search_spaces.distillation.train import TrainSettings, train_student
+
+    monkeypatch.setattr(compute, "cpu_flags", lambda: flags)
+    teacher, _ = _pair()
+    student, _ = _pair()
+    seen = {"teacher": [], "student": []}
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.lm_head.register_forward_hook(lambda module, args, output, name=name: seen[name].append(output.dtype))
+    settings = TrainSettings(steps=2, batch_size=2, lr=1e-4, temperature=1.0, alpha=0.5, grad_clip=1.0)
+    train_student(student, teacher, torch.randint(0, 128, (4, 16)), settings, seed=0, progress=False)
+    assert seen == {"teacher": [computed] * 2, "student": [computed] * 2}
+    assert all(p.dtype == torch.bfloat16 for p in student.parameters())

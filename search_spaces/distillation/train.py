@@ -116,7 +116,8 @@ def train_student(student: nn.Module, teacher: nn.Module, batches: torch.Tensor,
                 ids = batches[row:row + settings.batch_size].to(device)
                 with torch.no_grad(), float32_compute(teacher):
                     teacher_logits = teacher(input_ids=ids, use_cache=False).logits
-                student_logits = student(input_ids=ids, use_cache=False).logits
+                with float32_compute(student):  # the backward pass needs nothing it installs
+                    student_logits = student(input_ids=ids, use_cache=False).logits
                 loss = kd_loss(student_logits, teacher_logits, ids, settings.temperature, settings.alpha)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -186,6 +186,7 @@ def _stop_layer(model: nn.Module, names: Mapping[str, str]) -> nn.Module | None:
     return layers[last + 1] if last + 1 < len(layers) else None
 
 
+@torch.inference_mode()  # also under input_covariance_chunks, a generator (no autograd graph kept for nothing)
 def _input_means(model: nn.Module, windows: torch.Tensor, batch_size: int, head: bool, statistic,
                  only: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """{GGUF tensor name: the mean over the windows' tokens of `statistic` of each linear layer's input (`statistic`
