@@ -58,15 +58,28 @@ TRIALS = {
 STAGES = ("reference + baseline", "llama-quant tables", "decode costs", *TRIALS)
 
 
+def random_model(size: str, dtype: str | None = None, **overrides):
+    """A Llama-shaped model of `size` (a key of SIZES, `overrides` on top) with random weights (seed 0), held in
+    `dtype` (float32 by default), in eval mode."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from planner import assets
+
+    config = AutoConfig.from_pretrained(assets.cache_root() / "models" / "smollm2-135m")
+    for name, value in {**SIZES[size], **overrides}.items():
+        setattr(config, name, value)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype or "float32")).eval()
+
+
 def child(key: str, only: tuple[str, ...] = STAGES) -> dict:
     """The stages `only` on one size (a key of SIZES, ``@bfloat16`` or ``@float16`` after it to hold the model in that
     precision, as the study would where float32 does not fit), in this (fresh) process."""
     import resource
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from planner import assets
     from planner.study import prepare, resolve_spaces
     from planner.trial import release_memory
     from search_spaces.calibration import calibration_batches
@@ -76,11 +89,7 @@ def child(key: str, only: tuple[str, ...] = STAGES) -> dict:
     size, _, dtype = key.partition("@")
     cache = Path(tempfile.mkdtemp(prefix="bench-growth-"))  # nothing cached from another run
     base = prepare(settings_for(study=f"bench-growth-{size}", latency_budget=None, target="llama.cpp"))
-    config = AutoConfig.from_pretrained(assets.cache_root() / "models" / "smollm2-135m")
-    for name, value in SIZES[size].items():
-        setattr(config, name, value)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype or "float32")).eval()
+    model = random_model(size, dtype)
     parameters = sum(p.numel() for p in model.parameters())
     target = base.target
     spaces = target.fit_spaces(resolve_spaces(base.settings, model, target.space_defaults()), model)

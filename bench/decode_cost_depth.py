@@ -34,10 +34,10 @@ def main() -> None:
 
     import numpy as np
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from _grid import append_row
-    from cost_growth import SIZES
+    from cost_growth import random_model
     from planner import assets
     from planner.quiet import quiet_libraries
     from search_spaces.base import BuildContext
@@ -46,14 +46,9 @@ def main() -> None:
 
     quiet_libraries()
     size, _, dtype = args.size.partition("@")
-    folder = assets.cache_root() / "models" / "smollm2-135m"
-    config = AutoConfig.from_pretrained(folder)
-    for name, value in SIZES[size].items():
-        setattr(config, name, value)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype or "float32")).eval()
-    context = BuildContext(tokenizer=AutoTokenizer.from_pretrained(folder), calibration=[], seed=0, cache_dir=None, model_id=None,
-                           progress=False)
+    model = random_model(size, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(assets.cache_root() / "models" / "smollm2-135m")
+    context = BuildContext(tokenizer=tokenizer, calibration=[], seed=0, cache_dir=None, model_id=None, progress=False)
     depths = {"all": None, f"first {args.layers}": args.layers}
     costs = {name: [] for name in depths}
     seconds = {name: [] for name in depths}
@@ -73,7 +68,7 @@ def main() -> None:
     for k in kinds:
         print(f"{k:8} {mean['all'][k]:7.3f} {mean[shallow][k]:9.3f} {depth_effect[k]:+7.1%} "
               f"{repeat['all'][k]:10.1%} {repeat[shallow][k]:16.1%}")
-    row = {"size": args.size, "layers": args.layers, "of": config.num_hidden_layers, "rounds": args.rounds,
+    row = {"size": args.size, "layers": args.layers, "of": model.config.num_hidden_layers, "rounds": args.rounds,
            "costs": costs, "seconds": seconds, "depth_effect": depth_effect, "repeat_spread": repeat,
            "decode_threads": serving_threads().decode, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "load": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d %H:%M")}

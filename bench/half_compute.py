@@ -35,27 +35,19 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     from _grid import append_row
-    from cost_growth import SIZES
-    from planner import assets
+    from cost_growth import SIZES, random_model
     from planner.quiet import quiet_libraries
     from search_spaces.compute import NATIVE_FLAGS, computes_slowly, cpu_flags, float32_compute
     from search_spaces.distillation.train import kd_loss
 
     quiet_libraries()
     torch.set_num_threads(args.threads)
-    config = AutoConfig.from_pretrained(assets.cache_root() / "models" / "smollm2-135m")
-    for name, value in SIZES[args.size].items():
-        setattr(config, name, value)
-    torch.manual_seed(0)
-    teacher = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
-    student_config = AutoConfig.from_pretrained(assets.cache_root() / "models" / "smollm2-135m")
-    for name, value in {**SIZES[args.size], "num_hidden_layers": round(0.8 * config.num_hidden_layers)}.items():
-        setattr(student_config, name, value)
-    student = AutoModelForCausalLM.from_config(student_config, dtype=torch.bfloat16).eval()
-    vocab = config.vocab_size
+    teacher = random_model(args.size, "bfloat16")
+    layers = teacher.config.num_hidden_layers
+    student = random_model(args.size, "bfloat16", num_hidden_layers=round(0.8 * layers))
+    vocab = teacher.config.vocab_size
     windows = torch.randint(0, vocab, (4, 256), generator=torch.Generator().manual_seed(0))
 
     def calibration(f32: bool) -> None:
