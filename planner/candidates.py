@@ -19,6 +19,7 @@ from tqdm import tqdm
 from evaluators.memory import weight_bytes
 from planner.recipes import Stage, plain_stages
 from search_spaces import TECHNIQUES, BuildContext, ordered
+from search_spaces.structure.surgery import copy_modules
 
 
 @dataclass
@@ -204,12 +205,6 @@ class Screened(Exception):
     def __init__(self, reason: str, figures: dict, seconds: dict, training: dict):
         super().__init__(reason)
         self.reason, self.figures, self.seconds, self.training = reason, figures, seconds, training
-
-
-def copy_modules(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of the model's modules holding the very same parameter and buffer tensors: a stage may replace its
-    modules or set attributes without touching the original, but must not write into a tensor."""
-    return copy.deepcopy(model, memo={id(t): t for t in _tensors(model)})
 
 
 def own_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -159,6 +159,12 @@ def prune_heads(model: nn.Module, keep_groups: Mapping[int, Sequence[int] | torc
     _apply_shape(model, new_shape)
 
 
+def copy_modules(model: nn.Module) -> nn.Module:
+    """A copy of the model's modules holding the very same parameter and buffer tensors: a stage may replace its
+    modules or set attributes without touching the original, but must not write into a tensor."""
+    return copy.deepcopy(model, memo={id(t): t for t in [*model.parameters(), *model.buffers()]})
+
+
 def drop_layers(model: nn.Module, keep: Sequence[int]) -> None:
     """Keep only the given decoder layers, renumbered 0..n-1 (their attention's `layer_idx` indexes the KV cache)."""
     config = text_config(model)

@@ -358,11 +358,9 @@ def cost_layers(model: nn.Module) -> int | None:
 
 def first_layers(model: nn.Module, count: int) -> nn.Module:
     """A copy of the model with only its first `count` decoder layers, sharing the model's tensors."""
-    import copy
+    from search_spaces.structure.surgery import copy_modules, drop_layers
 
-    from search_spaces.structure.surgery import drop_layers
-
-    shallow = copy.deepcopy(model, memo={id(t): t for t in [*model.parameters(), *model.buffers()]})
+    shallow = copy_modules(model)
     drop_layers(shallow, range(count))
     return shallow
 
