@@ -1,6 +1,7 @@
 """A whole study on a 1B model, as a user runs it: wall time, peak memory of the process tree, seconds per trial.
 
     nice -n 5 .venv/bin/python bench/study_1b.py [--size 1.24B] [--trials 20] [--budget 800MB] [--stop-after 7200]
+        [--timeout 6000]
 
 A Llama-shaped model (`cost_growth.SIZES`: 1.24 B is Llama-3.2-1B's shape) with random weights (cost, not
 accuracy: its perplexity is nonsense, every candidate's alike) is saved once as a bfloat16 checkpoint, as
@@ -13,7 +14,8 @@ PLANNER_CACHE holding only the built-in assets):
 i.e. the demo study's space (the llama.cpp target's default less GPTQ) and CPU-sized evaluation protocol, with
 `--dtype auto` choosing the precision for this machine's memory. The resident memory of the whole process tree
 is sampled every 0.5 s (anonymous and mapped-file parts). `--stop-after` seconds ends the search early (the
-trials done so far are kept and reported). Rows: bench/results/study_1b.jsonl; the search's output beside it.
+trials done so far are kept and reported); `--timeout` is the search's own (no trial starts after it: the search
+then reports, recommends and ships what it measured). Rows: bench/results/study_1b.jsonl; the search's output beside it.
 Figures, not assertions.
 """
 from __future__ import annotations
@@ -110,6 +112,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--budget", default="800MB", help="the memory budget (Llama-3.2-1B's Q4_K_M file: 808 MB)")
     parser.add_argument("--stop-after", type=float, default=None, help="end the search after this many seconds")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="planner search --timeout: start no trial after this many seconds, then report, "
+                             "recommend and ship what was measured (as a user with a time budget runs it)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/planner-study-1b"))
     args = parser.parse_args()
 
@@ -123,13 +128,15 @@ def main() -> None:
     recipe = args.work / f"{name}-recipe.yaml"
     log = RESULTS / f"{name}.log"
     log.write_text("")
-    row = {"size": args.size, "trials": args.trials, "budget": args.budget, "started": time.strftime("%Y-%m-%d %H:%M"),
+    row = {"size": args.size, "trials": args.trials, "budget": args.budget, "timeout": args.timeout,
+           "started": time.strftime("%Y-%m-%d %H:%M"),
            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
            "load_before": os.getloadavg()[0], "code": subprocess.run(
                ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True).stdout.strip()}
     row["search"] = run(["search", "--study-file", "studies/demo.toml", "--model", str(model), "--study", name,
                          "--storage", storage, "--memory-budget", args.budget, "--trials", str(args.trials),
-                         "--recipe", str(recipe)], log, env, args.stop_after)
+                         "--recipe", str(recipe), *(["--timeout", str(args.timeout)] if args.timeout else [])],
+                        log, env, args.stop_after)
     if row["search"]["exit"] == 0 and recipe.is_file():
         row["apply"] = run(["apply", str(recipe), "--out", str(args.work / f"{name}-deploy"), "--force"], log, env,
                            None)

@@ -36,6 +36,7 @@ from search_spaces.quantization.spec import AllocationSettings, QuantSpace, Quan
 from search_spaces.specs import SpecError
 from search_spaces.quantization.plan import LayerPlan
 from targets.llamacpp import sensitivity
+from targets.llamacpp.carried import SourceTables, carries
 from targets.llamacpp.block_formats import COMPENSABLE
 from targets.llamacpp.compensated import (FactorCache, FactorStore, base_kind, block_of, compensable,
                                           compensated_kind, compensated_round, is_compensated, layer_by_layer)
@@ -70,6 +71,7 @@ class TypePlan:
     # place of what llama.cpp wrote for them
     compensated: dict[str, np.ndarray] = field(default_factory=dict)
     refinement: dict | None = None  # what refining by measured KL did (refine.Refinement.report), if it ran
+    carried: tuple[str, ...] = ()  # parts of the tables carried from the source model's (carried.py)
 
     def ftype(self) -> str:
         """llama-quantize's file type naming the mixture (`general.file_type`): that of the type most tensors
@@ -230,7 +232,7 @@ class LlamaQuant(QuantMethod):
             predicted_kl=float(sum(tables_kl(tables, chosen))), bytes=sum(o.bytes for o in chosen.values()),
             predicted_decode=None if costs is None else predicted_decode(tables, chosen, costs),
             dataset=CALIBRATION_DATASET.format(samples=settings.samples, seq_len=settings.seq_len),
-            refinement=None if refinement is None else refinement.report()))
+            refinement=None if refinement is None else refinement.report(), carried=tuple(tables["carried"])))
         return model
 
 
@@ -486,40 +488,70 @@ def sensitivity_tables(model: nn.Module, windows, context: BuildContext, compens
     """{"imatrix", "options" (predicted-KL options per tensor, every type of the full menu; with `compensate`, each
     compensable type's ``<type>+gptq`` option too), "tensors" (row width and size)}: computed once per candidate
     shape and calibration text, then read from the cache (the compensated options in a file of their own: only
-    allocations that may choose them pay for them)."""
+    allocations that may choose them pay for them). A large derived candidate carries the KL gains and the
+    compensated ratios of the source model's cached tables where they are there (carried.py: what was carried is
+    noted in the folder's carried.json); its errors are always its own."""
     folder = _cache_file(context, _calibration_key(windows))
     imatrix = cached_imatrix(model, windows, context)
-    tensors = None
+    source = (SourceTables.read(_cache_file(replace(context, upstream=()), _calibration_key(windows)))
+              if carries(model, context.upstream) else None)
+    tensors, carried = None, set(_carried_parts(folder))
     if folder is not None and (folder / "table.json").is_file():
         table = json.loads((folder / "table.json").read_text())
         options = _options_from_json(table["options"])
         info, gains = table["tensors"], {n: tuple(g) for n, g in table["gains"].items()}
+        errors = _options_from_json(table["errors"]) if "errors" in table else None
     else:
         tensors = sensitivity.quantizable(model, imatrix)
-        raw = sensitivity.type_options(model, tensors, sensitivity.MENUS["all"])  # the probe (Q4_0) is among them
-        gains = sensitivity.kl_gains(model, tensors, windows[:KL_WINDOWS])
-        options = sensitivity.predicted_kl_options(raw, gains)
+        errors = sensitivity.type_options(model, tensors, sensitivity.MENUS["all"])  # the probe (Q4_0) among them
+        gains = source.carried_gains(list(errors)) if source else None
+        if gains is not None:
+            carried.add(_note_carried(folder, source, "gains"))
+        else:
+            gains = sensitivity.kl_gains(model, tensors, windows[:KL_WINDOWS])
+        options = sensitivity.predicted_kl_options(errors, gains)
         info = {t.gguf_name: {"width": t.shape[1], "size": t.size} for t in tensors}
         if folder is not None:
             (folder / "table.json").write_text(json.dumps({
-                "options": _options_to_json(options),
-                "tensors": info, "gains": gains}))
+                "options": _options_to_json(options), "tensors": info, "gains": gains,
+                "errors": _options_to_json(errors)}))
     if compensate:
         file = None if folder is None else folder / "compensated.json"
         if file is not None and file.is_file():
             raw = _options_from_json(json.loads(file.read_text()))
         else:
             tensors = tensors or sensitivity.quantizable(model, imatrix)
-            raw, store = {}, FactorStore(None if folder is None else factor_folder(folder))
-            for covariances in sensitivity.compensable_inputs(model, tensors, windows):  # a few blocks' at a time
-                raw.update(sensitivity.compensated_options(model, tensors, sensitivity.MENUS["all"], covariances,
-                                                           store=store))
-                del covariances
+            names = [t.gguf_name for t in tensors if t.gguf_name != "token_embd.weight"]  # compensable_inputs'
+            raw = source.carried_compensated(errors, names) if source and errors else None
+            if raw is not None:
+                carried.add(_note_carried(folder, source, "compensated"))
+            else:
+                raw, store = {}, FactorStore(None if folder is None else factor_folder(folder))
+                for covariances in sensitivity.compensable_inputs(model, tensors, windows):  # a few blocks' at a time
+                    raw.update(sensitivity.compensated_options(model, tensors, sensitivity.MENUS["all"], covariances,
+                                                               store=store))
+                    del covariances
             if file is not None:
                 file.write_text(json.dumps(_options_to_json(raw)))
         for name, extra in sensitivity.predicted_kl_options(raw, gains).items():
             options[name] = options[name] + extra
-    return {"imatrix": imatrix, "options": options, "tensors": info}
+    return {"imatrix": imatrix, "options": options, "tensors": info,
+            "carried": sorted(carried if compensate else carried - {"compensated"})}
+
+
+def _carried_parts(folder: Path | None) -> list[str]:
+    """What the tables in `folder` carried from the source model's (carried.json), [] for tables of their own."""
+    note = None if folder is None else folder / "carried.json"
+    return json.loads(note.read_text())["parts"] if note is not None and note.is_file() else []
+
+
+def _note_carried(folder: Path | None, source: SourceTables, part: str) -> str:
+    """`part`, noted in the tables' carried.json as carried from the source model's tables."""
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        parts = sorted({*_carried_parts(folder), part})
+        (folder / "carried.json").write_text(json.dumps({"from": source.folder.name, "parts": parts}))
+    return part
 
 
 def factor_folder(folder: Path) -> Path:

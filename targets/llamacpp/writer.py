@@ -81,6 +81,7 @@ def write(model, tokenizer, path: Path, name: str = "planner candidate") -> dict
             "file_type": plan.ftype(), **types_written(written, plan.compensated),
             "imatrix_digest": imatrix_digest(plan.imatrix),
             "predicted_kl": plan.predicted_kl, **({"refinement": plan.refinement} if plan.refinement else {}),
+            **({"tables_carried": list(plan.carried)} if plan.carried else {}),
             "allocated_bytes": plan.bytes}
 
 
