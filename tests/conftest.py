@@ -120,6 +120,13 @@ def methods_rounding_onto(scheme: str) -> tuple[str, ...]:
     return tuple(m for m in QuantSpace().methods if m != "none" and QUANT_METHODS[m].rounds_onto(STORAGE_SCHEMES[scheme]))
 
 
+class Doc:
+    """A calibration document as the corpus loader hands it: just its text."""
+
+    def __init__(self, text):
+        self.text = text
+
+
 def make_tiny_llama(vocab_size: int = 128, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 

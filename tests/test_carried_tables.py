@@ -17,16 +17,11 @@ from search_spaces.structure.surgery import copy_modules, drop_layers
 from targets.llamacpp import allocated, carried, sensitivity
 from targets.llamacpp.allocated import PLAN_ATTRIBUTE, _cache_file, _calibration_key, sensitivity_tables
 from targets.llamacpp.carried import source_name
-from tests.conftest import SAMPLE_TEXT, make_tiny_llama, make_tiny_tokenizer
+from tests.conftest import SAMPLE_TEXT, Doc, make_tiny_llama, make_tiny_tokenizer
 
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
              num_hidden_layers=4)
 UPSTREAM = ({"technique": "pruning", "spec": {"depth_keep": 0.75}},)  # what makes a candidate derived
-
-
-class Doc:
-    def __init__(self, text):
-        self.text = text
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +57,13 @@ def test_a_large_derived_candidate_carries_the_gains_and_ratios_and_keeps_its_ow
                            model_id="tiny-carried", progress=False)
     sensitivity_tables(source, windows, context, compensate=True)
     derived = replace(context, upstream=UPSTREAM)
-    # at the built-in model's size nothing is carried: the cut's tables are computed in full
-    exact = sensitivity_tables(cut, windows, replace(derived, model_id="tiny-carried-exact"), compensate=True)
+    # below CARRY_PARAMETERS nothing is carried, the source's tables there or not: the cut's computed in full (its
+    # own folder: another upstream spec, the same source tables)
+    exact_context = replace(context, upstream=({"technique": "pruning", "spec": {"depth_keep": 0.7}},))
+    exact = sensitivity_tables(cut, windows, exact_context, compensate=True)
     monkeypatch.setattr(carried, "CARRY_PARAMETERS", 0)
     folder = _cache_file(derived, _calibration_key(windows))
-    exact_folder = _cache_file(replace(derived, model_id="tiny-carried-exact"), _calibration_key(windows))
+    exact_folder = _cache_file(exact_context, _calibration_key(windows))
     assert not (exact_folder / "carried.json").exists()
     with monkeypatch.context() as patch:
         patch.setattr(sensitivity, "kl_gains", lambda *a, **k: pytest.fail("KL gains measured"))
