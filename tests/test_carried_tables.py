@@ -14,7 +14,7 @@ from search_spaces.base import BuildContext
 from search_spaces.quantization import QuantSpec
 from search_spaces.quantization.spec import AllocationSettings
 from search_spaces.structure.surgery import copy_modules, drop_layers
-from targets.llamacpp import allocated, carried, sensitivity
+from targets.llamacpp import allocated, carried, sensitivity, writer
 from targets.llamacpp.allocated import PLAN_ATTRIBUTE, _cache_file, _calibration_key, sensitivity_tables
 from targets.llamacpp.carried import source_name
 from tests.conftest import SAMPLE_TEXT, Doc, make_tiny_llama, make_tiny_tokenizer
@@ -123,6 +123,8 @@ def test_a_derived_candidate_with_carried_tables_is_quantized_with_compensated_b
     windows = allocated.calibration_batches(tokenizer, context.calibration, 4, 32, 0)
     folder = _cache_file(replace(context, upstream=UPSTREAM), _calibration_key(windows))
     assert (folder / "carried.json").is_file() and plan.carried == ("compensated", "gains")
+    written = writer.write(built, tokenizer, tmp_path / "candidate.gguf")  # what the trial's runtime record holds
+    assert written["tables_carried"] == ["compensated", "gains"]
     assert plan.compensated, plan.types  # some tensor chose compensated codes, rounded with its own factor
     for name, blocks in plan.compensated.items():
         assert blocks.dtype == np.uint8 and blocks.shape[0] == dict(
