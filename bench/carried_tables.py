@@ -102,8 +102,8 @@ def main() -> None:
             print(f"  {bpw} bpw: predicted KL (exact table) {kl_exact:.5f} exact choice vs {kl_carried:.5f} carried "
                   f"({kl_carried / kl_exact - 1:+.2%}); {same} of {len(chosen['exact'])} tensors in the same type",
                   flush=True)
-        layers = carried.layer_count(exact["tensors"])
-        source_layers = carried.layer_count(t.gguf_name for t in sensitivity.quantizable(model, {}))
+        layers = sensitivity.layer_count(exact["tensors"])
+        source_layers = sensitivity.layer_count(t.gguf_name for t in sensitivity.quantizable(model, {}))
         row = {"candidate": label, "layers": layers, "source_layers": source_layers, "seconds": seconds,
                "options": spread(differences), "allocations": allocations,
                "mapped": {n: source_name(n, layers, source_layers) for n in list(exact["tensors"])[:3]}}

@@ -22,14 +22,10 @@ from torch import nn
 
 from search_spaces.quantization.allocation import Option
 from targets.llamacpp.compensated import base_kind, compensated_kind
+from targets.llamacpp.sensitivity import layer_count
 
 # Candidates at least this large carry (the built-in 135 M model's candidates compute their own tables in full).
 CARRY_PARAMETERS = 400_000_000
-
-
-def layer_count(names) -> int:
-    """Decoder layers among GGUF tensor names (blk.<i>.*)."""
-    return 1 + max((int(n.split(".")[1]) for n in names if n.startswith("blk.")), default=-1)
 
 
 def source_name(name: str, layers: int, source_layers: int) -> str:

@@ -198,11 +198,15 @@ def _kl(logits: torch.Tensor, reference: torch.Tensor) -> float:
                           log_target=True, reduction="none").sum(-1).mean())
 
 
+def layer_count(names) -> int:
+    """Decoder layers among GGUF tensor names (blk.<i>.*)."""
+    return 1 + max((int(n.split(".")[1]) for n in names if n.startswith("blk.")), default=-1)
+
+
 def gain_groups(tensors: Sequence[Tensor], buckets: int = BUCKETS) -> dict[str, list[Tensor]]:
     """Tensors measured together for their KL gain: one role (attn_v, ffn_down, ...) in one band of
     consecutive layers (`buckets` bands), and the embedding and head each on their own."""
-    layers = [int(t.gguf_name.split(".")[1]) for t in tensors if t.gguf_name.startswith("blk.")]
-    count = max(layers) + 1 if layers else 1
+    count = layer_count(t.gguf_name for t in tensors) or 1
     groups: dict[str, list[Tensor]] = {}
     for tensor in tensors:
         parts = tensor.gguf_name.split(".")
