@@ -42,6 +42,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from _grid import append_row
+    from compensated_rows import rescored_allocations
     import targets  # noqa: F401  (registers llama-quant)
     from planner.candidates import copy_modules, own_copy
     from planner.quiet import quiet_libraries
@@ -53,7 +54,7 @@ def main() -> None:
     from search_spaces.pruning import PruneSpec
     from search_spaces.quantization.spec import AllocationSettings
     from targets.llamacpp import carried, sensitivity
-    from targets.llamacpp.allocated import choose_types, sensitivity_tables, tables_kl
+    from targets.llamacpp.allocated import sensitivity_tables
     from targets.llamacpp.carried import source_name
 
     quiet_libraries()
@@ -88,20 +89,12 @@ def main() -> None:
         exact, carried_tables = tables["exact"], tables["carried"]
         differences = [abs(c.error / e.error - 1) for n in exact["options"]
                        for e, c in zip(exact["options"][n], carried_tables["options"][n]) if e.error > 0]
-        total = sum(t["size"] for t in exact["tensors"].values())
         allocations = []
-        for bpw in (4.0, 4.5, 5.0, 6.0):
-            target = bpw * total / 8
-            chosen = {way: choose_types(t, menu, target) for way, t in tables.items()}
-            rescored = {n: next(o for o in exact["options"][n] if o.kind == c.kind)
-                        for n, c in chosen["carried"].items()}
-            kl_exact, kl_carried = sum(tables_kl(exact, chosen["exact"])), sum(tables_kl(exact, rescored))
-            same = sum(chosen["exact"][n].kind == c.kind for n, c in chosen["carried"].items())
+        for bpw, kl_exact, kl_carried, same, count in rescored_allocations(exact, carried_tables, menu):
             allocations.append({"bpw": bpw, "predicted_kl_exact": kl_exact, "predicted_kl_carried": kl_carried,
-                                "same_type": same, "tensors": len(chosen["exact"])})
+                                "same_type": same, "tensors": count})
             print(f"  {bpw} bpw: predicted KL (exact table) {kl_exact:.5f} exact choice vs {kl_carried:.5f} carried "
-                  f"({kl_carried / kl_exact - 1:+.2%}); {same} of {len(chosen['exact'])} tensors in the same type",
-                  flush=True)
+                  f"({kl_carried / kl_exact - 1:+.2%}); {same} of {count} tensors in the same type", flush=True)
         layers = sensitivity.layer_count(exact["tensors"])
         source_layers = sensitivity.layer_count(t.gguf_name for t in sensitivity.quantizable(model, {}))
         row = {"candidate": label, "layers": layers, "source_layers": source_layers, "seconds": seconds,

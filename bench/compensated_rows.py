@@ -29,6 +29,19 @@ import torch  # noqa: E402
 LOG = Path(__file__).resolve().parent / "results" / "compensated_rows.jsonl"
 
 
+def rescored_allocations(reference: dict, other: dict, menu, bpws=(4.0, 4.5, 5.0, 6.0)):
+    """Per bits per weight: (bpw, the reference table's predicted KL of its own allocation, of the allocation chosen
+    from `other` (the options of the same kind and bytes), tensors in the same type, tensors)."""
+    from targets.llamacpp.allocated import choose_types, tables_kl
+
+    total = sum(t["size"] for t in reference["tensors"].values())
+    for bpw in bpws:
+        own, chosen = (choose_types(t, menu, bpw * total / 8) for t in (reference, other))
+        rescored = {n: next(o for o in reference["options"][n] if o.kind == c.kind) for n, c in chosen.items()}
+        same = sum(own[n].kind == c.kind for n, c in chosen.items())
+        yield bpw, sum(tables_kl(reference, own)), sum(tables_kl(reference, rescored)), same, len(own)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin:smollm2-135m-float")
@@ -39,7 +52,7 @@ def main() -> None:
     from _grid import append_row
     from compensation_cost import calibrated
     from targets.llamacpp import sensitivity
-    from targets.llamacpp.allocated import KL_WINDOWS, choose_types, tables_kl
+    from targets.llamacpp.allocated import KL_WINDOWS
     from targets.llamacpp.imatrix import importance_matrix
 
     model, windows = calibrated(args.model, args.threads)
@@ -73,20 +86,12 @@ def main() -> None:
             options[name] = options[name] + extra
         return {"options": options, "tensors": info}
 
-    full, subset = table(runs["all"]), table(runs["subset"])
-    total = sum(t.size for t in tensors)
     allocations = []
-    for bpw in (4.0, 4.5, 5.0, 6.0):
-        target = bpw * total / 8
-        chosen = {name: choose_types(tables, menu, target) for name, tables in (("all", full), ("subset", subset))}
-        # the subset's choice scored by the full table's predicted KL (the options of the same kind and bytes)
-        rescored = {n: next(o for o in full["options"][n] if o.kind == c.kind) for n, c in chosen["subset"].items()}
-        kl_all, kl_subset = sum(tables_kl(full, chosen["all"])), sum(tables_kl(full, rescored))
-        same = sum(chosen["all"][n].kind == c.kind for n, c in chosen["subset"].items())
+    for bpw, kl_all, kl_subset, same, count in rescored_allocations(table(runs["all"]), table(runs["subset"]), menu):
         allocations.append({"bpw": bpw, "predicted_kl_all": kl_all, "predicted_kl_subset": kl_subset,
-                            "same_type": same, "tensors": len(chosen["all"])})
+                            "same_type": same, "tensors": count})
         print(f"{bpw} bpw: predicted KL {kl_all:.5f} (ratio on all rows) vs {kl_subset:.5f} (on {args.rows}); "
-              f"{same} of {len(chosen['all'])} tensors in the same type", flush=True)
+              f"{same} of {count} tensors in the same type", flush=True)
     row = {"model": args.model, "rows": args.rows, "threads": args.threads, "seconds": seconds, "spread": spread,
            "allocations": allocations, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "load": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d %H:%M")}
