@@ -349,13 +349,13 @@ class Replay:
 
         return BuiltCandidate(SimpleNamespace(bench_key=stage_key(stages)), {})
 
-    def _estimate(self, base_model, stages, shaped=None):
+    def _estimate(self, base_model, stages, shaped=None, beyond=None):
         # The planner's exact spec-only sizing (on the meta skeleton), memoised: it is pure.
         from planner.candidates import estimate_weight_bytes
 
         key = stage_key(stages)
         if key not in self._estimates:
-            self._estimates[key] = estimate_weight_bytes(base_model, stages, shaped)
+            self._estimates[key] = estimate_weight_bytes(base_model, stages, shaped, beyond=beyond)
         return self._estimates[key]
 
     def workbench(self, settings):

@@ -70,7 +70,7 @@ def _shape_groups(spaces: dict, smallest: bool = False) -> list[list[dict]]:
 
 
 def starting_points(base_model: torch.nn.Module, spaces: dict, memory_limit: float | None, trials: int,
-                    say: Callable[[str], None] = tqdm.write) -> list[dict]:
+                    say: Callable[[str], None] = tqdm.write, beyond: Callable = None) -> list[dict]:
     """What a study is seeded with: the hand-picked candidates, then the shape presets (on a shape where none
     fits the memory budget, the storage stages' smallest candidates), leaving out those
     whose spec alone is over the memory budget (each would spend a trial being rejected), and the shape
@@ -92,8 +92,8 @@ def starting_points(base_model: torch.nn.Module, spaces: dict, memory_limit: flo
                     said.add(str(exc))
                     say(f"planner: a seed left out: {exc}")
                 continue
-            if memory_limit is None or estimate_weight_bytes(base_model, aim(base_model, stages,
-                                                                                memory_limit)) <= memory_limit:
+            if memory_limit is None or estimate_weight_bytes(
+                    base_model, aim(base_model, stages, memory_limit, beyond=beyond), beyond=beyond) <= memory_limit:
                 kept.append(params)
         return kept
 
@@ -136,16 +136,16 @@ class SeedTrial(CornerTrial):
         return super().suggest_categorical(name, choices)
 
 
-def smallest_candidate(base_model: torch.nn.Module, spaces: dict,
-                       memory_limit: float | None = None) -> tuple[int, list[Stage]]:
+def smallest_candidate(base_model: torch.nn.Module, spaces: dict, memory_limit: float | None = None,
+                       beyond: Callable = None) -> tuple[int, list[Stage]]:
     """The fewest bytes any candidate of the spaces stores, and that candidate: the combinations of each
     technique's smallest settings, sized from their specs (aimed at `memory_limit` where a stage aims at it)."""
     corner_lists = [[t.qualified(p) for p in t.smallest(space)] for t, space in _enabled(spaces)]
     best = None
     for combination in itertools.product(*corner_lists):
         stages = suggest_stages(CornerTrial({k: v for params in combination for k, v in params.items()}), spaces)
-        stages = aim(base_model, stages, memory_limit)
-        size = estimate_weight_bytes(base_model, stages)
+        stages = aim(base_model, stages, memory_limit, beyond=beyond)
+        size = estimate_weight_bytes(base_model, stages, beyond=beyond)
         if best is None or size < best[0]:
             best = (size, stages)
     return best
@@ -166,24 +166,29 @@ def shaped_model(base_model: torch.nn.Module, stages: list[Stage]) -> torch.nn.M
         return AutoModelForCausalLM.from_config(config, dtype=next(base_model.parameters()).dtype)
 
 
-def aim(base_model: torch.nn.Module, stages: list[Stage], memory_limit: float | None, shaped=None) -> list[Stage]:
+def aim(base_model: torch.nn.Module, stages: list[Stage], memory_limit: float | None, shaped=None,
+        beyond: Callable = None) -> list[Stage]:
     """The stages with what they aim at resolved on the candidate's shapes (`Technique.aim`): e.g. an allocation
-    spending a share of the memory budget gets the bits per weight that spend it. Without a budget, unchanged."""
+    spending a share of the memory budget gets the bits per weight that spend it: the budget less what the target
+    stores beyond the held tensors (`beyond`: `Target.stored_beyond`). Without a budget, unchanged."""
     if memory_limit is None or not stages:
         return stages
     shaped = shaped if shaped is not None else shaped_model(base_model, stages)
-    return [replace(stage, spec=TECHNIQUES[stage.technique].aim(stage.spec, shaped, memory_limit))
-            for stage in stages]
+    room = memory_limit - (beyond(shaped) if beyond else 0)
+    return [replace(stage, spec=TECHNIQUES[stage.technique].aim(stage.spec, shaped, room)) for stage in stages]
 
 
-def estimate_weight_bytes(base_model: torch.nn.Module, stages: list[Stage], shaped=None) -> int:
+def estimate_weight_bytes(base_model: torch.nn.Module, stages: list[Stage], shaped=None,
+                          beyond: Callable = None) -> int:
     """Exact stored bytes of the candidate, without building it: the last stage (storage stages come last in
-    composition order) sizes the candidate's shapes (`shaped_model`)."""
+    composition order) sizes the candidate's shapes (`shaped_model`); `beyond` (`Target.stored_beyond`) adds
+    what the target's artifact stores beyond the held tensors (e.g. llama.cpp's norms in F32)."""
     if not stages:
-        return weight_bytes(base_model).total_bytes
-    last = stages[-1]
-    return TECHNIQUES[last.technique].weight_bytes(shaped if shaped is not None else shaped_model(base_model, stages),
-                                                   last.spec)
+        shaped, size = base_model, weight_bytes(base_model).total_bytes
+    else:
+        shaped = shaped if shaped is not None else shaped_model(base_model, stages)
+        size = TECHNIQUES[stages[-1].technique].weight_bytes(shaped, stages[-1].spec)
+    return size + (beyond(shaped) if beyond else 0)
 
 
 def storage_notes(base_model: torch.nn.Module, stages: list[Stage], shaped=None) -> dict:

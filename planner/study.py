@@ -336,7 +336,7 @@ def _require_a_fitting_candidate(bench: Workbench) -> None:
     limit = memory_limit(bench.budgets, bench.model)
     if limit is None:
         return
-    size, stages = smallest_candidate(bench.model, bench.spaces, limit)
+    size, stages = smallest_candidate(bench.model, bench.spaces, limit, beyond=bench.target.stored_beyond)
     if size > limit:
         raise PlannerError(f"no candidate of the search space fits the memory budget of {limit / 1e6:.1f} MB: "
                            f"the smallest, {describe(stages)}, stores {size / 1e6:.1f} MB "
@@ -385,7 +385,8 @@ def open_study(settings: StudySettings, verbose: bool = False) -> tuple[optuna.S
     measure_comparisons(bench, study)
     if not study.get_trials(deepcopy=False):
         memory = of_kind(bench.budgets, "memory")
-        for params in starting_points(bench.model, bench.spaces, memory and memory.limit, settings.trials):
+        for params in starting_points(bench.model, bench.spaces, memory and memory.limit, settings.trials,
+                                      beyond=bench.target.stored_beyond):
             study.enqueue_trial(params, skip_if_exists=True)
     study.set_user_attr("settings", stored_settings(settings))
     return study, bench

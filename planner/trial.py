@@ -229,7 +229,8 @@ def objective(bench: Workbench):
         stages = rungs.assign(trial.study, steps.suggest_stages(trial, bench.spaces), bench.spaces)
         shaped = steps.shaped_model(bench.model, stages)
         memory = of_kind(bench.budgets, "memory")
-        stages = steps.aim(bench.model, stages, memory and memory.limit, shaped)  # e.g. bpw that fills the budget
+        beyond = bench.target.stored_beyond  # e.g. llama.cpp's norms in F32: counted, and left room for
+        stages = steps.aim(bench.model, stages, memory and memory.limit, shaped, beyond=beyond)  # e.g. bpw that fills it
         stored_stages = plain_stages(stages)
         trial.set_user_attr("stages", stored_stages)
         notes = steps.storage_notes(bench.model, stages, shaped)
@@ -244,7 +245,7 @@ def objective(bench: Workbench):
                     trial.set_user_attr(key, twin.user_attrs[key])
             trial.set_user_attr("duplicate_of", twin.number)
             return finish(trial, started, twin.user_attrs["metrics"])
-        estimate = steps.estimate_weight_bytes(bench.model, stages, shaped)
+        estimate = steps.estimate_weight_bytes(bench.model, stages, shaped, beyond=beyond)
         trial.set_user_attr("estimated_weight_bytes", estimate)
         if over_memory_budget(bench.budgets, estimate):
             trial.set_user_attr("rejected", f"weights {estimate / 1e6:.1f} MB from the spec alone; over the budget")

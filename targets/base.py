@@ -109,6 +109,12 @@ class Target(abc.ABC):
         format): what the study says in their one line. Default: none."""
         return {}
 
+    def stored_beyond(self, model) -> int:
+        """Bytes the artifact stores for `model` beyond what its tensors hold in memory, where no stage re-encodes
+        them (llama.cpp: norms and biases in F32 whatever the model's precision). A candidate's estimate adds it
+        and a budget-filling stage aims at the budget less it, so what ships is within the budget. Default: 0."""
+        return 0
+
     def prepare(self, request: Request) -> None:
         """Before the first measurement of `request.model` (write its latency reference, warm kernels up)."""
 

@@ -201,6 +201,20 @@ def test_llama_cpp_logits_match_transformers(case, converted, held_out):
     assert np.abs(actual - expected).max() < case.tolerance, (info.architecture, np.abs(actual - expected).max())
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_what_the_file_stores_beyond_the_held_tensors_is_known_up_front(case, converted):
+    """A candidate's size estimate on the llama.cpp target (held tensors + `bytes_beyond_held`) is the converted
+    file's tensor bytes: e.g. llama3 rotary scaling's rope_freqs, which no tensor of the model holds."""
+    from gguf import GGUFReader
+
+    from evaluators.memory import weight_bytes
+    from targets.llamacpp.writer import bytes_beyond_held
+
+    model, _, info = converted[case.name]
+    stored = sum(int(t.n_bytes) for t in GGUFReader(str(info.path)).tensors)
+    assert weight_bytes(model).total_bytes + bytes_beyond_held(model) == stored
+
+
 def test_check_vocab_says_up_front_whether_llama_cpp_tokenizes_as_the_model(tokenizers, held_out):
     from transformers import LlamaConfig, Qwen2Config
 

@@ -704,8 +704,8 @@ class Lab:
                                     estimate_weight_bytes=self.estimate, aim=self.aim)
         self.target = LabTarget(self)
 
-    @staticmethod
-    def aim(base_model, stages, memory_limit, shaped=None):
+    def aim(self, base_model, stages, memory_limit, shaped=None, beyond=None):
+        self.args.add(("aim", beyond == self.target.stored_beyond))  # the target's extra bytes are left room for
         return stages  # the fake stages aim at nothing
 
     def suggest_stages(self, trial, spaces):
@@ -729,9 +729,9 @@ class Lab:
             raise RuntimeError("x" * 600 + "\nsecond line")
         return BuiltCandidate(SimpleNamespace(name=stages[0].spec.name), {"fake": 0.25})
 
-    def estimate(self, base_model, stages, shaped=None):
+    def estimate(self, base_model, stages, shaped=None, beyond=None):
         self.calls["estimate"].append(stages[0].spec.name)
-        self.args.add(("estimate", base_model.name))
+        self.args.add(("estimate", base_model.name, beyond == self.target.stored_beyond))
         return CANDIDATES[stages[0].spec.name]["weight"]
 
     def latency(self, model, protocol):
@@ -963,7 +963,7 @@ def test_the_study_wiring_reaches_the_build_and_the_evaluators(lab, objectives):
     bench = lab.bench(objectives=objectives)
     lab.run(bench, "a")
     measure_baseline(bench)
-    assert lab.args == {("suggest", id(SPACES)), ("estimate", "base"), ("build", "base", id(CONTEXT)),
+    assert lab.args == {("suggest", id(SPACES)), ("aim", True), ("estimate", "base", True), ("build", "base", id(CONTEXT)),
                         ("latency", SETTINGS.latency_protocol()),
                         ("perplexity", id(TOKENIZER), id(HELD_OUT), SETTINGS.perplexity_protocol())}
     assert SETTINGS.latency_protocol() != StudySettings().latency_protocol()

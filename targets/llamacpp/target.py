@@ -130,6 +130,9 @@ class LlamaCppTarget(Target):
     def space_defaults(self) -> dict:
         return {"quantization": scheme_space_defaults(GGUF_GRID)}
 
+    def stored_beyond(self, model) -> int:
+        return writer.bytes_beyond_held(model)
+
     def fit_spaces(self, spaces: dict, model) -> dict:
         if writer.gguf_arch(model) not in writer.FREE_HEAD_SPLIT:  # pruned or student heads: llama.cpp refuses
             spaces = _only_whole(spaces, "heads_keep")

@@ -56,6 +56,24 @@ def gguf_arch(model) -> str | None:
     return architectures().get(hf_architecture(model.config, type(model).__name__))
 
 
+def bytes_beyond_held(model) -> int:
+    """Bytes a GGUF of `model` stores beyond its tensors as held in memory, for tensors no quantizer re-encodes:
+    norms and biases in F32 whatever the model's precision (both writers, as llama.cpp's converter does), and the
+    converter's `rope_freqs` (F32, one per rotary pair) for llama3 rotary scaling. Reads shapes and dtypes only
+    (a meta-device model of a candidate's shapes too); each stored tensor once."""
+    seen, beyond = set(), 0
+    for tensor in model.parameters():  # shared (tied) parameters are listed once
+        if tensor.dim() <= 1 and tensor.is_floating_point() and id(tensor) not in seen:
+            seen.add(id(tensor))
+            beyond += tensor.numel() * max(0, 4 - tensor.element_size())
+    config = model.config.get_text_config()
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type")) == "llama3":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        beyond += head_dim // 2 * 4
+    return beyond
+
+
 def write(model, tokenizer, path: Path, name: str = "planner candidate") -> dict:
     """Write the GGUF; returns what wrote it and its seconds (recorded with the candidate's figures; the recipe
     keeps the writer). A candidate carrying a llama.cpp type plan (allocated.TypePlan) is written in float,
@@ -168,4 +186,4 @@ def _write_float(model, tokenizer, path: Path, name: str) -> dict:
     return {"writer": "llama.cpp converter", "converter": info.converter, "write_seconds": time.perf_counter() - started}
 
 
-__all__ = ["FREE_HEAD_SPLIT", "converter_supports", "gguf_arch", "unsupported", "write"]
+__all__ = ["FREE_HEAD_SPLIT", "bytes_beyond_held", "converter_supports", "gguf_arch", "unsupported", "write"]
