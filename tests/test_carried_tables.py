@@ -70,6 +70,9 @@ def test_a_large_derived_candidate_carries_the_gains_and_ratios_and_keeps_its_ow
         patch.setattr(sensitivity, "compensated_options", lambda *a, **k: pytest.fail("compensation measured"))
         tables = sensitivity_tables(cut, windows, derived, compensate=True)
     assert json.loads((folder / "carried.json").read_text())["parts"] == tables["carried"] == ["compensated", "gains"]
+    with monkeypatch.context() as patch:  # tables of its own cached: the source's are not read again
+        patch.setattr(carried.SourceTables, "read", lambda *a: pytest.fail("source tables read"))
+        assert sensitivity_tables(cut, windows, derived, compensate=True)["carried"] == tables["carried"]
     assert exact["carried"] == []
     source_folder = _cache_file(context, _calibration_key(windows))
     src = json.loads((source_folder / "table.json").read_text())

@@ -141,6 +141,8 @@ def test_smallest_candidate_is_the_smallest_the_study_can_draw(study, tmp_path, 
     bench = prepare(settings)
     floor, stages = smallest_candidate(bench.model, bench.spaces)
     assert floor == estimate_weight_bytes(bench.model, stages) and stages
+    # what a target stores beyond the held tensors (e.g. llama.cpp's F32 norms) is part of every size
+    assert smallest_candidate(bench.model, bench.spaces, beyond=lambda shaped: 1000)[0] == floor + 1000
     sampler = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(40):
         trial = sampler.ask()
@@ -219,6 +221,9 @@ def test_starting_points_cross_presets_with_reduced_shapes_and_skip_what_cannot_
     limit = sorted(size(p) for p in everything)[len(everything) // 2]
     kept = starting_points(bench.model, bench.spaces, limit, 40)
     assert kept == [p for p in everything if size(p) <= limit] and len(kept) < len(everything)
+    # a target storing more than the held tensors (llama.cpp's F32 norms) leaves out what that puts over the limit
+    assert starting_points(bench.model, bench.spaces, limit, 40, beyond=lambda shaped: 1) == \
+        [p for p in everything if size(p) + 1 <= limit]
     hand = hand_picked(bench.spaces)
     assert len(hand) < 6 and len(starting_points(bench.model, bench.spaces, None, 8)) == 6  # 3/4 of the trials
     assert starting_points(bench.model, bench.spaces, None, 8)[:len(hand)] == hand  # presets first

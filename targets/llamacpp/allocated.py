@@ -19,6 +19,7 @@ and decode thread count (a cost model shared by its shapes; they do not depend o
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections import Counter
@@ -493,8 +494,12 @@ def sensitivity_tables(model: nn.Module, windows, context: BuildContext, compens
     noted in the folder's carried.json); its errors are always its own."""
     folder = _cache_file(context, _calibration_key(windows))
     imatrix = cached_imatrix(model, windows, context)
-    source = (SourceTables.read(_cache_file(replace(context, upstream=()), _calibration_key(windows)))
-              if carries(model, context.upstream) else None)
+
+    @functools.cache
+    def source() -> SourceTables | None:  # read only where something is computed that it could carry
+        return (SourceTables.read(_cache_file(replace(context, upstream=()), _calibration_key(windows)))
+                if carries(model, context.upstream) else None)
+
     tensors, carried = None, set(_carried_parts(folder))
     if folder is not None and (folder / "table.json").is_file():
         table = json.loads((folder / "table.json").read_text())
@@ -504,9 +509,9 @@ def sensitivity_tables(model: nn.Module, windows, context: BuildContext, compens
     else:
         tensors = sensitivity.quantizable(model, imatrix)
         errors = sensitivity.type_options(model, tensors, sensitivity.MENUS["all"])  # the probe (Q4_0) among them
-        gains = source.carried_gains(list(errors)) if source else None
+        gains = source().carried_gains(list(errors)) if source() else None
         if gains is not None:
-            carried.add(_note_carried(folder, source, "gains"))
+            carried.add(_note_carried(folder, source(), "gains"))
         else:
             gains = sensitivity.kl_gains(model, tensors, windows[:KL_WINDOWS])
         options = sensitivity.predicted_kl_options(errors, gains)
@@ -522,9 +527,9 @@ def sensitivity_tables(model: nn.Module, windows, context: BuildContext, compens
         else:
             tensors = tensors or sensitivity.quantizable(model, imatrix)
             names = [t.gguf_name for t in tensors if t.gguf_name != "token_embd.weight"]  # compensable_inputs'
-            raw = source.carried_compensated(errors, names) if source and errors else None
+            raw = source().carried_compensated(errors, names) if source() and errors else None
             if raw is not None:
-                carried.add(_note_carried(folder, source, "compensated"))
+                carried.add(_note_carried(folder, source(), "compensated"))
             else:
                 raw, store = {}, FactorStore(None if folder is None else factor_folder(folder))
                 for covariances in sensitivity.compensable_inputs(model, tensors, windows):  # a few blocks' at a time
