@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -59,7 +60,8 @@ def add_study_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", help="tpe (default), nsga2 or random")
     parser.add_argument("--seed", type=int, help="sampler and build seed (default: 0)")
     parser.add_argument("--trials", type=positive_int, help="trials the study should hold in total (default: 20)")
-    parser.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    parser.add_argument("--timeout", type=float, help="end the search within this many seconds from its start: no "
+                        "trial starts after it, nor one the study's own trials predict to run past it")
     parser.add_argument("--latency-budget", help="decode time per token, p50: e.g. 25ms or 0.7x (of the baseline)")
     parser.add_argument("--prefill-budget", help="prefill time of the latency prompt: e.g. 200ms or 0.8x")
     parser.add_argument("--memory-budget", help="stored weight size: e.g. 300MB, 1.5GiB or 0.5x")
@@ -116,7 +118,7 @@ def build_parser() -> Parser:
     wk.add_argument("--study", required=True)
     wk.add_argument("--storage", required=True, help="the study's Optuna storage URL (shared by every worker)")
     wk.add_argument("--trials", type=positive_int, help="override the study's trial count")
-    wk.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
+    wk.add_argument("--timeout", type=float, help="this worker's time, counted as search's --timeout")
     wk.add_argument("--seed", type=int, help="sampler seed of this worker (default: a different one per process)")
     wk.add_argument("--device", help="where this worker builds and measures (default: the study's)")
     wk.add_argument("-q", "--quiet", action="store_true", help="no per-trial lines or progress bar")
@@ -250,12 +252,13 @@ def cmd_worker(args) -> int:
 
     from planner.study import join_as_worker, run_study
 
+    began = time.monotonic()
     # Workers that share a seed would propose the same candidates at the same moment.
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     overrides = {"trials": args.trials, "timeout": args.timeout, "seed": seed, "device": args.device}
     study, bench = join_as_worker(args.study, args.storage, {k: v for k, v in overrides.items() if v is not None},
                                   args.verbose)
-    return _finish(run_study(study, bench, quiet=args.quiet), recipe=None)
+    return _finish(run_study(study, bench, quiet=args.quiet, began=began), recipe=None)
 
 
 def _finish(outcome, recipe: Path | None) -> int:

@@ -199,7 +199,7 @@ def trial_to_export(study: optuna.Study, number: int | None) -> optuna.trial.Fro
                            f"0-{len(trials) - 1})")
     trial = trials[number]
     if not measured(trial):
-        rejected = trial.user_attrs.get("rejected")
+        rejected = trial.user_attrs.get("rejected") or trial.user_attrs.get("not_started")
         raise PlannerError(f"trial {number} has no measured candidate ({trial.state.name.lower()}"
                            f"{': ' + rejected if rejected else ''})")
     return trial

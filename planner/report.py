@@ -7,7 +7,7 @@ import optuna
 
 from planner.objectives import FIGURES, MINIMIZE, OBJECTIVES, column_order, metric
 from planner.outcome import CONFIRMATIONS, Compared, Outcome, best_trials, feasible
-from planner.workers import answered, finished, repeat
+from planner.workers import NOT_STARTED, answered, finished, repeat
 
 
 def trial_line(trial: optuna.trial.FrozenTrial, total: int, counted: int | None = None) -> str:
@@ -22,7 +22,8 @@ def trial_line(trial: optuna.trial.FrozenTrial, total: int, counted: int | None 
     figures = "  ".join(f"{m.brief} {m.shown(row.get(m.name))}" for m in FIGURES
                         if m.brief and (m.name in row or m.name == "perplexity"))  # ppl n/a: not scored
     seconds = trial.user_attrs.get("seconds", {}).get("total", 0.0)
-    note = (trial.user_attrs.get("rejected") or trial.user_attrs.get("skipped_perplexity")
+    note = (trial.user_attrs.get("rejected") or trial.user_attrs.get(NOT_STARTED)
+            or trial.user_attrs.get("skipped_perplexity")
             or trial.user_attrs.get("screened", {}).get("reason")
             or (f"same candidate as trial {trial.user_attrs['duplicate_of']}" if "duplicate_of" in trial.user_attrs
                 else ""))
@@ -114,9 +115,12 @@ def not_counted(study: optuna.Study) -> str:
     from the spec' ('' when none)."""
     trials = [t for t in study.get_trials(deepcopy=False) if finished(t) and repeat(t)]
     twins = sum("duplicate_of" in t.user_attrs for t in trials)
+    late = sum(NOT_STARTED in t.user_attrs for t in trials)
     parts = [f"{twins} twin(s) of measured candidates"] if twins else []
-    if len(trials) > twins:
-        parts.append(f"{len(trials) - twins} over the memory budget from the spec")
+    if len(trials) > twins + late:
+        parts.append(f"{len(trials) - twins - late} over the memory budget from the spec")
+    if late:
+        parts.append(f"{late} predicted to run past the deadline")
     return ", ".join(parts)
 
 

@@ -422,9 +422,14 @@ def join_as_worker(study_name: str, storage: str, overrides: dict, verbose: bool
     return study, prepare(settings, study, verbose)
 
 
-def run_study(study: optuna.Study, bench: Workbench, quiet: bool = False) -> Outcome:
-    """Run trials here until the study holds its count (shared with any other worker), then the outcome."""
+def run_study(study: optuna.Study, bench: Workbench, quiet: bool = False, began: float | None = None) -> Outcome:
+    """Run trials here until the study holds its count (shared with any other worker), then the outcome. A
+    timeout counts from `began` (time.monotonic() when the command started: the baseline and the compared
+    presets are part of the time it was given)."""
     settings = bench.settings
+    timeout = settings.timeout
+    if timeout is not None and began is not None:
+        timeout = max(0.0, timeout - (time.monotonic() - began))
     if finished(study) < settings.trials:
         # A bar only on a terminal: in logs it is noise, and the per-trial lines say the same.
         bar = tqdm(total=settings.trials, initial=finished(study), desc="trials", unit="trial",
@@ -439,7 +444,7 @@ def run_study(study: optuna.Study, bench: Workbench, quiet: bool = False) -> Out
                            + eta(time.perf_counter() - started, done - at_start, settings.trials - done))
 
         try:
-            result = workers.run_trials(study, objective(bench), settings.trials, settings.timeout,
+            result = workers.run_trials(study, objective(bench), settings.trials, timeout,
                                         callbacks=(report,), say=tqdm.write)
         except KeyboardInterrupt:
             bar.close()
@@ -471,5 +476,6 @@ def eta(elapsed: float, done_here: int, left: int) -> str:
 
 
 def run_search(settings: StudySettings, verbose: bool = False, quiet: bool = False) -> Outcome:
+    began = time.monotonic()
     study, bench = open_study(settings, verbose)
-    return run_study(study, bench, quiet)
+    return run_study(study, bench, quiet, began)

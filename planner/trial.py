@@ -14,7 +14,7 @@ from evaluators.memory import release_freed_memory
 from evaluators.scoring import ScoringSetup
 from planner import candidates
 from planner import objectives as objective_registry
-from planner import rungs
+from planner import deadline, rungs, workers
 from planner import budgets as budget_rules
 from planner.budgets import Budget, of_kind
 from planner.errors import first_line
@@ -194,7 +194,8 @@ def constrain(trial, budgets: list[Budget], row: dict) -> bool:
 def measured_twin(study: optuna.Study, stages: list) -> optuna.trial.FrozenTrial | None:
     """A complete trial of the very same candidate (samplers do propose a point twice)."""
     for other in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if other.user_attrs.get("stages") == stages and "metrics" in other.user_attrs:
+        if (other.user_attrs.get("stages") == stages and "metrics" in other.user_attrs
+                and workers.NOT_STARTED not in other.user_attrs):  # not started then; a later deadline may allow it
             return other
     return None
 
@@ -249,6 +250,11 @@ def objective(bench: Workbench):
         trial.set_user_attr("estimated_weight_bytes", estimate)
         if over_memory_budget(bench.budgets, estimate):
             trial.set_user_attr("rejected", f"weights {estimate / 1e6:.1f} MB from the spec alone; over the budget")
+            return finish(trial, started, metrics_row(label, estimate))
+        ends = trial.user_attrs.get(workers.DEADLINE_ATTR)  # set by workers.run_trials under a deadline
+        late = None if ends is None else deadline.too_late(trial.study, stored_stages, ends - time.time())
+        if late:
+            trial.set_user_attr(workers.NOT_STARTED, late)
             return finish(trial, started, metrics_row(label, estimate))
         judge = screen(bench, trial.study) if len(stages) > 1 else None  # a stage before the last to judge
         try:

@@ -47,9 +47,13 @@ def finished(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL and "failure" in trial.user_attrs)
 
 
+NOT_STARTED = "not_started"  # trial attribute: why a candidate was not started before the deadline (deadline.py)
+
+
 def repeat(trial: optuna.trial.FrozenTrial) -> bool:
-    """A draw that bought no new answer: the twin of a measured candidate, or over the memory budget by its spec."""
-    return "duplicate_of" in trial.user_attrs or "rejected" in trial.user_attrs
+    """A draw that bought no new answer: the twin of a measured candidate, over the memory budget by its spec, or
+    predicted to run past the deadline."""
+    return bool({"duplicate_of", "rejected", NOT_STARTED} & trial.user_attrs.keys())
 
 
 def answered(trial: optuna.trial.FrozenTrial) -> bool:
@@ -181,12 +185,17 @@ def run_trials(study: optuna.Study, objective: Callable, target: int, timeout: f
     pass in this process, the study's own deadline (`planner create --timeout`) passes for every worker, or
     `MAX_DRAWS` draws per counted trial were made."""
     deadline = study.user_attrs.get(DEADLINE_ATTR)
+    # the deadline each trial is handed (epoch seconds): a candidate predicted to run past it is not started
+    ends = min([e for e in (deadline, None if timeout is None else time.time() + timeout) if e is not None],
+               default=None)
     result, started, waiting_said, current = RunResult(), time.monotonic(), False, {}
     reap = Reaper()
 
     def guarded(trial: optuna.Trial):
         current["number"] = trial.number
         trial.set_user_attr("worker", owner())
+        if ends is not None:
+            trial.set_user_attr(DEADLINE_ATTR, ends)
         if rank(study, trial.number) > target:
             trial.set_user_attr("surplus", f"the study already had {target} trials when this one started")
             raise optuna.TrialPruned()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -950,6 +951,44 @@ def test_every_non_finite_objective_fails_the_trial(lab, candidate):
 def test_a_failure_is_one_line_of_at_most_500_characters(lab):
     study = lab.run(lab.bench(), "broken")
     assert study.trials[0].state == FAIL and study.trials[0].user_attrs["failure"] == "RuntimeError: " + "x" * 500
+
+
+def test_a_trial_past_the_deadline_is_not_started_counted_or_copied(lab):
+    """A deadline already passed (handed by workers.run_trials) leaves a candidate of a kind the study has timed
+    unbuilt and uncounted (planner/deadline.py); the same candidate later, without one, is built, not a twin."""
+    from planner import workers
+    from planner.report import not_counted, trial_line
+
+    bench = lab.bench()
+    study = lab.run(bench, "a")
+    study.enqueue_trial({"candidate": "b"}, user_attrs={workers.DEADLINE_ATTR: time.time() - 1})
+    study.optimize(objective(bench), n_trials=1)
+    late = study.trials[1]
+    assert late.user_attrs[workers.NOT_STARTED].startswith("predicted ") and workers.repeat(late)
+    assert lab.calls["build"] == ["a"]
+    assert "before the deadline: not started; not counted in the trials" in trial_line(late, 2)
+    assert not_counted(study) == "1 predicted to run past the deadline"
+    lab.run(bench, "b", study=study)
+    assert lab.calls["build"] == ["a", "b"] and "duplicate_of" not in study.trials[2].user_attrs
+
+
+def test_a_search_timeout_counts_from_the_commands_start(lab, monkeypatch):
+    """The baseline and the compared presets (measured before the trials) spend the time --timeout gives."""
+    from dataclasses import replace as replaced
+
+    from planner import study as study_module, workers
+
+    handed = []
+    monkeypatch.setattr(workers, "run_trials",
+                        lambda study, objective, target, timeout, **k: handed.append(timeout) or workers.RunResult())
+    bench = lab.bench()
+    bench.settings = replaced(bench.settings, timeout=100.0, trials=1)
+    monkeypatch.setattr(study_module, "open_study", lambda settings, verbose: (time.sleep(0.5), (study, bench))[1])
+    study = optuna.create_study(directions=["minimize"] * len(bench.objectives))
+    study_module.run_search(bench.settings, quiet=True)
+    study_module.run_study(study, bench, quiet=True, began=time.monotonic() - 30)
+    study_module.run_study(study, bench, quiet=True, began=time.monotonic() - 300)
+    assert 99.0 < handed[0] <= 99.5 and 69.0 < handed[1] <= 70.0 and handed[2] == 0.0
 
 
 def test_the_rejection_message_in_mb(lab):

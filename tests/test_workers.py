@@ -345,6 +345,21 @@ def test_run_trials_reaches_the_count_exactly_with_queued_and_failed_trials():
                                                TrialState.WAITING]
 
 
+@pytest.mark.parametrize("timeout,study_deadline", [(600.0, None), (None, 300.0), (600.0, 300.0)])
+def test_every_trial_is_handed_the_nearer_deadline(timeout, study_deadline):
+    study = optuna.create_study(directions=["minimize"])
+    if study_deadline is not None:
+        study.set_user_attr("deadline", time.time() + study_deadline)
+    before = time.time()
+    workers.run_trials(study, lambda trial: trial.suggest_float("x", 0, 1), target=2, timeout=timeout,
+                       say=lambda _: None)
+    nearer = min(s for s in (timeout, study_deadline) if s is not None)
+    assert all(before + nearer - 5 < t.user_attrs["deadline"] <= time.time() + nearer for t in study.trials)
+    free = optuna.create_study(directions=["minimize"])
+    workers.run_trials(free, lambda trial: trial.suggest_float("x", 0, 1), target=1, say=lambda _: None)
+    assert "deadline" not in free.trials[0].user_attrs  # no deadline: none handed, every candidate runs
+
+
 def test_a_study_deadline_stops_every_worker():
     study = optuna.create_study(directions=["minimize"])
     study.set_user_attr("deadline", time.time() - 1)

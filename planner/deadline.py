@@ -1,0 +1,102 @@
+"""A deadline (`search --timeout`, a study's own from `planner create --timeout`) as an end, not only the last
+moment a trial may start: a candidate the study's own finished trials predict to take longer than the time left
+is not started. It is noted `rejected` (not counted, as a spec over the memory budget is) and the sampler draws
+again, so cheap candidates (a repeat on a cached student, a cut screened in float) still use the last minutes.
+
+The prediction, from the trials of the same *kind* (each stage's technique and method, in order):
+- training: each training stage's steps still to train (its rung less the longest run its lineage already
+  reached, which is continued) x the median seconds per step the study's runs of that technique trained at;
+- the rest (building without the training, measuring): on the same stages before the last (a student or cut
+  already built: cached), the latest such trial's; else the median over the first trial of each of those
+  (each computed its shape's tables, trained, measured) that was not screened.
+No trial of its kind, or no training measured for a technique it trains: no prediction, the candidate runs
+(the first of a kind is how the study learns its cost)."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import optuna
+
+from planner import rungs, workers
+from search_spaces import TECHNIQUES
+
+
+def kind(stages: list[dict]) -> tuple:
+    """What a candidate's minutes depend on besides its shapes and steps: each stage's technique and method."""
+    return tuple((stage["technique"], stage["spec"].get("method")) for stage in stages)
+
+
+def _timed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Complete trials that built something: their seconds are a candidate's (no twin or spec rejection)."""
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.user_attrs.get("stages") and "seconds" in t.user_attrs
+            and not {"duplicate_of", "rejected", workers.NOT_STARTED} & t.user_attrs.keys()]
+
+
+def _trained_seconds(trial: optuna.trial.FrozenTrial) -> float:
+    return sum(report.get("train_seconds", 0.0) for report in (trial.user_attrs.get("training") or {}).values())
+
+
+def _training_stages(stages: list[dict]) -> list[tuple[str, int]]:
+    """(lineage, steps) of each stage of `stages` that trains."""
+    out = []
+    for index, stage in enumerate(stages):
+        key = rungs.lineage(stages, index)
+        if key is not None:
+            out.append((key, stage["spec"][TECHNIQUES[stage["technique"]].fidelity_field]))
+    return out
+
+
+def _training_seconds(timed: list, stages: list[dict]) -> float | None:
+    """Seconds the training stages of `stages` still have to train, None where a technique's pace is unknown."""
+    paces: dict[str, list[float]] = {}
+    for trial in timed:
+        for technique, report in (trial.user_attrs.get("training") or {}).items():
+            if report.get("trained_steps"):
+                paces.setdefault(technique, []).append(report["seconds_per_step"])
+    reached: dict[str, set[int]] = {}  # lineage -> the step counts its cached runs reached
+    for trial in timed:
+        for key, steps in _training_stages(trial.user_attrs["stages"]):
+            reached.setdefault(key, set()).add(steps)
+    seconds = 0.0
+    for key, steps in _training_stages(stages):
+        left = steps - max((s for s in reached.get(key, ()) if s <= steps), default=0)
+        if left > 0:
+            technique = json.loads(key)[1]
+            if technique not in paces:
+                return None
+            seconds += left * statistics.median(paces[technique])
+    return seconds
+
+
+def predicted_seconds(study: optuna.Study, stages: list[dict]) -> tuple[float, str] | None:
+    """(seconds, what they are predicted from) for the candidate of stored `stages`, None when unknown."""
+    timed = _timed(study)
+    same_kind = [t for t in timed if kind(t.user_attrs["stages"]) == kind(stages)]
+    training = _training_seconds(timed, stages)
+    if not same_kind or training is None:
+        return None
+    upstream = stages[:-1]
+    repeats = [t for t in same_kind if t.user_attrs["stages"][:-1] == upstream]
+    if repeats:
+        pool, source = repeats[-1:], f"trial {repeats[-1].number}, on the same stages before the last"
+    else:
+        firsts = {}
+        for trial in same_kind:  # trial-number order: the first of each upstream computed its tables
+            firsts.setdefault(str(trial.user_attrs["stages"][:-1]), trial)
+        pool = [t for t in firsts.values() if "screened" not in t.user_attrs]
+        if not pool:
+            return None
+        source = f"trial{'s' if len(pool) > 1 else ''} {', '.join(str(t.number) for t in pool)} of its kind"
+    rest = statistics.median(t.user_attrs["seconds"]["total"] - _trained_seconds(t) for t in pool)
+    return training + rest, source
+
+
+def too_late(study: optuna.Study, stages: list[dict], left: float) -> str | None:
+    """Why the candidate is not started with `left` seconds before the deadline (None: it is started)."""
+    predicted = predicted_seconds(study, stages)
+    if predicted is None or predicted[0] <= left:
+        return None
+    return (f"predicted {predicted[0] / 60:.1f} min (from {predicted[1]}), {max(left, 0) / 60:.1f} min left "
+            "before the deadline: not started")

@@ -1,0 +1,68 @@
+"""A deadline is an end: a candidate the study's finished trials predict to run past it is not started
+(planner/deadline.py), and what is not started is not counted, not a twin, and said."""
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from planner import deadline, workers
+
+DISTIL = {"technique": "distillation", "spec": {"depth_keep": 0.8, "steps": 16}}
+QUANT = {"technique": "quantization", "spec": {"method": "llama-quant", "allocation": {"fill": 1.0}}}
+
+
+def _student(depth: float, steps: int) -> dict:
+    return {"technique": "distillation", "spec": {"depth_keep": depth, "steps": steps}}
+
+
+def _add(study, stages, total, trained=0, pace=38.0, **attrs):
+    training = {"distillation": {"trained_steps": trained, "seconds_per_step": pace,
+                                 "train_seconds": trained * pace}} if trained else None
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.COMPLETE, values=[1.0],
+        user_attrs={"stages": stages, "seconds": {"total": total}, "metrics": {"weight_bytes": 1},
+                    **({"training": training} if training else {}), **attrs}))
+
+
+@pytest.fixture
+def study():
+    made = optuna.create_study()
+    _add(made, [DISTIL, QUANT], 1600.0, trained=16)  # 608 s of training, 992 s the rest (tables, rounding, measure)
+    return made
+
+
+def test_a_new_student_is_predicted_from_the_first_of_its_kind(study):
+    seconds, source = deadline.predicted_seconds(study, [_student(0.7, 16), QUANT])
+    assert seconds == pytest.approx(16 * 38.0 + 992.0) and source == "trial 0 of its kind"
+
+
+def test_a_promoted_rung_trains_only_the_steps_its_lineage_has_not(study):
+    seconds, _ = deadline.predicted_seconds(study, [_student(0.8, 48), QUANT])
+    assert seconds == pytest.approx(32 * 38.0 + 992.0)  # continued from the cached 16-step run
+
+
+def test_a_repeat_on_the_same_stages_before_the_last_trains_nothing(study):
+    _add(study, [DISTIL, QUANT], 420.0)  # a second quantization of the cached student: cheaper
+    other = {**QUANT, "spec": {**QUANT["spec"], "allocation": {"fill": 0.8}}}
+    seconds, source = deadline.predicted_seconds(study, [DISTIL, other])
+    assert seconds == pytest.approx(420.0) and source == "trial 1, on the same stages before the last"
+
+
+def test_no_prediction_without_a_trial_of_its_kind_or_a_pace(study):
+    assert deadline.predicted_seconds(study, [QUANT]) is None  # another kind: the first of a kind runs
+    assert deadline.predicted_seconds(optuna.create_study(), [DISTIL, QUANT]) is None
+    screened = optuna.create_study()
+    _add(screened, [DISTIL, QUANT], 90.0, trained=16, screened={"reason": "far worse"})
+    # a screened student says nothing of a new one's quantization and measuring
+    assert deadline.predicted_seconds(screened, [_student(0.7, 16), QUANT]) is None
+    for attr in ("rejected", "duplicate_of", workers.NOT_STARTED):  # draws that built nothing teach nothing
+        drawn = optuna.create_study()
+        _add(drawn, [DISTIL, QUANT], 0.1, trained=16, **{attr: "x"})
+        assert deadline.predicted_seconds(drawn, [_student(0.7, 16), QUANT]) is None
+
+
+def test_too_late_says_what_it_predicted_and_what_was_left(study):
+    assert deadline.too_late(study, [_student(0.7, 16), QUANT], 1601.0) is None
+    assert deadline.too_late(study, [_student(0.7, 16), QUANT], 600.0) == (
+        "predicted 26.7 min (from trial 0 of its kind), 10.0 min left before the deadline: not started")
+    assert deadline.too_late(study, [QUANT], 0.0) is None
