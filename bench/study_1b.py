@@ -14,8 +14,9 @@ PLANNER_CACHE holding only the built-in assets):
 i.e. the demo study's space (the llama.cpp target's default less GPTQ) and CPU-sized evaluation protocol, with
 `--dtype auto` choosing the precision for this machine's memory. The resident memory of the whole process tree
 is sampled every 0.5 s (anonymous and mapped-file parts). `--stop-after` seconds ends the search early (the
-trials done so far are kept and reported); `--timeout` is the search's own (no trial starts after it: the search
-then reports, recommends and ships what it measured). Rows: bench/results/study_1b.jsonl; the search's output beside it.
+trials done so far are kept and reported); `--timeout` is the search's own (the search ends within it, counted
+from its start: no trial starts after it, nor one its finished trials predict to run past it; then it reports,
+recommends and ships what it measured). Rows: bench/results/study_1b.jsonl; the search's output beside it.
 Figures, not assertions.
 """
 from __future__ import annotations
@@ -102,7 +103,7 @@ def trials(storage: str, name: str) -> list[dict]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=name, storage=storage)
     return [{"number": t.number, "state": t.state.name, "label": t.user_attrs.get("label"),
-             "seconds": t.user_attrs.get("seconds"), "counted": t.user_attrs.get("counted"),
+             "seconds": t.user_attrs.get("seconds"), "not_started": t.user_attrs.get("not_started"),
              "values": t.values} for t in study.trials]
 
 
@@ -113,7 +114,7 @@ def main() -> None:
     parser.add_argument("--budget", default="800MB", help="the memory budget (Llama-3.2-1B's Q4_K_M file: 808 MB)")
     parser.add_argument("--stop-after", type=float, default=None, help="end the search after this many seconds")
     parser.add_argument("--timeout", type=float, default=None,
-                        help="planner search --timeout: start no trial after this many seconds, then report, "
+                        help="planner search --timeout: end the search within this many seconds, then report, "
                              "recommend and ship what was measured (as a user with a time budget runs it)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/planner-study-1b"))
     args = parser.parse_args()

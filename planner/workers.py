@@ -37,6 +37,9 @@ MAX_CONSECUTIVE_FAILURES = 5
 # Draws (trials of any kind) per trial of the count, before a process decides the space holds no more
 # distinct candidates: twins and spec rejections cost well under a second each.
 MAX_DRAWS = 4
+# Draws in a row that the deadline leaves unstarted (deadline.py) after which a process stops: what the sampler
+# proposes no longer fits the time left, and drawing on would only fill the study with unstarted trials.
+MAX_LATE_IN_A_ROW = 8
 
 
 DEADLINE_ATTR = "deadline"  # a study's own deadline (epoch seconds), set by `planner create --timeout`
@@ -174,6 +177,7 @@ def rank(study: optuna.Study, number: int) -> int:
 class RunResult:
     ran: int = 0
     failed_in_a_row: int = 0
+    late_in_a_row: int = 0
     last_failure: str = ""
     timed_out: bool = False
     exhausted: bool = False  # MAX_DRAWS draws per counted trial made: the space holds no more distinct candidates
@@ -211,6 +215,7 @@ def run_trials(study: optuna.Study, objective: Callable, target: int, timeout: f
         result.ran += 1
         failed = trial.state == TrialState.FAIL
         result.failed_in_a_row = result.failed_in_a_row + 1 if failed else 0
+        result.late_in_a_row = result.late_in_a_row + 1 if NOT_STARTED in trial.user_attrs else 0
         if failed:
             result.last_failure = trial.user_attrs.get("failure", "unknown")
         for callback in callbacks:
@@ -232,6 +237,11 @@ def run_trials(study: optuna.Study, objective: Callable, target: int, timeout: f
             return result
         if ((timeout is not None and time.monotonic() - started >= timeout)
                 or (deadline is not None and time.time() >= deadline)):
+            result.timed_out = True
+            return result
+        if result.late_in_a_row >= MAX_LATE_IN_A_ROW:
+            say(f"planner: the last {result.late_in_a_row} candidates drawn were predicted to run past the deadline: "
+                "stopping before it")
             result.timed_out = True
             return result
         if done + running >= target:

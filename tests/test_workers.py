@@ -360,6 +360,21 @@ def test_every_trial_is_handed_the_nearer_deadline(timeout, study_deadline):
     assert "deadline" not in free.trials[0].user_attrs  # no deadline: none handed, every candidate runs
 
 
+def test_draws_the_deadline_leaves_unstarted_stop_the_process_after_a_few_in_a_row():
+    study, said = optuna.create_study(directions=["minimize"]), []
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0, 1)
+        if trial.number > 0:  # every candidate after the first predicted to run past the deadline
+            trial.set_user_attr(workers.NOT_STARTED, "predicted 30 min, 10 min left before the deadline")
+        return x
+
+    result = workers.run_trials(study, objective, target=5, timeout=3600.0, say=said.append)
+    assert result.timed_out and len(study.trials) == 1 + workers.MAX_LATE_IN_A_ROW
+    assert said == [f"planner: the last {workers.MAX_LATE_IN_A_ROW} candidates drawn were predicted to run past "
+                    "the deadline: stopping before it"]
+
+
 def test_a_study_deadline_stops_every_worker():
     study = optuna.create_study(directions=["minimize"])
     study.set_user_attr("deadline", time.time() - 1)
