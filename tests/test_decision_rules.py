@@ -295,7 +295,7 @@ class StudentLab(Lab):
     def notes(base_model, stages, shaped=None):
         return {}
 
-    def estimate(self, base_model, stages, shaped=None):
+    def estimate(self, base_model, stages, shaped=None, beyond=None):
         return 150_000_000
 
     def build(self, base_model, stages, context, screen=None):
@@ -347,7 +347,7 @@ class WiredLab(Lab):
         self.given["storage_notes"] = (base_model, [s.spec.name for s in stages], shaped)
         return super().notes(base_model, stages, shaped)
 
-    def estimate(self, base_model, stages, shaped=None):
+    def estimate(self, base_model, stages, shaped=None, beyond=None):
         self.given["estimate"] = (base_model, [s.spec.name for s in stages], shaped)
         return super().estimate(base_model, stages, shaped)
 
