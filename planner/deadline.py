@@ -1,7 +1,8 @@
 """A deadline (`search --timeout`, a study's own from `planner create --timeout`) as an end, not only the last
 moment a trial may start: a candidate the study's own finished trials predict to take longer than the time left
-is not started. It is noted `rejected` (not counted, as a spec over the memory budget is) and the sampler draws
-again, so cheap candidates (a repeat on a cached student, a cut screened in float) still use the last minutes.
+is not started. It is noted `not_started` (not counted, as a spec over the memory budget is; never the twin a
+later draw copies) and the sampler draws again, so cheap candidates (a repeat on a cached student, a cut screened
+in float) still use the last minutes.
 
 The prediction, from the trials of the same *kind* (each stage's technique and method, in order):
 - training: each training stage's steps still to train (its rung less the longest run its lineage already

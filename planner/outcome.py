@@ -11,6 +11,7 @@ import optuna
 from planner.budgets import MEETS, RATIOS, Budget, timed_ratio
 from planner.errors import PlannerError
 from planner.objectives import DEFAULT, OBJECTIVES, minimised
+from planner.workers import NOT_STARTED
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 CLOSEST_SHOWN = 3
@@ -199,7 +200,7 @@ def trial_to_export(study: optuna.Study, number: int | None) -> optuna.trial.Fro
                            f"0-{len(trials) - 1})")
     trial = trials[number]
     if not measured(trial):
-        rejected = trial.user_attrs.get("rejected") or trial.user_attrs.get("not_started")
+        rejected = trial.user_attrs.get("rejected") or trial.user_attrs.get(NOT_STARTED)
         raise PlannerError(f"trial {number} has no measured candidate ({trial.state.name.lower()}"
                            f"{': ' + rejected if rejected else ''})")
     return trial

@@ -42,7 +42,9 @@ MAX_DRAWS = 4
 MAX_LATE_IN_A_ROW = 8
 
 
-DEADLINE_ATTR = "deadline"  # a study's own deadline (epoch seconds), set by `planner create --timeout`
+# A study's own deadline (epoch seconds), set by `planner create --timeout`; on a trial, the nearer of it and the
+# process's --timeout: the deadline the trial ran under (deadline.py decides from it whether to start).
+DEADLINE_ATTR = "deadline"
 
 
 def finished(trial: optuna.trial.FrozenTrial) -> bool:
@@ -186,8 +188,9 @@ class RunResult:
 def run_trials(study: optuna.Study, objective: Callable, target: int, timeout: float | None = None,
                callbacks: tuple = (), say: Callable[[str], None] = print) -> RunResult:
     """Run trials here until `target` trials count in the study (across every process), `timeout` seconds
-    pass in this process, the study's own deadline (`planner create --timeout`) passes for every worker, or
-    `MAX_DRAWS` draws per counted trial were made."""
+    pass in this process, the study's own deadline (`planner create --timeout`) passes for every worker,
+    `MAX_DRAWS` draws per counted trial were made, or `MAX_LATE_IN_A_ROW` draws in a row were predicted to run past
+    the deadline."""
     deadline = study.user_attrs.get(DEADLINE_ATTR)
     # the deadline each trial is handed (epoch seconds): a candidate predicted to run past it is not started
     ends = min([e for e in (deadline, None if timeout is None else time.time() + timeout) if e is not None],
