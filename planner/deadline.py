@@ -9,9 +9,10 @@ The prediction, from the trials of the same *kind* (each stage's technique and m
   reached, which is continued) x the median seconds per step the study's runs of that technique trained at;
 - the rest (building without the training, measuring): on the same stages before the last (a student or cut
   already built: cached), the latest such trial's; else the median over the first trial of each of those
-  (each computed its shape's tables, trained, measured) that was not screened.
-No trial of its kind, or no training measured for a technique it trains: no prediction, the candidate runs
-(the first of a kind is how the study learns its cost)."""
+  (each computed its shape's tables, trained, measured) that was not screened. A kind not seen yet takes the
+  rest from the trials whose last stage is its last stage's (the quantizing and measuring it will need).
+No such trial, or no training measured for a technique it trains: no prediction, the candidate runs (the first of
+a kind is how the study learns its cost)."""
 from __future__ import annotations
 
 import json
@@ -75,6 +76,10 @@ def predicted_seconds(study: optuna.Study, stages: list[dict]) -> tuple[float, s
     """(seconds, what they are predicted from) for the candidate of stored `stages`, None when unknown."""
     timed = _timed(study)
     same_kind = [t for t in timed if kind(t.user_attrs["stages"]) == kind(stages)]
+    ending = "of its kind"
+    if not same_kind:  # a new kind: its training at the measured pace, then what its last stage costs elsewhere
+        same_kind = [t for t in timed if kind(t.user_attrs["stages"])[-1:] == kind(stages)[-1:]]
+        ending = "ending in its last stage"
     training = _training_seconds(timed, stages)
     if not same_kind or training is None:
         return None
@@ -89,7 +94,7 @@ def predicted_seconds(study: optuna.Study, stages: list[dict]) -> tuple[float, s
         pool = [t for t in firsts.values() if "screened" not in t.user_attrs]
         if not pool:
             return None
-        source = f"trial{'s' if len(pool) > 1 else ''} {', '.join(str(t.number) for t in pool)} of its kind"
+        source = f"trial{'s' if len(pool) > 1 else ''} {', '.join(str(t.number) for t in pool)} {ending}"
     rest = statistics.median(t.user_attrs["seconds"]["total"] - _trained_seconds(t) for t in pool)
     return training + rest, source
 

@@ -48,8 +48,17 @@ def test_a_repeat_on_the_same_stages_before_the_last_trains_nothing(study):
     assert seconds == pytest.approx(420.0) and source == "trial 1, on the same stages before the last"
 
 
+def test_a_new_kind_trains_at_the_measured_pace_then_costs_what_its_last_stage_did(study):
+    _add(study, [QUANT], 1200.0)  # the full model quantized
+    cut = {"technique": "pruning", "spec": {"mlp_keep": 0.75, "heal_steps": 0}}
+    seconds, source = deadline.predicted_seconds(study, [_student(0.7, 48), cut, QUANT])
+    assert seconds == pytest.approx(48 * 38.0 + (992.0 + 1200.0) / 2)
+    assert source == "trials 0, 1 ending in its last stage"
+
+
 def test_no_prediction_without_a_trial_of_its_kind_or_a_pace(study):
-    assert deadline.predicted_seconds(study, [QUANT]) is None  # another kind: the first of a kind runs
+    rtn = {"technique": "quantization", "spec": {"method": "rtn"}}
+    assert deadline.predicted_seconds(study, [rtn]) is None  # no trial ends in it: the first of a kind runs
     assert deadline.predicted_seconds(optuna.create_study(), [DISTIL, QUANT]) is None
     screened = optuna.create_study()
     _add(screened, [DISTIL, QUANT], 90.0, trained=16, screened={"reason": "far worse"})
@@ -65,4 +74,4 @@ def test_too_late_says_what_it_predicted_and_what_was_left(study):
     assert deadline.too_late(study, [_student(0.7, 16), QUANT], 1601.0) is None
     assert deadline.too_late(study, [_student(0.7, 16), QUANT], 600.0) == (
         "predicted 26.7 min (from trial 0 of its kind), 10.0 min left before the deadline: not started")
-    assert deadline.too_late(study, [QUANT], 0.0) is None
+    assert deadline.too_late(study, [{"technique": "quantization", "spec": {"method": "rtn"}}], 0.0) is None
