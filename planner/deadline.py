@@ -11,8 +11,8 @@ The prediction, from the trials of the same *kind* (each stage's technique and m
   already built: cached), the latest such trial's; else the median over the first trial of each of those
   (each computed its shape's tables, trained, measured) that was not screened. A kind not seen yet takes the
   rest from the trials whose last stage is its last stage's (the quantizing and measuring it will need).
-No such trial, or no training measured for a technique it trains: no prediction, the candidate runs (the first of
-a kind is how the study learns its cost)."""
+No such trial, or no training measured yet (one technique's pace stands in for another's): no prediction, the
+candidate runs (the first of a kind is how the study learns its cost)."""
 from __future__ import annotations
 
 import json
@@ -66,9 +66,12 @@ def _training_seconds(timed: list, stages: list[dict]) -> float | None:
         left = steps - max((s for s in reached.get(key, ()) if s <= steps), default=0)
         if left > 0:
             technique = json.loads(key)[1]
-            if technique not in paces:
+            # healing and distillation train through the same runs layer against the same teacher: one's pace
+            # stands in for the other's until it has its own
+            pace = paces.get(technique) or [p for measured in paces.values() for p in measured]
+            if not pace:
                 return None
-            seconds += left * statistics.median(paces[technique])
+            seconds += left * statistics.median(pace)
     return seconds
 
 

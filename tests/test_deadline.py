@@ -56,6 +56,12 @@ def test_a_new_kind_trains_at_the_measured_pace_then_costs_what_its_last_stage_d
     assert source == "trials 0, 1 ending in its last stage"
 
 
+def test_a_technique_not_trained_yet_trains_at_another_ones_pace(study):
+    healed = {"technique": "pruning", "spec": {"depth_keep": 0.9, "heal_steps": 16}}
+    seconds, _ = deadline.predicted_seconds(study, [DISTIL, healed, QUANT])
+    assert seconds == pytest.approx(16 * 38.0 + 992.0)  # the student cached; the healing at distillation's pace
+
+
 def test_no_prediction_without_a_trial_of_its_kind_or_a_pace(study):
     rtn = {"technique": "quantization", "spec": {"method": "rtn"}}
     assert deadline.predicted_seconds(study, [rtn]) is None  # no trial ends in it: the first of a kind runs
