@@ -22,7 +22,7 @@ from targets.llamacpp.errors import UnsupportedForGGUF
 from targets.llamacpp.gguf_header import put_tensor_data, read_float_tensor, read_header
 from targets.llamacpp.imatrix import IMATRIX_FILE, imatrix_digest, quantize_metadata, write_imatrix_file
 from targets.llamacpp.quantize import FLOAT_TYPES, quantize_gguf
-from targets.llamacpp.gguf_file import gguf_architecture, vocab_of, write_gguf
+from targets.llamacpp.gguf_file import _head_dim, _rope, gguf_architecture, vocab_of, write_gguf
 
 HAND_WRITTEN = "planner GGUF writer"
 # On a built model, the type plan (targets.llamacpp.allocated.TypePlan) the writer hands llama.cpp's quantizer.
@@ -67,10 +67,9 @@ def bytes_beyond_held(model) -> int:
             seen.add(id(tensor))
             beyond += tensor.numel() * max(0, 4 - tensor.element_size())
     config = model.config.get_text_config()
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope = _rope(config)
     if rope.get("rope_type", rope.get("type")) == "llama3":
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        beyond += head_dim // 2 * 4
+        beyond += _head_dim(config) // 2 * 4
     return beyond
 
 
