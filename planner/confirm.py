@@ -7,7 +7,8 @@ within CONFIRM_NEAR of a ratio budget is timed again (latency only, CONFIRM_REPE
 while its interval straddles the budget); the first whose confirmation clearly meets the budget ends the stage.
 A confirmation is stored on the study (`confirmations`, by trial number) and `planner.outcome.decide` judges by
 it: a candidate that did not hold is never recommended over one that did. Candidates far from the budget
-(their whole interval under CONFIRM_NEAR x the budget) need no confirmation.
+(their whole interval under CONFIRM_NEAR x the budget) need no confirmation. Under a deadline (`--timeout`, a
+study's own) none starts past it, nor when the study's longest re-timing so far would not fit in what is left.
 """
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ def near(trial: optuna.trial.FrozenTrial, budgets: list[Budget]) -> bool:
     return False
 
 
-def confirm(study: optuna.Study, bench: Workbench, say=tqdm.write) -> None:
-    """Re-time the front's best candidates near a ratio budget until one holds (at most CONFIRM_MOST)."""
+def confirm(study: optuna.Study, bench: Workbench, say=tqdm.write, ends: float | None = None) -> None:
+    """Re-time the front's best candidates near a ratio budget until one holds (at most CONFIRM_MOST), none past
+    the deadline `ends` (epoch seconds) if there is one."""
     budgets = ratio_budgets(bench.budgets)
     if not budgets:
         return
@@ -53,7 +55,22 @@ def confirm(study: optuna.Study, bench: Workbench, say=tqdm.write) -> None:
         chosen = outcome.recommended
         if chosen is None or not near(chosen, budgets) or confirmation(study, chosen) is not None:
             return  # nothing to recommend, far from the budget, or already confirmed: the outcome holds
+        late = None if ends is None else too_late(study, ends - time.time())
+        if late:
+            say(f"planner: trial {chosen.number} not re-timed ({late}): judged by its own timing")
+            return
         _confirm_one(study, bench, chosen, say)
+
+
+def too_late(study: optuna.Study, left: float) -> str | None:
+    """Why no re-timing starts with `left` seconds before the deadline: none left, or fewer than the study's
+    latest re-timing took (None: it starts; the first one runs while any time is left)."""
+    if left <= 0:
+        return "the deadline has passed"
+    taken = [entry["seconds"] for entry in study.user_attrs.get(CONFIRMATIONS, {}).values() if "seconds" in entry]
+    if taken and max(taken) > left:
+        return f"a re-timing took {max(taken) / 60:.1f} min, {left / 60:.1f} min left before the deadline"
+    return None
 
 
 def _confirm_one(study: optuna.Study, bench: Workbench, trial: optuna.trial.FrozenTrial, say) -> None:

@@ -430,6 +430,7 @@ def run_study(study: optuna.Study, bench: Workbench, quiet: bool = False, began:
     timeout = settings.timeout
     if timeout is not None and began is not None:
         timeout = max(0.0, timeout - (time.monotonic() - began))
+    ends = workers.deadline_of(study, timeout)  # the trials' end, and the confirmations' after them
     if finished(study) < settings.trials:
         # A bar only on a terminal: in logs it is noise, and the per-trial lines say the same.
         bar = tqdm(total=settings.trials, initial=finished(study), desc="trials", unit="trial",
@@ -463,7 +464,7 @@ def run_study(study: optuna.Study, bench: Workbench, quiet: bool = False, began:
         if result.failed_in_a_row >= workers.MAX_CONSECUTIVE_FAILURES:
             raise SearchStopped(f"stopped: the last {result.failed_in_a_row} trials all failed "
                                f"(last: {result.last_failure}); see `planner review` for each trial's reason")
-    confirm(study, bench, say=(lambda line: None) if quiet else tqdm.write)
+    confirm(study, bench, say=(lambda line: None) if quiet else tqdm.write, ends=ends)
     return decide(study, bench.budgets, bench.baseline)
 
 

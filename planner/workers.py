@@ -175,6 +175,13 @@ def rank(study: optuna.Study, number: int) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False) if t.number <= number and counts(t))
 
 
+def deadline_of(study: optuna.Study, timeout: float | None) -> float | None:
+    """The end this process works to (epoch seconds): the nearer of the study's own deadline (`planner create
+    --timeout`) and `timeout` seconds from now; None without either."""
+    ends = (study.user_attrs.get(DEADLINE_ATTR), None if timeout is None else time.time() + timeout)
+    return min([e for e in ends if e is not None], default=None)
+
+
 @dataclass
 class RunResult:
     ran: int = 0
@@ -192,9 +199,7 @@ def run_trials(study: optuna.Study, objective: Callable, target: int, timeout: f
     `MAX_DRAWS` draws per counted trial were made, or `MAX_LATE_IN_A_ROW` draws in a row were predicted to run past
     the deadline."""
     deadline = study.user_attrs.get(DEADLINE_ATTR)
-    # the deadline each trial is handed (epoch seconds): a candidate predicted to run past it is not started
-    ends = min([e for e in (deadline, None if timeout is None else time.time() + timeout) if e is not None],
-               default=None)
+    ends = deadline_of(study, timeout)  # handed to each trial: a candidate predicted to run past it is not started
     result, started, waiting_said, current = RunResult(), time.monotonic(), False, {}
     reap = Reaper()
 

@@ -978,9 +978,10 @@ def test_a_search_timeout_counts_from_the_commands_start(lab, monkeypatch):
 
     from planner import study as study_module, workers
 
-    handed = []
+    handed, confirm_ends = [], []
     monkeypatch.setattr(workers, "run_trials",
                         lambda study, objective, target, timeout, **k: handed.append(timeout) or workers.RunResult())
+    monkeypatch.setattr(study_module, "confirm", lambda study, bench, say, ends: confirm_ends.append(ends))
     bench = lab.bench()
     bench.settings = replaced(bench.settings, timeout=100.0, trials=1)
     monkeypatch.setattr(study_module, "open_study", lambda settings, verbose: (time.sleep(0.5), (study, bench))[1])
@@ -989,6 +990,9 @@ def test_a_search_timeout_counts_from_the_commands_start(lab, monkeypatch):
     study_module.run_study(study, bench, quiet=True, began=time.monotonic() - 30)
     study_module.run_study(study, bench, quiet=True, began=time.monotonic() - 300)
     assert 99.0 < handed[0] <= 99.5 and 69.0 < handed[1] <= 70.0 and handed[2] == 0.0
+    # the confirmation stage after the trials works to the same end (epoch seconds)
+    now = time.time()
+    assert [round(e - now) for e in confirm_ends] == [99, 70, 0]
 
 
 def test_the_rejection_message_in_mb(lab):

@@ -320,6 +320,34 @@ def test_the_confirmation_stage_retimes_down_the_front_until_one_holds():
     assert len(said) == 4
 
 
+def test_no_retiming_starts_past_the_deadline_or_when_one_took_longer_than_is_left():
+    import time
+
+    from planner.confirm import confirm
+    from planner.outcome import CONFIRMATIONS
+
+    def near_budget():
+        return _study([(0.01, 0.29, [0.285, 0.295]), (0.02, 0.28, [0.275, 0.285])])
+
+    study, budgets = near_budget()
+    target, said = _Target([]), []
+    confirm(study, _bench(budgets, target), say=said.append, ends=time.time() - 1)
+    assert target.requests == [] and said == ["planner: trial 0 not re-timed (the deadline has passed): judged by "
+                                              "its own timing"]
+    # the study's re-timing of trial 1 took 5 minutes: with 4 left, trial 0's does not start; with 6 it does
+    study, budgets = near_budget()
+    study.set_user_attr(CONFIRMATIONS, {"1": {"verdicts": {"latency": "over"}, "seconds": 300.0}})
+    said = []
+    confirm(study, _bench(budgets, target), say=said.append, ends=time.time() + 240)
+    assert target.requests == [] and "a re-timing took 5.0 min, 4.0 min left before the deadline" in said[0]
+    confirm(study, _bench(budgets, _Target([0.29])), say=said.append, ends=time.time() + 360)
+    assert study.user_attrs[CONFIRMATIONS]["0"]["verdicts"] == {"latency": "meets"}
+    # none measured yet: the first starts while any time is left
+    study, budgets = near_budget()
+    confirm(study, _bench(budgets, _Target([0.29])), say=lambda line: None, ends=time.time() + 1)
+    assert study.user_attrs[CONFIRMATIONS]["0"]["verdicts"] == {"latency": "meets"}
+
+
 def test_a_recommendation_far_from_the_budget_is_not_retimed():
     from planner.confirm import confirm
 
