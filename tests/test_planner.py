@@ -143,6 +143,17 @@ def test_smallest_candidate_is_the_smallest_the_study_can_draw(study, tmp_path, 
     assert floor == estimate_weight_bytes(bench.model, stages) and stages
     # what a target stores beyond the held tensors (e.g. llama.cpp's F32 norms) is part of every size
     assert smallest_candidate(bench.model, bench.spaces, beyond=lambda shaped: 1000)[0] == floor + 1000
+    # the study's up-front refusal counts the target's own rule: 1000 bytes beyond, a budget 1 byte short refused
+    from planner import study as study_module
+    from planner.budgets import Budget
+    from planner.errors import PlannerError
+
+    bench.target.stored_beyond = lambda shaped: 1000
+    bench.budgets = [Budget("memory", floor + 1000)]
+    study_module._require_a_fitting_candidate(bench)
+    bench.budgets = [Budget("memory", floor + 999)]
+    with pytest.raises(PlannerError, match=f"the smallest, .* stores {(floor + 1000) / 1e6:.1f} MB"):
+        study_module._require_a_fitting_candidate(bench)
     sampler = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(40):
         trial = sampler.ask()
@@ -227,6 +238,23 @@ def test_starting_points_cross_presets_with_reduced_shapes_and_skip_what_cannot_
     hand = hand_picked(bench.spaces)
     assert len(hand) < 6 and len(starting_points(bench.model, bench.spaces, None, 8)) == 6  # 3/4 of the trials
     assert starting_points(bench.model, bench.spaces, None, 8)[:len(hand)] == hand  # presets first
+
+
+def test_a_new_study_queues_its_seeds_by_its_targets_sizes(study, monkeypatch):
+    """open_study hands the target's own rule (what it stores beyond the held tensors) to the seeds' sizing."""
+    from planner import study as study_module
+    from planner.settings import make_settings, read_study_file
+
+    handed = []
+
+    def recorded(model, spaces, limit, trials, beyond=None):
+        handed.append((limit, beyond))
+        return []
+
+    monkeypatch.setattr(study_module, "starting_points", recorded)
+    settings = make_settings(read_study_file(study), {"trials": 4, "memory_budget": "50MB"})
+    created, bench = study_module.open_study(settings)
+    assert handed == [(50e6, bench.target.stored_beyond)]
 
 
 def test_a_kl_study_runs_end_to_end_and_reopening_it_with_other_objectives_is_refused(study, tmp_path, capsys):
