@@ -227,15 +227,20 @@ methods = ["none", "rtn", "dynamic-int8"]
 """
 
 
+def write_tiny_study_file(folder: Path, model_dir: Path, corpus_dir: Path) -> Path:
+    """A study file for study 'tiny' in folder/tiny.db on the tiny model; recipe at folder/recipe.yaml."""
+    path = folder / "study.toml"
+    path.write_text(f'model = "{model_dir}"\ndata = "{corpus_dir}"\nstudy = "tiny"\n'
+                    f'storage = "sqlite:///{folder}/tiny.db"\nrecipe = "{folder}/recipe.yaml"\n'
+                    + TINY_STUDY_SPACE)
+    return path
+
+
 @pytest.fixture
 def tiny_study_file(tmp_path, tiny_model_dir, text_corpus_dir, monkeypatch) -> Path:
     """A study file for study 'tiny' in tmp_path/tiny.db on the tiny model; recipe at tmp_path/recipe.yaml."""
     monkeypatch.setenv("PLANNER_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "study.toml"
-    path.write_text(f'model = "{tiny_model_dir}"\ndata = "{text_corpus_dir}"\nstudy = "tiny"\n'
-                    f'storage = "sqlite:///{tmp_path}/tiny.db"\nrecipe = "{tmp_path}/recipe.yaml"\n'
-                    + TINY_STUDY_SPACE)
-    return path
+    return write_tiny_study_file(tmp_path, tiny_model_dir, text_corpus_dir)
 
 
 def interruptible():

@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 import cli
+from conftest import write_tiny_study_file
 
 # Flags the machine's probe found necessary for Chromium as root on a closed network.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -24,24 +25,29 @@ ERROR_PROBE = ("<script>window.__errors=[];window.addEventListener('error',e=>wi
                "</script>")
 
 
-@pytest.fixture
-def report(tiny_study_file, tmp_path, capsys):
-    assert cli.main(["search", "--study-file", str(tiny_study_file), "--trials", "6", "--memory-budget", "0.8x",
-                     "-q"]) == 0, capsys.readouterr().err
-    path = tmp_path / "report.html"
-    assert cli.main(["review", "--study", "tiny", "--storage", f"sqlite:///{tmp_path}/tiny.db", "--html",
-                     str(path)]) == 0
-    capsys.readouterr()
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, tiny_model_dir, text_corpus_dir):
+    """The page of one six-trial study under a memory budget (searched once for the module's tests: they only read
+    it), in the study's folder beside tiny.db and recipe.yaml."""
+    folder = tmp_path_factory.mktemp("report")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PLANNER_CACHE", str(folder / "cache"))
+        study_file = write_tiny_study_file(folder, tiny_model_dir, text_corpus_dir)
+        assert cli.main(["search", "--study-file", str(study_file), "--trials", "6", "--memory-budget", "0.8x",
+                         "-q"]) == 0
+        path = folder / "report.html"
+        assert cli.main(["review", "--study", "tiny", "--storage", f"sqlite:///{folder}/tiny.db", "--html",
+                         str(path)]) == 0
     return path
 
 
-def test_the_page_says_what_a_user_trades(report, tmp_path):
+def test_the_page_says_what_a_user_trades(report):
     import optuna
 
     from planner.storage import open_storage
 
-    study = optuna.load_study(study_name="tiny", storage=open_storage(f"sqlite:///{tmp_path}/tiny.db"))
-    recommended = yaml_recipe_trial(tmp_path)
+    study = optuna.load_study(study_name="tiny", storage=open_storage(f"sqlite:///{report.parent}/tiny.db"))
+    recommended = yaml_recipe_trial(report.parent)
     page = report.read_text()
     assert "What perplexity costs in decode ms" in page and "What perplexity costs in weight MB" in page
     assert f"recommended: trial {recommended}" in page and "baseline (uncompressed)" in page

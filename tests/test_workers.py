@@ -24,7 +24,10 @@ SLOW_LATENCY = "\n[evaluation.latency]\nprompt_tokens = 16\nnew_tokens = 8\nrepe
 
 
 def slow(study_file):
-    text = study_file.read_text()
+    """Long trials to interrupt; without dynamic int8, whose decode (about 6x the others' on the tiny model) made
+    each of these tests spend half a minute timing it 300 times over."""
+    text = study_file.read_text().replace('methods = ["none", "rtn", "dynamic-int8"]', 'methods = ["none", "rtn"]')
+    assert 'methods = ["none", "rtn"]' in text
     start = text.index("[evaluation.latency]")
     end = text.index("[", start + 1)
     study_file.write_text(text[:start] + text[end:] + SLOW_LATENCY)
