@@ -348,3 +348,33 @@ def test_sliding_window_layers_out_of_the_runtimes_pattern_are_refused(tokenizer
     assert list(tmp_path.iterdir()) == []
     model.config.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]  # its own pattern
     assert conv.layer_types_reason(model.config) is None
+
+
+@pytest.mark.parametrize("compare_bytes", [conv.COMPARE_BYTES, 4 * 8 * 3])  # whole, or three rows at a time
+def test_a_stored_tensor_is_compared_in_row_chunks_with_the_same_answers(compare_bytes, monkeypatch, tmp_path):
+    """The converter child compares each stored tensor with the converter's floats a chunk of rows at a time (whole
+    float32 copies of a 3.2 B model's embedding were its peak): unchanged, permuted and changed rows are told
+    apart as before, and the stored tensors are handed to the writer as views of their file, not copies."""
+    import torch
+    from gguf import GGMLQuantizationType as T
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(conv, "COMPARE_BYTES", compare_bytes)
+    weights = np.random.default_rng(0).standard_normal((10, 8)).astype(np.float16)
+    assert conv._row_order(weights, T.F16, weights.copy(), T.F16) is None
+    order = np.array([0, 1, 2, 3, 4, 5, 6, 7, 9, 8])
+    assert np.array_equal(conv._row_order(weights[order], T.F16, weights, T.F16), order)  # the last chunk differs
+    changed = weights.copy()
+    changed[8, 0] += 1
+    with pytest.raises(ValueError, match="changed its values"):
+        conv._row_order(changed, T.F16, weights, T.F16)
+    with pytest.raises(ValueError, match=r"wrote it as \(8, 9\), it is stored as \(8, 10\)"):
+        conv._row_order(weights[:9], T.F16, weights, T.F16)
+
+    path = tmp_path / "stored.safetensors"
+    blocks = np.arange(60, dtype=np.uint8).reshape(3, 20)
+    save_file({"a": torch.from_numpy(blocks), "b": torch.from_numpy(weights)}, str(path))
+    for name, expected in (("a", blocks), ("b", weights)):
+        mapped = conv._mapped(str(path), name)
+        assert isinstance(mapped.base, np.memmap) or isinstance(mapped, np.memmap)
+        assert mapped.dtype == expected.dtype and np.array_equal(mapped, expected)

@@ -436,9 +436,16 @@ def _eager(tensor) -> np.ndarray:
         return np.fromfile(scratch, dtype=tensor.dtype).reshape(tensor.shape)
 
 
+# Rows decoded to float32 at a time when comparing a converted tensor with its stored one: a whole tensor's
+# float32 copies (several, for a BF16 conversion) were the converter process's peak (a 3.2 B model's 394 M-row
+# embedding stored in F16: about 9.8 GB; docs/benchmarks.md section 18).
+COMPARE_BYTES = 64 << 20
+
+
 def _row_order(converted: np.ndarray, converted_type, stored: np.ndarray, stored_type) -> np.ndarray | None:
     """The stored rows in the order the converter wrote the float rows (None: unchanged), or ValueError
-    when the converter's tensor is not a row permutation of the stored one's decoded weights."""
+    when the converter's tensor is not a row permutation of the stored one's decoded weights. Unchanged
+    rows are compared COMPARE_BYTES of float32 at a time; only a permuted tensor is decoded whole."""
     from gguf import GGMLQuantizationType, quants
 
     def decode(data: np.ndarray, kind) -> np.ndarray:  # rows kept; a type numpy lacks (BF16) goes as its bytes
@@ -446,14 +453,24 @@ def _row_order(converted: np.ndarray, converted_type, stored: np.ndarray, stored
             data = np.ascontiguousarray(data).view(np.uint8)
         return quants.dequantize(data, kind)
 
-    written = decode(converted, converted_type)
-    decoded = decode(stored, stored_type)
-    if converted_type != GGMLQuantizationType.F32:  # compare as the converter rounded the floats
-        decoded = quants.dequantize(quants.quantize(decoded, converted_type), converted_type)
-    if written.shape != decoded.shape:
-        raise ValueError(f"the converter wrote it as {written.shape[::-1]}, it is stored as {decoded.shape[::-1]}")
-    if np.array_equal(written.view(np.uint32), decoded.view(np.uint32)):
+    def decoded_as_converted(rows: np.ndarray) -> np.ndarray:  # as the converter rounded the floats
+        out = decode(rows, stored_type)
+        if converted_type != GGMLQuantizationType.F32:
+            out = quants.dequantize(quants.quantize(out, converted_type), converted_type)
+        return out
+
+    step = max(1, COMPARE_BYTES // max(1, 4 * int(np.prod(converted.shape[1:], dtype=np.int64))))
+    for start in range(0, max(converted.shape[0], stored.shape[0]), step):
+        written, decoded = decode(converted[start:start + step], converted_type), \
+            decoded_as_converted(stored[start:start + step])
+        if converted.shape[0] != stored.shape[0] or written.shape != decoded.shape:
+            raise ValueError(f"the converter wrote it as {(converted.shape[0], *written.shape[1:])[::-1]}, it is "
+                             f"stored as {(stored.shape[0], *decoded.shape[1:])[::-1]}")
+        if not np.array_equal(written.view(np.uint32), decoded.view(np.uint32)):
+            break
+    else:
         return None
+    written, decoded = decode(converted, converted_type), decoded_as_converted(stored)
     rows: dict[bytes, list[int]] = {}
     for index in range(decoded.shape[0] - 1, -1, -1):
         rows.setdefault(decoded[index].tobytes(), []).append(index)
@@ -464,6 +481,28 @@ def _row_order(converted: np.ndarray, converted_type, stored: np.ndarray, stored
             raise ValueError("the converter changed its values, not only the order of its rows")
         order.append(found.pop())
     return np.asarray(order)
+
+
+SAFETENSORS_DTYPES = {"U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "F16": np.float16,
+                      "I32": np.int32, "F32": np.float32}
+
+
+def _mapped(file: str, name: str) -> np.ndarray:
+    """Tensor `name` of a safetensors file as a read-only view of the file's pages (np.memmap), so that the
+    writer, which keeps every tensor it is handed until it writes the file, holds no copy of the stored blocks;
+    a copy (safetensors' own reader) for a dtype numpy lacks."""
+    with open(file, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        entry = json.loads(handle.read(size))[name]
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        from safetensors import safe_open
+
+        with safe_open(file, "np") as f:
+            return f.get_tensor(name)
+    start, end = entry["data_offsets"]
+    count = (end - start) // np.dtype(dtype).itemsize
+    return np.memmap(file, dtype=dtype, mode="r", offset=8 + size + start, shape=(count,)).reshape(entry["shape"])
 
 
 class _Job:
@@ -496,10 +535,7 @@ class _Job:
         source = self.targets.get(name)
         if source is None:
             return add_tensor(writer, name, tensor, raw_shape, raw_dtype, *args, **kwargs)
-        from safetensors import safe_open
-
-        with safe_open(self.file, "np") as f:
-            data, kind = f.get_tensor(source), self.stored[source]
+        data, kind = _mapped(self.file, source), self.stored[source]
         written = _eager(tensor)
         if raw_dtype is None:
             raw_dtype = {np.dtype(np.float32): gguf.GGMLQuantizationType.F32,
