@@ -64,7 +64,7 @@ def confirm(study: optuna.Study, bench: Workbench, say=tqdm.write, ends: float |
 
 def too_late(study: optuna.Study, left: float) -> str | None:
     """Why no re-timing starts with `left` seconds before the deadline: none left, or fewer than the study's
-    latest re-timing took (None: it starts; the first one runs while any time is left)."""
+    longest re-timing took (None: it starts; the first one runs while any time is left)."""
     if left <= 0:
         return "the deadline has passed"
     taken = [entry["seconds"] for entry in study.user_attrs.get(CONFIRMATIONS, {}).values() if "seconds" in entry]

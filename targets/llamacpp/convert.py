@@ -437,8 +437,8 @@ def _eager(tensor) -> np.ndarray:
 
 
 # Rows decoded to float32 at a time when comparing a converted tensor with its stored one: a whole tensor's
-# float32 copies (several, for a BF16 conversion) were the converter process's peak (a 3.2 B model's 394 M-row
-# embedding stored in F16: about 9.8 GB; docs/benchmarks.md section 18).
+# float32 copies (several, for a BF16 conversion) were the converter process's peak (a 3.2 B model's 394 M-element
+# embedding stored in 16 bits: 11.1 GB max RSS; docs/benchmarks.md section 18).
 COMPARE_BYTES = 64 << 20
 
 
