@@ -374,7 +374,8 @@ def test_a_stored_tensor_is_compared_in_row_chunks_with_the_same_answers(compare
     path = tmp_path / "stored.safetensors"
     blocks = np.arange(60, dtype=np.uint8).reshape(3, 20)
     save_file({"a": torch.from_numpy(blocks), "b": torch.from_numpy(weights)}, str(path))
+    entries, data_start = conv._safetensors_header(str(path))
     for name, expected in (("a", blocks), ("b", weights)):
-        mapped = conv._mapped(str(path), name)
+        mapped = conv._mapped(str(path), entries, data_start, name)
         assert isinstance(mapped.base, np.memmap) or isinstance(mapped, np.memmap)
         assert mapped.dtype == expected.dtype and np.array_equal(mapped, expected)

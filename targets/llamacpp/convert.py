@@ -487,13 +487,19 @@ SAFETENSORS_DTYPES = {"U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np
                       "I32": np.int32, "F32": np.float32}
 
 
-def _mapped(file: str, name: str) -> np.ndarray:
-    """Tensor `name` of a safetensors file as a read-only view of the file's pages (np.memmap), so that the
-    writer, which keeps every tensor it is handed until it writes the file, holds no copy of the stored blocks;
-    a copy (safetensors' own reader) for a dtype numpy lacks."""
+def _safetensors_header(file: str) -> tuple[dict, int]:
+    """A safetensors file's header (each tensor's dtype, shape and data offsets; `__metadata__`) and the offset
+    at which its data begins."""
     with open(file, "rb") as handle:
         size = int.from_bytes(handle.read(8), "little")
-        entry = json.loads(handle.read(size))[name]
+        return json.loads(handle.read(size)), 8 + size
+
+
+def _mapped(file: str, entries: dict, data_start: int, name: str) -> np.ndarray:
+    """Tensor `name` of a safetensors file (its header's `entries`, data from `data_start`) as a read-only view
+    of the file's pages (np.memmap), so that the writer, which keeps every tensor it is handed until it writes
+    the file, holds no copy of the stored blocks; a copy (safetensors' own reader) for a dtype numpy lacks."""
+    entry = entries[name]
     dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
     if dtype is None:
         from safetensors import safe_open
@@ -502,7 +508,7 @@ def _mapped(file: str, name: str) -> np.ndarray:
             return f.get_tensor(name)
     start, end = entry["data_offsets"]
     count = (end - start) // np.dtype(dtype).itemsize
-    return np.memmap(file, dtype=dtype, mode="r", offset=8 + size + start, shape=(count,)).reshape(entry["shape"])
+    return np.memmap(file, dtype=dtype, mode="r", offset=data_start + start, shape=(count,)).reshape(entry["shape"])
 
 
 class _Job:
@@ -513,14 +519,12 @@ class _Job:
 
         self.file = stored_file
         self.stored: dict[str, object] = {}  # HF name -> GGML type; each tensor is read when it is written
-        self.blocks = 0
+        self.entries, self.data_start, self.blocks = {}, 0, 0  # the file's header, read once
         if stored_file:
-            from safetensors import safe_open
-
-            with safe_open(stored_file, "np") as f:
-                meta = f.metadata()
-                self.blocks = int(meta[BLOCKS_KEY])
-                self.stored = {key: gguf.GGMLQuantizationType[meta[key]] for key in f.keys()}
+            self.entries, self.data_start = _safetensors_header(stored_file)
+            meta = self.entries.pop("__metadata__")
+            self.blocks = int(meta[BLOCKS_KEY])
+            self.stored = {key: gguf.GGMLQuantizationType[meta[key]] for key in self.entries}
         self.targets: dict[str, str] | None = None  # GGUF name -> HF name, once the writer knows its arch
         self.done: dict[str, dict] = {}
         self.arch: str | None = None
@@ -535,7 +539,7 @@ class _Job:
         source = self.targets.get(name)
         if source is None:
             return add_tensor(writer, name, tensor, raw_shape, raw_dtype, *args, **kwargs)
-        data, kind = _mapped(self.file, source), self.stored[source]
+        data, kind = _mapped(self.file, self.entries, self.data_start, source), self.stored[source]
         written = _eager(tensor)
         if raw_dtype is None:
             raw_dtype = {np.dtype(np.float32): gguf.GGMLQuantizationType.F32,
