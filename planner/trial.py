@@ -27,7 +27,8 @@ from targets.figures import metrics_row
 from targets.transformers_target import measure_torch
 
 # What a trial that reuses a measured twin copies from it.
-TWIN_ATTRS = ("metrics", "measurements", "estimated_weight_bytes", "rejected", "skipped_perplexity", "screened")
+TWIN_ATTRS = ("metrics", "measurements", "estimated_weight_bytes", "rejected", "skipped_perplexity", "screened",
+              workers.TIMED_FROM_DISK)
 # A candidate this far over a latency budget is not worth its perplexity run.
 LATENCY_SKIP_FACTOR = 1.5
 
@@ -86,8 +87,10 @@ class Workbench:
 
 
 def _release(built: candidates.BuiltCandidate) -> None:
+    """The built candidate freed once its artifact is written, and the heap's free pages handed back: the runtime
+    maps the candidate's and the reference's files next, and they must stay in memory while timed."""
     built.model = None
-    gc.collect()
+    release_freed_memory()
 
 
 def hopeless(budgets: list[Budget], row: dict) -> str | None:
@@ -276,6 +279,8 @@ def objective(bench: Workbench):
         if not all(math.isfinite(row[name]) for name in objective_registry.OBJECTIVES if name in row):
             raise FloatingPointError(f"non-finite metrics {row}")
         trial.set_user_attr("measurements", details)
+        if details.get("latency", {}).get("from_disk"):  # said on the trial's line: its latency is the disk's
+            trial.set_user_attr(workers.TIMED_FROM_DISK, details["latency"]["from_disk"])
         stored = details.get("runtime", {}).get("stored")
         if stored:  # what the target's artifact really holds, read back from it (llama-quant's types per tensor)
             trial.set_user_attr("label", f"{label} [{stored}]")

@@ -53,6 +53,7 @@ def finished(trial: optuna.trial.FrozenTrial) -> bool:
 
 
 NOT_STARTED = "not_started"  # trial attribute: why a candidate was not started before the deadline (deadline.py)
+TIMED_FROM_DISK = "timed_from_disk"  # trial attribute: why its latency figures are the disk's (the target says)
 
 
 def repeat(trial: optuna.trial.FrozenTrial) -> bool:

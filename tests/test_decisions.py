@@ -670,6 +670,8 @@ class LabTarget(Target):
             lab.latency(model, request.latency)
             timed = dict(decode_ms_p50=figures["decode"], prefill_ms_p50=figures["prefill"])
             details["latency"] = {"decode_p50_ms": figures["decode"]}
+            if "from_disk" in figures:  # what llama.cpp's target says of a timing that read its files from disk
+                details["latency"]["from_disk"] = figures["from_disk"]
         row = metrics_row(label, figures["weight"], disk_bytes=figures["weight"], **timed)
         skipped = request.hopeless(row)
         if skipped:
@@ -782,6 +784,23 @@ def test_a_measured_trial_stores_its_figures(lab):
     assert not {"rejected", "skipped_perplexity", "duplicate_of", "failure"} & set(attrs)
 
 
+def test_a_timing_from_disk_is_said_on_the_trial_its_line_and_its_twin(lab, monkeypatch):
+    """The target's word that a timing read its files from disk (targets/llamacpp/runtime.from_disk_reason) is kept
+    on the trial and said on its line, and a twin of it carries it as it carries the figures."""
+    from planner import workers
+    from planner.report import trial_line
+
+    said = "timed from disk: 900 MB read from storage while timed, the two files being 600 MB"
+    monkeypatch.setitem(CANDIDATES, "disk", dict(CANDIDATES["a"], from_disk=said))
+    study = lab.run(lab.bench(), "disk", "a", "disk")
+    disk, plain, twin = study.trials
+    assert disk.user_attrs[workers.TIMED_FROM_DISK] == said == disk.user_attrs["measurements"]["latency"]["from_disk"]
+    assert trial_line(disk, 3).endswith(f"fake(disk)  ({said})")
+    assert workers.TIMED_FROM_DISK not in plain.user_attrs and trial_line(plain, 3).endswith("fake(a)")
+    assert twin.user_attrs["duplicate_of"] == 0 and twin.user_attrs[workers.TIMED_FROM_DISK] == said
+    assert f"(same candidate as trial 0; {said}; not counted in the trials)" in trial_line(twin, 3)
+
+
 def test_a_storage_note_is_stated_on_the_label_the_trial_and_its_metrics(lab):
     study = lab.run(lab.bench(), "noted", "a")
     noted, plain = study.trials
@@ -822,7 +841,7 @@ def test_a_twin_of_a_rejected_or_skipped_candidate_copies_why(lab):
     assert big_twin.values == big.values and slow_twin.values == slow.values
     assert big_twin.constraints == big.constraints and slow_twin.constraints == slow.constraints
     assert set(TWIN_ATTRS) == {"metrics", "measurements", "estimated_weight_bytes", "rejected", "skipped_perplexity",
-                               "screened"}
+                               "screened", "timed_from_disk"}
 
 
 def test_a_failed_trial_of_the_same_candidate_is_no_twin(lab):

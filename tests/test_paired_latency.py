@@ -4,6 +4,8 @@ verdicts against a budget, and llama.cpp's A/B timing in R C R / C R C rounds, t
 verdict is open."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -166,6 +168,64 @@ def test_llama_cpp_times_rounds_and_looks_again_only_on_its_schedule_while_the_c
     assert LatencyProtocol(repeats=3).most_repeats == 12
     with pytest.raises(ValueError, match="max_repeats must be an integer >= 3"):
         LatencyProtocol(repeats=3, max_repeats=2)
+
+
+def _read_dropped(path) -> None:
+    """Read every page of `path` through a fresh mapping after dropping it from the page cache."""
+    import mmap
+    import os
+
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())  # dirty pages are not dropped
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            sum(mapped[i] for i in range(0, len(mapped), mmap.PAGESIZE))
+
+
+def test_a_timing_counts_the_bytes_it_read_from_disk_and_says_when_its_figures_are_the_disks(two_ggufs, tmp_path):
+    """Files that stay in memory read nothing from storage while timed (from_disk read them in before); a timing
+    during which weights come back from disk counts those bytes (its runs', not the loads'), and past DISK_SHARE
+    of the two files' bytes its figures are the disk's."""
+    from targets.llamacpp import runtime
+
+    protocol = LatencyProtocol(prompt_tokens=8, new_tokens=4, warmup=1, repeats=2, threads=1)
+    in_memory = runtime.time_ab(*two_ggufs, protocol)
+    files = sum(path.stat().st_size for path in two_ggufs)
+    assert in_memory.files_bytes == files and in_memory.disk_bytes is not None
+    assert in_memory.disk_bytes <= runtime.DISK_FLOOR and runtime.from_disk_reason(in_memory) is None
+    evicted = tmp_path / "evicted.bin"
+    evicted.write_bytes(np.random.default_rng(0).bytes(8 << 20))
+    before = runtime.bytes_read_from_disk()
+    _read_dropped(evicted)
+    if runtime.bytes_read_from_disk() - before < (4 << 20):
+        pytest.skip("this filesystem keeps a dropped file in memory: nothing is read from storage to count")
+    rounds = runtime.fresh_rounds(*two_ggufs, protocol)
+    loads = []
+
+    def reading_from_disk(k: int) -> list:  # the round's runs read the evicted file, its loads do not
+        _read_dropped(evicted)  # not counted: before the runs, as from_disk's own reads are
+        loads.append(k)
+        return runtime.timed(_then_read(run, evicted, i == 1) for i, run in enumerate(rounds(k)))
+
+    from_disk = runtime.timed_rounds(reading_from_disk, protocol, files_bytes=files)
+    assert loads == [0, 1] and (8 << 20) * 2 <= from_disk.disk_bytes < (8 << 20) * 3
+    reason = runtime.from_disk_reason(from_disk)
+    assert reason.startswith(f"timed from disk: {from_disk.disk_bytes / 1e6:.0f} MB read from storage while timed, "
+                             f"the two files being {files / 1e6:.0f} MB")
+    assert runtime.from_disk_reason(replace(from_disk, disk_bytes=None)) is None  # the kernel did not say
+    small = replace(from_disk, disk_bytes=runtime.DISK_FLOOR, files_bytes=10 * runtime.DISK_FLOOR)
+    assert runtime.from_disk_reason(small) is None
+    assert runtime.from_disk_reason(replace(small, files_bytes=1000 * runtime.DISK_FLOOR)) is None
+    assert runtime.from_disk_reason(replace(small, disk_bytes=runtime.DISK_FLOOR + 1)) is not None
+    big = replace(small, disk_bytes=runtime.DISK_FLOOR * 20, files_bytes=1000 * runtime.DISK_FLOOR)
+    assert runtime.from_disk_reason(big) is not None  # 2% of the files
+    assert runtime.from_disk_reason(replace(big, files_bytes=3000 * runtime.DISK_FLOOR)) is None  # 0.7%
+
+
+def _then_read(run, path, read: bool):
+    if read:
+        _read_dropped(path)
+    return run
 
 
 def test_many_candidates_are_timed_against_one_loaded_reference(two_ggufs, monkeypatch):
@@ -462,3 +522,24 @@ def test_a_prefill_timing_too_spread_to_read_is_left_out_of_the_row_and_said_why
     assert row["decode_ms_p50"] == 10.0 and row["decode_interval"] == [0.49, 0.51] and row["latency_rounds"] == 3
     assert left_out == ("the prefill ratio's 95% interval 0.55-16.70x spans more than 2x (the machine was busy "
                         "while it was timed)")
+
+
+def test_llama_cpps_target_keeps_a_timing_from_disk_with_the_candidates_figures(two_ggufs, monkeypatch):
+    """What from_disk_reason says reaches the candidate's details (and from there its trial: test_decisions)."""
+    from evaluators.perplexity import PerplexityProtocol
+    from targets import LLAMA_CPP
+    from targets.base import Request
+    from targets.llamacpp import target as llamacpp_target
+
+    tokenizer = make_tiny_tokenizer()
+    model = make_tiny_llama(vocab_size=len(tokenizer))
+    request = Request(model, tokenizer, [], PerplexityProtocol(32, 32),
+                      LatencyProtocol(prompt_tokens=8, new_tokens=2, warmup=0, repeats=2, threads=1),
+                      frozenset({"memory", "latency"}), [])
+    real = llamacpp_target.time_ab
+    plain = LLAMA_CPP.measure_file(request, two_ggufs[1], "b").details["latency"]
+    assert "from_disk" not in plain and plain["disk_bytes"] is not None
+    monkeypatch.setattr(llamacpp_target, "time_ab",
+                        lambda *args, **kwargs: replace(real(*args, **kwargs), disk_bytes=1 << 40))
+    said = LLAMA_CPP.measure_file(request, two_ggufs[1], "b").details["latency"]
+    assert said["from_disk"].startswith("timed from disk: 1099512 MB read from storage while timed")

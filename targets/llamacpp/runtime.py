@@ -33,6 +33,12 @@ load, so both come back the same way. A file still in the page cache from being 
 whatever pages its writer left there, and that alone moved one model's speed by up to 10%: the float GGUF
 against a byte copy of itself read 0.90-0.92 one way and 1.05-1.10 the other (the newer file faster, in either
 role); dropped first, 0.986-1.006 both ways (a study's baseline against its reference had read 0.76 and 0.94).
+Then both must stay in memory while timed: where the machine cannot hold them beside the process, the kernel
+drops their pages and every decode step reads weights from disk (a 3.2 B study on 24 GB, docs/benchmarks.md
+section 18: its 6.4 GB BF16 reference read 1866 ms a token there, 215 ms alone on the same machine). Every timing counts the
+bytes the process read from storage during its timed runs (`disk_bytes`, the kernel's per-process I/O count:
+nothing for files that stay in memory) and `from_disk_reason` says when the figures are the disk's. (Major page
+faults undercount it: a fault's readahead brings many pages, 64 MB read back through a mapping took one.)
 """
 from __future__ import annotations
 
@@ -53,6 +59,8 @@ from targets.llamacpp.quantize import default_threads
 
 RUNTIME = "llama.cpp"
 READ_CHUNK = 1 << 24
+DISK_SHARE = 0.01  # of the two files' bytes read from storage while timed: the figures are the disk's beyond it
+DISK_FLOOR = 1 << 20  # bytes: below it, whatever the files' size (a library's page read in is not a timing's)
 
 
 def runtime_version() -> str:
@@ -204,9 +212,47 @@ class ABLatency:
     load_average_before: tuple[float, float, float]
     load_average_after: tuple[float, float, float]
     wall_seconds: float
+    disk_bytes: int | None = None  # read from storage during the timed runs (None: the kernel does not say)
+    files_bytes: int = 0  # the candidate's and the reference's files
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class Runs(list):
+    """A round's runs, and the bytes this process read from storage while they ran."""
+
+    disk_bytes: int | None = None
+
+
+def bytes_read_from_disk() -> int | None:
+    """Bytes this process has caused to be read from storage so far (reads and its mappings' page faults, with
+    their readahead; not what the page cache served), or None where the kernel does not count them."""
+    try:
+        with open("/proc/self/io", encoding="ascii") as io:
+            return next(int(line.split()[1]) for line in io if line.startswith("read_bytes:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def timed(runs) -> Runs:
+    """Runs (a generator of `_run` calls) run now, with the bytes read from storage while they ran."""
+    before = bytes_read_from_disk()
+    done = Runs(runs)
+    after = bytes_read_from_disk()
+    done.disk_bytes = None if before is None or after is None else after - before
+    return done
+
+
+def from_disk_reason(ab: ABLatency) -> str | None:
+    """Why an A/B timing's figures are the disk's, or None: its timed runs read more than DISK_SHARE of the two
+    files' bytes from storage (at least DISK_FLOOR). Files that stay in memory read nothing once loaded (from_disk
+    read them in before the warm-up); files whose pages the kernel drops read their weights again at each step."""
+    if ab.disk_bytes is None or ab.disk_bytes <= max(DISK_FLOOR, DISK_SHARE * ab.files_bytes):
+        return None
+    return (f"timed from disk: {ab.disk_bytes / 1e6:.0f} MB read from storage while timed, the two files being "
+            f"{ab.files_bytes / 1e6:.0f} MB (they did not stay in memory beside the study: the latency figures are "
+            "the disk's, not the runtime's)")
 
 
 def time_ab(candidate: Path, reference: Path, protocol: LatencyProtocol,
@@ -215,7 +261,12 @@ def time_ab(candidate: Path, reference: Path, protocol: LatencyProtocol,
     loads (`fresh_rounds`): the protocol's repeats; while `unclear` says the intervals ({"decode_ratio":
     PairedRatio, "prefill_ratio": ...}) leave a verdict open, more rounds on the looks' schedule, up to the
     protocol's `most_repeats`."""
-    return timed_rounds(fresh_rounds(candidate, reference, protocol), protocol, unclear)
+    return timed_rounds(fresh_rounds(candidate, reference, protocol), protocol, unclear,
+                        files_bytes=_size(candidate) + _size(reference))
+
+
+def _size(path: Path) -> int:
+    return Path(path).stat().st_size
 
 
 def fresh_rounds(candidate: Path, reference: Path, protocol: LatencyProtocol) -> Callable[[int], list]:
@@ -236,7 +287,7 @@ def fresh_rounds(candidate: Path, reference: Path, protocol: LatencyProtocol) ->
             for _ in range(protocol.warmup):
                 _warm(first, prompt)
                 _warm(second, prompt)
-            return [_run(llm, prompt, protocol.new_tokens) for llm in (first, second, first)]
+            return timed(_run(llm, prompt, protocol.new_tokens) for llm in (first, second, first))
     return round_runs
 
 
@@ -250,7 +301,7 @@ def loaded_rounds(cand, ref, protocol: LatencyProtocol) -> Callable[[int], list]
 
     def round_runs(k: int) -> list:
         order = (ref, cand, ref) if k % 2 == 0 else (cand, ref, cand)  # R C R C R C ...: each after the other
-        return [_run(llm, prompt, protocol.new_tokens) for llm in order]
+        return timed(_run(llm, prompt, protocol.new_tokens) for llm in order)
     return round_runs
 
 
@@ -264,13 +315,15 @@ def time_many(candidates: list[Path], reference: Path, protocol: LatencyProtocol
         for candidate in candidates:
             from_disk(candidate)
             with loaded(candidate, n_ctx, protocol.threads) as cand:
-                timings.append(timed_rounds(loaded_rounds(cand, ref, protocol), protocol))
+                timings.append(timed_rounds(loaded_rounds(cand, ref, protocol), protocol,
+                                            files_bytes=_size(candidate) + _size(reference)))
     return timings
 
 
 def timed_rounds(round_runs: Callable[[int], list], protocol: LatencyProtocol,
-                 unclear: Callable[[dict], bool] | None = None) -> "ABLatency":
-    """The A/B timing from `round_runs` (round k -> its three runs). Without `unclear` the protocol's repeats are
+                 unclear: Callable[[dict], bool] | None = None, files_bytes: int = 0) -> "ABLatency":
+    """The A/B timing from `round_runs` (round k -> its three runs, `Runs` where they say what they read from
+    storage); `files_bytes`: the two files' size, for `from_disk_reason`. Without `unclear` the protocol's repeats are
     timed and one interval made (CONFIDENCE); with it, the intervals are looked at after each count of rounds
     in `looks(repeats, most_repeats)`, each at `look_confidence` of that schedule, until `unclear` is
     satisfied."""
@@ -280,9 +333,13 @@ def timed_rounds(round_runs: Callable[[int], list], protocol: LatencyProtocol,
     schedule = looks(protocol.repeats, protocol.most_repeats if unclear is not None else 0)  # no rule: one look
     confidence = look_confidence(schedule)  # CONFIDENCE itself for a single look
     runs = []  # R C R C R C ...: round k's triplet is runs 3k to 3k+2
+    disk_bytes = 0  # None once a round's runs could not say
     for rounds in schedule:
         while len(runs) < 3 * rounds:
-            runs.extend(round_runs(len(runs) // 3))
+            done = round_runs(len(runs) // 3)
+            runs.extend(done)
+            read = getattr(done, "disk_bytes", None)
+            disk_bytes = None if read is None or disk_bytes is None else disk_bytes + read
         decode, prefill = round_figures(runs)
         intervals = {"decode_ratio": rounds_ratio(decode, confidence), "prefill_ratio": rounds_ratio(prefill, confidence)}
         if unclear is None or not unclear(intervals):
@@ -300,7 +357,7 @@ def timed_rounds(round_runs: Callable[[int], list], protocol: LatencyProtocol,
         decode_interval=intervals["decode_ratio"].to_dict(), prefill_interval=intervals["prefill_ratio"].to_dict(),
         decode_rounds=decode, prefill_rounds=prefill,
         load_average_before=tuple(load_before), load_average_after=tuple(os.getloadavg()),
-        wall_seconds=time.perf_counter() - started)
+        wall_seconds=time.perf_counter() - started, disk_bytes=disk_bytes, files_bytes=files_bytes)
 
 
 def window_logits(llm, context_length: int, stride: int):

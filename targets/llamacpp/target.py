@@ -31,7 +31,8 @@ from targets.llamacpp import stock, writer
 from targets.llamacpp.imatrix import gguf_arch_name, gguf_linear_names
 from evaluators.latency import LatencyProtocol
 from evaluators.paired import level
-from targets.llamacpp.runtime import RUNTIME, loaded, runtime_version, serving_threads, time_ab, window_logits
+from targets.llamacpp.runtime import (RUNTIME, from_disk_reason, loaded, runtime_version, serving_threads, time_ab,
+                                     window_logits)
 
 ARTIFACT = "model.gguf"
 
@@ -208,7 +209,9 @@ class LlamaCppTarget(Target):
             ab = time_ab(path, reference, request.latency, request.unclear)
             timed, left_out = latency_figures(ab)
             figures.update(timed)
-            details["latency"] = {**ab.to_dict(), **({"prefill_left_out": left_out} if left_out else {})}
+            disk = from_disk_reason(ab)
+            details["latency"] = {**ab.to_dict(), **({"prefill_left_out": left_out} if left_out else {}),
+                                  **({"from_disk": disk} if disk else {})}
         measured = Measured(metrics_row(label, tensor_bytes, **figures), details)
 
         @contextmanager
