@@ -11,6 +11,9 @@ The prediction, from the trials of the same *kind* (each stage's technique and m
   already built: cached), the latest such trial's; else the median over the first trial of each of those
   (each computed its shape's tables, trained, measured) that was not screened. A kind not seen yet takes the
   rest from the trials whose last stage is its last stage's (the quantizing and measuring it will need).
+  A derived candidate (stages before the last) takes none of the seconds a trial of the source model spent on
+  what derived candidates carry (its `carriable_seconds`, targets.base: llama-quant's costly tables on a model of
+  at least 400 M parameters; a smaller cut of a model just above that computes them and is predicted short).
 No such trial, or no training measured yet (one technique's pace stands in for another's): no prediction, the
 candidate runs (the first of a kind is how the study learns its cost)."""
 from __future__ import annotations
@@ -22,6 +25,7 @@ import optuna
 
 from planner import rungs, workers
 from search_spaces import TECHNIQUES
+from targets.base import CARRIABLE_SECONDS
 
 
 def kind(stages: list[dict]) -> tuple:
@@ -98,7 +102,9 @@ def predicted_seconds(study: optuna.Study, stages: list[dict]) -> tuple[float, s
         if not pool:
             return None
         source = f"trial{'s' if len(pool) > 1 else ''} {', '.join(str(t.number) for t in pool)} {ending}"
-    rest = statistics.median(t.user_attrs["seconds"]["total"] - _trained_seconds(t) for t in pool)
+    carried = bool(upstream)  # a derived candidate: what the source's trials spent on carried work is not its
+    rest = statistics.median(t.user_attrs["seconds"]["total"] - _trained_seconds(t)
+                             - (t.user_attrs.get(CARRIABLE_SECONDS, 0.0) if carried else 0.0) for t in pool)
     return training + rest, source
 
 

@@ -24,6 +24,9 @@ from search_spaces.base import Registry
 
 # What targets.figures.metrics_row writes from a measurement of bytes and latency.
 ROW_FIGURES = frozenset({"weight_bytes", "weight_mb", "disk_bytes", "decode_ms_p50", "prefill_ms_p50"})
+# details["runtime"]: seconds of the candidate's build that a candidate derived from its model (a cut, a student)
+# would not spend: work it carries from this one's (llama-quant's costly tables); planner/deadline.py's predictions
+CARRIABLE_SECONDS = "carriable_seconds"
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -14,6 +15,7 @@ from search_spaces.base import BuildContext
 from search_spaces.quantization import QuantSpec
 from search_spaces.quantization.spec import AllocationSettings
 from search_spaces.structure.surgery import copy_modules, drop_layers
+from targets.base import CARRIABLE_SECONDS
 from targets.llamacpp import allocated, carried, sensitivity, writer
 from targets.llamacpp.allocated import PLAN_ATTRIBUTE, _cache_file, _calibration_key, sensitivity_tables
 from targets.llamacpp.carried import source_name
@@ -120,15 +122,47 @@ def test_a_derived_candidate_with_carried_tables_is_quantized_with_compensated_b
                            model_id="tiny-carried-trial", progress=False)
     spec = QuantSpec(method="llama-quant", bits={"attn": 4, "mlp": 4, "head": 16}, grid="gguf", group_size=32,
                      allocation=AllocationSettings(bpw=4.5, types="all", samples=4, seq_len=32, compensate=True))
-    TECHNIQUES["quantization"].apply(copy_modules(source), spec, context)
+    source_built = TECHNIQUES["quantization"].apply(copy_modules(source), spec, context)
+    source_plan = getattr(source_built, PLAN_ATTRIBUTE)
+    assert source_plan.carriable_seconds > 0  # what the cut will not spend, on the source's trial's record
+    assert writer.write(source_built, tokenizer, tmp_path / "source.gguf")[CARRIABLE_SECONDS] == \
+        source_plan.carriable_seconds
     built = TECHNIQUES["quantization"].apply(cut, spec, replace(context, upstream=UPSTREAM))
     plan = getattr(built, PLAN_ATTRIBUTE)
     windows = allocated.calibration_batches(tokenizer, context.calibration, 4, 32, 0)
     folder = _cache_file(replace(context, upstream=UPSTREAM), _calibration_key(windows))
     assert (folder / "carried.json").is_file() and plan.carried == ("compensated", "gains")
     written = writer.write(built, tokenizer, tmp_path / "candidate.gguf")  # what the trial's runtime record holds
-    assert written["tables_carried"] == ["compensated", "gains"]
+    assert written["tables_carried"] == ["compensated", "gains"] and CARRIABLE_SECONDS not in written
     assert plan.compensated, plan.types  # some tensor chose compensated codes, rounded with its own factor
     for name, blocks in plan.compensated.items():
         assert blocks.dtype == np.uint8 and blocks.shape[0] == dict(
             (t.gguf_name, t.shape[0]) for t in sensitivity.quantizable(built, plan.imatrix))[name]
+
+
+def test_a_large_source_models_tables_say_what_their_carried_parts_took(tokenizer, tmp_path, monkeypatch):
+    """carriable_seconds: the KL gains' and the compensated ratios' seconds on a large source model (its derived
+    candidates carry them: planner/deadline.py leaves them out of their predictions); 0 where they were read from
+    the cache, on a small source and on a derived candidate."""
+    source, cut = _derived(tokenizer)
+    windows = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+    context = BuildContext(tokenizer=tokenizer, calibration=[Doc(SAMPLE_TEXT * 4)], seed=0, cache_dir=tmp_path,
+                           model_id="tiny-carriable", progress=False)
+    real_gains, real_options = sensitivity.kl_gains, sensitivity.compensated_options
+
+    def slow(real, seconds):
+        def wrapped(*args, **kwargs):
+            time.sleep(seconds)
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(sensitivity, "kl_gains", slow(real_gains, 0.3))
+    monkeypatch.setattr(sensitivity, "compensated_options", slow(real_options, 0.1))
+    small = sensitivity_tables(source, windows, replace(context, model_id="tiny-small"), compensate=True)
+    assert small["carriable_seconds"] == 0.0  # below CARRY_PARAMETERS its candidates compute their own
+    monkeypatch.setattr(carried, "CARRY_PARAMETERS", 0)
+    first = sensitivity_tables(source, windows, context, compensate=True)
+    assert 0.3 + 0.1 <= first["carriable_seconds"] < 60  # the gains and at least one block's ratios
+    assert sensitivity_tables(source, windows, context, compensate=True)["carriable_seconds"] == 0.0  # cached
+    derived = sensitivity_tables(cut, windows, replace(context, upstream=UPSTREAM), compensate=True)
+    assert derived["carried"] == ["compensated", "gains"] and derived["carriable_seconds"] == 0.0

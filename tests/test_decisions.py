@@ -29,7 +29,7 @@ from planner.recipes import Stage
 from planner.settings import StudySettings
 from planner.trial import (LATENCY_SKIP_FACTOR, TWIN_ATTRS, CandidateSteps, Workbench, constrain, hopeless,
                            measure, measure_baseline, measured_twin, objective, over_memory_budget)
-from targets.base import Measured, Target
+from targets.base import CARRIABLE_SECONDS, Measured, Target
 from targets.figures import metrics_row
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -672,6 +672,8 @@ class LabTarget(Target):
             details["latency"] = {"decode_p50_ms": figures["decode"]}
             if "from_disk" in figures:  # what llama.cpp's target says of a timing that read its files from disk
                 details["latency"]["from_disk"] = figures["from_disk"]
+        if "carriable" in figures:  # what llama-quant's source model trial spent on tables its cuts carry
+            details["runtime"] = {CARRIABLE_SECONDS: figures["carriable"]}
         row = metrics_row(label, figures["weight"], disk_bytes=figures["weight"], **timed)
         skipped = request.hopeless(row)
         if skipped:
@@ -799,6 +801,12 @@ def test_a_timing_from_disk_is_said_on_the_trial_its_line_and_its_twin(lab, monk
     assert workers.TIMED_FROM_DISK not in plain.user_attrs and trial_line(plain, 3).endswith("fake(a)")
     assert twin.user_attrs["duplicate_of"] == 0 and twin.user_attrs[workers.TIMED_FROM_DISK] == said
     assert f"(same candidate as trial 0; {said}; not counted in the trials)" in trial_line(twin, 3)
+
+
+def test_what_derived_candidates_will_not_spend_is_kept_on_the_trial(lab, monkeypatch):
+    monkeypatch.setitem(CANDIDATES, "source", dict(CANDIDATES["a"], carriable=700.0))
+    study = lab.run(lab.bench(), "source", "a")
+    assert study.trials[0].user_attrs[CARRIABLE_SECONDS] == 700.0 and CARRIABLE_SECONDS not in study.trials[1].user_attrs
 
 
 def test_a_storage_note_is_stated_on_the_label_the_trial_and_its_metrics(lab):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,7 +38,7 @@ from search_spaces.quantization.spec import AllocationSettings, QuantSpace, Quan
 from search_spaces.specs import SpecError
 from search_spaces.quantization.plan import LayerPlan
 from targets.llamacpp import sensitivity
-from targets.llamacpp.carried import SourceTables, carries
+from targets.llamacpp.carried import SourceTables, carried_from, carries
 from targets.llamacpp.block_formats import COMPENSABLE
 from targets.llamacpp.compensated import (FactorCache, FactorStore, base_kind, block_of, compensable,
                                           compensated_kind, compensated_round, is_compensated, layer_by_layer)
@@ -73,6 +74,7 @@ class TypePlan:
     compensated: dict[str, np.ndarray] = field(default_factory=dict)
     refinement: dict | None = None  # what refining by measured KL did (refine.Refinement.report), if it ran
     carried: tuple[str, ...] = ()  # parts of the tables carried from the source model's (carried.py)
+    carriable_seconds: float = 0.0  # what the parts a large derived candidate carries took to compute here
 
     def ftype(self) -> str:
         """llama-quantize's file type naming the mixture (`general.file_type`): that of the type most tensors
@@ -233,7 +235,8 @@ class LlamaQuant(QuantMethod):
             predicted_kl=float(sum(tables_kl(tables, chosen))), bytes=sum(o.bytes for o in chosen.values()),
             predicted_decode=None if costs is None else predicted_decode(tables, chosen, costs),
             dataset=CALIBRATION_DATASET.format(samples=settings.samples, seq_len=settings.seq_len),
-            refinement=None if refinement is None else refinement.report(), carried=tuple(tables["carried"])))
+            refinement=None if refinement is None else refinement.report(), carried=tuple(tables["carried"]),
+            carriable_seconds=tables["carriable_seconds"]))
         return model
 
 
@@ -491,9 +494,18 @@ def sensitivity_tables(model: nn.Module, windows, context: BuildContext, compens
     shape and calibration text, then read from the cache (the compensated options in a file of their own: only
     allocations that may choose them pay for them). A large derived candidate carries the KL gains and the
     compensated ratios of the source model's cached tables where they are there (carried.py: what was carried is
-    noted in the folder's carried.json); its errors are always its own."""
+    noted in the folder's carried.json); its errors are always its own. "carriable_seconds": what computing those
+    two parts took here, on a large source model (its derived candidates will not spend them; 0 otherwise)."""
     folder = _cache_file(context, _calibration_key(windows))
     imatrix = cached_imatrix(model, windows, context)
+    spent = [0.0]  # seconds of the parts a large derived candidate carries, computed here
+
+    def carriable(compute):
+        started = time.perf_counter()
+        try:
+            return compute()
+        finally:
+            spent[0] += time.perf_counter() - started
 
     @functools.cache
     def source() -> SourceTables | None:  # read only where something is computed that it could carry
@@ -513,7 +525,7 @@ def sensitivity_tables(model: nn.Module, windows, context: BuildContext, compens
         if gains is not None:
             carried.add(_note_carried(folder, source(), "gains"))
         else:
-            gains = sensitivity.kl_gains(model, tensors, windows[:KL_WINDOWS])
+            gains = carriable(lambda: sensitivity.kl_gains(model, tensors, windows[:KL_WINDOWS]))
         options = sensitivity.predicted_kl_options(errors, gains)
         info = {t.gguf_name: {"width": t.shape[1], "size": t.size} for t in tensors}
         if folder is not None:
@@ -531,17 +543,22 @@ def sensitivity_tables(model: nn.Module, windows, context: BuildContext, compens
             if raw is not None:
                 carried.add(_note_carried(folder, source(), "compensated"))
             else:
-                raw, store = {}, FactorStore(None if folder is None else factor_folder(folder))
-                for covariances in sensitivity.compensable_inputs(model, tensors, windows):  # a few blocks' at a time
-                    raw.update(sensitivity.compensated_options(model, tensors, sensitivity.MENUS["all"], covariances,
-                                                               store=store))
-                    del covariances
+                raw = carriable(lambda: _compensated_options(model, tensors, windows, folder))
             if file is not None:
                 file.write_text(json.dumps(_options_to_json(raw)))
         for name, extra in sensitivity.predicted_kl_options(raw, gains).items():
             options[name] = options[name] + extra
     return {"imatrix": imatrix, "options": options, "tensors": info,
-            "carried": sorted(carried if compensate else carried - {"compensated"})}
+            "carried": sorted(carried if compensate else carried - {"compensated"}),
+            "carriable_seconds": spent[0] if carried_from(model, context.upstream) else 0.0}
+
+
+def _compensated_options(model: nn.Module, tensors, windows, folder: Path | None) -> dict:
+    raw, store = {}, FactorStore(None if folder is None else factor_folder(folder))
+    for covariances in sensitivity.compensable_inputs(model, tensors, windows):  # a few blocks' at a time
+        raw.update(sensitivity.compensated_options(model, tensors, sensitivity.MENUS["all"], covariances, store=store))
+        del covariances
+    return raw
 
 
 def _carried_parts(folder: Path | None) -> list[str]:

@@ -93,4 +93,14 @@ class SourceTables:
 def carries(model: nn.Module, upstream) -> bool:
     """Whether this candidate's tables carry the source model's factors: derived (stages before quantization) and
     at least `CARRY_PARAMETERS` large."""
-    return bool(upstream) and sum(p.numel() for p in model.parameters()) >= CARRY_PARAMETERS
+    return bool(upstream) and _large(model)
+
+
+def carried_from(model: nn.Module, upstream) -> bool:
+    """Whether this model's costly tables are what its large derived candidates carry: the source model (no stages
+    before quantization), at least `CARRY_PARAMETERS` large (a smaller source's candidates are smaller still)."""
+    return not upstream and _large(model)
+
+
+def _large(model: nn.Module) -> bool:
+    return sum(p.numel() for p in model.parameters()) >= CARRY_PARAMETERS
