@@ -205,7 +205,7 @@ def test_a_timing_counts_the_bytes_it_read_from_disk_and_says_when_its_figures_a
     def reading_from_disk(k: int) -> list:  # the round's runs read the evicted file, its loads do not
         _read_dropped(evicted)  # not counted: before the runs, as from_disk's own reads are
         loads.append(k)
-        return runtime.timed(_then_read(run, evicted, i == 1) for i, run in enumerate(rounds(k)))
+        return runtime.with_disk_reads(_then_read(run, evicted, i == 1) for i, run in enumerate(rounds(k)))
 
     from_disk = runtime.timed_rounds(reading_from_disk, protocol, files_bytes=files)
     assert loads == [0, 1] and (8 << 20) * 2 <= from_disk.disk_bytes < (8 << 20) * 3

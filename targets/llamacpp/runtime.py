@@ -34,11 +34,11 @@ whatever pages its writer left there, and that alone moved one model's speed by 
 against a byte copy of itself read 0.90-0.92 one way and 1.05-1.10 the other (the newer file faster, in either
 role); dropped first, 0.986-1.006 both ways (a study's baseline against its reference had read 0.76 and 0.94).
 Then both must stay in memory while timed: where the machine cannot hold them beside the process, the kernel
-drops their pages and every decode step reads weights from disk (a 3.2 B study on 24 GB, docs/benchmarks.md
-section 18: its 6.4 GB BF16 reference read 1866 ms a token there, 215 ms alone on the same machine). Every timing counts the
-bytes the process read from storage during its timed runs (`disk_bytes`, the kernel's per-process I/O count:
-nothing for files that stay in memory) and `from_disk_reason` says when the figures are the disk's. (Major page
-faults undercount it: a fault's readahead brings many pages, 64 MB read back through a mapping took one.)
+drops their pages and decode steps read weights from disk (a 3.2 B model's BF16 reference is 6.4 GB, beside a
+study holding the model and its work on a 24 GB machine). Every timing counts the bytes the process read
+from storage during its timed runs (`disk_bytes`, the kernel's per-process I/O count: nothing for files that
+stay in memory) and `from_disk_reason` says when the figures are the disk's. (Major page faults undercount it:
+a fault's readahead brings many pages; 64 MB read back through a mapping took one.)
 """
 from __future__ import annotations
 
@@ -235,7 +235,7 @@ def bytes_read_from_disk() -> int | None:
         return None
 
 
-def timed(runs) -> Runs:
+def with_disk_reads(runs) -> Runs:
     """Runs (a generator of `_run` calls) run now, with the bytes read from storage while they ran."""
     before = bytes_read_from_disk()
     done = Runs(runs)
@@ -287,7 +287,7 @@ def fresh_rounds(candidate: Path, reference: Path, protocol: LatencyProtocol) ->
             for _ in range(protocol.warmup):
                 _warm(first, prompt)
                 _warm(second, prompt)
-            return timed(_run(llm, prompt, protocol.new_tokens) for llm in (first, second, first))
+            return with_disk_reads(_run(llm, prompt, protocol.new_tokens) for llm in (first, second, first))
     return round_runs
 
 
@@ -301,7 +301,7 @@ def loaded_rounds(cand, ref, protocol: LatencyProtocol) -> Callable[[int], list]
 
     def round_runs(k: int) -> list:
         order = (ref, cand, ref) if k % 2 == 0 else (cand, ref, cand)  # R C R C R C ...: each after the other
-        return timed(_run(llm, prompt, protocol.new_tokens) for llm in order)
+        return with_disk_reads(_run(llm, prompt, protocol.new_tokens) for llm in order)
     return round_runs
 
 
