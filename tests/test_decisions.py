@@ -792,7 +792,7 @@ def test_a_timing_from_disk_is_said_on_the_trial_its_line_and_its_twin(lab, monk
     from planner import workers
     from planner.report import trial_line
 
-    said = "timed from disk: 900 MB read from storage while timed, the two files being 600 MB"
+    said = "timed from disk: 900 MB read from storage while timed, the files timed being 600 MB"
     monkeypatch.setitem(CANDIDATES, "disk", dict(CANDIDATES["a"], from_disk=said))
     study = lab.run(lab.bench(), "disk", "a", "disk")
     disk, plain, twin = study.trials

@@ -185,7 +185,7 @@ def _read_dropped(path) -> None:
 def test_a_timing_counts_the_bytes_it_read_from_disk_and_says_when_its_figures_are_the_disks(two_ggufs, tmp_path):
     """Files that stay in memory read nothing from storage while timed (from_disk read them in before); a timing
     during which weights come back from disk counts those bytes (its runs', not the loads'), and past DISK_SHARE
-    of the two files' bytes its figures are the disk's."""
+    of the timed files' bytes its figures are the disk's."""
     from targets.llamacpp import runtime
 
     protocol = LatencyProtocol(prompt_tokens=8, new_tokens=4, warmup=1, repeats=2, threads=1)
@@ -193,6 +193,7 @@ def test_a_timing_counts_the_bytes_it_read_from_disk_and_says_when_its_figures_a
     files = sum(path.stat().st_size for path in two_ggufs)
     assert in_memory.files_bytes == files and in_memory.disk_bytes is not None
     assert in_memory.disk_bytes <= runtime.DISK_FLOOR and runtime.from_disk_reason(in_memory) is None
+    assert runtime.files_bytes(two_ggufs[0], two_ggufs[0]) == two_ggufs[0].stat().st_size  # a baseline: one file
     evicted = tmp_path / "evicted.bin"
     evicted.write_bytes(np.random.default_rng(0).bytes(8 << 20))
     before = runtime.bytes_read_from_disk()
@@ -211,7 +212,7 @@ def test_a_timing_counts_the_bytes_it_read_from_disk_and_says_when_its_figures_a
     assert loads == [0, 1] and (8 << 20) * 2 <= from_disk.disk_bytes < (8 << 20) * 3
     reason = runtime.from_disk_reason(from_disk)
     assert reason.startswith(f"timed from disk: {from_disk.disk_bytes / 1e6:.0f} MB read from storage while timed, "
-                             f"the two files being {files / 1e6:.0f} MB")
+                             f"the files timed being {files / 1e6:.0f} MB")
     assert runtime.from_disk_reason(replace(from_disk, disk_bytes=None)) is None  # the kernel did not say
     small = replace(from_disk, disk_bytes=runtime.DISK_FLOOR, files_bytes=10 * runtime.DISK_FLOOR)
     assert runtime.from_disk_reason(small) is None

@@ -59,7 +59,7 @@ from targets.llamacpp.quantize import default_threads
 
 RUNTIME = "llama.cpp"
 READ_CHUNK = 1 << 24
-DISK_SHARE = 0.01  # of the two files' bytes read from storage while timed: the figures are the disk's beyond it
+DISK_SHARE = 0.01  # of the timed files' bytes read from storage while timed: the figures are the disk's beyond it
 DISK_FLOOR = 1 << 20  # bytes: below it, whatever the files' size (a library's page read in is not a timing's)
 
 
@@ -213,7 +213,7 @@ class ABLatency:
     load_average_after: tuple[float, float, float]
     wall_seconds: float
     disk_bytes: int | None = None  # read from storage during the timed runs (None: the kernel does not say)
-    files_bytes: int = 0  # the candidate's and the reference's files
+    files_bytes: int = 0  # the candidate's and the reference's files (one file where they are the same)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -245,12 +245,12 @@ def with_disk_reads(runs) -> Runs:
 
 
 def from_disk_reason(ab: ABLatency) -> str | None:
-    """Why an A/B timing's figures are the disk's, or None: its timed runs read more than DISK_SHARE of the two
+    """Why an A/B timing's figures are the disk's, or None: its timed runs read more than DISK_SHARE of the timed
     files' bytes from storage (at least DISK_FLOOR). Files that stay in memory read nothing once loaded (from_disk
     read them in before the warm-up); files whose pages the kernel drops read their weights again at each step."""
     if ab.disk_bytes is None or ab.disk_bytes <= max(DISK_FLOOR, DISK_SHARE * ab.files_bytes):
         return None
-    return (f"timed from disk: {ab.disk_bytes / 1e6:.0f} MB read from storage while timed, the two files being "
+    return (f"timed from disk: {ab.disk_bytes / 1e6:.0f} MB read from storage while timed, the files timed being "
             f"{ab.files_bytes / 1e6:.0f} MB (they did not stay in memory beside the study: the latency figures are "
             "the disk's, not the runtime's)")
 
@@ -262,11 +262,12 @@ def time_ab(candidate: Path, reference: Path, protocol: LatencyProtocol,
     PairedRatio, "prefill_ratio": ...}) leave a verdict open, more rounds on the looks' schedule, up to the
     protocol's `most_repeats`."""
     return timed_rounds(fresh_rounds(candidate, reference, protocol), protocol, unclear,
-                        files_bytes=_size(candidate) + _size(reference))
+                        files_bytes=files_bytes(candidate, reference))
 
 
-def _size(path: Path) -> int:
-    return Path(path).stat().st_size
+def files_bytes(*paths: Path) -> int:
+    """The bytes of the files timed, each once (a baseline is its reference file timed against itself)."""
+    return sum(path.stat().st_size for path in {Path(p).resolve() for p in paths})
 
 
 def fresh_rounds(candidate: Path, reference: Path, protocol: LatencyProtocol) -> Callable[[int], list]:
@@ -316,14 +317,14 @@ def time_many(candidates: list[Path], reference: Path, protocol: LatencyProtocol
             from_disk(candidate)
             with loaded(candidate, n_ctx, protocol.threads) as cand:
                 timings.append(timed_rounds(loaded_rounds(cand, ref, protocol), protocol,
-                                            files_bytes=_size(candidate) + _size(reference)))
+                                            files_bytes=files_bytes(candidate, reference)))
     return timings
 
 
 def timed_rounds(round_runs: Callable[[int], list], protocol: LatencyProtocol,
                  unclear: Callable[[dict], bool] | None = None, files_bytes: int = 0) -> "ABLatency":
     """The A/B timing from `round_runs` (round k -> its three runs, `Runs` where they say what they read from
-    storage); `files_bytes`: the two files' size, for `from_disk_reason`. Without `unclear` the protocol's repeats are
+    storage); `files_bytes`: the files' size, for `from_disk_reason`. Without `unclear` the protocol's repeats are
     timed and one interval made (CONFIDENCE); with it, the intervals are looked at after each count of rounds
     in `looks(repeats, most_repeats)`, each at `look_confidence` of that schedule, until `unclear` is
     satisfied."""
