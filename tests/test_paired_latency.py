@@ -193,7 +193,7 @@ def test_a_timing_counts_the_bytes_it_read_from_disk_and_says_when_its_figures_a
     files = sum(path.stat().st_size for path in two_ggufs)
     assert in_memory.files_bytes == files and in_memory.disk_bytes is not None
     assert in_memory.disk_bytes <= runtime.DISK_FLOOR and runtime.from_disk_reason(in_memory) is None
-    assert runtime.files_bytes(two_ggufs[0], two_ggufs[0]) == two_ggufs[0].stat().st_size  # a baseline: one file
+    assert runtime.size_of_files(two_ggufs[0], two_ggufs[0]) == two_ggufs[0].stat().st_size  # a baseline: one file
     evicted = tmp_path / "evicted.bin"
     evicted.write_bytes(np.random.default_rng(0).bytes(8 << 20))
     before = runtime.bytes_read_from_disk()

@@ -262,10 +262,10 @@ def time_ab(candidate: Path, reference: Path, protocol: LatencyProtocol,
     PairedRatio, "prefill_ratio": ...}) leave a verdict open, more rounds on the looks' schedule, up to the
     protocol's `most_repeats`."""
     return timed_rounds(fresh_rounds(candidate, reference, protocol), protocol, unclear,
-                        files_bytes=files_bytes(candidate, reference))
+                        files_bytes=size_of_files(candidate, reference))
 
 
-def files_bytes(*paths: Path) -> int:
+def size_of_files(*paths: Path) -> int:
     """The bytes of the files timed, each once (a baseline is its reference file timed against itself)."""
     return sum(path.stat().st_size for path in {Path(p).resolve() for p in paths})
 
@@ -317,7 +317,7 @@ def time_many(candidates: list[Path], reference: Path, protocol: LatencyProtocol
             from_disk(candidate)
             with loaded(candidate, n_ctx, protocol.threads) as cand:
                 timings.append(timed_rounds(loaded_rounds(cand, ref, protocol), protocol,
-                                            files_bytes=files_bytes(candidate, reference)))
+                                            files_bytes=size_of_files(candidate, reference)))
     return timings
 
 
