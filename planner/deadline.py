@@ -104,7 +104,8 @@ def predicted_seconds(study: optuna.Study, stages: list[dict]) -> tuple[float, s
         source = f"trial{'s' if len(pool) > 1 else ''} {', '.join(str(t.number) for t in pool)} {ending}"
     carried = bool(upstream)  # a derived candidate: what the source's trials spent on carried work is not its
     rest = statistics.median(t.user_attrs["seconds"]["total"] - _trained_seconds(t)
-                             - (t.user_attrs.get(CARRIABLE_SECONDS, 0.0) if carried else 0.0) for t in pool)
+                             - ((workers.measured(t, "runtime", CARRIABLE_SECONDS) or 0.0) if carried else 0.0)
+                             for t in pool)
     return training + rest, source
 
 

@@ -7,7 +7,7 @@ import optuna
 
 from planner.objectives import FIGURES, MINIMIZE, OBJECTIVES, column_order, metric
 from planner.outcome import CONFIRMATIONS, Compared, Outcome, best_trials, feasible
-from planner.workers import NOT_STARTED, TIMED_FROM_DISK, answered, finished, repeat
+from planner.workers import NOT_STARTED, answered, finished, repeat, timed_from_disk
 
 
 def trial_line(trial: optuna.trial.FrozenTrial, total: int, counted: int | None = None) -> str:
@@ -27,8 +27,7 @@ def trial_line(trial: optuna.trial.FrozenTrial, total: int, counted: int | None 
             or trial.user_attrs.get("screened", {}).get("reason")
             or (f"same candidate as trial {trial.user_attrs['duplicate_of']}" if "duplicate_of" in trial.user_attrs
                 else ""))
-    if TIMED_FROM_DISK in trial.user_attrs:
-        note = "; ".join(filter(None, (note, trial.user_attrs[TIMED_FROM_DISK])))
+    note = "; ".join(filter(None, (note, timed_from_disk(trial))))
     if repeat(trial):
         note += "; not counted in the trials"
     return (f"trial {where} {'ok  ' if feasible(trial) else 'over'} {figures}  {seconds:5.1f} s  {label}"

@@ -23,13 +23,11 @@ from planner.settings import StudySettings
 from search_spaces import BuildContext
 from search_spaces.compute import float32_compute
 from targets import TRANSFORMERS, Measured, Request, Target
-from targets.base import CARRIABLE_SECONDS
 from targets.figures import metrics_row
 from targets.transformers_target import measure_torch
 
 # What a trial that reuses a measured twin copies from it.
-TWIN_ATTRS = ("metrics", "measurements", "estimated_weight_bytes", "rejected", "skipped_perplexity", "screened",
-              workers.TIMED_FROM_DISK)
+TWIN_ATTRS = ("metrics", "measurements", "estimated_weight_bytes", "rejected", "skipped_perplexity", "screened")
 # A candidate this far over a latency budget is not worth its perplexity run.
 LATENCY_SKIP_FACTOR = 1.5
 
@@ -280,11 +278,6 @@ def objective(bench: Workbench):
         if not all(math.isfinite(row[name]) for name in objective_registry.OBJECTIVES if name in row):
             raise FloatingPointError(f"non-finite metrics {row}")
         trial.set_user_attr("measurements", details)
-        carriable = details.get("runtime", {}).get(CARRIABLE_SECONDS)
-        if carriable:  # the build's seconds its derived candidates will not spend (deadline.py's predictions)
-            trial.set_user_attr(CARRIABLE_SECONDS, carriable)
-        if details.get("latency", {}).get("from_disk"):  # said on the trial's line: its latency is the disk's
-            trial.set_user_attr(workers.TIMED_FROM_DISK, details["latency"]["from_disk"])
         stored = details.get("runtime", {}).get("stored")
         if stored:  # what the target's artifact really holds, read back from it (llama-quant's types per tensor)
             trial.set_user_attr("label", f"{label} [{stored}]")

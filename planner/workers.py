@@ -53,7 +53,17 @@ def finished(trial: optuna.trial.FrozenTrial) -> bool:
 
 
 NOT_STARTED = "not_started"  # trial attribute: why a candidate was not started before the deadline (deadline.py)
-TIMED_FROM_DISK = "timed_from_disk"  # trial attribute: why its latency figures are the disk's (the target says)
+
+
+def measured(trial: optuna.trial.FrozenTrial, section: str, name: str):
+    """One figure of what the target recorded of the trial's candidate (its `measurements`; a twin holds its
+    source's), None where it recorded none."""
+    return (trial.user_attrs.get("measurements") or {}).get(section, {}).get(name)
+
+
+def timed_from_disk(trial: optuna.trial.FrozenTrial) -> str | None:
+    """Why the trial's latency figures are the disk's, not the runtime's (the target says; None: they are not)."""
+    return measured(trial, "latency", "from_disk")
 
 
 def repeat(trial: optuna.trial.FrozenTrial) -> bool:

@@ -86,7 +86,7 @@ def test_too_late_says_what_it_predicted_and_what_was_left(study):
 def test_a_derived_candidate_is_not_predicted_to_spend_what_it_carries_from_the_source_models_trial(study):
     """The full model's llama-quant trial spent 700 of its 1200 s on tables a large cut carries: a cut of a kind
     not seen yet is predicted from it without them; the full model quantized again is not."""
-    _add(study, [QUANT], 1200.0, carriable_seconds=700.0)
+    _add(study, [QUANT], 1200.0, measurements={"runtime": {"carriable_seconds": 700.0}})
     cut = {"technique": "pruning", "spec": {"mlp_keep": 0.75, "heal_steps": 0}}
     seconds, source = deadline.predicted_seconds(study, [cut, QUANT])
     assert seconds == pytest.approx((992.0 + 500.0) / 2) and source == "trials 0, 1 ending in its last stage"
