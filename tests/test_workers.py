@@ -83,7 +83,7 @@ def interrupt_a_search(study_file, tmp_path, trials: int, sig) -> tuple[str, lis
 
 
 def test_sigkill_mid_trial_then_rerun_keeps_every_finished_trial(tiny_study_file, tmp_path, capsys):
-    url, search, process = interrupt_a_search(tiny_study_file, tmp_path, 6, signal.SIGKILL)
+    url, search, process = interrupt_a_search(tiny_study_file, tmp_path, 3, signal.SIGKILL)
     process.wait()
     before = load(url)
     kept = snapshot(before)
@@ -99,12 +99,12 @@ def test_sigkill_mid_trial_then_rerun_keeps_every_finished_trial(tiny_study_file
     retried = [t for t in trials if t.user_attrs.get("retry_of") == killed[0]]
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
     assert cut.params.items() <= retried[0].params.items()  # the same candidate (as far as it was drawn) ran again
-    assert finished(after) == 6
+    assert finished(after) == 3
 
 
 @pytest.mark.parametrize("sig, reason", [(signal.SIGINT, "stopped with Ctrl-C"), (signal.SIGTERM, "stopped by SIGTERM")])
 def test_ctrl_c_or_sigterm_stops_cleanly_and_says_what_was_saved(tiny_study_file, tmp_path, capsys, sig, reason):
-    url, search, process = interrupt_a_search(tiny_study_file, tmp_path, 5, sig)
+    url, search, process = interrupt_a_search(tiny_study_file, tmp_path, 3, sig)
     out, err = process.communicate(timeout=120)
     # A shell reports both as status 130. Rarely (1 run in ~10 here) CPython ends the process by re-raising
     # SIGINT after main() has returned 130, when a KeyboardInterrupt once escaped a C-level evaluation.
@@ -118,7 +118,7 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_says_what_was_saved(tiny_study_file
     assert any(t.state == TrialState.WAITING and t.user_attrs.get("retry_of") == cut[0].number
                for t in stopped.trials)
     assert cli.main(search) == 0, capsys.readouterr().err
-    assert finished(load(url)) == 5
+    assert finished(load(url)) == 3
 
 
 def _storages(tmp_path):
