@@ -52,17 +52,19 @@ def gguf_architecture(config) -> str:
     if model_type not in ARCHITECTURES:
         raise UnsupportedForGGUF(f"the llama.cpp target serves {', '.join(sorted(ARCHITECTURES))} models, "
                                  f"not {model_type!r}")
-    rope = _rope(config)
+    rope = rope_parameters(config)
     if rope.get("rope_type", "default") != "default":
         raise UnsupportedForGGUF(f"the GGUF writer does not write {rope['rope_type']!r} rotary scaling")
     arch = ARCHITECTURES[model_type]
-    if arch not in FREE_HEAD_SPLIT and _head_dim(config) * config.num_attention_heads != config.hidden_size:
+    if arch not in FREE_HEAD_SPLIT and head_dim_of(config) * config.num_attention_heads != config.hidden_size:
         raise UnsupportedForGGUF(f"llama.cpp's {arch} graph needs attention heads that span the hidden size "
-                                 f"({config.num_attention_heads} x {_head_dim(config)} != {config.hidden_size})")
+                                 f"({config.num_attention_heads} x {head_dim_of(config)} != {config.hidden_size})")
     return arch
 
 
-def _rope(config) -> dict:
+def rope_parameters(config) -> dict:
+    """The model's rotary settings, its base frequency always among them (transformers 5 keeps them in
+    `rope_parameters`, earlier versions in `rope_scaling` and `rope_theta`)."""
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     return {**rope, "rope_theta": theta}
@@ -126,7 +128,7 @@ def gguf_tensors(model: nn.Module) -> list[tuple[str, np.ndarray, object]]:
                 tensors.append((f"{target}.{suffix}", data, kind))
     if not any(t[0] == "output.weight" for t in tensors) and not tied:
         raise UnsupportedForGGUF("the LM head has no stored weight and is not tied to the embedding")
-    head_dim = _head_dim(config)
+    head_dim = head_dim_of(config)
     for index in range(config.num_hidden_layers):
         for name, target in BLOCK_TENSORS.items():
             module = modules.get(f"model.layers.{index}.{name}")
@@ -145,7 +147,8 @@ def _tied(model: nn.Module) -> bool:
     return head is not None and head.weight is embedding.weight
 
 
-def _head_dim(config) -> int:
+def head_dim_of(config) -> int:
+    """An attention head's width: the config's own where it sets one (Gemma, Qwen3), else hidden / heads."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
@@ -172,7 +175,7 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, name: str = "planner can
 
 
 def _write_config(writer, config, arch: str, name: str) -> None:
-    head_dim = _head_dim(config)
+    head_dim = head_dim_of(config)
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -183,7 +186,7 @@ def _write_config(writer, config, arch: str, name: str) -> None:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(_rope(config)["rope_theta"]))
+    writer.add_rope_freq_base(float(rope_parameters(config)["rope_theta"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
 

@@ -23,7 +23,7 @@ from targets.llamacpp.errors import UnsupportedForGGUF
 from targets.llamacpp.gguf_header import put_tensor_data, read_float_tensor, read_header
 from targets.llamacpp.imatrix import IMATRIX_FILE, imatrix_digest, quantize_metadata, write_imatrix_file
 from targets.llamacpp.quantize import FLOAT_TYPES, quantize_gguf
-from targets.llamacpp.gguf_file import _head_dim, _rope, gguf_architecture, vocab_of, write_gguf
+from targets.llamacpp.gguf_file import gguf_architecture, head_dim_of, rope_parameters, vocab_of, write_gguf
 
 HAND_WRITTEN = "planner GGUF writer"
 # On a built model, the type plan (targets.llamacpp.allocated.TypePlan) the writer hands llama.cpp's quantizer.
@@ -68,9 +68,9 @@ def bytes_beyond_held(model) -> int:
             seen.add(id(tensor))
             beyond += tensor.numel() * max(0, 4 - tensor.element_size())
     config = model.config.get_text_config()
-    rope = _rope(config)
+    rope = rope_parameters(config)
     if rope.get("rope_type", rope.get("type")) == "llama3":
-        beyond += _head_dim(config) // 2 * 4
+        beyond += head_dim_of(config) // 2 * 4
     return beyond
 
 
