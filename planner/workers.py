@@ -209,9 +209,8 @@ def run_trials(study: optuna.Study, objective: Callable, target: int, timeout: f
     pass in this process, the study's own deadline (`planner create --timeout`) passes for every worker,
     `MAX_DRAWS` draws per counted trial were made, or `MAX_LATE_IN_A_ROW` draws in a row were predicted to run past
     the deadline."""
-    deadline = study.user_attrs.get(DEADLINE_ATTR)
     ends = deadline_of(study, timeout)  # handed to each trial: a candidate predicted to run past it is not started
-    result, started, waiting_said, current = RunResult(), time.monotonic(), False, {}
+    result, waiting_said, current = RunResult(), False, {}
     reap = Reaper()
 
     def guarded(trial: optuna.Trial):
@@ -254,8 +253,7 @@ def run_trials(study: optuna.Study, objective: Callable, target: int, timeout: f
             return result
         if result.failed_in_a_row >= MAX_CONSECUTIVE_FAILURES:
             return result
-        if ((timeout is not None and time.monotonic() - started >= timeout)
-                or (deadline is not None and time.time() >= deadline)):
+        if ends is not None and time.time() >= ends:  # the one end the trials were handed
             result.timed_out = True
             return result
         if result.late_in_a_row >= MAX_LATE_IN_A_ROW:

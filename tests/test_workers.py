@@ -385,6 +385,19 @@ def test_a_study_deadline_stops_every_worker():
     assert result.timed_out and result.ran == 0 and not study.trials
 
 
+def test_a_process_timeout_stops_this_process_after_the_trial_it_is_in():
+    study = optuna.create_study(directions=["minimize"])
+
+    def objective(trial):
+        time.sleep(0.3)
+        return trial.suggest_float("x", 0, 1)
+
+    started = time.monotonic()
+    result = workers.run_trials(study, objective, target=50, timeout=1.0, say=lambda _: None)
+    assert result.timed_out and 3 <= result.ran <= 5 and time.monotonic() - started < 2.0
+    assert all(t.user_attrs["deadline"] == study.trials[0].user_attrs["deadline"] for t in study.trials)
+
+
 def test_a_failed_trial_frees_what_it_built(tiny_study_file, tmp_path, capsys, monkeypatch):
     import weakref
 
