@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Distributions whose import name is not their name with dashes as underscores.
-IMPORT_NAMES = {"llama-cpp-python": "llama_cpp", "pyyaml": "yaml", "protobuf": "google.protobuf"}
+IMPORT_NAMES = {"llama-cpp-python": "llama_cpp", "pyyaml": "yaml", "protobuf": "google.protobuf", "pytest-xdist": "xdist"}
 
 
 def installed_extras() -> list[str]:

@@ -394,7 +394,8 @@ def test_a_process_timeout_stops_this_process_after_the_trial_it_is_in():
 
     started = time.monotonic()
     result = workers.run_trials(study, objective, target=50, timeout=1.0, say=lambda _: None)
-    assert result.timed_out and 3 <= result.ran <= 5 and time.monotonic() - started < 2.0
+    # at most 1 s / 0.3 s + the one it was in (fewer on a busy machine); without the check, all 50 in 15 s
+    assert result.timed_out and 1 <= result.ran <= 4 and time.monotonic() - started < 5.0
     assert all(t.user_attrs["deadline"] == study.trials[0].user_attrs["deadline"] for t in study.trials)
 
 
