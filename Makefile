@@ -35,7 +35,7 @@ demo: assets
 evaluate-demo: assets
 	$(VENV)/bin/planner evaluate --model builtin:smollm2-135m --data builtin:shakespeare --json studies/demo-evaluation.json
 
-# One worker process a core, each single-threaded (tests/conftest.py): about 11.5 minutes on 2 cores.
+# One worker process a core, each single-threaded (tests/conftest.py): 11.5-12.5 minutes on 2 cores.
 test: setup
 	$(PY) -m pytest -n auto
 

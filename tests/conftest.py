@@ -19,14 +19,15 @@ from types import SimpleNamespace
 # `make test` runs the suite in one worker process per core (pytest-xdist, `-n auto`). Each computes
 # single-threaded, and so does every process it starts (the variable is inherited): two workers each running
 # torch's two threads on two cores made the suite no faster than one process (measured: 20.5 against 20.8 min);
-# one thread each, 11.5 min.
-if os.environ.get("PYTEST_XDIST_WORKER"):
+# one thread each, 11.5-12.5 min.
+IN_A_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if IN_A_WORKER:  # before torch is imported: it reads the variable once
     os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 import torch
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
+if IN_A_WORKER:
     torch.set_num_threads(1)
 
 WORKERS_AT_MOST = 4  # `-n auto`: one a core, at most this many (each holds the built-in model at times)
