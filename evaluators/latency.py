@@ -43,6 +43,11 @@ class LatencyProtocol:
     # Rounds an A/B timing may run to while its verdict against a budget is unclear (its interval straddles
     # the budget); None: EXTENSION x repeats. Runtimes that time A/B use it (targets/llamacpp).
     max_repeats: int | None = None
+    # Timed prefills of the prompt per run where a runtime prefills more than once (llama.cpp's A/B timing: the
+    # last leads into the decode). None: the runtime's own count (targets.llamacpp.runtime.PREFILLS); a study
+    # sets 1 where no prefill budget judges them (planner.trial.Workbench.request): at 1.24 B parameters the
+    # extra prefills were 40% of a candidate's timing (docs/benchmarks.md section 20).
+    prefills: int | None = None
 
     def __post_init__(self) -> None:
         require_int("prompt_tokens", self.prompt_tokens, 1)
@@ -54,6 +59,8 @@ class LatencyProtocol:
         require_int("seed", self.seed, 0)
         if self.max_repeats is not None:
             require_int("max_repeats", self.max_repeats, self.repeats)
+        if self.prefills is not None:
+            require_int("prefills", self.prefills, 1)
 
     @property
     def most_repeats(self) -> int:

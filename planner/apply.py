@@ -135,8 +135,9 @@ def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool
     objectives = ("perplexity",) + tuple(o for o in recorded if o not in ("perplexity", "kl"))
     settings = StudySettings(model=recipe.model_source, data=data, evaluation=recipe.provenance.get("evaluation") or {},
                              objectives=list(objectives), target=chosen.name)
-    bench = Workbench(settings, model, tokenizer, corpus, context, {}, [], {}, objectives=objectives, target=chosen)
-    request = timing_request(bench.request(), recipe)
+    bench = Workbench(settings, model, tokenizer, corpus, context, {}, [Budget(**b) for b in recipe.budget], {},
+                      objectives=objectives, target=chosen)
+    request = timing_request(bench.request(may_skip=False), recipe)
     row = chosen.measure_shipped(request, artifact).row
     result = check(recipe, row, out, artifact, chosen.name)
     result.how_to_load = chosen.how_to_load(artifact, request.latency)
@@ -155,7 +156,8 @@ def readable_by_all(folder: Path) -> None:
 
 
 def timing_request(request, recipe: Recipe):
-    """The study's request as apply times the artifact: one timing that may look on, while a verdict is unclear
+    """The study's request as apply times the artifact (made on the recipe's budgets: a prefill budget times the
+    prefills as the study did; nothing skipped): one timing that may look on, while a verdict is unclear
     (`unclear_rule`), for up to APPLY_EXTENSION times the study's most rounds."""
     longer = replace(request.latency, max_repeats=request.latency.most_repeats * APPLY_EXTENSION)
     return replace(request, latency=longer, unclear=unclear_rule(recipe))

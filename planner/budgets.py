@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from evaluators.paired import CONFIDENCE, MEETS, OVER, UNDECIDED, shown, straddles  # noqa: F401 (the verdicts, re-exported)
 from planner.errors import PlannerError
@@ -116,6 +116,16 @@ def unclear(budgets: list[Budget]):
         return any(b.relative is not None and b.ratio_metric in intervals
                    and intervals[b.ratio_metric].verdict(b.relative) == UNDECIDED for b in budgets)
     return rule
+
+
+def with_prefills(protocol, budgets: list[Budget]):
+    """The latency protocol (evaluators.latency.LatencyProtocol) with its prefills per run resolved: where no
+    prefill budget judges them and the study file leaves them open, the one prefill each run needs before its
+    decode (the runtime's more precise count cost 40% of a 1.24 B candidate's timing, docs/benchmarks.md
+    section 20)."""
+    if protocol.prefills is None and of_kind(budgets, "prefill") is None:
+        return replace(protocol, prefills=1)
+    return protocol
 
 
 def of_kind(budgets: list[Budget], kind: str) -> Budget | None:

@@ -70,8 +70,8 @@ FIGURES: list[Metric] = [
     # Same-run A/B ratio of decode time to the target's reference (the uncompressed model in its runtime).
     Metric("decode_ratio", "decode x", "ratio", "{:.2f}", "latency"),
     Metric("prefill_ms_p50", "prefill ms", "ms", "{:.1f}", "latency"),
-    # The same for prefill (each run prefills the prompt PREFILLS times); left out where its interval was too
-    # wide to read (targets.llamacpp.target.PREFILL_SPREAD).
+    # The same for prefill (each run prefills the prompt the protocol's `prefills` times: 1 in a study without a
+    # prefill budget); left out where its interval was too wide to read (targets.llamacpp.target.PREFILL_SPREAD).
     Metric("prefill_ratio", "prefill x", "ratio", "{:.2f}", "latency"),
     Objective("weight_mb", "weight MB", "MB", "{:.1f}", "memory", brief="MB",
               unmeasured=lambda baseline: baseline["weight_mb"], budget="memory", budget_scale=1e-6),

@@ -79,7 +79,7 @@ class Workbench:
         needed = self.evaluators()
         setup = ScoringSetup(self.reference, str(self.context.device))
         return Request(self.model, self.tokenizer, self.corpus.eval, self.settings.perplexity_protocol(),
-                       self.settings.latency_protocol(), frozenset(needed),
+                       budget_rules.with_prefills(self.settings.latency_protocol(), self.budgets), frozenset(needed),
                        objective_registry.scorers(needed, setup), self.context.device,
                        (lambda row: hopeless(self.budgets, row)) if may_skip else (lambda row: None),
                        unclear=budget_rules.unclear(self.budgets))

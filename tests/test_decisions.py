@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import optuna
@@ -1037,10 +1037,25 @@ def test_the_study_wiring_reaches_the_build_and_the_evaluators(lab, objectives):
     lab.run(bench, "a")
     measure_baseline(bench)
     assert lab.args == {("suggest", id(SPACES)), ("aim", True), ("estimate", "base", True), ("build", "base", id(CONTEXT)),
-                        ("latency", SETTINGS.latency_protocol()),
+                        ("latency", replace(SETTINGS.latency_protocol(), prefills=1)),  # no prefill budget
                         ("perplexity", id(TOKENIZER), id(HELD_OUT), SETTINGS.perplexity_protocol())}
     assert SETTINGS.latency_protocol() != StudySettings().latency_protocol()
     assert SETTINGS.perplexity_protocol() != StudySettings().perplexity_protocol()
+
+
+@pytest.mark.parametrize("budgets, asked, timed", [
+    ([], None, 1),  # nothing judges prefill: the one prefill each run needs before its decode
+    (["memory:1GB"], None, 1),
+    (["prefill:1s"], None, None),  # a prefill budget: the runtime's own, more precise count
+    ([], 4, 4), (["prefill:1s"], 2, 2),  # the study file's own count stands
+])
+def test_prefills_are_timed_where_a_prefill_budget_judges_them(lab, budgets, asked, timed):
+    settings = StudySettings(evaluation={"latency": {"prompt_tokens": 8, "new_tokens": 2, "repeats": 1, "warmup": 0,
+                                                     **({"prefills": asked} if asked else {})}})
+    bench = lab.bench(budgets)
+    bench.settings = settings
+    measure(bench, SimpleNamespace(name="a"), [])
+    assert {args[1].prefills for args in lab.args if args[0] == "latency"} == {timed}
 
 
 def test_kl_details(lab):

@@ -11,10 +11,11 @@ import yaml
 
 import cli
 from planner.storage import open_storage
+from targets.llamacpp import target as llamacpp_target
 from targets.llamacpp.runtime import serving_threads
 
 
-def test_a_latency_budgeted_llama_cpp_study_ships_a_gguf(tiny_study_file, tmp_path, capsys):
+def test_a_latency_budgeted_llama_cpp_study_ships_a_gguf(tiny_study_file, tmp_path, capsys, monkeypatch):
     text = tiny_study_file.read_text().replace('target = "transformers"', 'target = "auto"')
     tiny_study_file.write_text(text.replace('methods = ["none", "rtn", "dynamic-int8"]',
                                             'methods = ["none", "rtn", "gptq", "dynamic-int8", "bnb"]'))
@@ -36,6 +37,8 @@ def test_a_latency_budgeted_llama_cpp_study_ships_a_gguf(tiny_study_file, tmp_pa
         assert (details["latency"]["threads"], details["latency"]["batch_threads"]) == (served.decode, served.batch)
         assert rounds >= 2 and details["latency"]["reference_decode"]["n"] == (3 * rounds + 1) // 2 * 4
         assert details["latency"]["decode"]["n"] == 3 * rounds // 2 * 4 and len(details["latency"]["decode_rounds"]) == rounds
+        # no prefill budget: one prefill a run, the one its decode needs
+        assert details["latency"]["protocol"]["prefills"] == 1 and details["latency"]["prefill"]["n"] == 3 * rounds // 2
         # only GGUF's grids: no bitsandbytes, no dynamic int8, blocks of 32
         for stage in trial.user_attrs["stages"]:
             if stage["technique"] == "quantization":
@@ -47,9 +50,17 @@ def test_a_latency_budgeted_llama_cpp_study_ships_a_gguf(tiny_study_file, tmp_pa
     recipe = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
     assert recipe["provenance"]["target"] == "llama.cpp"
 
+    # apply times as the recipe's budgets say: given a prefill budget, the runtime's own count of prefills
+    budgeted = {**recipe, "budget": recipe["budget"] + [{"kind": "prefill", "limit": 1e9, "relative": None,
+                                                         "text": "1000000s"}]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(budgeted))
+    timed_with = []
+    real_time_ab = llamacpp_target.time_ab
+    monkeypatch.setattr(llamacpp_target, "time_ab", lambda *a, **k: timed_with.append(a[2].prefills) or real_time_ab(*a, **k))
     code = cli.main(["apply", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "deploy")])
     out, err = capsys.readouterr()
     assert code == 0, err
+    assert timed_with and set(timed_with) == {None}
     assert (tmp_path / "deploy" / "model.gguf").is_file() and (tmp_path / "deploy" / "recipe.yaml").is_file()
     assert "shipped" in out and "model.gguf for llama.cpp, loaded fresh and re-measured" in out
     assert "the uncompressed model in the same run" in out

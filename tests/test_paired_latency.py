@@ -168,6 +168,11 @@ def test_llama_cpp_times_rounds_and_looks_again_only_on_its_schedule_while_the_c
     assert LatencyProtocol(repeats=3).most_repeats == 12
     with pytest.raises(ValueError, match="max_repeats must be an integer >= 3"):
         LatencyProtocol(repeats=3, max_repeats=2)
+    once = time_ab(*two_ggufs, replace(protocol, prefills=1))  # a study without a prefill budget
+    assert once.prefill["n"] == 3 == once.reference_prefill["n"] and once.decode["n"] == 3 * 4
+    assert once.rounds == 2 == len(once.prefill_rounds)
+    with pytest.raises(ValueError, match="prefills must be an integer >= 1"):
+        LatencyProtocol(prefills=0)
 
 
 def _read_dropped(path) -> None:

@@ -342,7 +342,7 @@ def predicted_decode(tables: dict, chosen: dict[str, Option], costs: dict[str, f
 
 
 # What the per-type decode costs are timed with: short, a few rounds (a cost model, not a verdict).
-COST_PROTOCOL = dict(prompt_tokens=32, new_tokens=16, warmup=1, repeats=3, seed=0)
+COST_PROTOCOL = dict(prompt_tokens=32, new_tokens=16, warmup=1, repeats=3, seed=0, prefills=1)  # decode costs only
 # A large model's decode costs are timed on a copy with only its first decoder layers (the files are zeroed, so
 # only the shapes matter): at most this many parameters where the layers allow, at least COST_LEAST_LAYERS layers.
 # On a 1.24 B Llama, 4 of 16 layers: the files and their timing 2.4x smaller. A type's cost is per weight (its

@@ -6,7 +6,7 @@ candidate, reference, candidate, ..., so every run follows one of the other mode
 is faster the second time: flipping the order each round, as this did before, gave that to one model more
 often, and the same file timed against itself read 0.93). A run is a prefill of the protocol's random prompt
 followed by greedy one-token decode steps back to back through llama.cpp's KV cache, as a server runs them
-(PREFILLS prefills of the prompt first, the last one leading into the decode). A candidate's figure is the
+(the protocol's prefills of the prompt first, `prefills_of`, the last one leading into the decode). A candidate's figure is the
 median over its decode steps. Its ratio comes from independent rounds (`round_figures`): the run sequence is
 cut into triplets, R C R then C R C, ..., and each triplet's middle run is set against the geometric mean of
 its two neighbours, step by step (the same cache position), so a drift of the machine across the triplet
@@ -148,10 +148,16 @@ def _step(llm, token: int) -> tuple[float, int]:
     return (time.perf_counter() - start) * 1e3, next_token
 
 
-# Prefills per run: a prefill is one sample where a run has `new_tokens` decode steps, so each run prefills the
-# prompt this many times (from an empty cache each time) and its prefill ratio has an interval over rounds as
-# decode's has (one prefill per round gave 3 pairs a study: an "interval" of 3 points).
+# Prefills per run where the protocol leaves it open (`LatencyProtocol.prefills` None): a prefill is one sample
+# where a run has `new_tokens` decode steps, so each run prefills the prompt this many times (from an empty cache
+# each time) and its prefill ratio's round figures are each of several pairs, as decode's are. A study that has
+# no prefill budget asks for 1 (the prefill every run needs before its decode): its prefill ratio then has one
+# pair a round, a wider interval, and is left out of the tables where that spans more than PREFILL_SPREAD.
 PREFILLS = 3
+
+
+def prefills_of(protocol: LatencyProtocol) -> int:
+    return PREFILLS if protocol.prefills is None else protocol.prefills
 
 
 def _warm(llm, prompt: list[int]) -> None:
@@ -161,15 +167,15 @@ def _warm(llm, prompt: list[int]) -> None:
     _step(llm, token)
 
 
-def _run(llm, prompt: list[int], new_tokens: int) -> tuple[list[float], list[float]]:
-    """PREFILLS prefills, then `new_tokens` greedy decode steps back to back after the last, as a server runs
-    them; (prefill ms, step ms)."""
+def _run(llm, prompt: list[int], protocol: LatencyProtocol) -> tuple[list[float], list[float]]:
+    """The protocol's prefills (`prefills_of`), then its `new_tokens` greedy decode steps back to back after the
+    last, as a server runs them; (prefill ms, step ms)."""
     prefills = []
-    for _ in range(PREFILLS):
+    for _ in range(prefills_of(protocol)):
         ms, token = _prefill(llm, prompt)
         prefills.append(ms)
     steps = []
-    for _ in range(new_tokens):
+    for _ in range(protocol.new_tokens):
         ms, token = _step(llm, token)
         steps.append(ms)
     return prefills, steps
@@ -204,7 +210,7 @@ class ABLatency:
     reference_decode: dict
     reference_prefill: dict
     decode_ratio: float  # exp(mean over rounds of the round's log ratio of candidate / reference decode steps)
-    prefill_ratio: float  # the same over prefills (PREFILLS a run)
+    prefill_ratio: float  # the same over prefills (prefills_of(protocol) a run)
     decode_interval: dict  # evaluators.paired.PairedRatio: the ratio, its t interval over rounds, its confidence
     prefill_interval: dict
     decode_rounds: list  # each round's log ratio of candidate / reference (what the interval is of)
@@ -288,7 +294,7 @@ def fresh_rounds(candidate: Path, reference: Path, protocol: LatencyProtocol) ->
             for _ in range(protocol.warmup):
                 _warm(first, prompt)
                 _warm(second, prompt)
-            return with_disk_reads(_run(llm, prompt, protocol.new_tokens) for llm in (first, second, first))
+            return with_disk_reads(_run(llm, prompt, protocol) for llm in (first, second, first))
     return round_runs
 
 
@@ -302,7 +308,7 @@ def loaded_rounds(cand, ref, protocol: LatencyProtocol) -> Callable[[int], list]
 
     def round_runs(k: int) -> list:
         order = (ref, cand, ref) if k % 2 == 0 else (cand, ref, cand)  # R C R C R C ...: each after the other
-        return with_disk_reads(_run(llm, prompt, protocol.new_tokens) for llm in order)
+        return with_disk_reads(_run(llm, prompt, protocol) for llm in order)
     return round_runs
 
 
