@@ -130,8 +130,14 @@ def child(key: str, only: tuple[str, ...] = STAGES) -> dict:
 
 
 def load() -> dict:
+    """The rows by size; a later row of a size (a stage measured again, `--child SIZE --stages ...`) replaces the
+    stages it measured and keeps the others."""
     rows = [json.loads(line) for line in LOG.read_text().splitlines() if line.strip()] if LOG.exists() else []
-    return {row["size"]: row for row in rows}
+    merged: dict = {}
+    for row in rows:
+        earlier = merged.get(row["size"], {"stages": {}})
+        merged[row["size"]] = {**earlier, **row, "stages": {**earlier["stages"], **row["stages"]}}
+    return merged
 
 
 def ordered(rows: dict) -> list[str]:

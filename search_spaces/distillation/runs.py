@@ -19,6 +19,7 @@ from torch import nn
 from evaluators.runtime import model_device, model_dtype
 from search_spaces.calibration import training_windows
 from search_spaces.distillation.cache import StudentCache, data_identity, key_of, student_key, weights_identity
+from search_spaces.distillation.teacher import TeacherStates
 from search_spaces.distillation.train import TrainSettings, train_student
 
 
@@ -35,6 +36,9 @@ class DistillReport:
     final_loss: float
     seconds: float  # wall time of this call: derive + train + store, or just the load on a hit
     structure: dict | None  # what was kept (structure.surgery.StructureReport.to_dict), None when nothing was cut
+    # training windows whose teacher states this call read from the study's cache (teacher.TeacherStates): its
+    # steps ran only the teacher's head for them, so its seconds per step are lower than a first run's
+    teacher_windows_read: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,12 +82,13 @@ def trained(teacher: nn.Module, material: dict[str, Any], settings: TrainSetting
         model, structure = start()
     windows = training_windows(context.tokenizer, context.calibration, base * settings.batch_size,
                                (steps - base) * settings.batch_size, seq_len, context.seed)
+    states = TeacherStates.of_run(context.cache_dir, material, settings.batch_size, seq_len)
     stats, optimizer = train_student(model, teacher, windows, settings, context.seed, context.progress, base,
-                                     optimizer)
+                                     optimizer, states)
     report = DistillReport(cache_key=key_of(lineage, steps) if cache else None, cache_hit=False, steps=steps,
                            resumed_from=base, trained_steps=stats.steps, seconds_per_step=stats.seconds_per_step,
                            train_seconds=stats.seconds, first_loss=stats.first_loss, final_loss=stats.final_loss,
-                           seconds=0.0, structure=structure)
+                           seconds=0.0, structure=structure, teacher_windows_read=states.read if states else 0)
     if cache:
         try:
             cache.store(lineage, steps, model, material, report.to_dict(), optimizer)

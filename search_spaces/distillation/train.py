@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from evaluators.runtime import model_device
 from search_spaces.compute import float32_compute
+from search_spaces.distillation.teacher import TeacherStates
 
 WARMUP_STEPS = 10
 SMOOTHING = 0.9  # running loss shown on the progress bar: exponential moving average
@@ -86,10 +87,13 @@ def _adamw(parameters: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
 
 def train_student(student: nn.Module, teacher: nn.Module, batches: torch.Tensor, settings: TrainSettings,
                   seed: int, progress: bool = True, start_step: int = 0,
-                  optimizer_state: dict | None = None) -> tuple[TrainStats, dict]:
+                  optimizer_state: dict | None = None,
+                  teacher_states: TeacherStates | None = None) -> tuple[TrainStats, dict]:
     """Train `student` in place from `start_step` to `settings.steps` against `teacher`, on `batches`
     ((steps - start_step) * batch_size, seq_len token ids: the windows of those steps). `optimizer_state` is
-    the AdamW state the run that reached `start_step` returned. Returns the stats and the AdamW state now."""
+    the AdamW state the run that reached `start_step` returned. `teacher_states`: the teacher's stored states of
+    the stream's windows (window step * batch_size onwards a step), read where stored, stored where not. Returns
+    the stats and the AdamW state now."""
     steps = settings.steps - start_step
     if steps < 1 or batches.shape[0] < steps * settings.batch_size:
         raise ValueError(f"{batches.shape[0]} windows for steps {start_step}..{settings.steps} of {settings.batch_size}")
@@ -115,7 +119,8 @@ def train_student(student: nn.Module, teacher: nn.Module, batches: torch.Tensor,
                 row = (step - start_step) * settings.batch_size
                 ids = batches[row:row + settings.batch_size].to(device)
                 with torch.no_grad(), float32_compute(teacher):
-                    teacher_logits = teacher(input_ids=ids, use_cache=False).logits
+                    teacher_logits = (teacher(input_ids=ids, use_cache=False).logits if teacher_states is None
+                                      else teacher_states.logits(teacher, ids, step * settings.batch_size))
                 with float32_compute(student):  # the backward pass needs nothing it installs
                     student_logits = student(input_ids=ids, use_cache=False).logits
                 loss = kd_loss(student_logits, teacher_logits, ids, settings.temperature, settings.alpha)
