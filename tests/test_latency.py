@@ -71,9 +71,9 @@ def test_protocol_defaults_and_round_trip():
     default = LatencyProtocol()
     assert default.to_dict() == {
         "prompt_tokens": 128, "new_tokens": 32, "warmup": 2, "repeats": 7, "threads": None, "seed": 0,
-        "max_repeats": None
+        "max_repeats": None, "prefills": None
     }
-    custom = LatencyProtocol(prompt_tokens=8, new_tokens=2, warmup=0, repeats=1, threads=1, seed=9)
+    custom = LatencyProtocol(prompt_tokens=8, new_tokens=2, warmup=0, repeats=1, threads=1, seed=9, prefills=2)
     data = json.loads(json.dumps(custom.to_dict()))
     assert LatencyProtocol.from_dict(data) == custom
     assert LatencyProtocol.from_dict({"repeats": 3}) == LatencyProtocol(repeats=3)

@@ -66,11 +66,25 @@ def test_states_are_keyed_by_teacher_data_seed_batch_and_length_not_by_the_stude
     folder = TeacherStates.of_run(tmp_path, MATERIAL, 2, 16).folder
     other_student = {**MATERIAL, "kind": "heal", "spec": {"mlp_keep": 0.5}}
     assert TeacherStates.of_run(tmp_path, other_student, 2, 16).folder == folder
-    for changed in ({"teacher": "other"}, {"teacher_dtype": "torch.bfloat16"}, {"data": "e"}, {"seed": 1}):
+    for changed in ({"teacher": "other"}, {"teacher_dtype": "torch.bfloat16"}, {"data": "e"}, {"seed": 1},
+                    {"teacher_upstream": [{"technique": "distillation"}]}):
         assert TeacherStates.of_run(tmp_path, {**MATERIAL, **changed}, 2, 16).folder != folder
     assert TeacherStates.of_run(tmp_path, MATERIAL, 4, 16).folder != folder
     assert TeacherStates.of_run(tmp_path, MATERIAL, 2, 32).folder != folder
     assert TeacherStates.of_run(None, MATERIAL, 2, 16) is None
+
+
+def test_a_cut_healed_from_itself_after_earlier_stages_does_not_share_the_source_models_states():
+    from search_spaces.pruning import PruneSpec, heal_material
+
+    spec, model = PruneSpec(mlp_keep=0.5, heal_steps=4), make_tiny_llama(vocab_size=len(TOKENIZER))
+    base = BuildContext(tokenizer=TOKENIZER, calibration=(), seed=0, model_id="tiny")
+    upstream = ({"technique": "distillation", "spec": {}},)
+    source = heal_material(model, spec, replace(base, teacher=model, upstream=upstream))
+    itself = heal_material(model, spec, replace(base, upstream=upstream))  # no teacher: the built model teaches
+    assert "teacher_upstream" not in source and itself["teacher_upstream"] == list(upstream)
+    assert "teacher_upstream" not in heal_material(model, spec, base)  # no stages before: the source model
+    assert TeacherStates.of_run("/c", source, 2, 16).folder != TeacherStates.of_run("/c", itself, 2, 16).folder
 
 
 def test_a_teacher_whose_logits_are_not_its_head_on_its_states_runs_whole_and_stores_nothing(tmp_path):

@@ -42,11 +42,13 @@ class TeacherStates:
     @classmethod
     def of_run(cls, cache_dir: Path | None, material: dict, batch_size: int, seq_len: int) -> "TeacherStates | None":
         """The states of the stream a run with lineage `material` trains on (runs/lineage_material: the teacher,
-        its dtype, the training split, the seed), None without a cache directory."""
+        its dtype, the training split, the seed; a teacher built by earlier stages, pruning.heal_material, says
+        so), None without a cache directory."""
         if cache_dir is None:
             return None
-        key = student_key({"teacher_states": {k: material[k] for k in ("teacher", "teacher_dtype", "data", "seed")},
-                           "batch_size": batch_size, "seq_len": seq_len})
+        teacher = {k: material[k] for k in ("teacher", "teacher_dtype", "data", "seed", "teacher_upstream")
+                   if k in material}
+        key = student_key({"teacher_states": teacher, "batch_size": batch_size, "seq_len": seq_len})
         return cls(Path(cache_dir) / "teacher-states" / key)
 
     def logits(self, teacher: nn.Module, ids: torch.Tensor, first_window: int) -> torch.Tensor:

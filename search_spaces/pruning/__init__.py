@@ -169,8 +169,11 @@ class PruneReport:
 
 
 def heal_material(teacher: nn.Module, spec: PruneSpec, context: BuildContext) -> dict:
-    """What a healed model depends on besides its steps: as a student's, plus the stages before pruning."""
-    return lineage_material("healed", teacher, spec, "heal_steps", context, upstream=list(context.upstream))
+    """What a healed model depends on besides its steps: as a student's, plus the stages before pruning (and, where
+    no teacher is given and the model was built by those stages, that the teacher is that built model: its states
+    are not the source model's, distillation.teacher)."""
+    derived = {"teacher_upstream": list(context.upstream)} if context.teacher is None and context.upstream else {}
+    return lineage_material("healed", teacher, spec, "heal_steps", context, upstream=list(context.upstream), **derived)
 
 
 def apply(model: nn.Module, spec: PruneSpec, context: BuildContext) -> nn.Module:
