@@ -45,7 +45,7 @@ class LatencyProtocol:
     max_repeats: int | None = None
     # Timed prefills of the prompt per run where a runtime prefills more than once (llama.cpp's A/B timing: the
     # last leads into the decode). None: the runtime's own count (targets.llamacpp.runtime.PREFILLS); a study
-    # sets 1 where no prefill budget judges them (planner.trial.Workbench.request): at 1.24 B parameters the
+    # sets 1 where no prefill budget judges them (planner.budgets.with_prefills): at 1.24 B parameters the
     # extra prefills were 40% of a candidate's timing (docs/benchmarks.md section 20).
     prefills: int | None = None
 
