@@ -11,6 +11,8 @@ The prediction, from the trials of the same *kind* (each stage's technique and m
   already built: cached), the latest such trial's; else the median over the first trial of each of those
   (each computed its shape's tables, trained, measured) that was not screened. A kind not seen yet takes the
   rest from the trials whose last stage is its last stage's (the quantizing and measuring it will need).
+  A repeat (the same stages before the last) takes none of the seconds that trial spent on its model's
+  llama-quant tables (`tables_seconds`: the repeat reads them from the cache).
   A derived candidate (stages before the last) takes none of the seconds a trial of the source model spent on
   what derived candidates carry (its `carriable_seconds`, targets.base: llama-quant's costly tables on a model of
   at least 400 M parameters; a smaller cut of a model just above that computes them and is predicted short).
@@ -25,7 +27,7 @@ import optuna
 
 from planner import rungs, workers
 from search_spaces import TECHNIQUES
-from targets.base import CARRIABLE_SECONDS
+from targets.base import CARRIABLE_SECONDS, TABLES_SECONDS
 
 
 def kind(stages: list[dict]) -> tuple:
@@ -102,9 +104,11 @@ def predicted_seconds(study: optuna.Study, stages: list[dict]) -> tuple[float, s
         if not pool:
             return None
         source = f"trial{'s' if len(pool) > 1 else ''} {', '.join(str(t.number) for t in pool)} {ending}"
-    carried = bool(upstream)  # a derived candidate: what the source's trials spent on carried work is not its
+    # A repeat reads the tables its model's earlier trial computed (cached); a derived candidate of a new model
+    # computes its own but not what it carries from the source model's: neither is predicted to spend those.
+    left_out = TABLES_SECONDS if repeats else CARRIABLE_SECONDS if upstream else None
     rest = statistics.median(t.user_attrs["seconds"]["total"] - _trained_seconds(t)
-                             - ((workers.measured(t, "runtime", CARRIABLE_SECONDS) or 0.0) if carried else 0.0)
+                             - ((workers.measured(t, "runtime", left_out) or 0.0) if left_out else 0.0)
                              for t in pool)
     return training + rest, source
 

@@ -27,6 +27,9 @@ ROW_FIGURES = frozenset({"weight_bytes", "weight_mb", "disk_bytes", "decode_ms_p
 # details["runtime"]: seconds of the candidate's build that a candidate derived from its model (a cut, a student)
 # would not spend: work it carries from this one's (llama-quant's costly tables); planner/deadline.py's predictions
 CARRIABLE_SECONDS = "carriable_seconds"
+# What a llama-quant trial spent on its shape's sensitivity tables (computed, or read back from the cache): a repeat on
+# the same model reads them, so the deadline (planner/deadline.py) predicts a repeat without them.
+TABLES_SECONDS = "tables_seconds"
 
 
 @dataclass

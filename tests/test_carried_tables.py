@@ -15,7 +15,7 @@ from search_spaces.base import BuildContext
 from search_spaces.quantization import QuantSpec
 from search_spaces.quantization.spec import AllocationSettings
 from search_spaces.structure.surgery import copy_modules, drop_layers
-from targets.base import CARRIABLE_SECONDS
+from targets.base import CARRIABLE_SECONDS, TABLES_SECONDS
 from targets.llamacpp import allocated, carried, sensitivity, writer
 from targets.llamacpp.allocated import PLAN_ATTRIBUTE, _cache_file, _calibration_key, sensitivity_tables
 from targets.llamacpp.carried import source_name
@@ -125,8 +125,10 @@ def test_a_derived_candidate_with_carried_tables_is_quantized_with_compensated_b
     source_built = TECHNIQUES["quantization"].apply(copy_modules(source), spec, context)
     source_plan = getattr(source_built, PLAN_ATTRIBUTE)
     assert source_plan.carriable_seconds > 0  # what the cut will not spend, on the source's trial's record
-    assert writer.write(source_built, tokenizer, tmp_path / "source.gguf")[CARRIABLE_SECONDS] == \
-        source_plan.carriable_seconds
+    source_written = writer.write(source_built, tokenizer, tmp_path / "source.gguf")
+    assert source_written[CARRIABLE_SECONDS] == source_plan.carriable_seconds
+    # the whole of its tables (a repeat on this model reads them: the deadline predicts it without them)
+    assert source_written[TABLES_SECONDS] == source_plan.tables_seconds >= source_plan.carriable_seconds
     built = TECHNIQUES["quantization"].apply(cut, spec, replace(context, upstream=UPSTREAM))
     plan = getattr(built, PLAN_ATTRIBUTE)
     windows = allocated.calibration_batches(tokenizer, context.calibration, 4, 32, 0)
@@ -134,6 +136,7 @@ def test_a_derived_candidate_with_carried_tables_is_quantized_with_compensated_b
     assert (folder / "carried.json").is_file() and plan.carried == ("compensated", "gains")
     written = writer.write(built, tokenizer, tmp_path / "candidate.gguf")  # what the trial's runtime record holds
     assert written["tables_carried"] == ["compensated", "gains"] and CARRIABLE_SECONDS not in written
+    assert written[TABLES_SECONDS] > 0  # its own errors (the costly parts carried)
     assert plan.compensated, plan.types  # some tensor chose compensated codes, rounded with its own factor
     for name, blocks in plan.compensated.items():
         assert blocks.dtype == np.uint8 and blocks.shape[0] == dict(

@@ -48,6 +48,21 @@ def test_a_repeat_on_the_same_stages_before_the_last_trains_nothing(study):
     assert seconds == pytest.approx(420.0) and source == "trial 1, on the same stages before the last"
 
 
+def test_a_repeat_is_predicted_without_the_tables_its_models_first_trial_computed(study):
+    """The 1B study of docs/benchmarks.md section 21: repeats on a cached student were predicted at their first
+    trial's 12.3 minutes, tables included, which a repeat reads from the cache."""
+    study = optuna.create_study()
+    _add(study, [DISTIL, QUANT], 1600.0, trained=16, measurements={"runtime": {"tables_seconds": 500.0}})
+    other = {**QUANT, "spec": {**QUANT["spec"], "allocation": {"fill": 0.8}}}
+    seconds, source = deadline.predicted_seconds(study, [DISTIL, other])
+    assert seconds == pytest.approx(1600.0 - 608.0 - 500.0) and source == "trial 0, on the same stages before the last"
+    _add(study, [QUANT], 1200.0, measurements={"runtime": {"tables_seconds": 870.0, "carriable_seconds": 700.0}})
+    assert deadline.predicted_seconds(study, [other])[0] == pytest.approx(330.0)  # the full model again
+    # a student not seen yet computes its own tables: predicted from the first trials, less what it carries only
+    seconds, _ = deadline.predicted_seconds(study, [_student(0.7, 16), QUANT])
+    assert seconds == pytest.approx(16 * 38.0 + 992.0)
+
+
 def test_a_new_kind_trains_at_the_measured_pace_then_costs_what_its_last_stage_did(study):
     _add(study, [QUANT], 1200.0)  # the full model quantized
     cut = {"technique": "pruning", "spec": {"mlp_keep": 0.75, "heal_steps": 0}}

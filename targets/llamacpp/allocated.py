@@ -75,6 +75,7 @@ class TypePlan:
     refinement: dict | None = None  # what refining by measured KL did (refine.Refinement.report), if it ran
     carried: tuple[str, ...] = ()  # parts of the tables carried from the source model's (carried.py)
     carriable_seconds: float = 0.0  # what the parts a large derived candidate carries took to compute here
+    tables_seconds: float = 0.0  # what this shape's sensitivity tables took here (computed, or read back)
 
     def ftype(self) -> str:
         """llama-quantize's file type naming the mixture (`general.file_type`): that of the type most tensors
@@ -217,7 +218,9 @@ class LlamaQuant(QuantMethod):
         if settings.pinned:
             setattr(model, PLAN_ATTRIBUTE, pinned_plan(model, settings, windows, context))
             return model
+        started = time.perf_counter()
         tables = sensitivity_tables(model, windows, context, settings.compensate)
+        tables_seconds = time.perf_counter() - started
         weights = sum(t["size"] for t in tables["tensors"].values())
         costs = decode_costs(model, context) if settings.speed or settings.decode else None
         byte_target = settings.bpw * weights / 8
@@ -236,7 +239,7 @@ class LlamaQuant(QuantMethod):
             predicted_decode=None if costs is None else predicted_decode(tables, chosen, costs),
             dataset=CALIBRATION_DATASET.format(samples=settings.samples, seq_len=settings.seq_len),
             refinement=None if refinement is None else refinement.report(), carried=tuple(tables["carried"]),
-            carriable_seconds=tables["carriable_seconds"]))
+            carriable_seconds=tables["carriable_seconds"], tables_seconds=tables_seconds))
         return model
 
 

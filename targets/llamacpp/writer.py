@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.base import CARRIABLE_SECONDS
+from targets.base import CARRIABLE_SECONDS, TABLES_SECONDS
 from targets.llamacpp.convert import architectures, check_vocab, convert, converter_supports, hf_architecture
 from targets.llamacpp.compensated import SUFFIX
 from targets.llamacpp.errors import UnsupportedForGGUF
@@ -101,6 +101,7 @@ def write(model, tokenizer, path: Path, name: str = "planner candidate") -> dict
             "predicted_kl": plan.predicted_kl, **({"refinement": plan.refinement} if plan.refinement else {}),
             **({"tables_carried": list(plan.carried)} if plan.carried else {}),
             **({CARRIABLE_SECONDS: plan.carriable_seconds} if plan.carriable_seconds else {}),
+            **({TABLES_SECONDS: plan.tables_seconds} if plan.tables_seconds else {}),
             "allocated_bytes": plan.bytes}
 
 
