@@ -6,7 +6,7 @@ Window i of a study's training stream is fixed by (seed, i) (`calibration.traini
 states of window i are the same for every student. A step's windows are computed together, as the step's batch,
 and keyed by the batch size too, so a state read back is bit for bit the one a run without the cache would
 compute (same machine, same torch). Logits are not stored: a 1.24 B Llama's 128 k vocabulary makes them 64x its
-2048-wide hidden state (131 MB a window in float32); the head (a fifth of that model's multiplications) runs again.
+2048-wide hidden state (66 MB a 128-token window in float32); the head (a fifth of that model's multiplications) runs again.
 
 A teacher whose logits are not its output head applied to its base model's last hidden state (a final soft-cap, a
 logit scale) is found on the first step (the split is compared with the whole forward, once per teacher object)
