@@ -12,7 +12,8 @@ The prediction, from the trials of the same *kind* (each stage's technique and m
   (each computed its shape's tables, trained, measured) that was not screened. A kind not seen yet takes the
   rest from the trials whose last stage is its last stage's (the quantizing and measuring it will need).
   A repeat (the same stages before the last) takes none of the seconds that trial spent on its model's
-  llama-quant tables (`tables_seconds`: the repeat reads them from the cache).
+  llama-quant tables (`tables_seconds`: the repeat reads them from the cache) or on its screen (the float figure
+  of the same model is on that trial: planner.trial.UPSTREAM_FIGURES).
   A derived candidate (stages before the last) takes none of the seconds a trial of the source model spent on
   what derived candidates carry (its `carriable_seconds`, targets.base: llama-quant's costly tables on a model of
   at least 400 M parameters; a smaller cut of a model just above that computes them and is predicted short).
@@ -109,6 +110,7 @@ def predicted_seconds(study: optuna.Study, stages: list[dict]) -> tuple[float, s
     left_out = TABLES_SECONDS if repeats else CARRIABLE_SECONDS if upstream else None
     rest = statistics.median(t.user_attrs["seconds"]["total"] - _trained_seconds(t)
                              - ((workers.measured(t, "runtime", left_out) or 0.0) if left_out else 0.0)
+                             - (t.user_attrs["seconds"].get("screen", 0.0) if repeats else 0.0)
                              for t in pool)
     return training + rest, source
 

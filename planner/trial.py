@@ -133,29 +133,60 @@ def best_accuracy(study: optuna.Study, name: str) -> float | None:
     return min(values, key=objective.minimised) if values else None
 
 
-def screen(bench: Workbench, study: optuna.Study):
-    """The rule `candidates.build` judges a candidate by before its last stage: its float accuracy figure (the
-    study's first accuracy objective, scored in torch over the same held-out windows) against SCREEN_FACTOR x the
-    best measured one. None when nothing is measured yet (nothing to compare against)."""
+# Trial attribute: the float figures of the model its stages before the last made, as the screen scored them. A
+# later candidate on the same stages before the last (a repeat on a cached student or cut) is judged on them
+# instead of scoring the same model again (half a minute a repeat at 1.24 B).
+UPSTREAM_FIGURES = "upstream_float"
+
+
+def upstream_figure(study: optuna.Study, upstream: list[dict], name: str) -> float | None:
+    """Figure `name` of the model that stored stages `upstream` make, as an earlier trial's screen scored it."""
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        figures = trial.user_attrs.get(UPSTREAM_FIGURES) or trial.user_attrs.get("screened", {}).get("float") or {}
+        if name in figures and trial.user_attrs.get("stages", [])[:-1] == upstream:
+            return figures[name]
+    return None
+
+
+@dataclass
+class Screen:
+    """The rule `candidates.build` judges a candidate by before its last stage: its float accuracy figure `name`
+    (the study's first accuracy objective, scored in torch over the same held-out windows, or `known` from an
+    earlier trial on the same stages before the last) against SCREEN_FACTOR x the `best` measured one. After a
+    call, `figures` holds the figure it judged by."""
+
+    bench: Workbench
+    name: str
+    best: float
+    known: float | None
+    figures: dict = field(default_factory=dict)
+
+    def __call__(self, model) -> tuple[str, dict] | None:
+        value = self.known
+        if value is None:
+            needed = {objective_registry.OBJECTIVES[self.name].evaluator}
+            request = replace(self.bench.request(may_skip=False), evaluators=frozenset(needed),
+                              scorers=objective_registry.scorers(
+                                  needed, ScoringSetup(self.bench.reference, str(self.bench.context.device))))
+            with float32_compute(model):  # the planner's own figure, not the deployment's: computed fast and exact
+                value = measure_torch(request, model, "screen").row[self.name]
+        self.figures = {self.name: value}
+        if value <= SCREEN_FACTOR * self.best:
+            return None
+        shown = objective_registry.OBJECTIVES[self.name].shown
+        return (f"{self.name} {shown(value)} in float before its last stage, over {SCREEN_FACTOR:g}x the best "
+                f"measured ({shown(self.best)}): not quantized or measured", self.figures)
+
+
+def screen(bench: Workbench, study: optuna.Study, upstream: list[dict]) -> Screen | None:
+    """The screen of a candidate whose stored stages before the last are `upstream`; None when nothing is measured
+    yet (nothing to compare against)."""
     accuracy = objective_registry.accuracy_objectives(bench.objectives)
     name = accuracy[0] if accuracy else None
     best = None if name is None else best_accuracy(study, name)
     if best is None or objective_registry.OBJECTIVES[name].direction != objective_registry.MINIMIZE or best <= 0:
         return None
-    needed = {objective_registry.OBJECTIVES[name].evaluator}
-    request = replace(bench.request(may_skip=False), evaluators=frozenset(needed),
-                      scorers=objective_registry.scorers(needed, ScoringSetup(bench.reference, str(bench.context.device))))
-
-    def judge(model) -> tuple[str, dict] | None:
-        with float32_compute(model):  # the planner's own figure, not the deployment's: computed fast and exact
-            value = measure_torch(request, model, "screen").row[name]
-        if value <= SCREEN_FACTOR * best:
-            return None
-        shown = objective_registry.OBJECTIVES[name].shown(value)
-        return (f"{name} {shown} in float before its last stage, over {SCREEN_FACTOR:g}x the best measured "
-                f"({objective_registry.OBJECTIVES[name].shown(best)}): not quantized or measured", {name: value})
-
-    return judge
+    return Screen(bench, name, best, upstream_figure(study, upstream, name))
 
 
 def measure_baseline(bench: Workbench) -> tuple[dict, dict]:
@@ -258,7 +289,7 @@ def objective(bench: Workbench):
         if late:
             trial.set_user_attr(workers.NOT_STARTED, late)
             return finish(trial, started, metrics_row(label, estimate))
-        judge = screen(bench, trial.study) if len(stages) > 1 else None  # a stage before the last to judge
+        judge = screen(bench, trial.study, stored_stages[:-1]) if len(stages) > 1 else None  # a stage before the last
         try:
             built = steps.build(bench.model, stages, bench.context, screen=judge)
         except candidates.Screened as screened:
@@ -266,6 +297,8 @@ def objective(bench: Workbench):
             if screened.training:
                 trial.set_user_attr("training", screened.training)
             return finish(trial, started, metrics_row(label, estimate), screened.seconds)
+        if judge is not None and judge.figures:
+            trial.set_user_attr(UPSTREAM_FIGURES, judge.figures)
         try:
             measure_started = time.perf_counter()
             row, details = measure(bench, built, stages, trial, label)

@@ -83,3 +83,45 @@ def test_the_progress_line_gives_the_time_left_at_this_process_pace():
     assert eta(120.0, 2, 3) == "  [eta 3 min]"  # 60 s a trial, 3 left
     assert eta(20.0, 2, 3) == "  [eta 30 s]"
     assert eta(50.0, 0, 3) == "" and eta(50.0, 2, 0) == ""  # nothing to go on, or nothing left
+
+
+def _judged(study, stages, perplexity, **attrs):
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.COMPLETE, values=[perplexity or 1.0],
+        user_attrs={"stages": stages, "metrics": {"perplexity": perplexity} if perplexity else {}, **attrs}))
+
+
+def test_a_repeat_is_judged_by_the_float_figure_an_earlier_trial_scored_on_the_same_stages_before_its_last():
+    """A repeat on a cached student or cut is not scored in float again (half a minute at 1.24 B): the figure the
+    first trial on it scored, passed or screened, is on that trial."""
+    from types import SimpleNamespace
+
+    from planner.trial import UPSTREAM_FIGURES, screen
+
+    student = {"technique": "distillation", "spec": {"depth_keep": 0.8, "steps": 16}}
+    cut = {"technique": "pruning", "spec": {"mlp_keep": 0.5}}
+    quant = {"technique": "quantization", "spec": {"method": "llama-quant"}}
+    study = optuna.create_study()
+    bench = SimpleNamespace(objectives=("perplexity", "weight_mb"))
+    assert screen(bench, study, [student]) is None  # nothing measured yet: nothing to judge by
+    _judged(study, [student, quant], 10.0, **{UPSTREAM_FIGURES: {"perplexity": 15.0}})
+    _judged(study, [cut, quant], None, screened={"reason": "far worse", "float": {"perplexity": 45.0}})
+    judge = screen(bench, study, [student])
+    assert judge.known == 15.0 and judge(None) is None and judge.figures == {"perplexity": 15.0}  # 15 <= 2 x 10
+    judge = screen(bench, study, [cut])
+    reason, figures = judge(None)  # no model scored: a measurement would fail on None
+    assert figures == {"perplexity": 45.0} and "over 2x the best measured (10.00)" in reason
+    assert screen(bench, study, [{**student, "spec": {"depth_keep": 0.8, "steps": 48}}]).known is None  # a new rung
+    assert screen(bench, study, [cut, student]).known is None
+
+
+def test_a_study_records_the_float_figure_each_candidate_was_screened_by(tiny_study_file, tmp_path, capsys,
+                                                                         monkeypatch):
+    from planner.trial import UPSTREAM_FIGURES
+
+    monkeypatch.setattr(trial_module, "SCREEN_FACTOR", 1e9)  # nothing screened: every shaped candidate is built
+    study, _ = _search(tiny_study_file, tmp_path, capsys)
+    judged = [t for t in study.trials if UPSTREAM_FIGURES in t.user_attrs]
+    assert judged and all(len(t.user_attrs["stages"]) > 1 and "measurements" in t.user_attrs for t in judged)
+    for trial in judged:
+        assert trial.user_attrs[UPSTREAM_FIGURES]["perplexity"] > 0

@@ -63,20 +63,17 @@ class TeacherStates:
         if stored is not None:
             self.read += len(paths)
             return head(stored)
-        if split is None:
+        try:
+            hidden = teacher.base_model(input_ids=ids, use_cache=False).last_hidden_state
+            logits = head(hidden)
+        except (AttributeError, TypeError, RuntimeError):  # no base model or head of the usual form
+            hidden = logits = None
+        if split is None:  # checked once a teacher: its logits must be its head on that state, bit for bit
             whole = teacher(input_ids=ids, use_cache=False).logits
-            try:
-                hidden = teacher.base_model(input_ids=ids, use_cache=False).last_hidden_state
-                logits = head(hidden)
-                split = logits.shape == whole.shape and torch.equal(logits, whole)
-            except (AttributeError, TypeError, RuntimeError):  # no base model or head of the usual form
-                split = False
+            split = logits is not None and logits.shape == whole.shape and torch.equal(logits, whole)
             _SPLITS[teacher] = split
             if not split:
                 return whole
-        else:
-            hidden = teacher.base_model(input_ids=ids, use_cache=False).last_hidden_state
-            logits = head(hidden)
         self.computed += len(paths)
         self._store(paths, hidden)
         return logits
