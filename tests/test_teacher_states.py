@@ -119,6 +119,21 @@ def test_a_damaged_state_is_computed_again(tmp_path):
     assert torch.load(states.folder / "3.pt", weights_only=True).shape == (16, make_tiny_llama().config.hidden_size)
 
 
+def test_a_failure_of_a_teacher_that_split_is_raised_not_taken_for_its_form(tmp_path):
+    teacher, _ = _models()
+    states = TeacherStates.of_run(tmp_path, MATERIAL, SETTINGS.batch_size, 16)
+    with torch.no_grad():
+        states.logits(teacher, WINDOWS[:2], 0)  # checked: it splits
+
+        def fail(*args, **kwargs):
+            raise RuntimeError("out of memory")
+
+        teacher.base_model.forward = fail
+        with pytest.raises(RuntimeError, match="out of memory"):
+            states.logits(teacher, WINDOWS[2:4], 2)
+    assert states.computed == 2
+
+
 def test_a_second_student_of_a_study_reads_the_first_ones_states(tmp_path):
     docs = (Document("sonnet", SAMPLE_TEXT * 20),)
     context = BuildContext(tokenizer=TOKENIZER, calibration=docs, seed=0, cache_dir=tmp_path, model_id="tiny-llama",

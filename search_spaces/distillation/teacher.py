@@ -67,6 +67,8 @@ class TeacherStates:
             hidden = teacher.base_model(input_ids=ids, use_cache=False).last_hidden_state
             logits = head(hidden)
         except (AttributeError, TypeError, RuntimeError):  # no base model or head of the usual form
+            if split:  # a teacher that split before: this is a real failure, not its form
+                raise
             hidden = logits = None
         if split is None:  # checked once a teacher: its logits must be its head on that state, bit for bit
             whole = teacher(input_ids=ids, use_cache=False).logits
