@@ -123,7 +123,7 @@ def apply_recipe(recipe_path: Path, out: Path, device: str = "auto", force: bool
     except OSError as exc:
         raise PlannerError(f"cannot create output folder {out}: {exc.strerror}") from None
     try:
-        artifact = chosen.ship(candidate, tokenizer, list(recipe.stages), out)
+        artifact = chosen.ship(candidate, tokenizer, list(recipe.stages), out, runtime=recipe.metrics.get("runtime"))
     except ValueError as exc:  # a candidate with no loadable artifact (the technique or target says why)
         raise PlannerError(f"cannot save this candidate for {chosen.name}: {exc}") from None
     del candidate

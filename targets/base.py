@@ -129,8 +129,11 @@ class Target(abc.ABC):
         """The figures of a built candidate as the target serves it."""
 
     @abc.abstractmethod
-    def ship(self, model, tokenizer, stages: list, out: Path) -> Path:
-        """Write the deployable artifact of a built candidate into the folder `out`; returns its path."""
+    def ship(self, model, tokenizer, stages: list, out: Path, runtime: dict | None = None) -> Path:
+        """Write the deployable artifact of a built candidate into the folder `out`; returns its path.
+        `runtime`: what the recipe recorded of how its candidate was written and served (its `metrics.runtime`);
+        a target that can write an artifact more than one way writes it the recorded way, so `apply` ships the
+        very file that was measured."""
 
     @abc.abstractmethod
     def measure_shipped(self, request: Request, artifact: Path) -> Measured:

@@ -87,7 +87,7 @@ class TransformersTarget(Target):
     def measure(self, request: Request, model, label: str) -> Measured:
         return measure_torch(request, model, label)
 
-    def ship(self, model, tokenizer, stages: list, out: Path) -> Path:
+    def ship(self, model, tokenizer, stages: list, out: Path, runtime: dict | None = None) -> Path:
         """The checkpoint; a last stage applied at load (dynamic int8) is shipped as `model`, the model before it
         (the caller builds it so), with the stage's spec beside it in AT_LOAD_FILE."""
         from search_spaces import TECHNIQUES

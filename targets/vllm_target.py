@@ -49,8 +49,8 @@ class VllmTarget(Target):
         measured.details["runtime"] = {"target": self.name, "measured_in": TORCH_FIGURES}
         return measured
 
-    def ship(self, model, tokenizer, stages: list, out: Path) -> Path:
-        return TRANSFORMERS.ship(model, tokenizer, stages, out)
+    def ship(self, model, tokenizer, stages: list, out: Path, runtime: dict | None = None) -> Path:
+        return TRANSFORMERS.ship(model, tokenizer, stages, out, runtime)
 
     def measure_shipped(self, request: Request, artifact: Path) -> Measured:
         """Perplexity and stored bytes of the checkpoint as transformers loads it (what `apply` checks), and

@@ -379,3 +379,59 @@ def test_a_stored_tensor_is_compared_in_row_chunks_with_the_same_answers(compare
         mapped = conv._mapped(str(path), entries, data_start, name)
         assert isinstance(mapped.base, np.memmap) or isinstance(mapped, np.memmap)
         assert mapped.dtype == expected.dtype and np.array_equal(mapped, expected)
+
+
+# --- the planner's own writer where it serves: a Llama 3 model, as the converter writes it ---------------------
+
+def _fields(path) -> dict:
+    from gguf import GGUFReader
+
+    return {name: field.contents() for name, field in GGUFReader(str(path)).fields.items()}
+
+
+def test_the_planners_writer_writes_a_llama3_model_as_the_converter_does(converted, held_out, tmp_path):
+    """Llama 3 rotary scaling is written by the planner's writer (no converter process: seconds a candidate at 1 B
+    instead of half a minute): the file holds the converter's tensors byte for byte, rope_freqs among them, the
+    same model and vocabulary settings, and runs in llama.cpp as in transformers."""
+    from gguf import GGUFReader
+
+    from targets.llamacpp.writer import HAND_WRITTEN, write
+
+    model, tokenizer, info = converted["llama3-rope"]
+    path = tmp_path / "hand.gguf"
+    assert write(model, tokenizer, path)["writer"] == HAND_WRITTEN
+    ours = {t.name: t for t in GGUFReader(str(path)).tensors}
+    theirs = {t.name: t for t in GGUFReader(str(info.path)).tensors}
+    assert set(ours) == set(theirs) and "rope_freqs.weight" in ours
+    for name, tensor in theirs.items():
+        assert ours[name].tensor_type == tensor.tensor_type, name
+        assert np.array_equal(ours[name].data, tensor.data), name
+    factors = np.asarray(theirs["rope_freqs.weight"].data)
+    assert factors[0] == 1 and factors[-1] == LLAMA3_ROPE["factor"] and len(set(factors.tolist())) > 2
+    ours_fields, theirs_fields = _fields(path), _fields(info.path)
+    # the pre-tokenizer's name aside: the converter names SmolLM2's by its tokens' hash ("smollm"), the writer
+    # by its tokenizer.json (plain byte-level, "gpt-2"); on this vocabulary both split text alike (below)
+    compared = [k for k in theirs_fields if k.startswith(("llama.", "tokenizer.ggml.")) and k != "tokenizer.ggml.pre"]
+    assert "llama.rope.freq_base" in compared and "tokenizer.ggml.merges" in compared
+    assert {k: ours_fields.get(k) for k in compared} == {k: theirs_fields[k] for k in compared}
+    ids = tokenizer(held_out, add_special_tokens=False)["input_ids"]
+    with loaded(path, WINDOW, 2) as llm:
+        assert tokenize(llm, held_out) == ids
+    expected, actual = _torch_logits(model, ids[:WINDOW]), _llama_cpp_logits(path, ids[:WINDOW])
+    assert np.abs(actual - expected).max() < LOGIT_TOLERANCE, np.abs(actual - expected).max()
+
+
+def test_a_recipe_measured_on_the_converters_file_ships_the_converters_file(converted, tmp_path):
+    """A study made before the planner wrote Llama 3 models recorded the converter (`metrics.runtime.writer`):
+    `apply` ships that writer's file, whose metadata bytes (and so the recipe's recorded size) are its own."""
+    from targets.llamacpp.target import LLAMA_CPP
+    from targets.llamacpp.writer import CONVERTER, HAND_WRITTEN
+
+    model, tokenizer, _ = converted["llama3-rope"]
+    pre = {}
+    for recorded in (CONVERTER, HAND_WRITTEN, None):
+        (out := tmp_path / str(recorded)).mkdir()
+        artifact = LLAMA_CPP.ship(model, tokenizer, [], out, runtime={"writer": recorded})
+        pre[recorded] = _fields(artifact)["tokenizer.ggml.pre"]
+    # the converter names SmolLM2's pre-tokenizer by its tokens' hash, the planner's writer by tokenizer.json
+    assert pre == {CONVERTER: "smollm", HAND_WRITTEN: "gpt-2", None: "gpt-2"}

@@ -691,7 +691,7 @@ class LabTarget(Target):
                 details["kl"] = {"kl_mean": figures["kl"]}
         return Measured(row, details)
 
-    def ship(self, model, tokenizer, stages, out):
+    def ship(self, model, tokenizer, stages, out, runtime=None):
         raise NotImplementedError
 
     def measure_shipped(self, request, artifact):

@@ -106,8 +106,8 @@ def test_a_study_of_a_model_that_fits_only_in_its_bfloat16_runs_on_a_bf16_refere
     written = []
     real_write = llamacpp_target.writer.write
 
-    def recording(model, tokenizer, path, name="planner candidate"):
-        info = real_write(model, tokenizer, path, name)
+    def recording(model, tokenizer, path, name="planner candidate", **options):
+        info = real_write(model, tokenizer, path, name, **options)
         if name.startswith("reference"):
             written.append({t.name: t.tensor_type.name for t in GGUFReader(path).tensors})
         return info

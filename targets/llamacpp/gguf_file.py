@@ -13,6 +13,7 @@ unchanged). Pruned depth, MLP width and heads are just another config; a student
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,9 @@ PERMUTED = {"llama"}  # GGUF archs whose q/k rows are stored for interleaved rot
 # GGUF archs whose attention may be narrower than the hidden size (head_dim x heads != hidden: pruned heads);
 # llama.cpp's qwen2 graph checks its q projection is hidden x hidden.
 FREE_HEAD_SPLIT = {"llama"}
+# Rotary scalings the writer writes, per GGUF arch: llama3's is a tensor of per-pair frequency factors
+# (`rope_freqs`, as llama.cpp's converter computes it), no config key.
+ROTARY_SCALINGS = {"llama": ("default", "llama3")}
 
 BLOCK_TENSORS = {  # transformers module (relative to the decoder block) -> GGUF tensor (relative to blk.N)
     "input_layernorm": "attn_norm",
@@ -52,10 +56,10 @@ def gguf_architecture(config) -> str:
     if model_type not in ARCHITECTURES:
         raise UnsupportedForGGUF(f"the llama.cpp target serves {', '.join(sorted(ARCHITECTURES))} models, "
                                  f"not {model_type!r}")
-    rope = rope_parameters(config)
-    if rope.get("rope_type", "default") != "default":
-        raise UnsupportedForGGUF(f"the GGUF writer does not write {rope['rope_type']!r} rotary scaling")
     arch = ARCHITECTURES[model_type]
+    rope_type = rope_parameters(config)["rope_type"]
+    if rope_type not in ROTARY_SCALINGS.get(arch, ("default",)):
+        raise UnsupportedForGGUF(f"the GGUF writer does not write {rope_type!r} rotary scaling for {arch}")
     if arch not in FREE_HEAD_SPLIT and head_dim_of(config) * config.num_attention_heads != config.hidden_size:
         raise UnsupportedForGGUF(f"llama.cpp's {arch} graph needs attention heads that span the hidden size "
                                  f"({config.num_attention_heads} x {head_dim_of(config)} != {config.hidden_size})")
@@ -67,7 +71,32 @@ def rope_parameters(config) -> dict:
     `rope_parameters`, earlier versions in `rope_scaling` and `rope_theta`)."""
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    return {**rope, "rope_theta": theta}
+    return {**rope, "rope_theta": theta, "rope_type": rope.get("rope_type", rope.get("type", "default"))}
+
+
+def rope_freqs(config) -> np.ndarray | None:
+    """llama3 rotary scaling's factor per rotary pair (float32), computed as llama.cpp's converter computes it
+    (LlamaModel.generate_extra_tensors: in float32 torch for the base frequencies, in Python floats for the
+    factors); None for a model without it."""
+    rope = rope_parameters(config)
+    if rope["rope_type"].lower() != "llama3":
+        return None
+    dim = head_dim_of(config)
+    freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    context = rope.get("original_max_position_embeddings",
+                       getattr(config, "original_max_position_embeddings", None) or 8192)
+    factors = []
+    for freq in freqs:
+        wavelength = 2 * math.pi / freq
+        if wavelength < context / high:
+            factors.append(1)
+        elif wavelength > context / low:
+            factors.append(factor)
+        else:
+            smooth = (context / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32).numpy()
 
 
 def _permute(rows: np.ndarray, heads: int) -> np.ndarray:
@@ -121,6 +150,9 @@ def gguf_tensors(model: nn.Module) -> list[tuple[str, np.ndarray, object]]:
     arch = gguf_architecture(config)
     modules = dict(model.named_modules())
     tensors = []
+    factors = rope_freqs(config)
+    if factors is not None:  # first, where the converter writes it
+        tensors.append(("rope_freqs.weight", factors, _float_type(factors.dtype)))
     tied = _tied(model)
     for name, target in TOP_TENSORS.items():
         if name in modules and not (target == "output" and tied):  # a tied head reads token_embd

@@ -246,9 +246,10 @@ class LlamaCppTarget(Target):
             self._imatrix = (model, stock.study_imatrix(model, context, self._calibration))
         return self._imatrix[1]
 
-    def ship(self, model, tokenizer, stages: list, out: Path) -> Path:
+    def ship(self, model, tokenizer, stages: list, out: Path, runtime: dict | None = None) -> Path:
         path = Path(out) / ARTIFACT
-        writer.write(model, tokenizer, path)
+        # by the writer that wrote the measured file: the two write the same tensors, not the same metadata bytes
+        writer.write(model, tokenizer, path, using=(runtime or {}).get("writer"))
         writer.write_imatrix(model, out)  # the importance matrix it was quantized with, for llama-quantize
         return path
 

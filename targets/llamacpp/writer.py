@@ -4,9 +4,10 @@ runtime loads, and the planner's hand-written writer only where it is measured t
 On the built-in model (SmolLM2-135M, Llama) the two write byte-identical tensors (272 of 272, float32 and an
 rtn Q4_0/Q8_0 candidate) and equal logits in llama.cpp, and the hand-written writer takes 1.0 s a candidate
 against the converter's 9.7 s (a subprocess importing torch and transformers): so the writer serves what it
-covers (Llama, Mistral, Qwen2 with a byte-level BPE tokenizer and no rotary scaling) and the converter
-everything else (Llama 3 rotary scaling, SentencePiece vocabularies, Qwen3, Gemma 2/3, Phi-3, OLMo-2,
-StableLM, GPT-NeoX, GPT-2, ...). Either way a layer the planner stored on a GGUF grid is written as stored.
+covers (Llama with or without Llama 3 rotary scaling, Mistral, Qwen2 without, all with a byte-level BPE
+tokenizer; tests/test_convert.py checks a Llama 3 model's file tensor for tensor against the converter's) and
+the converter everything else (SentencePiece vocabularies, Qwen3, Gemma 2/3, Phi-3, OLMo-2, StableLM, GPT-NeoX,
+GPT-2, ...). Either way a layer the planner stored on a GGUF grid is written as stored.
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ from targets.llamacpp.errors import UnsupportedForGGUF
 from targets.llamacpp.gguf_header import put_tensor_data, read_float_tensor, read_header
 from targets.llamacpp.imatrix import IMATRIX_FILE, imatrix_digest, quantize_metadata, write_imatrix_file
 from targets.llamacpp.quantize import FLOAT_TYPES, quantize_gguf
-from targets.llamacpp.gguf_file import gguf_architecture, head_dim_of, rope_parameters, vocab_of, write_gguf
+from targets.llamacpp.gguf_file import gguf_architecture, rope_freqs, vocab_of, write_gguf
 
 HAND_WRITTEN = "planner GGUF writer"
+CONVERTER = "llama.cpp converter"
 # On a built model, the type plan (targets.llamacpp.allocated.TypePlan) the writer hands llama.cpp's quantizer.
 PLAN_ATTRIBUTE = "llama_quant_plan"
 # GGUF architectures whose llama.cpp graph takes attention narrower than the hidden size (pruned heads):
@@ -60,31 +62,30 @@ def gguf_arch(model) -> str | None:
 def bytes_beyond_held(model) -> int:
     """Bytes a GGUF of `model` stores beyond its tensors as held in memory, for tensors no quantizer re-encodes:
     norms and biases in F32 whatever the model's precision (both writers, as llama.cpp's converter does), and the
-    converter's `rope_freqs` (F32, one per rotary pair) for llama3 rotary scaling. Reads shapes and dtypes only
+    `rope_freqs` (F32, one per rotary pair) both write for llama3 rotary scaling. Reads shapes and dtypes only
     (a meta-device model of a candidate's shapes too); each stored tensor once."""
     seen, beyond = set(), 0
     for tensor in model.parameters():  # shared (tied) parameters are listed once
         if tensor.dim() <= 1 and tensor.is_floating_point() and id(tensor) not in seen:
             seen.add(id(tensor))
             beyond += tensor.numel() * max(0, 4 - tensor.element_size())
-    config = model.config.get_text_config()
-    rope = rope_parameters(config)
-    if rope.get("rope_type", rope.get("type")) == "llama3":
-        beyond += head_dim_of(config) // 2 * 4
-    return beyond
+    factors = rope_freqs(model.config.get_text_config())
+    return beyond + (0 if factors is None else factors.nbytes)
 
 
-def write(model, tokenizer, path: Path, name: str = "planner candidate") -> dict:
+def write(model, tokenizer, path: Path, name: str = "planner candidate", using: str | None = None) -> dict:
     """Write the GGUF; returns what wrote it and its seconds (recorded with the candidate's figures; the recipe
-    keeps the writer). A candidate carrying a llama.cpp type plan (allocated.TypePlan) is written in float,
-    then quantized by llama.cpp to the planned type per tensor with its importance matrix."""
+    keeps the writer, and `using` it, CONVERTER, writes with the converter where the planner's writer would
+    serve: a recipe measured on the converter's file ships the converter's file, its metadata bytes too).
+    A candidate carrying a llama.cpp type plan (allocated.TypePlan) is written in float, then quantized by
+    llama.cpp to the planned type per tensor with its importance matrix."""
     plan = getattr(model, PLAN_ATTRIBUTE, None)
     if plan is None:
-        return _write_float(model, tokenizer, Path(path), name)
+        return _write_float(model, tokenizer, Path(path), name, using)
     path = Path(path)
     float_path = path.with_name(f"{path.stem}.float.gguf")
     try:
-        info = _write_float(model, tokenizer, float_path, name)
+        info = _write_float(model, tokenizer, float_path, name, using)
         started = time.perf_counter()
         compensated = in_file_order(model, float_path, plan.compensated)
         zero_tensors(float_path, compensated)
@@ -179,13 +180,13 @@ def write_imatrix(model, folder: Path) -> Path | None:
     return path
 
 
-def _write_float(model, tokenizer, path: Path, name: str) -> dict:
+def _write_float(model, tokenizer, path: Path, name: str, using: str | None = None) -> dict:
     started = time.perf_counter()
-    if hand_written_serves(model, tokenizer):
+    if using != CONVERTER and hand_written_serves(model, tokenizer):
         write_gguf(model, tokenizer, path, name=name)
         return {"writer": HAND_WRITTEN, "write_seconds": time.perf_counter() - started}
     info = convert(model, tokenizer, path, name=name)
-    return {"writer": "llama.cpp converter", "converter": info.converter, "write_seconds": time.perf_counter() - started}
+    return {"writer": CONVERTER, "converter": info.converter, "write_seconds": time.perf_counter() - started}
 
 
-__all__ = ["FREE_HEAD_SPLIT", "bytes_beyond_held", "converter_supports", "gguf_arch", "unsupported", "write"]
+__all__ = ["CONVERTER", "FREE_HEAD_SPLIT", "bytes_beyond_held", "converter_supports", "gguf_arch", "unsupported", "write"]

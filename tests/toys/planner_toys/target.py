@@ -42,7 +42,7 @@ class ToyTarget(Target):
         measured.details["runtime"] = {"target": self.name, "prepared": id(request.model) in self.prepared}
         return measured
 
-    def ship(self, model, tokenizer, stages: list, out: Path) -> Path:
+    def ship(self, model, tokenizer, stages: list, out: Path, runtime: dict | None = None) -> Path:
         grids = {name: {"bits": m.stored_format.bits, "group_size": m.stored_format.group_size}
                  for name, m in model.named_modules() if isinstance(m, StoredWeights) and m.stored_kind == PACKED}
         model.save_pretrained(out, state_dict=stored_state(model))
