@@ -9,7 +9,8 @@ The prediction, from the trials of the same *kind* (each stage's technique and m
   reached, which is continued) x the median seconds per step the study's runs of that technique trained at;
 - the rest (building without the training, measuring): on the same stages before the last (a student or cut
   already built: cached), the latest such trial's; else the median over the first trial of each of those
-  (each computed its shape's tables, trained, measured) that was not screened. A kind not seen yet takes the
+  (each computed its shape's tables, trained, measured) that was not screened. A kind not seen yet, or seen only
+  screened, takes the
   rest from the trials whose last stage is its last stage's (the quantizing and measuring it will need).
   A repeat (the same stages before the last) takes none of the seconds that trial spent on its model's
   llama-quant tables (`tables_seconds`: the repeat reads them from the cache) or on its screen (the float figure
@@ -82,6 +83,14 @@ def _training_seconds(timed: list, stages: list[dict]) -> float | None:
     return seconds
 
 
+def _unscreened_firsts(trials: list) -> list:
+    """The first trial on each upstream (it computed that model's tables), where it was not screened."""
+    firsts = {}
+    for trial in trials:  # trial-number order
+        firsts.setdefault(str(trial.user_attrs["stages"][:-1]), trial)
+    return [t for t in firsts.values() if "screened" not in t.user_attrs]
+
+
 def predicted_seconds(study: optuna.Study, stages: list[dict]) -> tuple[float, str] | None:
     """(seconds, what they are predicted from) for the candidate of stored `stages`, None when unknown."""
     timed = _timed(study)
@@ -98,10 +107,10 @@ def predicted_seconds(study: optuna.Study, stages: list[dict]) -> tuple[float, s
     if repeats:
         pool, source = repeats[-1:], f"trial {repeats[-1].number}, on the same stages before the last"
     else:
-        firsts = {}
-        for trial in same_kind:  # trial-number order: the first of each upstream computed its tables
-            firsts.setdefault(str(trial.user_attrs["stages"][:-1]), trial)
-        pool = [t for t in firsts.values() if "screened" not in t.user_attrs]
+        pool = _unscreened_firsts(same_kind)
+        if not pool and ending == "of its kind":  # a kind seen only screened: as a new kind (its last stage's cost)
+            ending = "ending in its last stage"
+            pool = _unscreened_firsts([t for t in timed if kind(t.user_attrs["stages"])[-1:] == kind(stages)[-1:]])
         if not pool:
             return None
         source = f"trial{'s' if len(pool) > 1 else ''} {', '.join(str(t.number) for t in pool)} {ending}"

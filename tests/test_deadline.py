@@ -110,3 +110,12 @@ def test_a_derived_candidate_is_not_predicted_to_spend_what_it_carries_from_the_
     assert seconds == pytest.approx((992.0 + 500.0) / 2) and source == "trials 0, 1 ending in its last stage"
     other = {**QUANT, "spec": {**QUANT["spec"], "allocation": {"fill": 0.8}}}
     assert deadline.predicted_seconds(study, [other])[0] == pytest.approx(1200.0)
+
+
+def test_a_kind_seen_only_screened_is_predicted_as_a_new_kind(study):
+    """The 1B study's trial 57 (section 24): a healed cut whose kind's only trials were screened in float started
+    unpredicted a minute before the deadline and ran past it; it is predicted from what its last stage costs."""
+    healed = {"technique": "pruning", "spec": {"depth_keep": 0.9, "heal_steps": 16}}
+    _add(study, [{"technique": "pruning", "spec": {"depth_keep": 0.8}}, QUANT], 110.0, screened={"reason": "far worse"})
+    seconds, source = deadline.predicted_seconds(study, [healed, QUANT])
+    assert source == "trial 0 ending in its last stage" and seconds >= 992.0
