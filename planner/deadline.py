@@ -95,10 +95,10 @@ def predicted_seconds(study: optuna.Study, stages: list[dict]) -> tuple[float, s
     """(seconds, what they are predicted from) for the candidate of stored `stages`, None when unknown."""
     timed = _timed(study)
     same_kind = [t for t in timed if kind(t.user_attrs["stages"]) == kind(stages)]
+    same_last = [t for t in timed if kind(t.user_attrs["stages"])[-1:] == kind(stages)[-1:]]
     ending = "of its kind"
     if not same_kind:  # a new kind: its training at the measured pace, then what its last stage costs elsewhere
-        same_kind = [t for t in timed if kind(t.user_attrs["stages"])[-1:] == kind(stages)[-1:]]
-        ending = "ending in its last stage"
+        same_kind, ending = same_last, "ending in its last stage"
     training = _training_seconds(timed, stages)
     if not same_kind or training is None:
         return None
@@ -110,7 +110,7 @@ def predicted_seconds(study: optuna.Study, stages: list[dict]) -> tuple[float, s
         pool = _unscreened_firsts(same_kind)
         if not pool and ending == "of its kind":  # a kind seen only screened: as a new kind (its last stage's cost)
             ending = "ending in its last stage"
-            pool = _unscreened_firsts([t for t in timed if kind(t.user_attrs["stages"])[-1:] == kind(stages)[-1:]])
+            pool = _unscreened_firsts(same_last)
         if not pool:
             return None
         source = f"trial{'s' if len(pool) > 1 else ''} {', '.join(str(t.number) for t in pool)} {ending}"
